@@ -1,0 +1,1 @@
+"""The model-execution core both workers share: models, paged KV cache, scheduler, sampler."""

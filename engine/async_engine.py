@@ -1,0 +1,115 @@
+"""The engine on its own thread, driven from asyncio: streaming generate, abort, and calls between steps.
+
+One thread owns the LLMEngine (nothing else touches it); commands reach it through a queue and run
+between steps, outputs come back to each request's asyncio queue on the caller's loop.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger("pdserve.engine")
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; every request in flight fails with this."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    # --- called from asyncio ---
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early (or being cancelled) aborts it."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, outputs)
+        finished = False
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self.engine.abort_request(request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread between steps and return its result."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+
+        self._commands.put(run)
+        return await asyncio.wrap_future(future)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    # --- the engine thread ---
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as e:
+            log.exception("engine thread failed")
+            self.error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine failed: {e}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            cmd()
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)

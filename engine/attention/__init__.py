@@ -1,0 +1,1 @@
+"""Attention backends: the PyTorch reference, and FlashInfer on CUDA."""

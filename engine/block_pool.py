@@ -1,0 +1,105 @@
+"""The KV block pool: reference counts, a free list in LRU order, and the prefix cache (hash -> block).
+
+A block whose last reference drops goes to the tail of the free list but keeps its hash, so a later
+request with the same prefix can take it back; allocation takes from the head, evicting the least
+recently used cached block. Stored and removed hashes are queued as KV events for the routers.
+"""
+
+from collections import OrderedDict
+
+from protocol.kv_events import KVEvent, KVEventKind
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the KV pool needs at least one block")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.events: list[KVEvent] = []
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def lookup_prefix(self, block_hashes: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix of this hash chain (not yet referenced)."""
+        hits: list[int] = []
+        if not self.enable_caching:
+            return hits
+        for h in block_hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def take(self, block_ids: list[int]) -> None:
+        """Add a reference to cached blocks (a prefix hit); they leave the free list."""
+        for b in block_ids:
+            if self.ref_counts[b] == 0:
+                del self.free[b]
+            self.ref_counts[b] += 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise NoFreeBlocksError(f"need {n} blocks, {len(self.free)} free")
+        blocks = []
+        removed = []
+        for _ in range(n):
+            b, _ = self.free.popitem(last=False)
+            h = self.block_hash[b]
+            if h is not None:  # evict the cached contents
+                self.block_hash[b] = None
+                del self.cached[h]
+                removed.append(h)
+            self.ref_counts[b] = 1
+            blocks.append(b)
+        if removed:
+            self.events.append(KVEvent(KVEventKind.REMOVED, tuple(removed)))
+        return blocks
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference each; the last block of a sequence is released first, so evicted first."""
+        for b in reversed(block_ids):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] < 0:
+                raise RuntimeError(f"block {b} released more often than taken")
+            if self.ref_counts[b] == 0:
+                if self.block_hash[b] is None:
+                    self.free[b] = None
+                    self.free.move_to_end(b, last=False)  # uncached blocks are reused first
+                else:
+                    self.free[b] = None
+
+    def cache_blocks(self, block_ids: list[int], hashes: list[int], parent_hash: int) -> None:
+        """Register full blocks under their chained hashes (a duplicate of a cached hash stays private)."""
+        if not self.enable_caching:
+            return
+        stored = []
+        for b, h in zip(block_ids, hashes, strict=True):
+            if self.block_hash[b] is not None or h in self.cached:
+                continue
+            self.block_hash[b] = h
+            self.cached[h] = b
+            stored.append(h)
+        if stored:
+            self.events.append(KVEvent(KVEventKind.STORED, tuple(stored), parent_hash))
+
+    def clear_cache(self) -> None:
+        """Forget every cached hash (e.g. after weights change); referenced blocks stay with their owners."""
+        self.block_hash = [None] * self.num_blocks
+        self.cached.clear()
+        self.events.append(KVEvent(KVEventKind.CLEARED))
+
+    def drain_events(self) -> list[KVEvent]:
+        events, self.events = self.events, []
+        return events

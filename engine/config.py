@@ -1,0 +1,39 @@
+"""The engine's one config object, validated once and passed down."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str  # a Hugging Face folder or a .gguf file
+    served_model_name: str | None = None  # the name clients use, and the root of the block hash chain
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # the KV pool's budget; None: 512 MiB on CPU, a share of free GPU memory
+    gpu_memory_utilization: float = 0.85  # share of total GPU memory the engine may hold (weights + KV)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "flashinfer"):
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes must be positive")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model)
+        return path.stem if path.suffix.lower() == ".gguf" else path.name

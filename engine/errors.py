@@ -1,0 +1,13 @@
+"""Errors the engine raises where the cause is known; workers turn them into API errors."""
+
+
+class ModelLoadError(ValueError):
+    """A model file is missing, broken, or does not match its config."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model's architecture is not one pdserve implements."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (too long, bad parameters)."""

@@ -1,0 +1,53 @@
+"""The paged KV cache tensor: one allocation, block-major so that a block of every layer is contiguous.
+
+Layout [num_blocks, num_layers, 2 (k, v), block_size, num_kv_heads, head_dim]: a request's KV is a list of
+whole blocks, each one contiguous span of `block_bytes`, so a transfer needs one descriptor per run of
+adjacent block ids rather than one per layer and block.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Plain data both sides of a KV transfer must agree on."""
+
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n * elem
+
+
+class KVCache:
+    def __init__(self, layout: KVLayout, device: torch.device | str):
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.tensor = torch.zeros((layout.num_blocks, *layout.block_shape), dtype=getattr(torch, layout.dtype),
+                                  device=device)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strided views of one layer's keys and values: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.tensor[:, layer, 0], self.tensor[:, layer, 1]
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of these blocks: [len(block_ids), num_layers, 2, block_size, num_kv_heads, head_dim]."""
+        return self.tensor[torch.tensor(block_ids, device=self.tensor.device)]
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.tensor[torch.tensor(block_ids, device=self.tensor.device)] = data.to(self.tensor.device)

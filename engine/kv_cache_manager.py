@@ -1,0 +1,73 @@
+"""Blocks per request on top of the block pool: prefix hits at admission, growth, commit of full blocks."""
+
+from engine.block_pool import BlockPool
+from engine.request import Request
+from protocol.block_hash import hash_blocks
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int, root_hash: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.root_hash = root_hash
+
+    def _hashes_upto(self, req: Request, num_blocks: int) -> list[int]:
+        """req.block_hashes extended to cover its first num_blocks full blocks."""
+        have = len(req.block_hashes)
+        if have < num_blocks:
+            parent = req.block_hashes[-1] if have else self.root_hash
+            tokens = req.all_token_ids[have * self.block_size : num_blocks * self.block_size]
+            req.block_hashes.extend(hash_blocks(tokens, self.block_size, parent))
+        return req.block_hashes[:num_blocks]
+
+    def admit(self, req: Request, token_budget: int) -> int | None:
+        """Give a waiting request its cached prefix and blocks for its next chunk.
+
+        Returns the number of new tokens to compute this step, or None when the blocks are not there.
+        At least the last prompt token is always computed, to produce logits.
+        """
+        bs = self.block_size
+        hits = self.pool.lookup_prefix(self._hashes_upto(req, (req.num_tokens - 1) // bs))
+        num_cached = len(hits) * bs
+        num_new = min(req.num_tokens - num_cached, token_budget)
+        needed = blocks_for(num_cached + num_new, bs) - len(hits)
+        hits_on_free_list = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if needed + hits_on_free_list > self.pool.num_free_blocks:
+            return None
+        self.pool.take(hits)
+        req.block_ids = hits + self.pool.allocate(needed)
+        req.num_computed_tokens = num_cached
+        req.num_committed_blocks = len(hits)
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = num_cached
+        return num_new
+
+    def grow(self, req: Request, num_new_tokens: int) -> bool:
+        """Blocks for num_new_tokens more tokens of a running request; False when the pool is out."""
+        needed = blocks_for(req.num_computed_tokens + num_new_tokens, self.block_size) - len(req.block_ids)
+        if needed <= 0:
+            return True
+        if needed > self.pool.num_free_blocks:
+            return False
+        req.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def commit(self, req: Request) -> None:
+        """Register the blocks that became full in the prefix cache."""
+        full = req.num_computed_tokens // self.block_size
+        start = req.num_committed_blocks
+        if full <= start:
+            return
+        hashes = self._hashes_upto(req, full)
+        parent = hashes[start - 1] if start else self.root_hash
+        self.pool.cache_blocks(req.block_ids[start:full], hashes[start:full], parent)
+        req.num_committed_blocks = full
+
+    def free(self, req: Request) -> None:
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.num_committed_blocks = 0

@@ -1,0 +1,247 @@
+"""The engine in one process: load a model, take requests, step the continuous batch, report outputs."""
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.torch_backend import TorchAttention
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.errors import ModelLoadError, RequestError
+from engine.kv_cache import KVCache, KVLayout
+from engine.kv_cache_manager import KVCacheManager
+from engine.model import CausalLM
+from engine.model_runner import ModelRunner
+from engine.outputs import Completion, RequestOutput, TokenLogprob
+from engine.request import FinishReason, Request
+from engine.sampler import SamplerOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.tokenizer_files import load_tokenizer
+from engine.weight_loader import open_model
+from protocol.block_hash import root_hash
+from protocol.tokenizer import ChatTokenizer
+
+log = logging.getLogger("pdserve.engine")
+CPU_DEFAULT_KV_BYTES = 512 << 20
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_steps: int = 0
+    num_tokens_computed: int = 0  # tokens run through the model (prompt chunks, recomputes and decodes)
+    num_prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: ChatTokenizer | None = None):
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        model_cfg, weights = open_model(config.model)
+        self.model_config = model_cfg
+        self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings,
+                                 model_cfg.max_position_embeddings)
+        with torch.device("meta"):
+            model = CausalLM(model_cfg, self.max_model_len)
+        model = model.to_empty(device=self.device)
+        model.load_weights(weights)
+        model = model.to(self.dtype)
+        with torch.device(self.device):  # rope tables stay float32 (computed as transformers does)
+            model.rotary = type(model.rotary)(model_cfg.head_dim, self.max_model_len, model_cfg.rope_theta,
+                                              model_cfg.rope_scaling)
+        self.model = model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else self._try_tokenizer()
+        self.eos_token_ids = set(model_cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+
+        self.kv_layout = self._kv_layout()
+        self.kv_cache = KVCache(self.kv_layout, self.device)
+        self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching)
+        self.root_hash = root_hash(config.model_name)
+        self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
+        )
+        self.attention = self._attention_backend()
+        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device)
+        self.stats = EngineStats()
+        self._detok: dict[str, Detokenizer] = {}
+        self._arrivals = itertools.count()
+
+    def _try_tokenizer(self) -> ChatTokenizer | None:
+        try:
+            return load_tokenizer(self.config.model)
+        except ModelLoadError as e:
+            log.warning("no tokenizer (%s): outputs carry token ids only, stop strings are ignored", e)
+            return None
+
+    def _kv_layout(self) -> KVLayout:
+        cfg, mc = self.config, self.model_config
+        probe = KVLayout(1, mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, str(self.dtype)[6:])
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free)
+        else:
+            budget = CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // probe.block_bytes
+        if num_blocks < 1:
+            raise ModelLoadError(f"KV budget of {budget} bytes holds no block of {probe.block_bytes} bytes")
+        layout = KVLayout(num_blocks, mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, probe.dtype)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", num_blocks, cfg.block_size,
+                 num_blocks * cfg.block_size, num_blocks * probe.block_bytes / 2**20, layout.dtype, self.device)
+        return layout
+
+    def _attention_backend(self) -> TorchAttention:
+        name = self.config.attention_backend
+        if name == "flashinfer" or (name == "auto" and self.device.type == "cuda"):
+            try:
+                from engine.attention.flashinfer_backend import FlashInferAttention
+            except ImportError as e:
+                if name == "flashinfer":
+                    raise ModelLoadError(f"FlashInfer backend unavailable: {e}") from e
+                log.warning("FlashInfer unavailable (%s); using the PyTorch attention backend", e)
+            else:
+                return FlashInferAttention(self.kv_cache, self.model_config, self.config.max_num_seqs)
+        return TorchAttention(self.kv_cache, self.model_config.num_heads, self.model_config.head_dim)
+
+    # --- requests ---
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self.scheduler.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                               f"{self.max_model_len} tokens, including the output")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if not self.scheduler.fits_pool(len(prompt_token_ids) + 1):
+            raise RequestError("the prompt does not fit in this worker's KV cache")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals))
+        self.scheduler.add(req)
+        if self.tokenizer is not None:
+            self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
+                                                  params.skip_special_tokens, params.include_stop_str_in_output)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return self._output(req, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # --- the step ---
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.num_preemptions += len(batch.preempted)
+        if batch.is_empty:
+            return []
+        sampled_reqs, out = self.runner.execute(batch)
+        self.stats.num_steps += 1
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            if req.num_computed_tokens == req.num_cached_tokens and req.num_preemptions == 0:
+                self.stats.num_prompt_tokens_cached += req.num_cached_tokens
+            req.num_computed_tokens += n
+            self.stats.num_tokens_computed += n
+            self.kv_manager.commit(req)
+        if out is None:
+            return []
+        return self._append_tokens(sampled_reqs, out)
+
+    def _append_tokens(self, reqs: list[Request], out: SamplerOutput) -> list[RequestOutput]:
+        tokens = out.token_ids.tolist()  # the step's one host sync
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        outputs = []
+        for row, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
+            req.output_token_ids.append(tok)
+            lps = []
+            if req.params.logprobs is not None and logprobs is not None:
+                k = req.params.logprobs
+                top = tuple(zip(top_ids[row][:k], top_lps[row][:k], strict=True)) if top_ids else ()
+                lps.append(TokenLogprob(tok, logprobs[row], top))
+            reason = self._finish_reason(req, tok)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+            outputs.append(self._output(req, [tok], lps))
+        return outputs
+
+    def _finish_reason(self, req: Request, tok: int) -> FinishReason | None:
+        p = req.params
+        n = len(req.output_token_ids)
+        detok = self._detok.get(req.request_id)
+        stopped_by_string = detok.add(tok) if detok is not None else False
+        if n >= p.min_tokens:
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids or stopped_by_string:
+                return FinishReason.STOP
+        if n >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, req: Request, new: list[int], lps: list[TokenLogprob]) -> RequestOutput:
+        finished = req.is_finished
+        detok = self._detok.pop(req.request_id, None) if finished else self._detok.get(req.request_id)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=new,
+            text_delta=detok.take_delta(final=finished) if detok is not None else "",
+            finished=finished, finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_token_ids), logprobs=lps,
+        )
+
+    # --- convenience ---
+
+    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams]
+                 ) -> list[Completion]:
+        """Run prompts (token ids, or text encoded with the model's tokenizer) to completion."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise RequestError("text prompts need a tokenizer; pass token ids")
+                prompt = self.tokenizer.encode(prompt)
+            rid = f"generate-{next(self._arrivals)}-{i}"
+            self.add_request(rid, prompt, p)
+            ids.append(rid)
+        results = {rid: Completion(rid, [], "", None, 0, 0, []) for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                c = results.get(o.request_id)
+                if c is None:  # a request added by someone else
+                    continue
+                c.token_ids += o.new_token_ids
+                c.text += o.text_delta
+                c.logprobs += o.logprobs
+                c.finish_reason = o.finish_reason
+                c.num_prompt_tokens, c.num_cached_tokens = o.num_prompt_tokens, o.num_cached_tokens
+        return [results[rid] for rid in ids]

@@ -1,0 +1,124 @@
+"""The shape of a decoder model, read from a Hugging Face config.json or from GGUF metadata."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelLoadError, UnsupportedModelError
+
+# model_type -> (qkv bias, q/k RMSNorm). All are Llama-shaped decoders with RoPE, RMSNorm, SwiGLU.
+SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
+    "llama": (False, False),
+    "mistral": (False, False),
+    "qwen2": (True, False),
+    "qwen3": (False, True),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {model_type!r} ({cfg.get('architectures')}); "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        bias_default, qk_norm = SUPPORTED_ARCHITECTURES[model_type]
+        rope = cfg.get("rope_parameters") or {}
+        rope_scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        eos = cfg.get("eos_token_id")
+        try:
+            heads = cfg["num_attention_heads"]
+            return cls(
+                architecture=model_type,
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                attention_bias=cfg.get("attention_bias", bias_default),
+                qk_norm=qk_norm,
+                rope_scaling=rope_scaling,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from e
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+        config_path = Path(path) / "config.json"
+        if not config_path.exists():
+            raise ModelLoadError(f"{path} has no config.json")
+        try:
+            return cls.from_hf_dict(json.loads(config_path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
+
+    @classmethod
+    def from_gguf_fields(cls, fields: dict[str, Any], tensor_names: set[str]) -> "ModelConfig":
+        arch = fields.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES or arch == "mistral":
+            raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2, qwen3")
+
+        def get(key: str, default: Any = None) -> Any:
+            value = fields.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ModelLoadError(f"GGUF metadata lacks {arch}.{key}")
+            return value
+
+        hidden = get("embedding_length")
+        heads = get("attention.head_count")
+        vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
+        eos = fields.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_layers=get("block_count"),
+            num_heads=heads,
+            num_kv_heads=get("attention.head_count_kv", heads),
+            head_dim=get("attention.key_length", hidden // heads),
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=get("rope.freq_base", 10000.0),
+            max_position_embeddings=get("context_length", 4096),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (eos,),
+        )

@@ -1,0 +1,50 @@
+"""A request's state inside the engine: its tokens, blocks and progress."""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # eos, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # cancelled, or failed
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # params.seed, or a random one drawn at arrival: sampling is reproducible per request
+    arrival_index: int
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of every full block of all_token_ids so far
+    num_computed_tokens: int = 0  # tokens whose KV is in block_ids
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_committed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    num_preemptions: int = 0
+    # Decode-only requests whose prompt KV arrives from a prefill worker skip the prefill (kv_transfer).
+    prefilled: bool = False
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,51 @@
+"""Per-request sampling parameters, validated once when the request arrives."""
+
+from dataclasses import dataclass, field
+
+from engine.errors import RequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and k top alternatives
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    min_tokens: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (len(self.stop) <= 4, "at most 4 stop sequences"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be between 0 and max_tokens"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

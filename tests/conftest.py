@@ -1,0 +1,50 @@
+import os
+
+import pytest
+
+from tests.helpers import demo_model_path
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf():
+    return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_gguf):
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=64 << 20))
+
+
+@pytest.fixture(scope="session")
+def demo_hf(demo_gguf):
+    """transformers' own reading of the same GGUF file: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

