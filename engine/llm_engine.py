@@ -201,9 +201,9 @@ class LLMEngine:
         n = len(req.output_token_ids)
         detok = self._detok.get(req.request_id)
         stopped_by_string = detok.add(tok) if detok is not None else False
-        if n >= p.min_tokens:
-            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids or stopped_by_string:
-                return FinishReason.STOP
+        is_stop = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids or stopped_by_string
+        if is_stop and n >= p.min_tokens:
+            return FinishReason.STOP
         if n >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None

@@ -1,7 +1,7 @@
 """A request's state inside the engine: its tokens, blocks and progress."""
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 from engine.sampling_params import SamplingParams
 
@@ -12,7 +12,7 @@ class RequestStatus(Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # eos, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled, or failed

@@ -1,10 +1,10 @@
 """KV cache events a worker reports so routers can track which blocks it holds (DESIGN.md)."""
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class KVEventKind(str, Enum):
+class KVEventKind(StrEnum):
     STORED = "stored"
     REMOVED = "removed"
     CLEARED = "cleared"

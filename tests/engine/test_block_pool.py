@@ -1,0 +1,48 @@
+"""The block pool's reference counting, LRU eviction and events."""
+
+import pytest
+
+from engine.block_pool import BlockPool, NoFreeBlocksError
+from protocol.kv_events import KVEventKind
+
+
+def test_block_returns_to_pool_when_last_reference_drops():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    pool.take(blocks)  # a second owner
+    pool.release(blocks)
+    assert pool.num_free_blocks == 2
+    pool.release(blocks)
+    assert pool.num_free_blocks == 4
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release(blocks)
+
+
+def test_cached_blocks_survive_release_and_are_found_again():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    pool.cache_blocks(blocks, [101, 102], parent_hash=7)
+    pool.release(blocks)
+    assert pool.lookup_prefix([101, 102, 103]) == blocks
+
+
+def test_least_recently_used_cached_block_is_evicted_first():
+    pool = BlockPool(3)
+    a, b = pool.allocate(1), pool.allocate(1)
+    pool.cache_blocks(a, [1], 0)
+    pool.cache_blocks(b, [2], 0)
+    pool.release(a)
+    pool.release(b)
+    pool.drain_events()
+    pool.allocate(2)  # the uncached block first, then the oldest cached one (a)
+    assert pool.lookup_prefix([1]) == [] and pool.lookup_prefix([2]) == b
+    (event,) = pool.drain_events()
+    assert event.kind is KVEventKind.REMOVED and event.block_hashes == (1,)
+
+
+def test_allocating_more_than_free_fails_cleanly():
+    pool = BlockPool(2)
+    pool.allocate(1)
+    with pytest.raises(NoFreeBlocksError):
+        pool.allocate(2)
+    assert pool.num_free_blocks == 1
