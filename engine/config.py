@@ -18,6 +18,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | flashinfer
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    load_format: str = "auto"  # auto: read the weights; dummy: random weights of the config's shapes (benchmarks)
+    seed: int = 0  # for dummy weights
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -28,6 +31,8 @@ class EngineConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
 

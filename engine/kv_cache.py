@@ -38,7 +38,9 @@ class KVCache:
     def __init__(self, layout: KVLayout, device: torch.device | str):
         self.layout = layout
         self.block_size = layout.block_size
-        self.tensor = torch.zeros((layout.num_blocks, *layout.block_shape), dtype=getattr(torch, layout.dtype),
+        # One block past the pool's is scratch: padded rows of a CUDA-graph batch write there, nothing reads it.
+        self.scratch_block = layout.num_blocks
+        self.tensor = torch.zeros((layout.num_blocks + 1, *layout.block_shape), dtype=getattr(torch, layout.dtype),
                                   device=device)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

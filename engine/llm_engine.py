@@ -15,6 +15,7 @@ from engine.errors import ModelLoadError, RequestError
 from engine.kv_cache import KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import CausalLM
+from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.outputs import Completion, RequestOutput, TokenLogprob
 from engine.request import FinishReason, Request
@@ -55,14 +56,20 @@ class LLMEngine:
         self.config = config
         self.device = _resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
-        model_cfg, weights = open_model(config.model)
+        if config.load_format == "dummy":
+            model_cfg, weights = ModelConfig.from_hf_dir(config.model), None
+        else:
+            model_cfg, weights = open_model(config.model)
         self.model_config = model_cfg
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings,
                                  model_cfg.max_position_embeddings)
         with torch.device("meta"):
             model = CausalLM(model_cfg, self.max_model_len)
         model = model.to_empty(device=self.device)
-        model.load_weights(weights)
+        if weights is None:
+            model.init_dummy_weights(config.seed)
+        else:
+            model.load_weights(weights)
         model = model.to(self.dtype)
         with torch.device(self.device):  # rope tables stay float32 (computed as transformers does)
             model.rotary = type(model.rotary)(model_cfg.head_dim, self.max_model_len, model_cfg.rope_theta,
@@ -82,7 +89,13 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
         )
         self.attention = self._attention_backend()
-        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device)
+        graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and hasattr(self.attention, "decode"):
+            from engine.cuda_graphs import CudaGraphDecoder
+
+            graphs = CudaGraphDecoder(self.model, self.attention, config.max_num_seqs,
+                                      -(-self.max_model_len // config.block_size))
+        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs)
         self.stats = EngineStats()
         self._detok: dict[str, Detokenizer] = {}
         self._arrivals = itertools.count()

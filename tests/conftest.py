@@ -22,7 +22,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_gguf():
-    return demo_model_path()
+    try:
+        return demo_model_path()
+    except RuntimeError as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(e))  # e.g. on the GPU machine, where the 98 MB file cannot travel
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,11 @@ class BatchMetadata:
     max_query_len: int
     max_seq_len: int
     is_decode_only: bool  # every request has exactly one new token
+    # CSR form of the block tables for kernels that want it (FlashInfer); indptr stays on the host.
+    kv_indptr_host: torch.Tensor | None = None  # [num_seqs + 1] int32, CPU
+    kv_indices: torch.Tensor | None = None  # [total blocks] int32, device
+    kv_last_page_len_host: torch.Tensor | None = None  # [num_seqs] int32, CPU
+    query_start_loc_host: torch.Tensor | None = None  # [num_seqs + 1] int32, CPU
 
     @property
     def num_seqs(self) -> int:

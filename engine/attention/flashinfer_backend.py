@@ -1,0 +1,52 @@
+"""FlashInfer attention on CUDA: paged decode, and prefill of new tokens against the paged (cached) KV.
+
+Planned once a step; each layer's cache is a strided view of the block-major pool
+([num_blocks, 2, block_size, kv_heads, head_dim] with the block stride of all layers), so no copy.
+"""
+
+import torch
+
+from engine.attention.metadata import BatchMetadata
+from engine.kv_cache import KVCache
+from engine.model_config import ModelConfig
+
+WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttention:
+    def __init__(self, kv_cache: KVCache, cfg: ModelConfig, max_num_seqs: int):
+        import flashinfer
+
+        self.flashinfer = flashinfer
+        self.kv_cache = kv_cache
+        self.cfg = cfg
+        self.dtype = kv_cache.tensor.dtype
+        device = kv_cache.tensor.device
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=cfg.num_heads // cfg.num_kv_heads >= 4)
+        self._wrapper = self.decode
+        self._meta: BatchMetadata | None = None
+
+    def plan(self, meta: BatchMetadata, wrapper=None) -> None:
+        cfg = self.cfg
+        if meta.is_decode_only:
+            self._wrapper = wrapper or self.decode
+            self._wrapper.plan(meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host, cfg.num_heads,
+                               cfg.num_kv_heads, cfg.head_dim, self.kv_cache.block_size, pos_encoding_mode="NONE",
+                               q_data_type=self.dtype, kv_data_type=self.dtype)
+        else:
+            self._wrapper = self.prefill
+            self.prefill.plan(meta.query_start_loc_host, meta.kv_indptr_host, meta.kv_indices,
+                              meta.kv_last_page_len_host, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              self.kv_cache.block_size, causal=True, pos_encoding_mode="NONE",
+                              q_data_type=self.dtype, kv_data_type=self.dtype)
+        self._meta = meta
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self._meta
+        cache = self.kv_cache.tensor[:, layer]  # [num_blocks, 2, block_size, kv_heads, head_dim], strided
+        cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+        cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+        return self._wrapper.run(q, cache)
