@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
+    args, _ = ap.parse_known_args()  # the GPU mode takes its own flags
     if not args.quick and torch.cuda.is_available():
         from bench.engine_gpu import main as gpu_main
 

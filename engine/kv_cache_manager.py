@@ -20,7 +20,7 @@ class KVCacheManager:
         have = len(req.block_hashes)
         if have < num_blocks:
             parent = req.block_hashes[-1] if have else self.root_hash
-            tokens = req.all_token_ids[have * self.block_size : num_blocks * self.block_size]
+            tokens = req.token_slice(have * self.block_size, num_blocks * self.block_size)
             req.block_hashes.extend(hash_blocks(tokens, self.block_size, parent))
         return req.block_hashes[:num_blocks]
 

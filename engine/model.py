@@ -90,14 +90,19 @@ class CausalLM(nn.Module):
         return F.linear(hidden, weight).float()
 
     @torch.no_grad()
-    def init_dummy_weights(self, seed: int, std: float = 0.02) -> None:
-        """Random weights of the right shapes (for benchmarks and GPU checks without a checkpoint)."""
+    def init_dummy_weights(self, seed: int, std: float = 0.02, head_std: float = 0.1) -> None:
+        """Random weights of the right shapes (for benchmarks and GPU checks without a checkpoint).
+
+        The output projection is wider than the rest so that next-token distributions are peaked, as a
+        trained model's are: greedy decoding then has clear winners instead of near-ties.
+        """
         gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        head = "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
         for name, p in self.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, std, generator=gen)
+                p.normal_(0.0, head_std if name == head else std, generator=gen)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter must be filled."""

@@ -26,7 +26,8 @@ def build_metadata(reqs: list[Request], counts: list[int], block_size: int, devi
     np.cumsum(lens, out=query_start[1:])
     # [num_tokens]: positions of the new tokens, request after request.
     positions = np.arange(int(query_start[-1]), dtype=np.int64) - np.repeat(query_start[:-1] - starts, lens)
-    input_ids = np.concatenate([r.all_token_ids[s : s + n] for r, s, n in zip(reqs, starts, lens, strict=True)])
+    input_ids = np.concatenate([r.token_slice(s, s + n) for r, s, n in zip(reqs, starts.tolist(), lens.tolist(),
+                                                                            strict=True)])
     num_blocks = -(-seq_lens // bs)
     kv_indptr = np.zeros(len(reqs) + 1, dtype=np.int32)
     np.cumsum(num_blocks, out=kv_indptr[1:])
@@ -80,4 +81,6 @@ class ModelRunner:
         if not sample_rows:
             return [], None
         reqs = [batch.requests[i] for i in sample_rows]
+        if all(r.params.plain_greedy for r in reqs):  # no sampling state to build: argmax on the device
+            return reqs, SamplerOutput(logits.argmax(dim=-1), None, None, None)
         return reqs, sample(logits, SamplingBatch.build(reqs, self.vocab_size, self.device))

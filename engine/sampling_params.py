@@ -49,3 +49,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing else to compute: no penalties, no logprobs."""
+        return (self.temperature == 0.0 and self.logprobs is None and not self.presence_penalty
+                and not self.frequency_penalty and self.repetition_penalty == 1.0)

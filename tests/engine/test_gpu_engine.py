@@ -24,8 +24,8 @@ def one_b_dir(tmp_path_factory):
 
 
 def _engine(path, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="bfloat16", kv_cache_bytes=2 << 30,
-                                  max_num_seqs=16, **kw))
+    kw.setdefault("dtype", "bfloat16")
+    return LLMEngine(EngineConfig(model=str(path), device="cuda", kv_cache_bytes=2 << 30, max_num_seqs=16, **kw))
 
 
 def _prompts(n: int, vocab: int) -> list[list[int]]:
@@ -34,22 +34,41 @@ def _prompts(n: int, vocab: int) -> list[list[int]]:
 
 
 def test_flashinfer_matches_torch_backend_on_random_1b(one_b_dir):
-    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
     prompts = _prompts(4, ONE_B["vocab_size"])
-    ref_engine = _engine(one_b_dir, load_format="dummy", attention_backend="torch", enforce_eager=True)
-    ref = ref_engine.generate(prompts, greedy)
-    del ref_engine
-    eager_engine = _engine(one_b_dir, load_format="dummy", attention_backend="flashinfer", enforce_eager=True)
-    eager = eager_engine.generate(prompts, greedy)
-    del eager_engine
-    graph_engine = _engine(one_b_dir, load_format="dummy", attention_backend="flashinfer")
-    assert graph_engine.runner.graphs is not None
-    graphs = graph_engine.generate(prompts, greedy)
-    for r, e, g in zip(ref, eager, graphs, strict=True):
-        assert e.token_ids == r.token_ids
-        assert g.token_ids == e.token_ids
-        for a, b in zip(r.logprobs, e.logprobs, strict=True):
-            assert a.logprob == pytest.approx(b.logprob, abs=0.05)
+
+    def run(**kw):
+        engine = _engine(one_b_dir, load_format="dummy", **kw)
+        out = engine.generate(prompts, greedy)
+        has_graphs = engine.runner.graphs is not None
+        del engine
+        torch.cuda.empty_cache()
+        return out, has_graphs
+
+    ref32, _ = run(attention_backend="torch", enforce_eager=True, dtype="float32")
+    torch16, _ = run(attention_backend="torch", enforce_eager=True)
+    fi_eager, _ = run(attention_backend="flashinfer", enforce_eager=True)
+    fi_graph, has_graphs = run(attention_backend="flashinfer")
+    assert has_graphs
+
+    def first_logprob_error(out):  # the prefill's next-token logprob, against fp32
+        return max(abs(o.logprobs[0].logprob - r.logprobs[0].logprob) for o, r in zip(out, ref32, strict=True))
+
+    # FlashInfer in bf16 is as close to fp32 as PyTorch's own bf16 attention (within a small margin).
+    assert first_logprob_error(fi_eager) <= 2 * first_logprob_error(torch16) + 0.05
+    for ref_runs, runs in ((torch16, fi_eager), (fi_eager, fi_graph)):
+        for ref, out in zip(ref_runs, runs, strict=True):
+            _assert_same_greedy_or_near_tie(ref, out)
+
+
+def _assert_same_greedy_or_near_tie(ref, out, margin: float = 0.1) -> None:
+    """Greedy tokens agree; where bf16 rounding flips a choice, it is a near-tie in the reference."""
+    for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids, strict=True)):
+        if a != b:
+            alternatives = dict(ref.logprobs[i].top)
+            assert b in alternatives, f"step {i}: {b} is not among the reference's top choices {alternatives}"
+            assert alternatives[a] - alternatives[b] < margin, f"step {i}: a clear choice flipped"
+            return
 
 
 def test_gpu_batch_invariance_prefix_reuse_and_preemption(one_b_dir):
