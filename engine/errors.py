@@ -11,3 +11,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class RequestError(ValueError):
     """A request the engine cannot run (too long, bad parameters)."""
+
+
+class KVCacheFullError(RuntimeError):
+    """No KV blocks are free for this request now (the caller may retry elsewhere or later)."""

@@ -5,9 +5,13 @@ whole blocks, each one contiguous span of `block_bytes`, so a transfer needs one
 adjacent block ids rather than one per layer and block.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# (shape, dtype) -> a zeroed tensor; lets a worker place the pool where its KV transport can reach it.
+KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +39,13 @@ class KVLayout:
 
 
 class KVCache:
-    def __init__(self, layout: KVLayout, device: torch.device | str):
+    def __init__(self, layout: KVLayout, device: torch.device | str, allocate: KVAllocator | None = None):
         self.layout = layout
         self.block_size = layout.block_size
         # One block past the pool's is scratch: padded rows of a CUDA-graph batch write there, nothing reads it.
         self.scratch_block = layout.num_blocks
-        self.tensor = torch.zeros((layout.num_blocks + 1, *layout.block_shape), dtype=getattr(torch, layout.dtype),
-                                  device=device)
+        shape, dtype = (layout.num_blocks + 1, *layout.block_shape), getattr(torch, layout.dtype)
+        self.tensor = allocate(shape, dtype) if allocate else torch.zeros(shape, dtype=dtype, device=device)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided views of one layer's keys and values: [num_blocks, block_size, num_kv_heads, head_dim]."""

@@ -46,6 +46,22 @@ class KVCacheManager:
             req.num_cached_tokens = num_cached
         return num_new
 
+    def reserve(self, req: Request) -> bool:
+        """Blocks for a whole prompt whose KV a prefill worker will write; cached leading blocks are reused.
+
+        Sets req.num_cached_tokens to what is already here (the prefill worker sends only the rest).
+        """
+        bs = self.block_size
+        hits = self.pool.lookup_prefix(self._hashes_upto(req, len(req.prompt_token_ids) // bs))
+        needed = blocks_for(len(req.prompt_token_ids), bs) - len(hits)
+        if needed + sum(1 for b in hits if self.pool.ref_counts[b] == 0) > self.pool.num_free_blocks:
+            return False
+        self.pool.take(hits)
+        req.block_ids = hits + self.pool.allocate(needed)
+        req.num_cached_tokens = len(hits) * bs
+        req.num_committed_blocks = len(hits)
+        return True
+
     def grow(self, req: Request, num_new_tokens: int) -> bool:
         """Blocks for num_new_tokens more tokens of a running request; False when the pool is out."""
         needed = blocks_for(req.num_computed_tokens + num_new_tokens, self.block_size) - len(req.block_ids)

@@ -11,8 +11,8 @@ from engine.attention.torch_backend import TorchAttention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.errors import ModelLoadError, RequestError
-from engine.kv_cache import KVCache, KVLayout
+from engine.errors import KVCacheFullError, ModelLoadError, RequestError
+from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
@@ -52,7 +52,8 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: ChatTokenizer | None = None):
+    def __init__(self, config: EngineConfig, tokenizer: ChatTokenizer | None = None,
+                 kv_allocator: KVAllocator | None = None):
         self.config = config
         self.device = _resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
@@ -81,7 +82,7 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
 
         self.kv_layout = self._kv_layout()
-        self.kv_cache = KVCache(self.kv_layout, self.device)
+        self.kv_cache = KVCache(self.kv_layout, self.device, kv_allocator)
         self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching)
         self.root_hash = root_hash(config.model_name)
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash)
@@ -140,7 +141,15 @@ class LLMEngine:
 
     # --- requests ---
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    hold_kv: bool = False) -> Request:
+        """Queue a request. With hold_kv, its blocks stay referenced after it ends (release_held frees them)."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        req.hold_kv = hold_kv
+        self.scheduler.add(req)
+        return req
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self.scheduler.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
@@ -155,13 +164,40 @@ class LLMEngine:
             raise RequestError("the prompt does not fit in this worker's KV cache")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals))
-        self.scheduler.add(req)
         if self.tokenizer is not None:
             self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                   params.skip_special_tokens, params.include_stop_str_in_output)
         return req
 
+    def release_held(self, request_id: str) -> None:
+        self.scheduler.release_held(request_id)
+
+    def held_blocks(self, request_id: str) -> list[int] | None:
+        req = self.scheduler.held.get(request_id)
+        return None if req is None else req.block_ids
+
+    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Reserve blocks for a prompt a prefill worker computes; req.num_cached_tokens are already here."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        if not self.scheduler.add_remote(req):
+            self._detok.pop(request_id, None)
+            raise KVCacheFullError(f"no room for {len(prompt_token_ids)} prompt tokens in the KV cache now")
+        return req
+
+    def start_remote(self, request_id: str, first_token: int, logprobs: list[TokenLogprob]) -> RequestOutput:
+        """The prompt's KV is in the reserved blocks: emit the prefill's first token and start decoding."""
+        req = self.scheduler.remote.get(request_id)
+        if req is None:
+            raise RequestError(f"no reserved request {request_id!r}")
+        self.scheduler.start_remote(req)
+        req.output_token_ids.append(first_token)
+        reason = self._finish_reason(req, first_token)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+        return self._output(req, [first_token], logprobs if req.params.logprobs is not None else [])
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        self.scheduler.release_held(request_id)
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return None

@@ -34,8 +34,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_committed_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_preemptions: int = 0
-    # Decode-only requests whose prompt KV arrives from a prefill worker skip the prefill (kv_transfer).
-    prefilled: bool = False
+    hold_kv: bool = False  # a prefill worker's request: blocks stay referenced after it ends, until sent
 
     @property
     def all_token_ids(self) -> list[int]:

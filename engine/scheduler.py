@@ -41,6 +41,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished prefills whose blocks wait to be sent
+        self.remote: dict[str, Request] = {}  # reserved blocks waiting for a prefill worker's KV
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -101,9 +103,35 @@ class Scheduler:
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.request_id in self.remote:
+            del self.remote[req.request_id]
         else:
             self.waiting.remove(req)
-        self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
+        if req.hold_kv and reason is not FinishReason.ABORT:
+            self.held[req.request_id] = req
+        else:
+            self.kv.free(req)
+
+    def release_held(self, request_id: str) -> None:
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+
+    def add_remote(self, req: Request) -> bool:
+        """Reserve a whole prompt's blocks for KV arriving from a prefill worker."""
+        if not self.kv.reserve(req):
+            return False
+        self.requests[req.request_id] = req
+        self.remote[req.request_id] = req
+        return True
+
+    def start_remote(self, req: Request) -> None:
+        """The prompt's KV has arrived: the request joins the running batch for decoding."""
+        del self.remote[req.request_id]
+        req.num_computed_tokens = len(req.prompt_token_ids)
+        self.kv.commit(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)

@@ -1,0 +1,22 @@
+"""The one interface every KV transport implements (host, NIXL, NCCL), chosen by configuration."""
+
+from typing import Protocol
+
+import torch
+
+from kv_transfer.descriptors import PoolDescriptor
+
+
+class Transport(Protocol):
+    def register_pool(self, pool: torch.Tensor, descriptor: PoolDescriptor) -> PoolDescriptor:
+        """Register this worker's pool once; returns the descriptor peers connect with."""
+
+    def connect(self, peer: PoolDescriptor) -> None:
+        """Prepare to write into a peer's pool; raises LayoutMismatchError when layouts differ."""
+
+    def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
+                     timeout_s: float) -> None:
+        """Copy whole blocks (all layers) from this pool into the peer's; raises TransferError on failure."""
+
+    def close(self) -> None:
+        """Release registrations and mappings."""

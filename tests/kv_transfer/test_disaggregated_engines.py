@@ -1,0 +1,54 @@
+"""Prefill on one engine, KV through the host transport, decode on another: same tokens as one engine."""
+
+import uuid
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_transfer.descriptors import PoolDescriptor
+from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
+from tests.helpers import make_tiny_model
+
+
+def _descriptor(engine: LLMEngine, agent: str, address: str) -> PoolDescriptor:
+    lay = engine.kv_layout
+    return PoolDescriptor(agent, "host", address, lay.num_blocks, lay.num_layers, lay.block_size,
+                          lay.num_kv_heads, lay.head_dim, lay.dtype)
+
+
+def test_prefill_transfer_decode_gives_colocated_tokens(tmp_path):
+    make_tiny_model("qwen3", tmp_path, seed=5)
+    cfg = EngineConfig(model=str(tmp_path), kv_cache_bytes=4 << 20)
+    path = SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}"
+    prefill = LLMEngine(cfg)
+    decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
+    sender = HostTransport("prefill")
+    sender.register_pool(prefill.kv_cache.tensor, _descriptor(prefill, "prefill", "unused"))
+    sender.connect(_descriptor(decode, "decode", str(path)))
+    params = SamplingParams(max_tokens=12, temperature=0)
+    shared = [(7 * j) % 300 + 1 for j in range(40)]
+    turns = [shared + [5, 6, 7], shared + [5, 6, 7, 8, 9] * 5]  # the second shares 2 blocks on decode
+    try:
+        for i, prompt in enumerate(turns):
+            expected = LLMEngine(cfg).generate([prompt], params)[0].token_ids
+            rid = f"r{i}"
+            reserved = decode.reserve_remote(rid, prompt, params)
+            first = prefill.generate([prompt], SamplingParams(max_tokens=1, temperature=0))  # warms prefill's cache
+            prefill.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+            while prefill.has_unfinished():
+                out = prefill.step()
+            skip = reserved.num_cached_tokens // cfg.block_size
+            src = prefill.held_blocks(rid)
+            sender.write_blocks("decode", src[skip:], reserved.block_ids[skip:])
+            prefill.release_held(rid)
+            tokens = decode.start_remote(rid, out[0].new_token_ids[0], []).new_token_ids
+            while decode.has_unfinished():
+                tokens += [t for o in decode.step() for t in o.new_token_ids]
+            assert tokens == expected
+            assert first[0].token_ids == expected[:1]
+            if i == 1:
+                assert reserved.num_cached_tokens == 32  # only the uncached blocks were sent
+        assert prefill.block_pool.num_free_blocks == prefill.block_pool.num_blocks
+        assert decode.block_pool.num_free_blocks == decode.block_pool.num_blocks
+    finally:
+        path.unlink()
