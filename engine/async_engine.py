@@ -25,8 +25,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, after_step: Callable[[LLMEngine], None] | None = None):
         self.engine = engine
+        self.after_step = after_step  # runs on the engine thread after each step (e.g. to drain KV events)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
@@ -36,15 +37,28 @@ class AsyncEngine:
 
     # --- called from asyncio ---
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-                       ) -> AsyncIterator[RequestOutput]:
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early (or being cancelled) aborts it."""
+        def start(engine: LLMEngine) -> None:
+            engine.add_request(request_id, prompt_token_ids, params, hold_kv)
+
+        return self.stream(request_id, start)
+
+    async def stream(self, request_id: str, start: Callable[[LLMEngine], RequestOutput | None]
+                     ) -> AsyncIterator[RequestOutput]:
+        """Run start(engine) on the engine thread, then stream the request's outputs (start's first)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
         finished = False
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            first = await self.call(start)
+            if first is not None:
+                yield first
+                if first.finished:
+                    finished = True
+                    return
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
@@ -90,6 +104,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
                         self._deliver(out.request_id, out)
+                    if self.after_step is not None:
+                        self.after_step(self.engine)
         except BaseException as e:
             log.exception("engine thread failed")
             self.error = e

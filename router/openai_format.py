@@ -1,0 +1,69 @@
+"""Turning worker output into OpenAI response bodies and stream chunks (chat and completions)."""
+
+import time
+from typing import Any
+
+from protocol.messages import GenerateChunk, TokenLogprobWire
+from protocol.tokenizer import ChatTokenizer
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class Formatter:
+    def __init__(self, tokenizer: ChatTokenizer, model: str, request_id: str, chat: bool):
+        self.tok = tokenizer
+        self.model = model
+        self.id = request_id
+        self.chat = chat
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _token(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def logprobs(self, lps: list[TokenLogprobWire], offset: int = 0) -> dict[str, Any] | None:
+        if not lps:
+            return None
+        if self.chat:
+            def entry(tid: int, lp: float) -> dict:
+                t = self._token(tid)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+            return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]}
+                                for x in lps]}
+        tokens = [self._token(x.token_id) for x in lps]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+                "top_logprobs": [{self._token(t): v for t, v in x.top} for x in lps], "text_offset": offsets}
+
+    def chunk(self, index: int, c: GenerateChunk, first: bool, text_offset: int) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": c.text} if first else {"content": c.text}
+            choice = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": c.text}
+        choice["logprobs"] = self.logprobs(c.logprobs, text_offset)
+        choice["finish_reason"] = c.finish_reason if c.finished else None
+        return {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"), "created": self.created,
+                "model": self.model, "choices": [choice]}
+
+    def usage_chunk(self, u: dict[str, Any]) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
+                "model": self.model, "choices": [], "usage": u}
+
+    def full(self, choices: list[tuple[str, str | None, list[TokenLogprobWire]]], u: dict[str, Any]) -> dict:
+        out = []
+        for i, (text, reason, lps) in enumerate(choices):
+            if self.chat:
+                out.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": self.logprobs(lps), "finish_reason": reason})
+            else:
+                out.append({"index": i, "text": text, "logprobs": self.logprobs(lps), "finish_reason": reason})
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": out, "usage": u}

@@ -1,0 +1,121 @@
+"""The workers the router knows: their identity, health, load, and the KV events they report."""
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from protocol.kv_events import KVEvent, KVEventKind
+from protocol.messages import WorkerInfo, WorkerLoad
+from router.prefix_index import PrefixIndex
+
+log = logging.getLogger("pdserve.router")
+
+
+class RegistrationError(RuntimeError):
+    """A worker disagrees with the pool (model, block size, hash seed, tokenizer)."""
+
+
+@dataclass(slots=True)
+class Worker:
+    url: str
+    role: str
+    info: WorkerInfo | None = None
+    healthy: bool = False
+    load: WorkerLoad | None = None
+    inflight: int = 0  # requests this router has sent and not seen finish
+    inflight_tokens: int = 0  # prompt tokens this router sent for prefill and not seen finish
+    events_seq: int = 0
+    failures: int = 0
+    routed: int = field(default=0)
+
+
+class WorkerPool:
+    def __init__(self, prefill_urls: list[str], decode_urls: list[str], client: httpx.AsyncClient,
+                 index: PrefixIndex, health_interval_s: float = 1.0):
+        self.workers = [Worker(u.rstrip("/"), "prefill") for u in prefill_urls]
+        self.workers += [Worker(u.rstrip("/"), "decode") for u in decode_urls]
+        self.client = client
+        self.index = index
+        self.health_interval_s = health_interval_s
+        self.reference: WorkerInfo | None = None
+        self.tokenizer_files: dict[str, str] | None = None
+        self._task: asyncio.Task | None = None
+
+    def pool(self, role: str) -> list[Worker]:
+        return [w for w in self.workers if w.role == role and w.healthy]
+
+    async def start(self, wait_s: float = 120.0) -> None:
+        """Register every worker (waiting for them to come up), then poll health and events."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            await asyncio.gather(*(self._refresh(w) for w in self.workers))
+            if all(w.info is not None for w in self.workers):
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                missing = [w.url for w in self.workers if w.info is None]
+                raise RegistrationError(f"workers did not come up: {missing}")
+            await asyncio.sleep(0.5)
+        self._task = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await asyncio.gather(*(self._refresh(w) for w in self.workers), return_exceptions=True)
+
+    async def _register(self, w: Worker) -> None:
+        info = WorkerInfo.model_validate((await self.client.get(f"{w.url}/info")).json())
+        if info.role != w.role:
+            raise RegistrationError(f"{w.url} is a {info.role} worker, configured as {w.role}")
+        if self.reference is None:
+            self.reference = info
+            self.tokenizer_files = (await self.client.get(f"{w.url}/tokenizer")).json()
+        ref = self.reference
+        for name in ("model", "block_size", "root_hash", "tokenizer_hash"):
+            if getattr(info, name) != getattr(ref, name):
+                raise RegistrationError(f"{w.url}: {name} {getattr(info, name)!r} differs from the pool's "
+                                        f"{getattr(ref, name)!r}")
+        w.info = info
+
+    async def _refresh(self, w: Worker) -> None:
+        try:
+            if w.info is None:
+                await self._register(w)
+            resp = await self.client.get(f"{w.url}/load", timeout=2.0)
+            resp.raise_for_status()
+            w.load = WorkerLoad.model_validate(resp.json())
+            await self._pull_events(w)
+            if not w.healthy:
+                log.info("worker %s (%s) is healthy", w.url, w.role)
+            w.healthy, w.failures = True, 0
+        except RegistrationError as e:
+            log.error("refusing worker: %s", e)
+            w.healthy = False
+        except (httpx.HTTPError, ValueError) as e:
+            w.failures += 1
+            if w.healthy:
+                log.warning("worker %s is unhealthy: %r", w.url, e)
+            w.healthy = False
+
+    async def _pull_events(self, w: Worker) -> None:
+        body = (await self.client.get(f"{w.url}/kv_events", params={"since": w.events_seq}, timeout=2.0)).json()
+        if body["resync"]:
+            self.index.reset(w.url, body["block_hashes"])
+        for e in body["events"]:
+            event = KVEvent.from_dict(e)
+            if event.kind is KVEventKind.STORED:
+                self.index.add(w.url, list(event.block_hashes))
+            elif event.kind is KVEventKind.REMOVED:
+                self.index.remove(w.url, list(event.block_hashes))
+            else:
+                self.index.clear(w.url)
+        w.events_seq = body["seq"]
+
+    def mark_failed(self, w: Worker) -> None:
+        """A request to this worker failed at the connection: take it out until a health check passes."""
+        w.healthy = False

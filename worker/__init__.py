@@ -1,0 +1,1 @@
+"""What the prefill and decode workers share: config, runtime (engine + transport), common routes."""

@@ -1,0 +1,29 @@
+"""One worker process's configuration, validated once."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    role: str  # "prefill" | "decode"
+    name: str
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    transport: str = "host"  # host | nixl | nccl
+    transfer_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if self.transport not in ("host", "nixl", "nccl"):
+            raise ValueError(f"unknown transport {self.transport!r}")
+        if self.transfer_timeout_s <= 0:
+            raise ValueError("transfer_timeout_s must be positive")
