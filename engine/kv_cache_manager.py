@@ -14,6 +14,7 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = block_size
         self.root_hash = root_hash
+        self.num_hit_tokens = 0  # prompt tokens found in the prefix cache, over all requests
 
     def _hashes_upto(self, req: Request, num_blocks: int) -> list[int]:
         """req.block_hashes extended to cover its first num_blocks full blocks."""
@@ -44,6 +45,7 @@ class KVCacheManager:
         req.num_committed_blocks = len(hits)
         if req.num_preemptions == 0:
             req.num_cached_tokens = num_cached
+            self.num_hit_tokens += num_cached
         return num_new
 
     def reserve(self, req: Request) -> bool:
@@ -60,6 +62,7 @@ class KVCacheManager:
         req.block_ids = hits + self.pool.allocate(needed)
         req.num_cached_tokens = len(hits) * bs
         req.num_committed_blocks = len(hits)
+        self.num_hit_tokens += req.num_cached_tokens
         return True
 
     def grow(self, req: Request, num_new_tokens: int) -> bool:

@@ -35,7 +35,6 @@ CPU_DEFAULT_KV_BYTES = 512 << 20
 class EngineStats:
     num_steps: int = 0
     num_tokens_computed: int = 0  # tokens run through the model (prompt chunks, recomputes and decodes)
-    num_prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
 
 
@@ -217,8 +216,6 @@ class LLMEngine:
         sampled_reqs, out = self.runner.execute(batch)
         self.stats.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
-            if req.num_computed_tokens == req.num_cached_tokens and req.num_preemptions == 0:
-                self.stats.num_prompt_tokens_cached += req.num_cached_tokens
             req.num_computed_tokens += n
             self.stats.num_tokens_computed += n
             self.kv_manager.commit(req)

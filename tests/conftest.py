@@ -53,3 +53,24 @@ def demo_hf(demo_gguf):
 @pytest.fixture(scope="session")
 def redis_url():
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def cluster(demo_gguf):
+    """One prefill and one decode worker with the demo model; routers are added by the tests that need them."""
+    from tests.cluster import LocalCluster
+
+    c = LocalCluster(str(demo_gguf), prefill=1, decode=1)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def router_url(cluster):
+    """A router that sends every prompt through the prefill worker (no local prefill)."""
+    return cluster.start_router("--local-prefill-tokens", "0")
+
+
+@pytest.fixture(scope="session")
+def demo_model_name(demo_gguf):
+    return demo_gguf.stem

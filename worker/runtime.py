@@ -73,7 +73,7 @@ class WorkerRuntime:
         return WorkerLoad(running=len(e.scheduler.running) + len(e.scheduler.remote),
                           waiting=len(e.scheduler.waiting), free_blocks=e.block_pool.num_free_blocks,
                           total_blocks=e.block_pool.num_blocks, tokens_computed=e.stats.num_tokens_computed,
-                          prompt_tokens_cached=e.stats.num_prompt_tokens_cached)
+                          prompt_tokens_cached=e.kv_manager.num_hit_tokens)
 
     async def snapshot(self) -> tuple[int, list[int]]:
         """(event seq, every cached block hash), taken together on the engine thread."""

@@ -1,6 +1,7 @@
 """Run one worker process: python -m worker.serve --role decode --model PATH --port 8101 ..."""
 
 import argparse
+import contextlib
 import logging
 import signal
 
@@ -25,7 +26,8 @@ def run(config: WorkerConfig, log_level: str = "warning") -> None:
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                            timeout_graceful_shutdown=5))
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it handled on its way out
+        server.run()
 
 
 def main() -> None:

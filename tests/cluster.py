@@ -1,0 +1,90 @@
+"""A real local cluster for tests: worker and router processes on loopback, killed at the end."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
+
+
+class LocalCluster:
+    def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int = 64 << 20):
+        self.model = model
+        self.procs: list[subprocess.Popen] = []
+        self.prefill_urls: list[str] = []
+        self.decode_urls: list[str] = []
+        self.worker_procs: dict[str, subprocess.Popen] = {}
+        self.routers: list[tuple[str, subprocess.Popen]] = []
+        for role, count in (("prefill", prefill), ("decode", decode)):
+            for _ in range(count):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                proc = self._spawn(["-m", "worker.serve", "--role", role, "--model", model, "--port", str(port),
+                                    "--kv-cache-bytes", str(kv_cache_bytes)])
+                (self.prefill_urls if role == "prefill" else self.decode_urls).append(url)
+                self.worker_procs[url] = proc
+        for url, proc in self.worker_procs.items():
+            wait_http(f"{url}/health", proc=proc)
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_router(self, *extra: str) -> str:
+        port = free_port()
+        args = ["-m", "router.main", "--port", str(port), *extra]
+        for u in self.prefill_urls:
+            args += ["--prefill", u]
+        for u in self.decode_urls:
+            args += ["--decode", u]
+        proc = self._spawn(args)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc=proc)
+        self.routers.append((url, proc))
+        return url
+
+    def kill_worker(self, url: str) -> None:
+        proc = self.worker_procs[url]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def load(self, url: str) -> dict:
+        return httpx.get(f"{url}/load", timeout=5).json()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
