@@ -7,6 +7,7 @@ router (which must not need torch).
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from engine.errors import ModelLoadError
@@ -38,7 +39,10 @@ def tokenizer_dir(model: str | Path, cache_root: Path | None = None) -> Path:
         raise ModelLoadError(f"cannot read the tokenizer of {model}: {e}") from e
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok.save_pretrained(str(tmp))
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another worker converted it at the same time
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

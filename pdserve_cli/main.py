@@ -48,6 +48,7 @@ def serve(a: argparse.Namespace) -> None:
         pass
     ray.init(num_cpus=max(2, a.prefill_workers + a.decode_workers), num_gpus=1 if has_gpu else 0,
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ray installs its own; ours stops cleanly
     actors = []
     try:
         urls: dict[str, list[str]] = {}

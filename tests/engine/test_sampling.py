@@ -125,3 +125,14 @@ def test_bad_prompts_are_refused(demo_engine):
         demo_engine.add_request("y", [10**6], SamplingParams())
     with pytest.raises(RequestError, match="context"):
         demo_engine.add_request("z", [1] * 10_000, SamplingParams())
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(500, 1)
+    n = logits.shape[0]
+    batch = SamplingBatch(
+        temperature=torch.ones(n), top_k=torch.full((n,), 4), top_p=torch.ones(n), min_p=torch.full((n,), 0.5),
+        presence=torch.zeros(n), frequency=torch.zeros(n), repetition=torch.ones(n),
+        seeds=torch.arange(n, dtype=torch.int64), steps=torch.zeros(n, dtype=torch.int64), output_counts=None,
+        seen_tokens=None, num_logprobs=None, any_sampling=True, any_top_k_p=False, any_min_p=True)
+    assert set(sample(logits, batch).token_ids.tolist()) == {0, 1}  # 0.15 and 0.05 are under 0.5 * 0.5
