@@ -1,7 +1,10 @@
 """Plain data that describes a pool to a peer, and the block runs a transfer moves."""
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TransferError(RuntimeError):
@@ -54,3 +57,15 @@ def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((s, d, 1))
     return runs
+
+
+def copy_runs(src_pool: "torch.Tensor", dst_pool: "torch.Tensor", src_block_ids: list[int],
+              dst_block_ids: list[int]) -> int:
+    """Copy whole blocks between two pools mapped in this process, one copy per run; returns the run count."""
+    limit = dst_pool.shape[0] - 1  # the last block of a pool is scratch
+    if any(b < 0 or b >= limit for b in dst_block_ids):
+        raise TransferError(f"destination block ids out of range [0, {limit})")
+    runs = block_runs(src_block_ids, dst_block_ids)
+    for s, d, n in runs:
+        dst_pool[d : d + n].copy_(src_pool[s : s + n], non_blocking=True)
+    return len(runs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError, block_runs
+from kv_transfer.descriptors import PoolDescriptor, TransferError, copy_runs
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
@@ -59,11 +59,7 @@ class HostTransport:
         dst = self.peers.get(peer)
         if dst is None:
             raise TransferError(f"not connected to {peer}")
-        limit = dst.shape[0] - 1
-        if any(b < 0 or b >= limit for b in dst_block_ids):
-            raise TransferError(f"destination block ids out of range [0, {limit})")
-        for s, d, n in block_runs(src_block_ids, dst_block_ids):
-            dst[d : d + n].copy_(self.pool[s : s + n])
+        copy_runs(self.pool, dst, src_block_ids, dst_block_ids)
 
     def close(self) -> None:
         self.peers.clear()

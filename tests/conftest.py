@@ -58,7 +58,7 @@ def redis_url():
 @pytest.fixture(scope="session")
 def cluster(demo_gguf):
     """One prefill and one decode worker with the demo model; routers are added by the tests that need them."""
-    from tests.cluster import LocalCluster
+    from bench.cluster import LocalCluster
 
     c = LocalCluster(str(demo_gguf), prefill=1, decode=1)
     yield c

@@ -17,7 +17,8 @@ class WorkerConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    transport: str = "host"  # host | nixl | nccl
+    transport: str = "host"  # host (same host: shared memory on CPU, CUDA IPC on GPU) | nixl | nccl
+    load_format: str = "auto"  # dummy: random weights (benchmarks)
     transfer_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:

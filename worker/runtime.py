@@ -22,6 +22,14 @@ from worker.events import EventLog
 log = logging.getLogger("pdserve.worker")
 
 
+def _uses_cuda(device: str) -> bool:
+    if device != "auto":
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def to_sampling_params(p: WireSamplingParams, **override) -> SamplingParams:
     fields = p.model_dump()
     fields.update(override)
@@ -39,7 +47,7 @@ class WorkerRuntime:
         self.tokenizer_files = read_tokenizer_files(tok_dir)
         tokenizer = ChatTokenizer.from_files(self.tokenizer_files)
         allocator = None
-        if config.transport == "host" and config.role == "decode":
+        if config.transport == "host" and config.role == "decode" and not _uses_cuda(config.device):
             # The decode pool lives in shared memory so that prefill workers on this host can write into it.
             self.shm_path = SHM_DIR / f"pdserve-kv-{config.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             allocator = lambda shape, dtype: shared_pool(self.shm_path, shape, dtype)  # noqa: E731
@@ -47,6 +55,7 @@ class WorkerRuntime:
             model=config.model, served_model_name=config.served_model_name, device=config.device,
             dtype=config.dtype, block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            load_format=config.load_format,
         ), tokenizer=tokenizer, kv_allocator=allocator)
         self.engine = AsyncEngine(engine, after_step=self._drain_events)
         lay = engine.kv_layout
@@ -55,8 +64,13 @@ class WorkerRuntime:
                                          lay.block_size, lay.num_kv_heads, lay.head_dim, lay.dtype)
         if config.transport != "host":
             raise NotImplementedError(f"the {config.transport} transport is not wired into workers yet")
-        self.transport = HostTransport(config.name)
-        self.transport.register_pool(engine.kv_cache.tensor, self.descriptor)
+        if engine.device.type == "cuda":  # same host, GPU pools: CUDA IPC
+            from kv_transfer.cuda_ipc_transport import CudaIpcTransport
+
+            self.transport = CudaIpcTransport(config.name)
+        else:
+            self.transport = HostTransport(config.name)
+        self.descriptor = self.transport.register_pool(engine.kv_cache.tensor, self.descriptor)
         self.info = WorkerInfo(
             role=config.role, name=config.name, model=engine.config.model_name, block_size=config.block_size,
             root_hash=engine.root_hash, max_model_len=engine.max_model_len,

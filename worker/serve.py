@@ -43,15 +43,21 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--transport", default="host")
+    ap.add_argument("--transport", default="host", choices=["host"])
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
     run(WorkerConfig(role=a.role, name=a.name or f"{a.role}-{a.port}", model=a.model, host=a.host, port=a.port,
                      served_model_name=a.served_model_name, device=a.device, dtype=a.dtype,
                      block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
-                     transport=a.transport), a.log_level)
+                     transport=a.transport, load_format=a.load_format), a.log_level)
 
 
 if __name__ == "__main__":

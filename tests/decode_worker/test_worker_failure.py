@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster import LocalCluster
+from bench.cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def _prompts(n: int, vocab: int) -> list[list[int]]:
 
 
 def test_flashinfer_matches_torch_backend_on_random_1b(one_b_dir):
-    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=5, ignore_eos=True)
     prompts = _prompts(4, ONE_B["vocab_size"])
 
     def run(**kw):
@@ -62,7 +62,8 @@ def test_flashinfer_matches_torch_backend_on_random_1b(one_b_dir):
 
 
 def _assert_same_greedy_or_near_tie(ref, out, margin: float = 0.1) -> None:
-    """Greedy tokens agree; where bf16 rounding flips a choice, it is a near-tie in the reference."""
+    """Greedy tokens agree; where bf16 rounding flips a choice, it is a near-tie in the reference (bf16
+    logits are coarse: exact ties between several tokens happen)."""
     for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids, strict=True)):
         if a != b:
             alternatives = dict(ref.logprobs[i].top)

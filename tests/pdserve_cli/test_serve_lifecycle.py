@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.cluster import ROOT, free_port, wait_http
+from bench.cluster import ROOT, free_port, wait_http
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A real local cluster for tests: worker and router processes on loopback, killed at the end."""
+"""A real local cluster on loopback (worker and router processes), for tests and benchmarks."""
 
 import os
 import signal
@@ -34,7 +34,8 @@ def wait_http(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None 
 
 
 class LocalCluster:
-    def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int = 64 << 20):
+    def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int = 64 << 20,
+                 worker_args: tuple[str, ...] = (), start_timeout_s: float = 120.0):
         self.model = model
         self.procs: list[subprocess.Popen] = []
         self.prefill_urls: list[str] = []
@@ -46,11 +47,11 @@ class LocalCluster:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 proc = self._spawn(["-m", "worker.serve", "--role", role, "--model", model, "--port", str(port),
-                                    "--kv-cache-bytes", str(kv_cache_bytes)])
+                                    "--kv-cache-bytes", str(kv_cache_bytes), *worker_args])
                 (self.prefill_urls if role == "prefill" else self.decode_urls).append(url)
                 self.worker_procs[url] = proc
         for url, proc in self.worker_procs.items():
-            wait_http(f"{url}/health", proc=proc)
+            wait_http(f"{url}/health", timeout_s=start_timeout_s, proc=proc)
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,125 @@
+"""An async load generator for any OpenAI-compatible endpoint: arrivals, streaming, per-request timings.
+
+Each request records time to first token, every gap between streamed chunks (one token a chunk), end-to-end
+latency, token counts and cached prompt tokens from `usage`, and errors by status.
+"""
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class RequestResult:
+    status: int = 0
+    ttft_s: float | None = None
+    itls_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
+    """Start offsets (s) of n requests: poisson, constant, or all at once (rate None or burst)."""
+    if rate is None or kind == "burst":
+        return [0.0] * n
+    if kind == "constant":
+        return [i / rate for i in range(n)]
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+    r = RequestResult()
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            r.status = resp.status_code
+            if resp.status_code != 200:
+                r.error = (await resp.aread()).decode(errors="replace")[:200]
+                return r
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    r.error = chunk["error"].get("message")
+                    break
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    r.prompt_tokens, r.output_tokens = u["prompt_tokens"], u["completion_tokens"]
+                    r.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                if not chunk.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    r.ttft_s = now - start
+                else:
+                    r.itls_s.append(now - last)
+                last = now
+        r.e2e_s = time.perf_counter() - start
+    except httpx.HTTPError as e:
+        r.error = repr(e)
+    return r
+
+
+async def run_load(base_url: str, bodies: list[dict[str, Any]], rate: float | None, kind: str = "poisson",
+                   concurrency: int = 256, seed: int = 0, timeout_s: float = 300.0, chat: bool = False
+                   ) -> tuple[list[RequestResult], float]:
+    """Send the bodies (streaming) at the given arrival rate; returns the results and the wall time."""
+    url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def launch(offset: float, body: dict) -> RequestResult:
+            await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+            async with sem:
+                return await _one(client, url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+
+        results = await asyncio.gather(*(launch(o, b) for o, b in zip(arrivals(len(bodies), rate, kind, seed),
+                                                                        bodies, strict=True)))
+        return list(results), time.perf_counter() - t0
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(results: list[RequestResult], wall_s: float, ttft_slo_s: float | None = None,
+              tpot_slo_s: float | None = None) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None and r.ttft_s is not None]
+    ttft = [r.ttft_s for r in ok]
+    itl = [g for r in ok for g in r.itls_s]
+    e2e = [r.e2e_s for r in ok]
+    out: dict[str, Any] = {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+                           "wall_s": wall_s, "req_per_s": len(ok) / wall_s,
+                           "output_tok_per_s": sum(r.output_tokens for r in ok) / wall_s}
+    for name, vals in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}_ms"] = None if not vals else _pct(vals, q) * 1e3
+    prompt = sum(r.prompt_tokens for r in ok)
+    out["cache_hit_ratio"] = sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0
+    if ttft_slo_s is not None and tpot_slo_s is not None:
+        def meets(r: RequestResult) -> bool:
+            tpot = (r.e2e_s - r.ttft_s) / max(1, r.output_tokens - 1)
+            return r.ttft_s <= ttft_slo_s and tpot <= tpot_slo_s
+
+        good = [r for r in ok if meets(r)]
+        out["goodput_req_per_s"] = len(good) / wall_s
+        out["slo_attainment"] = len(good) / len(results) if results else 0.0
+    return out
