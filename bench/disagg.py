@@ -8,14 +8,14 @@ prefill worker (disaggregated), another makes the decode worker prefill it (colo
 import argparse
 import asyncio
 import json
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 from bench.cluster import LocalCluster
 from bench.common import emit
-from bench.loadgen import run_load, summarize
+from bench.loadgen import run_workload, summarize
+from bench.workloads import fixed
 
 LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=16, num_key_value_heads=4, head_dim=128, vocab_size=49152,
@@ -30,12 +30,6 @@ def dummy_model(tokenizer_dir: Path) -> Path:
         if f.is_file():
             shutil.copy(f, folder / f.name)
     return folder
-
-
-def bodies(model: str, n: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"model": model, "prompt": [rng.randrange(100, vocab - 100) for _ in range(prompt_len)],
-             "max_tokens": output_len, "temperature": 0, "ignore_eos": True} for _ in range(n)]
 
 
 def main() -> None:
@@ -63,14 +57,14 @@ def main() -> None:
         import httpx
 
         served = httpx.get(f"{disagg}/v1/models").json()["data"][0]["id"]
-        warm = bodies(served, 4, prompt_len, out_len, 49152, seed=999)
+        warm = fixed(4, prompt_len, out_len, seed=999, vocab=49152)
         for url in (disagg, colo):
-            asyncio.run(run_load(url, warm, None))  # compile kernels, fill allocator caches
+            asyncio.run(run_workload(url, served, warm, None))  # compile kernels, fill allocator caches
         for i, rate in enumerate(rates):
             stats = {}
             for name, url in (("disaggregated", disagg), ("colocated", colo)):
-                results, wall = asyncio.run(run_load(url, bodies(served, n, prompt_len, out_len, 49152, seed=i),
-                                                     rate))
+                work = fixed(n, prompt_len, out_len, seed=i, vocab=49152)
+                results, wall = asyncio.run(run_workload(url, served, work, rate))
                 stats[name] = summarize(results, wall)
             d, c = stats["disaggregated"], stats["colocated"]
             common = {"rate_req_s": rate, "requests": n, "prompt_len": prompt_len, "output_len": out_len,

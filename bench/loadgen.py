@@ -25,6 +25,7 @@ class RequestResult:
     output_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    text: str = ""
 
 
 def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
@@ -64,6 +65,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Req
                     r.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if not chunk.get("choices"):
                     continue
+                c = chunk["choices"][0]
+                r.text += (c.get("delta") or {}).get("content") or c.get("text") or ""
                 now = time.perf_counter()
                 if last is None:
                     r.ttft_s = now - start
@@ -76,24 +79,50 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Req
     return r
 
 
-async def run_load(base_url: str, bodies: list[dict[str, Any]], rate: float | None, kind: str = "poisson",
-                   concurrency: int = 256, seed: int = 0, timeout_s: float = 300.0, chat: bool = False
-                   ) -> tuple[list[RequestResult], float]:
-    """Send the bodies (streaming) at the given arrival rate; returns the results and the wall time."""
-    url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
+def _body(model: str, session: dict[str, Any], turn: int, history: list[dict[str, str]]) -> tuple[dict, bool]:
+    if session["kind"] == "completion":
+        return {"model": model, "prompt": session["prompt"], "max_tokens": session["max_tokens"],
+                "temperature": 0, "ignore_eos": True}, False
+    t = session["turns"][turn]
+    return {"model": model, "messages": [*history, {"role": "user", "content": t["user"]}],
+            "max_tokens": t["max_tokens"], "temperature": 0}, True
+
+
+async def run_workload(base_url: str, model: str, sessions: list[dict[str, Any]], rate: float | None,
+                       kind: str = "poisson", concurrency: int = 256, seed: int = 0, warmup: int = 0,
+                       duration_s: float | None = None, timeout_s: float = 300.0) -> tuple[list[RequestResult], float]:
+    """Replay sessions: each starts at its arrival time; its turns go one after another, each with the
+    model's real answers appended. Returns the measured requests (after `warmup`) and the wall time."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     sem = asyncio.Semaphore(concurrency)
+    results: list[tuple[int, RequestResult]] = []
+    counter = iter(range(10**9))
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
+        deadline = None if duration_s is None else t0 + duration_s
 
-        async def launch(offset: float, body: dict) -> RequestResult:
+        async def session_task(offset: float, session: dict[str, Any]) -> None:
             await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
-            async with sem:
-                return await _one(client, url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+            history: list[dict[str, str]] = []
+            if session.get("system"):
+                history.append({"role": "system", "content": session["system"]})
+            for turn in range(len(session.get("turns", [None]))):
+                if deadline is not None and time.perf_counter() > deadline:
+                    return
+                body, chat = _body(model, session, turn, history)
+                async with sem:
+                    r = await _one(client, f"{base_url}/v1/{'chat/completions' if chat else 'completions'}",
+                                   {**body, "stream": True, "stream_options": {"include_usage": True}})
+                results.append((next(counter), r))
+                if r.error is not None or not chat:
+                    return
+                history += [body["messages"][-1], {"role": "assistant", "content": r.text}]
 
-        results = await asyncio.gather(*(launch(o, b) for o, b in zip(arrivals(len(bodies), rate, kind, seed),
-                                                                        bodies, strict=True)))
-        return list(results), time.perf_counter() - t0
+        offsets = arrivals(len(sessions), rate, kind, seed)
+        await asyncio.gather(*(session_task(o, s) for o, s in zip(offsets, sessions, strict=True)))
+        wall = time.perf_counter() - t0
+    results.sort(key=lambda x: x[0])
+    return [r for _, r in results[warmup:]], wall
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -122,4 +151,6 @@ def summarize(results: list[RequestResult], wall_s: float, ttft_slo_s: float | N
         good = [r for r in ok if meets(r)]
         out["goodput_req_per_s"] = len(good) / wall_s
         out["slo_attainment"] = len(good) / len(results) if results else 0.0
+    out["per_request"] = {"ttft_s": ttft, "e2e_s": e2e,
+                          "tpot_s": [(r.e2e_s - r.ttft_s) / max(1, r.output_tokens - 1) for r in ok]}
     return out

@@ -1,0 +1,107 @@
+"""A cheap OpenAI-compatible mock server on raw asyncio, with known delays: the first streamed token after
+`ttft_s`, then one token every `itl_s`. For checking load generators and routers without a model.
+
+  python -m bench.mock_server --port 9000 --ttft 0.1 --itl 0.02
+"""
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+
+
+class MockServer:
+    def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, model: str = "mock"):
+        self.ttft_s, self.itl_s, self.model = ttft_s, itl_s, model
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                await self._respond(method, path, json.loads(body) if body else {}, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, method: str, path: str, body: dict, writer: asyncio.StreamWriter) -> None:
+        if path in ("/health", "/v1/models"):
+            payload = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+            data = json.dumps(payload).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(data), data))
+            await writer.drain()
+            return
+        self.requests += 1
+        chat = path.endswith("chat/completions")
+        n = int(body.get("max_tokens") or 16)
+        prompt = body.get("prompt") or body.get("messages") or []
+        prompt_tokens = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else 10
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(self.ttft_s)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(self.itl_s)
+            choice = {"index": 0, "delta": {"content": "x"}} if chat else {"index": 0, "text": "x"}
+            choice["finish_reason"] = "length" if i == n - 1 else None
+            self._chunk(writer, {"object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]})
+            await writer.drain()
+        self._chunk(writer, {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                                      "total_tokens": prompt_tokens + n}})
+        writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    @staticmethod
+    def _chunk(writer: asyncio.StreamWriter, obj: dict) -> None:
+        data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    async def serve(self, host: str, port: int) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self.handle, host, port)
+
+
+def start_in_thread(ttft_s: float, itl_s: float, port: int = 0) -> tuple[MockServer, int]:
+    """Run a mock server on its own loop in a daemon thread; returns it and its port."""
+    mock = MockServer(ttft_s, itl_s)
+    ready: list[int] = []
+    started = threading.Event()
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(mock.serve("127.0.0.1", port))
+        ready.append(server.sockets[0].getsockname()[1])
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    started.wait(10)
+    return mock, ready[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--ttft", type=float, default=0.1)
+    ap.add_argument("--itl", type=float, default=0.02)
+    a = ap.parse_args()
+
+    async def run() -> None:
+        server = await MockServer(a.ttft, a.itl).serve("127.0.0.1", a.port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
