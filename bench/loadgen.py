@@ -135,7 +135,13 @@ def summarize(results: list[RequestResult], wall_s: float, ttft_slo_s: float | N
     ttft = [r.ttft_s for r in ok]
     itl = [g for r in ok for g in r.itls_s]
     e2e = [r.e2e_s for r in ok]
+    by_status: dict[str, int] = {}
+    for r in results:
+        if r.error is not None or r.ttft_s is None:
+            key = str(r.status or "connection")
+            by_status[key] = by_status.get(key, 0) + 1
     out: dict[str, Any] = {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+                           "errors_by_status": by_status,
                            "wall_s": wall_s, "req_per_s": len(ok) / wall_s,
                            "output_tok_per_s": sum(r.output_tokens for r in ok) / wall_s}
     for name, vals in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):

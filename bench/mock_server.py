@@ -52,7 +52,8 @@ class MockServer:
         for i in range(n):
             if i:
                 await asyncio.sleep(self.itl_s)
-            choice = {"index": 0, "delta": {"content": "x"}} if chat else {"index": 0, "text": "x"}
+            # " x" is one token for common BPE tokenizers, so clients that count tokens by re-tokenizing agree.
+            choice = {"index": 0, "delta": {"content": " x"}} if chat else {"index": 0, "text": " x"}
             choice["finish_reason"] = "length" if i == n - 1 else None
             self._chunk(writer, {"object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]})
             await writer.drain()

@@ -22,8 +22,8 @@ from router.errors import OpenAIError, install_error_handlers
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
-from router.prefix_index import PrefixIndex
 from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.state import LocalState, RedisState
 from router.workers import WorkerPool
 
 log = logging.getLogger("pdserve.router")
@@ -35,8 +35,12 @@ class RouterState:
         self.config = config
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout_s, connect=5.0), limits=limits)
-        self.index = PrefixIndex(config.max_index_blocks_per_worker)
-        self.pool = WorkerPool(config.prefill_urls, config.decode_urls, self.client, self.index,
+        if config.redis_url:
+            self.state = RedisState(config.redis_url, config.redis_namespace, config.max_index_blocks_per_worker,
+                                    router_id=uuid.uuid4().hex)
+        else:
+            self.state = LocalState(config.max_index_blocks_per_worker)
+        self.pool = WorkerPool(config.prefill_urls, config.decode_urls, self.client, self.state,
                                config.health_interval_s)
         self.metrics = RouterMetrics()
         self.tokenizer: ChatTokenizer | None = None
@@ -46,13 +50,14 @@ class RouterState:
     async def start(self) -> None:
         await self.pool.start()
         self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
-        self.router = Router(self.config.policy, self.index, self.pool.reference.block_size,
-                             self.config.load_weight, self.config.local_prefill_tokens)
-        self.dispatcher = Dispatcher(self.pool, self.router, self.client, self.metrics)
+        self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
+                             self.config.local_prefill_tokens)
+        self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.client, self.metrics)
 
     async def stop(self) -> None:
         await self.pool.stop()
         await self.client.aclose()
+        await self.state.close()
 
 
 def create_app(config: RouterConfig) -> FastAPI:

@@ -17,6 +17,8 @@ class RouterConfig:
     max_body_bytes: int = 4 << 20
     max_index_blocks_per_worker: int = 200_000
     session_header: str = "x-session-id"
+    redis_url: str | None = None  # shared prefix index and load for several router replicas
+    redis_namespace: str = "pdserve"
 
     def __post_init__(self) -> None:
         if not self.decode_urls:

@@ -14,6 +14,7 @@ from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, Wi
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
 from router.policy import Router
+from router.state import LocalState, RedisState
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("pdserve.router")
@@ -21,9 +22,11 @@ _RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, router: Router, client: httpx.AsyncClient, metrics: RouterMetrics):
+    def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState, client: httpx.AsyncClient,
+                 metrics: RouterMetrics):
         self.pool = pool
         self.router = router
+        self.state = state
         self.client = client
         self.metrics = metrics
 
@@ -39,7 +42,9 @@ class Dispatcher:
             if not decode:
                 raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
             t0 = time.perf_counter()
-            route = self.router.route(self.pool.pool("prefill"), decode, hashes, len(prompt_ids), session)
+            prefill = self.pool.pool("prefill")
+            views = await self.state.view([w.url for w in prefill + decode], hashes)
+            route = self.router.route(prefill, decode, views, len(prompt_ids), session)
             self.metrics.route_latency.observe(time.perf_counter() - t0)
             tried.add(route.decode.url)
             sent_any = False
@@ -60,9 +65,9 @@ class Dispatcher:
     async def _run(self, rid: str, prompt_ids: list[int], params: WireSamplingParams, hashes: list[int],
                    route) -> AsyncIterator[GenerateChunk]:
         d, p = route.decode, route.prefill
-        self.router.index.add(d.url, hashes)  # the decode worker will hold these blocks once this runs
+        await self.state.record_route(d.url, hashes)  # the decode worker will hold these blocks once this runs
         if p is not None:
-            self.router.index.add(p.url, hashes)
+            await self.state.record_route(p.url, hashes)
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         prefill_task = None
         if p is not None:
@@ -71,6 +76,7 @@ class Dispatcher:
         req = GenerateRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params,
                               prefill_url=p.url if p else None)
         d.inflight += 1
+        await self.state.add_load(d.url, 1, 0)
         finished = False
         try:
             async with self.client.stream("POST", f"{d.url}/generate", json=req.model_dump()) as resp:
@@ -90,20 +96,21 @@ class Dispatcher:
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
         finally:
             d.inflight -= 1
+            await self.state.add_load(d.url, -1, 0)
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 asyncio.create_task(self._abort(p, rid))  # frees the KV the prefill worker holds for it
 
     async def _post_prefill(self, p: Worker, body: dict, num_tokens: int) -> None:
         p.inflight += 1
-        p.inflight_tokens += num_tokens
+        await self.state.add_load(p.url, 1, num_tokens)
         try:
             await self.client.post(f"{p.url}/prefill", json=body)
         except httpx.TransportError:
             self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried
         finally:
             p.inflight -= 1
-            p.inflight_tokens -= num_tokens
+            await self.state.add_load(p.url, -1, -num_tokens)
 
     async def _abort(self, w: Worker, rid: str) -> None:
         with contextlib.suppress(httpx.HTTPError):  # a dead worker holds nothing

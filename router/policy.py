@@ -1,13 +1,15 @@
 """Routing policies: which prefill and which decode worker serve a request.
 
 cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks)
-plus a weight times its load (tokens and requests in flight); the lowest cost wins, ties go round-robin.
+plus a weight times its load (tokens and requests in flight, requests queued); the lowest cost wins, ties
+go round-robin. The inputs come from the router state (`WorkerView`), so the decision is pure computation.
 """
 
 import itertools
+import zlib
 from dataclasses import dataclass
 
-from router.prefix_index import PrefixIndex
+from router.state import WorkerView
 from router.workers import Worker
 
 POLICIES = ("cache_aware", "round_robin", "least_loaded", "session")
@@ -22,41 +24,42 @@ class Route:
 
 
 class Router:
-    def __init__(self, policy: str, index: PrefixIndex, block_size: int, load_weight: float = 1.0,
-                 local_prefill_tokens: int = 64):
+    def __init__(self, policy: str, block_size: int, load_weight: float = 1.0, local_prefill_tokens: int = 64):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy
-        self.index = index
         self.block_size = block_size
         self.load_weight = load_weight
         self.local_prefill_tokens = local_prefill_tokens
         self._rr = itertools.count()
 
-    def _load(self, w: Worker) -> float:
+    def _load(self, w: Worker, v: WorkerView) -> float:
         queued = w.load.waiting if w.load else 0
-        return w.inflight_tokens + self.block_size * (w.inflight + queued)
+        return v.inflight_tokens + self.block_size * (v.inflight + queued)
 
-    def _pick(self, workers: list[Worker], hashes: list[int], num_tokens: int, session: str | None) -> Worker:
+    def _pick(self, workers: list[Worker], views: dict[str, WorkerView], num_tokens: int,
+              session: str | None) -> Worker:
         n = next(self._rr)
         if self.policy == "round_robin":
             return workers[n % len(workers)]
         if self.policy == "session" and session:
-            return workers[hash(session) % len(workers)]
+            return workers[zlib.crc32(session.encode()) % len(workers)]  # stable across router replicas
+        order = {w.url: (i - n) % len(workers) for i, w in enumerate(workers)}
         if self.policy == "least_loaded":
-            return min(workers, key=lambda w: (self._load(w), (workers.index(w) - n) % len(workers)))
+            return min(workers, key=lambda w: (self._load(w, views[w.url]), order[w.url]))
 
         def cost(w: Worker) -> tuple[float, int]:
-            uncached = num_tokens - self.index.match(w.url, hashes) * self.block_size
-            return uncached + self.load_weight * self._load(w), (workers.index(w) - n) % len(workers)
+            v = views[w.url]
+            uncached = num_tokens - v.matched_blocks * self.block_size
+            return uncached + self.load_weight * self._load(w, v), order[w.url]
 
         return min(workers, key=cost)
 
-    def route(self, prefill: list[Worker], decode: list[Worker], hashes: list[int], num_tokens: int,
+    def route(self, prefill: list[Worker], decode: list[Worker], views: dict[str, WorkerView], num_tokens: int,
               session: str | None = None) -> Route:
-        d = self._pick(decode, hashes, num_tokens, session)
-        d_cached = self.index.match(d.url, hashes) * self.block_size
+        d = self._pick(decode, views, num_tokens, session)
+        d_cached = views[d.url].matched_blocks * self.block_size
         if not prefill or num_tokens - d_cached <= self.local_prefill_tokens:
             return Route(None, d, d_cached, d_cached)
-        p = self._pick(prefill, hashes, num_tokens, session)
-        return Route(p, d, d_cached, self.index.match(p.url, hashes) * self.block_size)
+        p = self._pick(prefill, views, num_tokens, session)
+        return Route(p, d, d_cached, views[p.url].matched_blocks * self.block_size)

@@ -2,13 +2,13 @@
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
-from protocol.kv_events import KVEvent, KVEventKind
+from protocol.kv_events import KVEvent
 from protocol.messages import WorkerInfo, WorkerLoad
-from router.prefix_index import PrefixIndex
+from router.state import LocalState, RedisState
 
 log = logging.getLogger("pdserve.router")
 
@@ -24,20 +24,18 @@ class Worker:
     info: WorkerInfo | None = None
     healthy: bool = False
     load: WorkerLoad | None = None
-    inflight: int = 0  # requests this router has sent and not seen finish
-    inflight_tokens: int = 0  # prompt tokens this router sent for prefill and not seen finish
+    inflight: int = 0  # requests this router has sent and not seen finish (for metrics; routing reads state)
     events_seq: int = 0
     failures: int = 0
-    routed: int = field(default=0)
 
 
 class WorkerPool:
     def __init__(self, prefill_urls: list[str], decode_urls: list[str], client: httpx.AsyncClient,
-                 index: PrefixIndex, health_interval_s: float = 1.0):
+                 state: "LocalState | RedisState", health_interval_s: float = 1.0):
         self.workers = [Worker(u.rstrip("/"), "prefill") for u in prefill_urls]
         self.workers += [Worker(u.rstrip("/"), "decode") for u in decode_urls]
         self.client = client
-        self.index = index
+        self.state = state
         self.health_interval_s = health_interval_s
         self.reference: WorkerInfo | None = None
         self.tokenizer_files: dict[str, str] | None = None
@@ -103,17 +101,13 @@ class WorkerPool:
             w.healthy = False
 
     async def _pull_events(self, w: Worker) -> None:
+        if not await self.state.owns_events(w.url):
+            w.events_seq = 0  # another router ingests them; start over if this one takes over later
+            return
         body = (await self.client.get(f"{w.url}/kv_events", params={"since": w.events_seq}, timeout=2.0)).json()
         if body["resync"]:
-            self.index.reset(w.url, body["block_hashes"])
-        for e in body["events"]:
-            event = KVEvent.from_dict(e)
-            if event.kind is KVEventKind.STORED:
-                self.index.add(w.url, list(event.block_hashes))
-            elif event.kind is KVEventKind.REMOVED:
-                self.index.remove(w.url, list(event.block_hashes))
-            else:
-                self.index.clear(w.url)
+            await self.state.reset(w.url, body["block_hashes"])
+        await self.state.apply_events(w.url, [KVEvent.from_dict(e) for e in body["events"]])
         w.events_seq = body["seq"]
 
     def mark_failed(self, w: Worker) -> None:

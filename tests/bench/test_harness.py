@@ -22,7 +22,7 @@ def test_loadgen_reports_ttft_and_itl_of_a_server_with_known_delays(mock_url):
     work = make("fixed", 12, seed=1, input_len=20, output_len=10)
     results, wall = asyncio.run(run_workload(mock_url, "mock", work, rate=20.0, kind="constant"))
     s = summarize(results, wall, ttft_slo_s=0.2, tpot_slo_s=0.04)
-    assert s["ok"] == 12 and s["errors"] == 0
+    assert s["ok"] == 12 and s["errors"] == 0 and s["errors_by_status"] == {}
     assert s["ttft_p50_ms"] == pytest.approx(150, abs=25)
     assert s["itl_p50_ms"] == pytest.approx(30, abs=8)
     assert s["e2e_p50_ms"] == pytest.approx(150 + 9 * 30, rel=0.15)
@@ -36,7 +36,7 @@ def test_multi_turn_sessions_replay_turns_in_order_with_answers(mock_url):
     work = make("prefix", 24, seed=3)
     results, _ = asyncio.run(run_workload(mock_url, "mock", work, rate=None))
     assert len(results) == sum(len(s["turns"]) for s in work)
-    assert all(r.text == "x" * r.output_tokens for r in results)
+    assert all(r.text == " x" * r.output_tokens for r in results)
 
 
 def test_workloads_are_reproducible_from_their_seed(tmp_path):

@@ -3,21 +3,21 @@
 import httpx
 import pytest
 
-from router.prefix_index import PrefixIndex
+from router.state import LocalState
 from router.workers import WorkerPool
 
 INFO = {"role": "decode", "name": "d", "model": "m", "block_size": 16, "root_hash": 1, "max_model_len": 100,
         "tokenizer_hash": "t"}
 
 
-def _pool(handlers: dict) -> tuple[WorkerPool, PrefixIndex]:
+def _pool(handlers: dict) -> tuple[WorkerPool, LocalState]:
     def handle(request: httpx.Request) -> httpx.Response:
         host = request.url.host
         return httpx.Response(200, json=handlers[host](request))
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
-    index = PrefixIndex()
-    return WorkerPool([], ["http://a", "http://b"], client, index), index
+    state = LocalState(1000)
+    return WorkerPool([], ["http://a", "http://b"], client, state), state
 
 
 def _worker(info: dict, events: dict):
@@ -43,14 +43,14 @@ async def test_kv_events_update_the_index_and_resync_replaces_it():
     events = {"seq": 2, "resync": False, "events": [
         {"seq": 1, "kind": "stored", "block_hashes": [10, 11, 12], "parent_hash": 1},
         {"seq": 2, "kind": "removed", "block_hashes": [12]}]}
-    pool, index = _pool({"a": _worker(INFO, events), "b": _worker(INFO, events)})
+    pool, state = _pool({"a": _worker(INFO, events), "b": _worker(INFO, events)})
     a = pool.workers[0]
     await pool._refresh(a)
-    assert index.match(a.url, [10, 11, 12]) == 2 and a.events_seq == 2
+    assert state.index.match(a.url, [10, 11, 12]) == 2 and a.events_seq == 2
     events.clear()
     events.update({"seq": 9, "resync": True, "block_hashes": [20], "events": []})
     await pool._refresh(a)
-    assert index.match(a.url, [10]) == 0 and index.match(a.url, [20]) == 1
+    assert state.index.match(a.url, [10]) == 0 and state.index.match(a.url, [20]) == 1
 
 
 @pytest.mark.parametrize("field", ["model", "root_hash", "tokenizer_hash"])

@@ -1,0 +1,135 @@
+"""What routers know about workers' caches and load: in this process, or in Redis for several replicas.
+
+One call per routing decision (`view`) returns, for each candidate worker, how many leading blocks of the
+prompt it holds and what is in flight on it; with Redis that is one pipelined round trip. Routing decisions
+and KV events update the same state, so routers behind one Service route as one would.
+"""
+
+import time
+from dataclasses import dataclass
+
+from protocol.kv_events import KVEvent, KVEventKind
+from router.prefix_index import PrefixIndex
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    matched_blocks: int
+    inflight: int
+    inflight_tokens: int
+
+
+class LocalState:
+    def __init__(self, max_blocks_per_worker: int):
+        self.index = PrefixIndex(max_blocks_per_worker)
+        self.load: dict[str, list[int]] = {}
+
+    async def view(self, urls: list[str], hashes: list[int]) -> dict[str, WorkerView]:
+        return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0))) for u in urls}
+
+    async def record_route(self, url: str, hashes: list[int]) -> None:
+        self.index.add(url, hashes)
+
+    async def add_load(self, url: str, requests: int, tokens: int) -> None:
+        entry = self.load.setdefault(url, [0, 0])
+        entry[0] += requests
+        entry[1] += tokens
+
+    async def apply_events(self, url: str, events: list[KVEvent]) -> None:
+        for e in events:
+            if e.kind is KVEventKind.STORED:
+                self.index.add(url, list(e.block_hashes))
+            elif e.kind is KVEventKind.REMOVED:
+                self.index.remove(url, list(e.block_hashes))
+            else:
+                self.index.clear(url)
+
+    async def reset(self, url: str, hashes: list[int]) -> None:
+        self.index.reset(url, hashes)
+
+    async def owns_events(self, url: str) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisState:
+    """Index: a sorted set of block hashes per worker, scored by last use (trimmed to the newest N).
+    Load: a hash of in-flight requests and tokens per worker. One router at a time (a lease) ingests a
+    worker's KV events, so events are applied once and in order."""
+
+    def __init__(self, url: str, namespace: str, max_blocks_per_worker: int, router_id: str, lease_s: float = 5.0):
+        import redis.asyncio as redis
+
+        self.redis = redis.Redis.from_url(url)
+        self.ns = namespace
+        self.max_blocks = max_blocks_per_worker
+        self.router_id = router_id
+        self.lease_ms = int(lease_s * 1000)
+
+    def _idx(self, url: str) -> str:
+        return f"{self.ns}:idx:{url}"
+
+    async def view(self, urls: list[str], hashes: list[int]) -> dict[str, WorkerView]:
+        pipe = self.redis.pipeline(transaction=False)
+        for u in urls:
+            if hashes:
+                pipe.zmscore(self._idx(u), hashes)
+        pipe.hmget(f"{self.ns}:load", [f"{u}|req" for u in urls] + [f"{u}|tok" for u in urls])
+        replies = await pipe.execute()
+        load = replies[-1]
+        views = {}
+        for i, u in enumerate(urls):
+            scores = replies[i] if hashes else []
+            matched = next((j for j, s in enumerate(scores) if s is None), len(scores))
+            views[u] = WorkerView(matched, int(load[i] or 0), int(load[len(urls) + i] or 0))
+        return views
+
+    async def _add(self, pipe, url: str, hashes: list[int]) -> None:
+        if hashes:
+            now = time.time()
+            pipe.zadd(self._idx(url), {h: now for h in hashes})
+            pipe.zremrangebyrank(self._idx(url), 0, -self.max_blocks - 1)
+
+    async def record_route(self, url: str, hashes: list[int]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        await self._add(pipe, url, hashes)
+        await pipe.execute()
+
+    async def add_load(self, url: str, requests: int, tokens: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(f"{self.ns}:load", f"{url}|req", requests)
+        pipe.hincrby(f"{self.ns}:load", f"{url}|tok", tokens)
+        await pipe.execute()
+
+    async def apply_events(self, url: str, events: list[KVEvent]) -> None:
+        pipe = self.redis.pipeline(transaction=True)  # in order, all or nothing
+        for e in events:
+            if e.kind is KVEventKind.STORED:
+                await self._add(pipe, url, list(e.block_hashes))
+            elif e.kind is KVEventKind.REMOVED and e.block_hashes:
+                pipe.zrem(self._idx(url), *e.block_hashes)
+            elif e.kind is KVEventKind.CLEARED:
+                pipe.delete(self._idx(url))
+        await pipe.execute()
+
+    async def reset(self, url: str, hashes: list[int]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self._idx(url))
+        await self._add(pipe, url, hashes)
+        await pipe.execute()
+
+    async def owns_events(self, url: str) -> bool:
+        """Take or renew the lease on this worker's event stream; False: another router ingests it."""
+        key = f"{self.ns}:events-owner:{url}"
+        if await self.redis.set(key, self.router_id, nx=True, px=self.lease_ms):
+            return True
+        owner = await self.redis.get(key)
+        if owner is not None and owner.decode() == self.router_id:
+            await self.redis.pexpire(key, self.lease_ms)
+            return True
+        return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -1,0 +1,85 @@
+"""Several routers share one prefix index and load through a real Redis, and route as one would."""
+
+import os
+import uuid
+
+import httpx
+import pytest
+
+from bench.cluster import LocalCluster, wait_http
+from protocol.block_hash import hash_blocks, root_hash
+from protocol.kv_events import KVEvent, KVEventKind
+from router.state import RedisState
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def redis_available():
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no Redis at {REDIS_URL}: {e}")
+
+
+async def test_redis_state_tracks_routes_events_and_load():
+    ns = f"pdserve-test-{uuid.uuid4().hex}"
+    a = RedisState(REDIS_URL, ns, max_blocks_per_worker=50, router_id="a")
+    b = RedisState(REDIS_URL, ns, max_blocks_per_worker=50, router_id="b")
+    try:
+        h = hash_blocks(list(range(160)), 16, root_hash("m"))
+        await a.record_route("w1", h[:6])
+        await a.add_load("w1", 2, 300)
+        views = await b.view(["w1", "w2"], h)  # the other router sees it
+        assert views["w1"].matched_blocks == 6 and views["w2"].matched_blocks == 0
+        assert (views["w1"].inflight, views["w1"].inflight_tokens) == (2, 300)
+        await b.apply_events("w1", [KVEvent(KVEventKind.REMOVED, tuple(h[3:6]))])
+        assert (await a.view(["w1"], h))["w1"].matched_blocks == 3
+        await a.reset("w2", h)
+        assert (await b.view(["w2"], h))["w2"].matched_blocks == 10
+        await a.record_route("w3", list(range(1000, 1100)))  # bounded: the newest 50 stay
+        assert await a.redis.zcard(a._idx("w3")) == 50
+        assert await a.owns_events("w1") and not await b.owns_events("w1")  # one ingester per worker
+    finally:
+        keys = [k async for k in a.redis.scan_iter(f"{ns}:*")]
+        if keys:
+            await a.redis.delete(*keys)
+        await a.close()
+        await b.close()
+
+
+def test_two_router_processes_sharing_redis_make_consistent_choices(demo_gguf, tmp_path):
+    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
+    from tests.router.fake_workers import start_fake_workers
+
+    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
+    info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
+            "max_model_len": 8192, "tokenizer_hash": "t"}
+    urls = start_fake_workers(4, files, info)
+    for u in urls:
+        wait_http(f"{u}/health")
+    ns = f"pdserve-test-{uuid.uuid4().hex}"
+    cluster = LocalCluster.__new__(LocalCluster)  # routers only; the workers are the fakes above
+    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], urls, []
+    try:
+        ra = cluster.start_router("--redis-url", REDIS_URL, "--redis-namespace", ns)
+        rb = cluster.start_router("--redis-url", REDIS_URL, "--redis-namespace", ns)
+        # One unrelated request through B only: the routers' tie-breaking counters no longer move together,
+        # so only shared state can make their choices agree.
+        httpx.post(f"{rb}/v1/chat/completions", timeout=30,
+                   json={"model": "fake", "messages": [{"role": "user", "content": "unrelated"}]})
+        for c in range(8):
+            system = f"Conversation {c}: " + " ".join(f"fact {c}-{i} about the ocean" for i in range(60))
+            turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+            first = httpx.post(f"{ra}/v1/chat/completions", json={"model": "fake", "messages": turn1}, timeout=30)
+            turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more, please"}]
+            second = httpx.post(f"{rb}/v1/chat/completions", json={"model": "fake", "messages": turn2}, timeout=30)
+            assert first.status_code == second.status_code == 200
+            # Router B sends the second turn where router A put the first: it saw A's decision in Redis.
+            assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    finally:
+        cluster.close()
