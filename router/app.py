@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
 from router.config import RouterConfig
+from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.dispatch import Dispatcher
 from router.errors import OpenAIError, install_error_handlers
 from router.metrics import RouterMetrics
@@ -40,8 +41,12 @@ class RouterState:
                                     router_id=uuid.uuid4().hex)
         else:
             self.state = LocalState(config.max_index_blocks_per_worker)
-        self.pool = WorkerPool(config.prefill_urls, config.decode_urls, self.client, self.state,
-                               config.health_interval_s)
+        if config.discovery == "kubernetes":
+            discovery = KubernetesDiscovery(config.k8s_namespace, config.k8s_prefill_selector,
+                                            config.k8s_decode_selector, config.worker_port)
+        else:
+            discovery = StaticDiscovery(config.prefill_urls, config.decode_urls)
+        self.pool = WorkerPool(discovery, self.client, self.state, config.health_interval_s)
         self.metrics = RouterMetrics()
         self.tokenizer: ChatTokenizer | None = None
         self.router: Router | None = None
@@ -49,10 +54,15 @@ class RouterState:
 
     async def start(self) -> None:
         await self.pool.start()
-        self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
-        self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
-                             self.config.local_prefill_tokens)
-        self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.client, self.metrics)
+
+    def ready(self) -> bool:
+        """The tokenizer and routing come from the first registered worker (which may come later)."""
+        if self.dispatcher is None and self.pool.reference is not None:
+            self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
+            self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
+                                 self.config.local_prefill_tokens)
+            self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.client, self.metrics)
+        return self.dispatcher is not None
 
     async def stop(self) -> None:
         await self.pool.stop()
@@ -98,12 +108,14 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
+        _require_ready(state)
         ref = state.pool.reference
         return {"object": "list", "data": [{"id": ref.model, "object": "model", "created": 0,
                                             "owned_by": "pdserve", "max_model_len": ref.max_model_len}]}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        _require_ready(state)
         _check_model(state, body.model)
         try:
             messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
@@ -121,6 +133,7 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        _require_ready(state)
         _check_model(state, body.model)
         if isinstance(body.prompt, list):
             ids = body.prompt
@@ -134,6 +147,11 @@ def create_app(config: RouterConfig) -> FastAPI:
         return await _serve(state, body, ids, False, request)
 
     return app
+
+
+def _require_ready(state: RouterState) -> None:
+    if not state.ready():
+        raise OpenAIError(503, "no worker has registered yet", code="no_healthy_worker")
 
 
 def _check_model(state: RouterState, model: str) -> None:

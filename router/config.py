@@ -19,9 +19,16 @@ class RouterConfig:
     session_header: str = "x-session-id"
     redis_url: str | None = None  # shared prefix index and load for several router replicas
     redis_namespace: str = "pdserve"
+    discovery: str = "static"  # static: the URLs above; kubernetes: Ready pods of the two pools
+    k8s_namespace: str = "default"
+    k8s_prefill_selector: str = "app.kubernetes.io/component=prefill"
+    k8s_decode_selector: str = "app.kubernetes.io/component=decode"
+    worker_port: int = 8100
 
     def __post_init__(self) -> None:
-        if not self.decode_urls:
+        if self.discovery not in ("static", "kubernetes"):
+            raise ValueError(f"unknown discovery {self.discovery!r}: static or kubernetes")
+        if self.discovery == "static" and not self.decode_urls:
             raise ValueError("the router needs at least one decode worker")
         if self.local_prefill_tokens < 0 or self.load_weight < 0:
             raise ValueError("local_prefill_tokens and load_weight must be >= 0")

@@ -1,16 +1,16 @@
 """Run the router: python -m router.main --decode http://127.0.0.1:8101 --prefill http://127.0.0.1:8102"""
 
-import argparse
 import logging
 
 import uvicorn
 
+from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
 from router.config import RouterConfig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = EnvDefaultsParser(description=__doc__)
     ap.add_argument("--prefill", action="append", default=[], help="prefill worker URL (repeat)")
     ap.add_argument("--decode", action="append", default=[], help="decode worker URL (repeat)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -19,12 +19,20 @@ def main() -> None:
     ap.add_argument("--local-prefill-tokens", type=int, default=64)
     ap.add_argument("--redis-url", default=None, help="share routing state with other routers through Redis")
     ap.add_argument("--redis-namespace", default="pdserve")
+    ap.add_argument("--discovery", default="static", choices=["static", "kubernetes"])
+    ap.add_argument("--k8s-namespace", default="default")
+    ap.add_argument("--k8s-prefill-selector", default="app.kubernetes.io/component=prefill")
+    ap.add_argument("--k8s-decode-selector", default="app.kubernetes.io/component=decode")
+    ap.add_argument("--worker-port", type=int, default=8100)
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = RouterConfig(prefill_urls=a.prefill, decode_urls=a.decode, host=a.host, port=a.port, policy=a.policy,
+    config = RouterConfig(prefill_urls=a.prefill or env_list("prefill_urls"),
+                          decode_urls=a.decode or env_list("decode_urls"), host=a.host, port=a.port, policy=a.policy,
                           local_prefill_tokens=a.local_prefill_tokens, redis_url=a.redis_url,
-                          redis_namespace=a.redis_namespace)
+                          redis_namespace=a.redis_namespace, discovery=a.discovery, k8s_namespace=a.k8s_namespace,
+                          k8s_prefill_selector=a.k8s_prefill_selector, k8s_decode_selector=a.k8s_decode_selector,
+                          worker_port=a.worker_port)
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=a.log_level)
 
 

@@ -8,6 +8,7 @@ import httpx
 
 from protocol.kv_events import KVEvent
 from protocol.messages import WorkerInfo, WorkerLoad
+from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.state import LocalState, RedisState
 
 log = logging.getLogger("pdserve.router")
@@ -30,10 +31,10 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, prefill_urls: list[str], decode_urls: list[str], client: httpx.AsyncClient,
+    def __init__(self, discovery: "StaticDiscovery | KubernetesDiscovery", client: httpx.AsyncClient,
                  state: "LocalState | RedisState", health_interval_s: float = 1.0):
-        self.workers = [Worker(u.rstrip("/"), "prefill") for u in prefill_urls]
-        self.workers += [Worker(u.rstrip("/"), "decode") for u in decode_urls]
+        self.discovery = discovery
+        self.workers: list[Worker] = []
         self.client = client
         self.state = state
         self.health_interval_s = health_interval_s
@@ -44,12 +45,26 @@ class WorkerPool:
     def pool(self, role: str) -> list[Worker]:
         return [w for w in self.workers if w.role == role and w.healthy]
 
+    async def sync(self) -> None:
+        """Follow discovery: new workers join (registered on their first health check), gone ones leave."""
+        found = await self.discovery.discover()
+        wanted = {(u.rstrip("/"), "prefill") for u in found.prefill_urls}
+        wanted |= {(u.rstrip("/"), "decode") for u in found.decode_urls}
+        have = {(w.url, w.role) for w in self.workers}
+        for w in [w for w in self.workers if (w.url, w.role) not in wanted]:
+            log.info("worker %s (%s) left the pool", w.url, w.role)
+            self.workers.remove(w)
+            await self.state.reset(w.url, [])
+        self.workers += [Worker(url, role) for url, role in sorted(wanted - have)]
+
     async def start(self, wait_s: float = 120.0) -> None:
-        """Register every worker (waiting for them to come up), then poll health and events."""
+        """Register the discovered workers (waiting for a static list to come up), then poll."""
+        await self.sync()
         deadline = asyncio.get_running_loop().time() + wait_s
+        static = isinstance(self.discovery, StaticDiscovery)
         while True:
             await asyncio.gather(*(self._refresh(w) for w in self.workers))
-            if all(w.info is not None for w in self.workers):
+            if all(w.info is not None for w in self.workers) or not static:
                 break
             if asyncio.get_running_loop().time() > deadline:
                 missing = [w.url for w in self.workers if w.info is None]
@@ -64,6 +79,10 @@ class WorkerPool:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.sync()
+            except Exception as e:  # the Kubernetes API can be briefly unreachable; keep the last view
+                log.warning("worker discovery failed: %r", e)
             await asyncio.gather(*(self._refresh(w) for w in self.workers), return_exceptions=True)
 
     async def _register(self, w: Worker) -> None:

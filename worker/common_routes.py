@@ -1,12 +1,20 @@
 """Routes every worker serves to routers: health, info, tokenizer files, load and KV events."""
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from worker.runtime import WorkerRuntime
 
 
 def common_routes(rt: WorkerRuntime) -> APIRouter:
     r = APIRouter()
+    registry = CollectorRegistry()
+    labels = {"worker": rt.config.name, "role": rt.config.role}
+    gauges = {name: Gauge(f"pdserve_worker_{name}", help_, list(labels), registry=registry)
+              for name, help_ in (("running", "Requests running"), ("waiting", "Requests waiting"),
+                                  ("free_kv_blocks", "Free KV blocks"), ("total_kv_blocks", "KV blocks"),
+                                  ("tokens_computed", "Tokens run through the model"),
+                                  ("prompt_tokens_cached", "Prompt tokens served from the prefix cache"))}
 
     @r.get("/health")
     async def health() -> dict:
@@ -29,6 +37,16 @@ def common_routes(rt: WorkerRuntime) -> APIRouter:
     @r.get("/load")
     async def load() -> dict:
         return rt.load().model_dump()
+
+    @r.get("/metrics")
+    async def metrics() -> Response:
+        load = rt.load()
+        values = {"running": load.running, "waiting": load.waiting, "free_kv_blocks": load.free_blocks,
+                  "total_kv_blocks": load.total_blocks, "tokens_computed": load.tokens_computed,
+                  "prompt_tokens_cached": load.prompt_tokens_cached}
+        for name, value in values.items():
+            gauges[name].labels(**labels).set(value)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @r.get("/kv_events")
     async def kv_events(since: int = 0) -> dict:

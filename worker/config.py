@@ -17,6 +17,7 @@ class WorkerConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = 0.85
     transport: str = "host"  # host (same host: shared memory on CPU, CUDA IPC on GPU) | nixl | nccl
     load_format: str = "auto"  # dummy: random weights (benchmarks)
     transfer_timeout_s: float = 30.0

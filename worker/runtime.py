@@ -55,7 +55,7 @@ class WorkerRuntime:
             model=config.model, served_model_name=config.served_model_name, device=config.device,
             dtype=config.dtype, block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            load_format=config.load_format,
+            load_format=config.load_format, gpu_memory_utilization=config.gpu_memory_utilization,
         ), tokenizer=tokenizer, kv_allocator=allocator)
         self.engine = AsyncEngine(engine, after_step=self._drain_events)
         lay = engine.kv_layout

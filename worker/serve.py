@@ -1,12 +1,12 @@
 """Run one worker process: python -m worker.serve --role decode --model PATH --port 8101 ..."""
 
-import argparse
 import contextlib
 import logging
 import signal
 
 import uvicorn
 
+from protocol.env_args import EnvDefaultsParser
 from worker.config import WorkerConfig
 from worker.runtime import WorkerRuntime
 
@@ -22,16 +22,17 @@ def build_app(config: WorkerConfig):
     return app
 
 
-def run(config: WorkerConfig, log_level: str = "warning") -> None:
+def run(config: WorkerConfig, log_level: str = "warning", drain_timeout_s: float = 5.0) -> None:
     app = build_app(config)
+    # On SIGTERM the server stops accepting connections and lets in-flight streams finish, up to the limit.
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=drain_timeout_s))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it handled on its way out
         server.run()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = EnvDefaultsParser(description=__doc__)
     ap.add_argument("--role", required=True, choices=["prefill", "decode"])
     ap.add_argument("--name", default=None)
     ap.add_argument("--model", required=True)
@@ -43,11 +44,18 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--ep-size", type=int, default=1)
     ap.add_argument("--transport", default="host", choices=["host"])
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--drain-timeout-s", type=float, default=5.0, help="on SIGTERM, let requests finish this long")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
+    if a.tp_size != 1 or a.ep_size != 1:
+        ap.error("tensor/expert parallelism (--tp-size, --ep-size > 1) is not available in this version yet")
     if a.threads:
         import torch
 
@@ -57,7 +65,8 @@ def main() -> None:
     run(WorkerConfig(role=a.role, name=a.name or f"{a.role}-{a.port}", model=a.model, host=a.host, port=a.port,
                      served_model_name=a.served_model_name, device=a.device, dtype=a.dtype,
                      block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
-                     transport=a.transport, load_format=a.load_format), a.log_level)
+                     max_num_batched_tokens=a.max_num_batched_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
+                     transport=a.transport, load_format=a.load_format), a.log_level, a.drain_timeout_s)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import httpx
 import pytest
 
+from router.discovery import StaticDiscovery
 from router.state import LocalState
 from router.workers import WorkerPool
 
@@ -10,14 +11,16 @@ INFO = {"role": "decode", "name": "d", "model": "m", "block_size": 16, "root_has
         "tokenizer_hash": "t"}
 
 
-def _pool(handlers: dict) -> tuple[WorkerPool, LocalState]:
+async def _pool(handlers: dict) -> tuple[WorkerPool, LocalState]:
     def handle(request: httpx.Request) -> httpx.Response:
         host = request.url.host
         return httpx.Response(200, json=handlers[host](request))
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
     state = LocalState(1000)
-    return WorkerPool([], ["http://a", "http://b"], client, state), state
+    pool = WorkerPool(StaticDiscovery([], ["http://a", "http://b"]), client, state)
+    await pool.sync()
+    return pool, state
 
 
 def _worker(info: dict, events: dict):
@@ -33,7 +36,7 @@ def _worker(info: dict, events: dict):
 
 async def test_worker_with_another_block_size_is_refused():
     events = {"seq": 0, "resync": False, "events": []}
-    pool, _ = _pool({"a": _worker(INFO, events), "b": _worker({**INFO, "block_size": 32}, events)})
+    pool, _ = await _pool({"a": _worker(INFO, events), "b": _worker({**INFO, "block_size": 32}, events)})
     for w in pool.workers:
         await pool._refresh(w)
     assert [w.healthy for w in pool.workers] == [True, False]
@@ -43,7 +46,7 @@ async def test_kv_events_update_the_index_and_resync_replaces_it():
     events = {"seq": 2, "resync": False, "events": [
         {"seq": 1, "kind": "stored", "block_hashes": [10, 11, 12], "parent_hash": 1},
         {"seq": 2, "kind": "removed", "block_hashes": [12]}]}
-    pool, state = _pool({"a": _worker(INFO, events), "b": _worker(INFO, events)})
+    pool, state = await _pool({"a": _worker(INFO, events), "b": _worker(INFO, events)})
     a = pool.workers[0]
     await pool._refresh(a)
     assert state.index.match(a.url, [10, 11, 12]) == 2 and a.events_seq == 2
@@ -57,7 +60,7 @@ async def test_kv_events_update_the_index_and_resync_replaces_it():
 async def test_worker_with_another_model_or_tokenizer_is_refused(field):
     events = {"seq": 0, "resync": False, "events": []}
     other = {**INFO, field: "x" if field != "root_hash" else 2}
-    pool, _ = _pool({"a": _worker(INFO, events), "b": _worker(other, events)})
+    pool, _ = await _pool({"a": _worker(INFO, events), "b": _worker(other, events)})
     for w in pool.workers:
         await pool._refresh(w)
     assert not pool.workers[1].healthy

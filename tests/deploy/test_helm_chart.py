@@ -1,0 +1,149 @@
+"""The Helm chart lints, renders valid Kubernetes objects, and wires what the code expects."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "pdserve"
+MULTINODE = CHART / "examples" / "values-multinode-tp-ep.yaml"
+K8S_VERSION = "1.30.0"
+CRDS = {"ServiceMonitor", "RayCluster"}  # not in the Kubernetes schemas; checked by assertions below
+
+
+def _helm() -> str:
+    helm = ROOT / ".tools" / "bin" / "helm"
+    found = str(helm) if helm.exists() else shutil.which("helm")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError("helm is missing: .ci/run installs it with ../shared/tools/get-helm.sh")
+        pytest.skip("helm is not installed (bash ../shared/tools/get-helm.sh .tools/bin)")
+    return found
+
+
+def render(*args: str) -> list[dict]:
+    out = subprocess.run([_helm(), "template", "rel", str(CHART), "--namespace", "serving", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _find(docs: list[dict], kind: str, suffix: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(MULTINODE)]], ids=["default", "multinode-tp-ep"])
+def test_chart_lints_and_renders_valid_kubernetes_objects(values):
+    subprocess.run([_helm(), "lint", str(CHART), *values], check=True, capture_output=True)
+    import kubernetes_validate
+
+    docs = render(*values)
+    for doc in docs:
+        if doc["kind"] in CRDS:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_router_gets_redis_discovery_and_secrets_from_references():
+    docs = render("--set", "router.apiKeysSecret.name=keys")
+    router = _find(docs, "Deployment", "-router")["spec"]["template"]["spec"]
+    env = _env(router["containers"][0])
+    assert env["PDSERVE_REDIS_URL"]["value"] == "redis://rel-pdserve-redis:6379/0"
+    assert _find(docs, "Service", "-redis")["metadata"]["name"] == "rel-pdserve-redis"
+    assert env["PDSERVE_DISCOVERY"]["value"] == "kubernetes"
+    assert env["PDSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "keys"}
+    assert "value" not in env["PDSERVE_INTERNAL_TOKEN"]
+    role = _find(docs, "Role", "-router")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert router["serviceAccountName"] == "rel-pdserve-router"
+    external = render("--set", "redis.enabled=false", "--set", "redis.externalUrl=redis://r:6379/1")
+    assert _env(_find(external, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
+                )["PDSERVE_REDIS_URL"]["value"] == "redis://r:6379/1"
+    assert not [d for d in external if d["metadata"]["name"].endswith("-redis")]
+
+
+def test_worker_env_matches_the_worker_flags_and_probes_hit_real_endpoints():
+    from protocol.env_args import EnvDefaultsParser  # noqa: F401 - the mechanism that reads PDSERVE_*
+    from worker import serve
+
+    docs = render("--set", "cluster.blockSize=32", "--set", "cluster.transport=host")
+    flags = _worker_flags(serve)
+    for role in ("prefill", "decode"):
+        pod = _find(docs, "StatefulSet", f"-{role}")["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        env = _env(c)
+        assert env["PDSERVE_BLOCK_SIZE"]["value"] == "32" and env["PDSERVE_TRANSPORT"]["value"] == "host"
+        assert env["PDSERVE_ROLE"]["value"] == role
+        for name in env:
+            if name.startswith("PDSERVE_") and name != "PDSERVE_INTERNAL_TOKEN":
+                assert name[len("PDSERVE_"):].lower() in flags, f"{name} matches no worker flag"
+        paths = {c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+        assert paths <= _worker_routes()
+        assert c["lifecycle"]["preStop"] and pod["terminationGracePeriodSeconds"] > int(
+            env["PDSERVE_DRAIN_TIMEOUT_S"]["value"])
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert _find(docs, "PodDisruptionBudget", f"-{role}")["spec"]["maxUnavailable"] == 1
+    router = _find(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
+    assert router["readinessProbe"]["httpGet"]["path"] in _router_routes()
+
+
+def test_multinode_workers_become_rayclusters_with_their_ranks():
+    docs = render("-f", str(MULTINODE))
+    clusters = [d for d in docs if d["kind"] == "RayCluster"]
+    assert sorted(d["metadata"]["name"] for d in clusters) == ["rel-pdserve-decode-0", "rel-pdserve-decode-1"]
+    spec = clusters[0]["spec"]
+    assert spec["workerGroupSpecs"][0]["replicas"] == 1  # TP=4 x EP=4 = 16 GPUs = head node + 1 rank node
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = _env(head)
+    assert env["PDSERVE_TP_SIZE"]["value"] == "4" and env["PDSERVE_EP_SIZE"]["value"] == "4"
+    assert "ray start" not in head["args"][0]  # KubeRay starts Ray in the head pod itself
+    assert env["PDSERVE_TRANSPORT"]["value"] == "nixl" and env["UCX_NET_DEVICES"]["value"] == "mlx5_0:1"
+    assert head["resources"]["limits"]["rdma/hca"] == 1
+    prefill = _find(docs, "StatefulSet", "-prefill")["spec"]["template"]["spec"]["containers"][0]
+    assert prefill["args"][0].startswith("ray start --head --num-gpus=8")
+    assert _find(docs, "ServiceMonitor", "rel-pdserve")["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert _find(docs, "Ingress", "-router")["spec"]["tls"][0]["secretName"] == "llm-tls"
+
+
+@pytest.mark.parametrize("bad", ["decode.tpSize=0", "cluster.blockSize=12", "cluster.transport=carrier-pigeon",
+                                 "router.policy=random", "model.source.type=s3"])
+def test_values_schema_rejects_bad_values(bad):
+    with pytest.raises(subprocess.CalledProcessError):
+        render("--set", bad)
+
+
+def test_a_worker_spanning_nodes_without_kuberay_is_refused_clearly():
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        render("--set", "decode.tpSize=16")
+    assert "needs kuberay.enabled=true" in e.value.stderr
+
+
+def _worker_flags(serve_module) -> set[str]:
+    import inspect
+    import re
+
+    return {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z0-9-]+)"', inspect.getsource(serve_module))}
+
+
+def _worker_routes() -> set[str]:
+    from worker.common_routes import common_routes
+
+    class _Rt:  # common_routes only reads config and the event log at registration time
+        config = type("C", (), {"name": "w", "role": "decode"})()
+
+    return {r.path for r in common_routes(_Rt()).routes}
+
+
+def _router_routes() -> set[str]:
+    from router.app import create_app
+    from router.config import RouterConfig
+
+    return {r.path for r in create_app(RouterConfig(decode_urls=["http://x"])).routes}
