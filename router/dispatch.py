@@ -36,17 +36,16 @@ class Dispatcher:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: WireSamplingParams,
                        hashes: list[int], session: str | None = None) -> AsyncIterator[GenerateChunk]:
-        tried: set[str] = set()
+        bad: set[str] = set()  # workers that failed this request before its first token
         for attempt in range(2):
-            decode = [w for w in self.pool.pool("decode") if w.url not in tried]
+            decode = [w for w in self.pool.pool("decode") if w.url not in bad]
             if not decode:
                 raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
             t0 = time.perf_counter()
-            prefill = self.pool.pool("prefill")
+            prefill = [w for w in self.pool.pool("prefill") if w.url not in bad]
             views = await self.state.view([w.url for w in prefill + decode], hashes)
             route = self.router.route(prefill, decode, views, len(prompt_ids), session)
             self.metrics.route_latency.observe(time.perf_counter() - t0)
-            tried.add(route.decode.url)
             sent_any = False
             retry = False
             async for chunk in self._run(f"{request_id}-{attempt}" if attempt else request_id, prompt_ids,
@@ -54,6 +53,9 @@ class Dispatcher:
                 if chunk.error and not sent_any and chunk.error.get("code") in _RETRYABLE and attempt == 0:
                     log.warning("request %s failed before its first token (%s); retrying elsewhere",
                                 request_id, chunk.error.get("message"))
+                    # A failed remote prefill is the prefill worker's fault: the decode worker stays usable.
+                    failed = route.prefill if chunk.error.get("code") == "prefill_failed" else route.decode
+                    bad.add(failed.url)
                     retry = True
                     break
                 sent_any = True
