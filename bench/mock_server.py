@@ -1,7 +1,8 @@
-"""A cheap OpenAI-compatible mock server on raw asyncio, with known delays: the first streamed token after
-`ttft_s`, then one token every `itl_s`. For checking load generators and routers without a model.
+"""A cheap mock worker on raw asyncio, with known delays: the first token after `ttft_s`, then one every
+`itl_s`. It speaks the OpenAI API (for load generators and peer routers) and pdserve's internal worker API
+(/info, /tokenizer, /load, /kv_events, /generate), so routers can be measured without a model.
 
-  python -m bench.mock_server --port 9000 --ttft 0.1 --itl 0.02
+  python -m bench.mock_server --port 9000 --ttft 0.1 --itl 0.02 [--tokenizer-dir DIR]
 """
 
 import argparse
@@ -12,9 +13,15 @@ import threading
 
 
 class MockServer:
-    def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, model: str = "mock"):
+    def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, model: str = "mock",
+                 tokenizer_files: dict[str, str] | None = None):
         self.ttft_s, self.itl_s, self.model = ttft_s, itl_s, model
+        self.tokenizer_files = tokenizer_files or {}
         self.requests = 0
+        from protocol.block_hash import root_hash
+
+        self.info = {"role": "decode", "name": "mock", "model": model, "block_size": 16,
+                     "root_hash": root_hash(model), "max_model_len": 32768, "tokenizer_hash": "mock"}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -33,19 +40,41 @@ class MockServer:
         finally:
             writer.close()
 
+    def _json(self, writer: asyncio.StreamWriter, payload: object) -> None:
+        data = json.dumps(payload).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(data), data))
+
     async def _respond(self, method: str, path: str, body: dict, writer: asyncio.StreamWriter) -> None:
-        if path in ("/health", "/v1/models"):
-            payload = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
-            data = json.dumps(payload).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                         % (len(data), data))
+        path = path.split("?", 1)[0]
+        static = {"/health": {"status": "ok"}, "/ready": {"status": "ok"}, "/info": self.info,
+                  "/tokenizer": self.tokenizer_files, "/kv_events": {"seq": 0, "resync": False, "events": []},
+                  "/v1/models": {"object": "list", "data": [{"id": self.model, "object": "model"}]},
+                  "/load": {"running": 0, "waiting": 0, "free_blocks": 1000, "total_blocks": 1000,
+                            "tokens_computed": 0, "prompt_tokens_cached": 0}}
+        if path in static:
+            self._json(writer, static[path])
             await writer.drain()
             return
         self.requests += 1
+        if path == "/generate":
+            await self._generate(body, writer)
+            return
         chat = path.endswith("chat/completions")
-        n = int(body.get("max_tokens") or 16)
+        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         prompt = body.get("prompt") or body.get("messages") or []
         prompt_tokens = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else 10
+        if not body.get("stream"):
+            await asyncio.sleep(self.ttft_s + self.itl_s * (n - 1))
+            text = " x" * n
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                      if chat else {"index": 0, "text": text, "finish_reason": "length"})
+            self._json(writer, {"id": "mock", "object": "chat.completion" if chat else "text_completion",
+                                "model": self.model, "choices": [choice],
+                                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                          "total_tokens": prompt_tokens + n}})
+            await writer.drain()
+            return
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(self.ttft_s)
@@ -60,6 +89,24 @@ class MockServer:
         self._chunk(writer, {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                                       "total_tokens": prompt_tokens + n}})
         writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def _generate(self, body: dict, writer: asyncio.StreamWriter) -> None:
+        """pdserve's decode-worker stream: one NDJSON line a token."""
+        n = int(body["params"].get("max_tokens") or 16)
+        prompt_tokens = len(body["prompt_token_ids"])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+        await asyncio.sleep(self.ttft_s)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(self.itl_s)
+            line = json.dumps({"token_ids": [1], "text": " x", "finished": i == n - 1,
+                               "finish_reason": "length" if i == n - 1 else None, "logprobs": [],
+                               "prompt_tokens": prompt_tokens, "cached_tokens": 0, "completion_tokens": i + 1,
+                               "error": None}).encode() + b"\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
         await writer.drain()
 
     @staticmethod
@@ -94,10 +141,17 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--ttft", type=float, default=0.1)
     ap.add_argument("--itl", type=float, default=0.02)
+    ap.add_argument("--model", default="mock")
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files to serve on /tokenizer")
     a = ap.parse_args()
+    files = {}
+    if a.tokenizer_dir:
+        from pathlib import Path
+
+        files = {f.name: f.read_text() for f in Path(a.tokenizer_dir).iterdir() if f.is_file()}
 
     async def run() -> None:
-        server = await MockServer(a.ttft, a.itl).serve("127.0.0.1", a.port)
+        server = await MockServer(a.ttft, a.itl, a.model, files).serve("127.0.0.1", a.port)
         async with server:
             await server.serve_forever()
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from engine.async_engine import EngineDeadError
 from engine.errors import KVCacheFullError, RequestError
 from engine.outputs import RequestOutput, TokenLogprob
+from protocol.http_client import internal_client
 from protocol.messages import GenerateChunk, GenerateRequest, SendRequest, SendResult, TokenLogprobWire
 from worker.common_routes import common_routes
 from worker.runtime import WorkerRuntime, to_sampling_params
@@ -40,7 +41,7 @@ def _error(message: str, kind: str, code: str) -> str:
 def create_app(rt: WorkerRuntime) -> FastAPI:
     app = FastAPI(title=f"pdserve decode worker {rt.config.name}")
     app.include_router(common_routes(rt))
-    client = httpx.AsyncClient(timeout=httpx.Timeout(rt.config.transfer_timeout_s + 5))
+    client = internal_client(httpx.Timeout(rt.config.transfer_timeout_s + 5))
     app.router.on_shutdown.append(client.aclose)
 
     async def remote_prefill(req: GenerateRequest) -> tuple[int, list[TokenLogprob]]:

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from protocol.http_client import data_plane_session, internal_client
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
 from router.config import RouterConfig
@@ -34,8 +35,8 @@ TOKENIZE_OFF_LOOP_CHARS = 16_000  # longer prompts are tokenized in a thread so 
 class RouterState:
     def __init__(self, config: RouterConfig):
         self.config = config
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout_s, connect=5.0), limits=limits)
+        self.client = internal_client(httpx.Timeout(10.0, connect=5.0))  # control plane: health, events
+        self.session = None  # data plane (aiohttp), made on the server's event loop at start
         if config.redis_url:
             self.state = RedisState(config.redis_url, config.redis_namespace, config.max_index_blocks_per_worker,
                                     router_id=uuid.uuid4().hex)
@@ -53,6 +54,7 @@ class RouterState:
         self.dispatcher: Dispatcher | None = None
 
     async def start(self) -> None:
+        self.session = data_plane_session(self.config.request_timeout_s)
         await self.pool.start()
 
     def ready(self) -> bool:
@@ -61,12 +63,13 @@ class RouterState:
             self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
             self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
                                  self.config.local_prefill_tokens)
-            self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.client, self.metrics)
+            self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.session, self.metrics)
         return self.dispatcher is not None
 
     async def stop(self) -> None:
         await self.pool.stop()
         await self.client.aclose()
+        await self.session.close()
         await self.state.close()
 
 
@@ -82,14 +85,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     app.state.router_state = state
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > config.max_body_bytes:
-            return OpenAIError(400, f"the request body is over {config.max_body_bytes} bytes",
-                               code="request_too_large").response()
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -147,6 +143,33 @@ def create_app(config: RouterConfig) -> FastAPI:
         return await _serve(state, body, ids, False, request)
 
     return app
+
+
+class BodyLimit:
+    """Refuse bodies over the limit before reading them (plain ASGI: no per-request task like
+    BaseHTTPMiddleware). Chunked bodies without a length are cut off while streaming in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = OpenAIError(400, f"the request body is over {self.max_bytes} bytes", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise too_big
+            return message
+
+        return await self.app(scope, limited_receive, send)
 
 
 def _require_ready(state: RouterState) -> None:

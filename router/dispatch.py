@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
 
 from protocol.block_hash import hash_blocks
 from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, WireSamplingParams
@@ -18,16 +18,17 @@ from router.state import LocalState, RedisState
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("pdserve.router")
+_JSON = {"content-type": "application/json"}
 _RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState, client: httpx.AsyncClient,
-                 metrics: RouterMetrics):
+    def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState,
+                 session: aiohttp.ClientSession, metrics: RouterMetrics):
         self.pool = pool
         self.router = router
         self.state = state
-        self.client = client
+        self.session = session  # the data plane: token streams to and from workers
         self.metrics = metrics
 
     def hashes(self, prompt_ids: list[int]) -> list[int]:
@@ -73,7 +74,7 @@ class Dispatcher:
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         prefill_task = None
         if p is not None:
-            body = PrefillRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params).model_dump()
+            body = PrefillRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params).model_dump_json()
             prefill_task = asyncio.create_task(self._post_prefill(p, body, len(prompt_ids)))
         req = GenerateRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params,
                               prefill_url=p.url if p else None)
@@ -81,19 +82,19 @@ class Dispatcher:
         await self.state.add_load(d.url, 1, 0)
         finished = False
         try:
-            async with self.client.stream("POST", f"{d.url}/generate", json=req.model_dump()) as resp:
-                if resp.status_code != 200:
-                    text = (await resp.aread()).decode(errors="replace")[:300]
-                    yield _failed(f"decode worker answered {resp.status_code}: {text}", "engine_failed")
+            async with self.session.post(f"{d.url}/generate", data=req.model_dump_json(), headers=_JSON) as resp:
+                if resp.status != 200:
+                    text = (await resp.read()).decode(errors="replace")[:300]
+                    yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
                     return
-                async for line in resp.aiter_lines():
-                    if line:
+                async for line in resp.content:  # one NDJSON line a chunk
+                    if line.strip():
                         chunk = GenerateChunk.model_validate_json(line)
                         finished = chunk.finished
                         yield chunk
             if not finished:
                 yield _failed("the decode worker closed the stream early", "engine_failed")
-        except httpx.TransportError as e:
+        except (aiohttp.ClientError, TimeoutError) as e:
             self.pool.mark_failed(d)
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
         finally:
@@ -103,20 +104,22 @@ class Dispatcher:
                 prefill_task.cancel()
                 asyncio.create_task(self._abort(p, rid))  # frees the KV the prefill worker holds for it
 
-    async def _post_prefill(self, p: Worker, body: dict, num_tokens: int) -> None:
+    async def _post_prefill(self, p: Worker, body: str, num_tokens: int) -> None:
         p.inflight += 1
         await self.state.add_load(p.url, 1, num_tokens)
         try:
-            await self.client.post(f"{p.url}/prefill", json=body)
-        except httpx.TransportError:
+            async with self.session.post(f"{p.url}/prefill", data=body, headers=_JSON) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
             self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried
         finally:
             p.inflight -= 1
             await self.state.add_load(p.url, -1, -num_tokens)
 
     async def _abort(self, w: Worker, rid: str) -> None:
-        with contextlib.suppress(httpx.HTTPError):  # a dead worker holds nothing
-            await self.client.post(f"{w.url}/abort/{rid}", timeout=2.0)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):  # a dead worker holds nothing
+            async with self.session.post(f"{w.url}/abort/{rid}", timeout=aiohttp.ClientTimeout(total=2.0)):
+                pass
 
 
 def _failed(message: str, code: str) -> GenerateChunk:
