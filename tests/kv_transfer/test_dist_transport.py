@@ -70,8 +70,9 @@ def test_dead_or_silent_peer_gives_a_clean_error(fail):
     try:
         sender = DistTransport("prefill", backend="gloo", timeout_s=5)
         sender.register_pool(torch.randn(SHAPE), _desc("prefill"))
-        sender.connect(PoolDescriptor.from_dict(q_out.get(timeout=60)))
-        with pytest.raises(TransferError):
+        peer = PoolDescriptor.from_dict(q_out.get(timeout=60))
+        with pytest.raises(TransferError):  # a peer that dies mid-handshake fails connect, later the write
+            sender.connect(peer)
             sender.write_blocks("decode", SRC * 200, DST * 200, timeout_s=3)  # more than socket buffers hold
         assert "decode" not in sender.groups  # the broken pair is dropped; a new connect starts over
     finally:

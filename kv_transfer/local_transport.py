@@ -1,0 +1,49 @@
+"""Transports between workers on one host that map the receiver's pool into the sender's process and copy
+runs of adjacent blocks into it directly. Subclasses say how a pool is published and mapped: a
+shared-memory file for CPU pools (host), a CUDA IPC handle for GPU pools (cuda_ipc)."""
+
+import torch
+
+from kv_transfer.descriptors import PoolDescriptor, TransferError, copy_runs
+
+
+class LocalTransport:
+    def __init__(self, agent: str):
+        self.agent = agent
+        self.pool: torch.Tensor | None = None
+        self.descriptor: PoolDescriptor | None = None
+        self.peers: dict[str, torch.Tensor] = {}
+
+    def register_pool(self, pool: torch.Tensor, descriptor: PoolDescriptor) -> PoolDescriptor:
+        self.pool = pool
+        self.descriptor = self._publish(pool, descriptor)
+        return self.descriptor
+
+    def connect(self, peer: PoolDescriptor) -> None:
+        if self.descriptor is None:
+            raise TransferError("register this worker's pool before connecting to peers")
+        self.descriptor.check_compatible(peer)
+        if peer.agent not in self.peers:
+            self.peers[peer.agent] = self._map(peer)
+
+    def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
+                     timeout_s: float = 30.0) -> None:
+        dst = self.peers.get(peer)
+        if dst is None:
+            raise TransferError(f"not connected to {peer}")
+        copy_runs(self.pool, dst, src_block_ids, dst_block_ids)
+        self._finish()
+
+    def close(self) -> None:
+        self.peers.clear()
+
+    # --- what differs between CPU and GPU pools ---
+
+    def _publish(self, pool: torch.Tensor, descriptor: PoolDescriptor) -> PoolDescriptor:
+        raise NotImplementedError
+
+    def _map(self, peer: PoolDescriptor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Make the copies visible to the peer before write_blocks returns."""
