@@ -14,12 +14,15 @@ import threading
 
 class MockServer:
     def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, model: str = "mock",
-                 tokenizer_files: dict[str, str] | None = None):
+                 tokenizer_files: dict[str, str] | None = None, cache_blocks: int | None = None):
         self.ttft_s, self.itl_s, self.model = ttft_s, itl_s, model
         self.tokenizer_files = tokenizer_files or {}
         self.requests = 0
         from protocol.block_hash import root_hash
 
+        # With cache_blocks, the mock keeps an LRU prefix cache of block hashes like a real worker: it counts
+        # its own hits and reports stored/removed KV events (routing-quality benchmarks).
+        self.cache = None if cache_blocks is None else BlockCache(cache_blocks, root_hash(model), tokenizer_files)
         self.info = {"role": "decode", "name": "mock", "model": model, "block_size": 16,
                      "root_hash": root_hash(model), "max_model_len": 32768, "tokenizer_hash": "mock"}
 
@@ -46,9 +49,15 @@ class MockServer:
                      % (len(data), data))
 
     async def _respond(self, method: str, path: str, body: dict, writer: asyncio.StreamWriter) -> None:
-        path = path.split("?", 1)[0]
+        path, _, qs = path.partition("?")
+        query = dict(p.split("=", 1) for p in qs.split("&") if "=" in p)
+        if path == "/kv_events" and self.cache is not None:
+            self._json(writer, self.cache.events_since(int(query.get("since", 0))))
+            await writer.drain()
+            return
         static = {"/health": {"status": "ok"}, "/ready": {"status": "ok"}, "/info": self.info,
                   "/tokenizer": self.tokenizer_files, "/kv_events": {"seq": 0, "resync": False, "events": []},
+                  "/stats": self.cache.stats() if self.cache else {},
                   "/v1/models": {"object": "list", "data": [{"id": self.model, "object": "model"}]},
                   "/load": {"running": 0, "waiting": 0, "free_blocks": 1000, "total_blocks": 1000,
                             "tokens_computed": 0, "prompt_tokens_cached": 0}}
@@ -57,6 +66,8 @@ class MockServer:
             await writer.drain()
             return
         self.requests += 1
+        if self.cache is not None:
+            self.cache.serve(body)
         if path == "/generate":
             await self._generate(body, writer)
             return
@@ -118,6 +129,58 @@ class MockServer:
         return await asyncio.start_server(self.handle, host, port)
 
 
+class BlockCache:
+    """An LRU cache of chained block hashes, fed by the prompts a mock worker serves."""
+
+    def __init__(self, capacity: int, root: int, tokenizer_files: dict[str, str]):
+        from collections import OrderedDict
+
+        from protocol.tokenizer import ChatTokenizer
+
+        self.capacity, self.root = capacity, root
+        self.tokenizer = ChatTokenizer.from_files(tokenizer_files)
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.events: list[dict] = []
+        self.prompt_tokens = self.hit_tokens = self.requests = 0
+
+    def serve(self, body: dict) -> None:
+        from protocol.block_hash import hash_blocks
+
+        if "prompt_token_ids" in body:
+            ids = body["prompt_token_ids"]
+        elif "messages" in body:
+            ids = self.tokenizer.encode_chat(body["messages"])
+        else:
+            ids = self.tokenizer.encode(body["prompt"]) if isinstance(body.get("prompt"), str) else body["prompt"]
+        hashes = hash_blocks(ids, 16, self.root)
+        hits = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            hits += 1
+        self.requests += 1
+        self.prompt_tokens += len(ids)
+        self.hit_tokens += hits * 16
+        new = [h for h in hashes[hits:] if h not in self.blocks]
+        for h in hashes:
+            self.blocks[h] = None
+            self.blocks.move_to_end(h)
+        removed = []
+        while len(self.blocks) > self.capacity:
+            removed.append(self.blocks.popitem(last=False)[0])
+        if new:
+            self.events.append({"kind": "stored", "block_hashes": new, "parent_hash": None})
+        if removed:
+            self.events.append({"kind": "removed", "block_hashes": removed, "parent_hash": None})
+
+    def events_since(self, seq: int) -> dict:
+        out = [dict(seq=i + 1, **e) for i, e in enumerate(self.events) if i + 1 > seq]
+        return {"seq": len(self.events), "resync": False, "events": out}
+
+    def stats(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "hit_tokens": self.hit_tokens, "requests": self.requests}
+
+
 def start_in_thread(ttft_s: float, itl_s: float, port: int = 0) -> tuple[MockServer, int]:
     """Run a mock server on its own loop in a daemon thread; returns it and its port."""
     mock = MockServer(ttft_s, itl_s)
@@ -143,6 +206,7 @@ def main() -> None:
     ap.add_argument("--itl", type=float, default=0.02)
     ap.add_argument("--model", default="mock")
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files to serve on /tokenizer")
+    ap.add_argument("--cache-blocks", type=int, default=None, help="keep an LRU prefix cache of this many blocks")
     a = ap.parse_args()
     files = {}
     if a.tokenizer_dir:
@@ -151,7 +215,7 @@ def main() -> None:
         files = {f.name: f.read_text() for f in Path(a.tokenizer_dir).iterdir() if f.is_file()}
 
     async def run() -> None:
-        server = await MockServer(a.ttft, a.itl, a.model, files).serve("127.0.0.1", a.port)
+        server = await MockServer(a.ttft, a.itl, a.model, files, a.cache_blocks).serve("127.0.0.1", a.port)
         async with server:
             await server.serve_forever()
 

@@ -1,0 +1,144 @@
+"""Routing quality: one multi-tenant trace (>= 10k requests: 150 tenants with long shared system prompts,
+several users a tenant in multi-turn chats, unrelated one-shots) replayed through a router to 8 mock workers
+that each keep a finite LRU cache of block hashes and count their own hits. Reports the achieved prefix hit
+rate and the load imbalance (max/mean prompt tokens per worker), against the oracle (one infinite cache),
+for pdserve's cache_aware, round-robin, and the peers' cache_aware, at low and high concurrency.
+
+  python -m bench.routing_quality [--quick] [--sglang-python PY] [--vllm-router BIN]
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import urllib.request
+
+from bench.cluster import free_port
+from bench.common import emit
+from bench.raw_http import ConnectionPool
+from bench.router_overhead import _demo_tokenizer, _start
+from bench.workloads import WORDS
+
+
+def trace(tenants: int, users: int, turns: int, one_shots: int, seed: int) -> list[list[list[dict]]]:
+    """Sessions, each a list of turns, each turn the full message list sent."""
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    sessions = []
+    for t in range(tenants):
+        system = f"Tenant {t} policy. " + words(500)
+        for _ in range(users):
+            history = [{"role": "system", "content": system}]
+            session = []
+            for _ in range(turns):
+                history = [*history, {"role": "user", "content": words(20)}]
+                session.append(history)
+                history = [*history, {"role": "assistant", "content": "ok"}]
+            sessions.append(session)
+    sessions += [[[{"role": "user", "content": words(300)}]] for _ in range(one_shots)]
+    rng.shuffle(sessions)
+    return sessions
+
+
+def oracle_hit_rate(sessions: list[list[list[dict]]], tok_dir) -> float:
+    from protocol.block_hash import hash_blocks, root_hash
+    from protocol.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(tok_dir)
+    seen: set[int] = set()
+    hits = total = 0
+    for turn in range(max(len(s) for s in sessions)):  # the replay's order: turns of all sessions interleave
+        for s in sessions:
+            if turn < len(s):
+                ids = tok.encode_chat(s[turn])
+                hashes = hash_blocks(ids, 16, root_hash("mock"))
+                k = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
+                hits += 16 * k
+                total += len(ids)
+                seen.update(hashes)
+    return hits / total
+
+
+async def replay(port: int, sessions: list[list[list[dict]]], concurrency: int) -> int:
+    pool = ConnectionPool("127.0.0.1", port, concurrency)
+    sem = asyncio.Semaphore(concurrency)
+    errors = 0
+
+    async def run(session: list[list[dict]]) -> None:
+        nonlocal errors
+        for messages in session:
+            async with sem:
+                r = await pool.post_json("/v1/chat/completions", {"model": "mock", "messages": messages,
+                                                                  "max_tokens": 1, "temperature": 0})
+                errors += r.status != 200
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(run(s) for s in sessions))
+    return errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--cache-blocks", type=int, default=3000, help="LRU capacity of each mock worker (blocks)")
+    ap.add_argument("--sglang-python", default=None)
+    ap.add_argument("--vllm-router", default=None)
+    a = ap.parse_args()
+    tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
+    sessions = trace(tenants, users, turns, one_shots, seed=0)
+    n_requests = sum(len(s) for s in sessions)
+    tok = _demo_tokenizer()
+    oracle = oracle_hit_rate(sessions, tok)
+    routers = [("pdserve cache_aware", "pdserve", "cache_aware"), ("pdserve round_robin", "pdserve", "round_robin")]
+    if a.sglang_python:
+        routers.append(("sglang-router cache_aware", "sglang", "cache_aware"))
+    if a.vllm_router:
+        routers.append(("vllm-router cache_aware", "vllm", "cache_aware"))
+    for concurrency in (1, 64):
+        for label, kind, policy in routers:
+            procs = []
+            try:
+                ports = [free_port() for _ in range(a.workers)]
+                for p in ports:
+                    procs.append(_start([sys.executable, "-m", "bench.mock_server", "--port", str(p), "--ttft", "0",
+                                         "--itl", "0", "--tokenizer-dir", str(tok), "--cache-blocks",
+                                         str(a.cache_blocks)], f"http://127.0.0.1:{p}/health"))
+                urls = [f"http://127.0.0.1:{p}" for p in ports]
+                port = free_port()
+                if kind == "pdserve":
+                    cmd = [sys.executable, "-m", "router.main", "--port", str(port), "--policy", policy,
+                           "--local-prefill-tokens", "0"] + [x for u in urls for x in ("--decode", u)]
+                elif kind == "sglang":
+                    cmd = [a.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
+                           policy, "--port", str(port), "--log-level", "warn", "--prometheus-port", str(free_port())]
+                else:
+                    cmd = [a.vllm_router, "--worker-urls", *urls, "--policy", policy, "--port", str(port),
+                           "--prometheus-port", str(free_port())]
+                procs.append(_start(cmd, f"http://127.0.0.1:{port}/health"))
+                errors = asyncio.run(replay(port, sessions, concurrency))
+                stats = [json.loads(urllib.request.urlopen(f"{u}/stats").read()) for u in urls]
+                prompt = [s["prompt_tokens"] for s in stats]
+                hit_rate = sum(s["hit_tokens"] for s in stats) / max(1, sum(prompt))
+                imbalance = max(prompt) / (sum(prompt) / len(prompt))
+                emit("routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
+                     ratio=hit_rate / oracle, router=label, concurrency=concurrency, load_imbalance=imbalance,
+                     requests=n_requests, requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
+                     workers=a.workers, cache_blocks=a.cache_blocks)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+
+if __name__ == "__main__":
+    main()
