@@ -55,9 +55,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from tests.helpers import demo_model_path
+    from pdserve_cli.main import demo_model
 
-    path = args.model or str(demo_model_path())
+    path = args.model or demo_model()
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
     if path.endswith(".gguf"):

