@@ -68,9 +68,11 @@ class Dispatcher:
     async def _run(self, rid: str, prompt_ids: list[int], params: WireSamplingParams, hashes: list[int],
                    route) -> AsyncIterator[GenerateChunk]:
         d, p = route.decode, route.prefill
-        await self.state.record_route(d.url, hashes)  # the decode worker will hold these blocks once this runs
+        # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
+        computed = len(prompt_ids) - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
+        await self.state.record_route(d.url, hashes, 0 if p else computed)
         if p is not None:
-            await self.state.record_route(p.url, hashes)
+            await self.state.record_route(p.url, hashes, computed)
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         prefill_task = None
         if p is not None:

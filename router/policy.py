@@ -1,8 +1,11 @@
 """Routing policies: which prefill and which decode worker serve a request.
 
-cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks)
-plus a weight times its load (tokens and requests in flight, requests queued); the lowest cost wins, ties
-go round-robin. The inputs come from the router state (`WorkerView`), so the decision is pure computation.
+cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks),
+plus a weight times its load (tokens and requests in flight, requests queued), plus a balance term: how much
+more than the pool's mean it computed recently, relative to that mean, times the request's size. The balance
+term keeps short shared prefixes (a default system prompt) from pulling all traffic to one worker when
+nothing is in flight to show it; a long cached prefix still outweighs it. The lowest cost wins, ties go
+round-robin. The inputs come from the router state (`WorkerView`), so the decision is pure computation.
 """
 
 import itertools
@@ -24,13 +27,15 @@ class Route:
 
 
 class Router:
-    def __init__(self, policy: str, block_size: int, load_weight: float = 1.0, local_prefill_tokens: int = 64):
+    def __init__(self, policy: str, block_size: int, load_weight: float = 1.0, local_prefill_tokens: int = 64,
+                 balance_weight: float = 1.0):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy
         self.block_size = block_size
         self.load_weight = load_weight
         self.local_prefill_tokens = local_prefill_tokens
+        self.balance_weight = balance_weight
         self._rr = itertools.count()
 
     def _load(self, w: Worker, v: WorkerView) -> float:
@@ -48,10 +53,15 @@ class Router:
         if self.policy == "least_loaded":
             return min(workers, key=lambda w: (self._load(w, views[w.url]), order[w.url]))
 
+        mean_recent = sum(views[w.url].recent_tokens for w in workers) / len(workers)
+
         def cost(w: Worker) -> tuple[float, int]:
             v = views[w.url]
             uncached = num_tokens - v.matched_blocks * self.block_size
-            return uncached + self.load_weight * self._load(w, v), order[w.url]
+            excess = (v.recent_tokens - mean_recent) / mean_recent if mean_recent > 0 else 0.0
+            # At most half the request's size: a prefix cached for more than that always wins.
+            balance = self.balance_weight * min(max(0.0, excess), 0.5) * num_tokens
+            return uncached + self.load_weight * self._load(w, v) + balance, order[w.url]
 
         return min(workers, key=cost)
 

@@ -11,24 +11,43 @@ from dataclasses import dataclass
 from protocol.kv_events import KVEvent, KVEventKind
 from router.prefix_index import PrefixIndex
 
+RECENT_BUCKET_S = 10  # recent work is counted in 10-second buckets ...
+RECENT_BUCKETS = 3  # ... over the last 30 seconds
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerView:
     matched_blocks: int
     inflight: int
     inflight_tokens: int
+    recent_tokens: int = 0  # prompt tokens routed to it for computing in the last ~30 s
+
+
+def _bucket(now: float | None = None) -> int:
+    return int((time.time() if now is None else now) // RECENT_BUCKET_S)
 
 
 class LocalState:
     def __init__(self, max_blocks_per_worker: int):
         self.index = PrefixIndex(max_blocks_per_worker)
         self.load: dict[str, list[int]] = {}
+        self.recent: dict[int, dict[str, int]] = {}  # bucket -> worker -> tokens
+
+    def _recent(self, url: str) -> int:
+        now = _bucket()
+        return sum(self.recent.get(b, {}).get(url, 0) for b in range(now - RECENT_BUCKETS + 1, now + 1))
 
     async def view(self, urls: list[str], hashes: list[int]) -> dict[str, WorkerView]:
-        return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0))) for u in urls}
+        return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0)), self._recent(u)) for u in urls}
 
-    async def record_route(self, url: str, hashes: list[int]) -> None:
+    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0) -> None:
         self.index.add(url, hashes)
+        if computed_tokens:
+            now = _bucket()
+            bucket = self.recent.setdefault(now, {})
+            bucket[url] = bucket.get(url, 0) + computed_tokens
+            for old in [b for b in self.recent if b <= now - RECENT_BUCKETS]:
+                del self.recent[old]
 
     async def add_load(self, url: str, requests: int, tokens: int) -> None:
         entry = self.load.setdefault(url, [0, 0])
@@ -77,13 +96,18 @@ class RedisState:
             if hashes:
                 pipe.zmscore(self._idx(u), hashes)
         pipe.hmget(f"{self.ns}:load", [f"{u}|req" for u in urls] + [f"{u}|tok" for u in urls])
+        now = _bucket()
+        for b in range(now - RECENT_BUCKETS + 1, now + 1):
+            pipe.hmget(f"{self.ns}:recent:{b}", urls)
         replies = await pipe.execute()
-        load = replies[-1]
+        recent = replies[-RECENT_BUCKETS:]
+        load = replies[-RECENT_BUCKETS - 1]
         views = {}
         for i, u in enumerate(urls):
             scores = replies[i] if hashes else []
             matched = next((j for j, s in enumerate(scores) if s is None), len(scores))
-            views[u] = WorkerView(matched, int(load[i] or 0), int(load[len(urls) + i] or 0))
+            views[u] = WorkerView(matched, int(load[i] or 0), int(load[len(urls) + i] or 0),
+                                  sum(int(r[i] or 0) for r in recent))
         return views
 
     async def _add(self, pipe, url: str, hashes: list[int]) -> None:
@@ -92,9 +116,13 @@ class RedisState:
             pipe.zadd(self._idx(url), {h: now for h in hashes})
             pipe.zremrangebyrank(self._idx(url), 0, -self.max_blocks - 1)
 
-    async def record_route(self, url: str, hashes: list[int]) -> None:
+    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0) -> None:
         pipe = self.redis.pipeline(transaction=False)
         await self._add(pipe, url, hashes)
+        if computed_tokens:
+            key = f"{self.ns}:recent:{_bucket()}"
+            pipe.hincrby(key, url, computed_tokens)
+            pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
         await pipe.execute()
 
     async def add_load(self, url: str, requests: int, tokens: int) -> None:

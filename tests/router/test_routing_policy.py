@@ -102,3 +102,17 @@ def test_prefix_index_stays_bounded_per_worker():
     assert len(index.by_worker["w"]) == 100
     assert index.match("w", list(range(900, 1000))) == 100
     assert index.match("w", [0, 1, 2]) == 0  # the oldest blocks were evicted first
+
+
+async def test_short_shared_prefix_does_not_pull_all_traffic_when_nothing_is_in_flight():
+    # One request at a time (nothing ever in flight): every prompt shares a 2-block preamble (a default system
+    # prompt) and has a long unique tail. Recent work, not the 32 shared tokens, must decide.
+    state, router = LocalState(100_000), Router("cache_aware", 16)
+    decode = _workers(4)
+    preamble = _prompt(0, 32)
+    counts = {w.url: 0 for w in decode}
+    for i in range(80):
+        route = await _route(state, router, [], decode, preamble + _prompt(1000 + i, 300))
+        await state.record_route(route.decode.url, [], 332 - route.decode_cached_tokens)
+        counts[route.decode.url] += 1
+    assert max(counts.values()) / (80 / 4) <= 1.25
