@@ -1,11 +1,12 @@
 """Routing policies: which prefill and which decode worker serve a request.
 
 cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks),
-plus a weight times its load (tokens and requests in flight, requests queued), plus a balance term: how much
-more than the pool's mean it computed recently, relative to that mean, times the request's size. The balance
-term keeps short shared prefixes (a default system prompt) from pulling all traffic to one worker when
-nothing is in flight to show it; a long cached prefix still outweighs it. The lowest cost wins, ties go
-round-robin. The inputs come from the router state (`WorkerView`), so the decision is pure computation.
+plus a weight times its load (tokens and requests in flight, requests queued), plus an optional balance
+term (balance_weight, off by default): how much more than the pool's mean it computed recently, relative to
+that mean, times the request's size. It keeps short shared prefixes from pulling all traffic to one worker
+when nothing is in flight, but on the routing-quality trace it spread one-shots into every worker's cache
+and lowered the hit rate more than it helped balance, so it stays off until tuned. The lowest cost wins,
+ties go round-robin. The inputs come from the router state (`WorkerView`), so the decision is pure computation.
 """
 
 import itertools
@@ -28,7 +29,7 @@ class Route:
 
 class Router:
     def __init__(self, policy: str, block_size: int, load_weight: float = 1.0, local_prefill_tokens: int = 64,
-                 balance_weight: float = 1.0):
+                 balance_weight: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy

@@ -104,10 +104,10 @@ def test_prefix_index_stays_bounded_per_worker():
     assert index.match("w", [0, 1, 2]) == 0  # the oldest blocks were evicted first
 
 
-async def test_short_shared_prefix_does_not_pull_all_traffic_when_nothing_is_in_flight():
+async def test_balance_term_spreads_a_short_shared_prefix_when_nothing_is_in_flight():
     # One request at a time (nothing ever in flight): every prompt shares a 2-block preamble (a default system
     # prompt) and has a long unique tail. Recent work, not the 32 shared tokens, must decide.
-    state, router = LocalState(100_000), Router("cache_aware", 16)
+    state, router = LocalState(100_000), Router("cache_aware", 16, balance_weight=1.0)
     decode = _workers(4)
     preamble = _prompt(0, 32)
     counts = {w.url: 0 for w in decode}
