@@ -35,29 +35,31 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
             if len(vals):
                 ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals), label=name)
     for ax, title in zip(axes, ("TTFT (ms)", "time per output token (ms)"), strict=True):
-        ax.set_xlabel(title)
-        ax.set_ylabel("share of requests")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(out / "latency_cdf.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
+        _label(ax, title, "share of requests")
+    made.append(_save(plt, fig, out / "latency_cdf.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in sorted({str(r.get("label")) for r in rows}):
         pts = sorted((r["rate"], r.get("goodput_req_per_s", 0.0)) for r in rows
                      if str(r.get("label")) == label and r.get("rate") is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set_xlabel("offered rate (req/s)")
-    ax.set_ylabel("goodput (req/s meeting the SLOs)")
+    _label(ax, "offered rate (req/s)", "goodput (req/s meeting the SLOs)")
+    made.append(_save(plt, fig, out / "goodput_vs_rate.png"))
+    return made
+
+
+def _label(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    made.append(out / "goodput_vs_rate.png")
-    fig.savefig(made[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return made
+    return path
 
 
 def main() -> None:

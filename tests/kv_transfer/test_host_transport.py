@@ -33,14 +33,20 @@ def _receiver(path: str, ready, done) -> None:
     done.wait(30)
 
 
-def test_blocks_move_bit_exactly_between_processes():
+def _start_receiver():
+    """A process that owns a zeroed pool in a shared-memory file; returns (path, process, done event)."""
     path = str(SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}")
     ctx = mp.get_context("spawn")
     ready, done = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_receiver, args=(path, ready, done))
     proc.start()
+    assert ready.wait(30)
+    return path, proc, done
+
+
+def test_blocks_move_bit_exactly_between_processes():
+    path, proc, done = _start_receiver()
     try:
-        assert ready.wait(30)
         src_pool = torch.randn(_shape())
         sender = HostTransport("prefill-0")
         sender.register_pool(src_pool, _desc("prefill-0", "unused"))
@@ -81,12 +87,7 @@ def test_dead_peer_and_bad_blocks_give_clean_errors(tmp_path):
 
 
 def test_killed_receiver_does_not_hang_the_sender():
-    path = str(SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}")
-    ctx = mp.get_context("spawn")
-    ready, done = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_receiver, args=(path, ready, done))
-    proc.start()
-    assert ready.wait(30)
+    path, proc, _ = _start_receiver()
     sender = HostTransport("p")
     sender.register_pool(torch.randn(_shape()), _desc("p", "unused"))
     sender.connect(_desc("d", path))
