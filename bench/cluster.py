@@ -50,8 +50,12 @@ class LocalCluster:
                                     "--kv-cache-bytes", str(kv_cache_bytes), *worker_args])
                 (self.prefill_urls if role == "prefill" else self.decode_urls).append(url)
                 self.worker_procs[url] = proc
-        for url, proc in self.worker_procs.items():
-            wait_http(f"{url}/health", timeout_s=start_timeout_s, proc=proc)
+        try:
+            for url, proc in self.worker_procs.items():
+                wait_http(f"{url}/health", timeout_s=start_timeout_s, proc=proc)
+        except BaseException:  # one worker failed to start: stop the ones that did, leave nothing behind
+            self.close()
+            raise
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -68,7 +72,11 @@ class LocalCluster:
             args += ["--decode", u]
         proc = self._spawn(args)
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc=proc)
+        try:
+            wait_http(f"{url}/health", proc=proc)
+        except BaseException:
+            self.close()
+            raise
         self.routers.append((url, proc))
         return url
 
