@@ -22,6 +22,8 @@ def _cache_root() -> Path:
 def tokenizer_dir(model: str | Path, cache_root: Path | None = None) -> Path:
     """A folder holding tokenizer.json (+ config, chat template) for this model."""
     model = Path(model)
+    if not model.exists():
+        raise ModelLoadError(f"model path {model} does not exist")
     if not is_gguf(model):
         if not (model / "tokenizer.json").exists():
             raise ModelLoadError(f"{model} has no tokenizer.json")

@@ -6,6 +6,7 @@ import signal
 
 import uvicorn
 
+from engine.errors import ModelLoadError
 from protocol.env_args import EnvDefaultsParser
 from worker.config import WorkerConfig
 from worker.runtime import WorkerRuntime
@@ -62,6 +63,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
+    try:
+        _run_from_args(a)
+    except ModelLoadError as e:
+        raise SystemExit(f"pdserve worker: {e}") from None
+
+
+def _run_from_args(a) -> None:
     run(WorkerConfig(role=a.role, name=a.name or f"{a.role}-{a.port}", model=a.model, host=a.host, port=a.port,
                      served_model_name=a.served_model_name, device=a.device, dtype=a.dtype,
                      block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,

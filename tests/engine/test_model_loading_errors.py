@@ -72,3 +72,13 @@ def test_not_a_model(tmp_path):
     tmp_path.mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         _load(tmp_path)
+
+
+def test_worker_with_a_missing_model_exits_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "worker.serve", "--role", "decode", "--model",
+                        str(tmp_path / "missing.gguf"), "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
