@@ -50,10 +50,3 @@ class KVCache:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided views of one layer's keys and values: [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.tensor[:, layer, 0], self.tensor[:, layer, 1]
-
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of these blocks: [len(block_ids), num_layers, 2, block_size, num_kv_heads, head_dim]."""
-        return self.tensor[torch.tensor(block_ids, device=self.tensor.device)]
-
-    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
-        self.tensor[torch.tensor(block_ids, device=self.tensor.device)] = data.to(self.tensor.device)

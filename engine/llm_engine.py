@@ -39,7 +39,8 @@ class EngineStats:
     num_preemptions: int = 0
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """'auto' is cuda when a GPU is visible, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -55,7 +56,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: ChatTokenizer | None = None,
                  kv_allocator: KVAllocator | None = None):
         self.config = config
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
         if config.load_format == "dummy":
             model_cfg, weights = ModelConfig.from_hf_dir(config.model), None

@@ -27,7 +27,6 @@ class Worker:
     load: WorkerLoad | None = None
     inflight: int = 0  # requests this router has sent and not seen finish (for metrics; routing reads state)
     events_seq: int = 0
-    failures: int = 0
 
 
 class WorkerPool:
@@ -109,12 +108,11 @@ class WorkerPool:
             await self._pull_events(w)
             if not w.healthy:
                 log.info("worker %s (%s) is healthy", w.url, w.role)
-            w.healthy, w.failures = True, 0
+            w.healthy = True
         except RegistrationError as e:
             log.error("refusing worker: %s", e)
             w.healthy = False
         except (httpx.HTTPError, ValueError) as e:
-            w.failures += 1
             if w.healthy:
                 log.warning("worker %s is unhealthy: %r", w.url, e)
             w.healthy = False

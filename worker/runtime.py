@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, resolve_device
 from engine.sampling_params import SamplingParams
 from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
 from kv_transfer.descriptors import PoolDescriptor
@@ -20,14 +20,6 @@ from worker.config import WorkerConfig
 from worker.events import EventLog
 
 log = logging.getLogger("pdserve.worker")
-
-
-def _uses_cuda(device: str) -> bool:
-    if device != "auto":
-        return device.startswith("cuda")
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def to_sampling_params(p: WireSamplingParams, **override) -> SamplingParams:
@@ -47,7 +39,7 @@ class WorkerRuntime:
         self.tokenizer_files = read_tokenizer_files(tok_dir)
         tokenizer = ChatTokenizer.from_files(self.tokenizer_files)
         allocator = None
-        if config.transport == "host" and config.role == "decode" and not _uses_cuda(config.device):
+        if config.transport == "host" and config.role == "decode" and resolve_device(config.device).type != "cuda":
             # The decode pool lives in shared memory so that prefill workers on this host can write into it.
             self.shm_path = SHM_DIR / f"pdserve-kv-{config.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             allocator = lambda shape, dtype: shared_pool(self.shm_path, shape, dtype)  # noqa: E731
