@@ -95,3 +95,7 @@ class ChatTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # transformers renders, then encodes without adding special tokens: the template places them.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Several texts at once, releasing the GIL and spreading the batch over cores (no offsets computed)."""
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]

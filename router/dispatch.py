@@ -7,10 +7,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from protocol.block_hash import hash_blocks
 from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, WireSamplingParams
+from protocol.stream_client import StreamClient, StreamClientError
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
 from router.policy import Router
@@ -18,17 +17,16 @@ from router.state import LocalState, RedisState
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("pdserve.router")
-_JSON = {"content-type": "application/json"}
 _RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
 
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState,
-                 session: aiohttp.ClientSession, metrics: RouterMetrics):
+                 client: StreamClient, metrics: RouterMetrics):
         self.pool = pool
         self.router = router
         self.state = state
-        self.session = session  # the data plane: token streams to and from workers
+        self.client = client  # the data plane: token streams to and from workers
         self.metrics = metrics
 
     def hashes(self, prompt_ids: list[int]) -> list[int]:
@@ -76,27 +74,28 @@ class Dispatcher:
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         prefill_task = None
         if p is not None:
-            body = PrefillRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params).model_dump_json()
+            body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
+                                                  params=params).model_dump_json()
             prefill_task = asyncio.create_task(self._post_prefill(p, body, len(prompt_ids)))
-        req = GenerateRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params,
-                              prefill_url=p.url if p else None)
+        # Built from validated parts: model_construct skips validating the prompt's ids again.
+        req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
+                                              prefill_url=p.url if p else None)
         d.inflight += 1
         await self.state.add_load(d.url, 1, 0)
         finished = False
         try:
-            async with self.session.post(f"{d.url}/generate", data=req.model_dump_json(), headers=_JSON) as resp:
+            async with self.client.post(f"{d.url}/generate", req.model_dump_json().encode()) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")[:300]
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
                     return
-                async for line in resp.content:  # one NDJSON line a chunk
-                    if line.strip():
-                        chunk = GenerateChunk.model_validate_json(line)
-                        finished = chunk.finished
-                        yield chunk
+                async for line in resp.lines():  # one NDJSON line a chunk
+                    chunk = GenerateChunk.model_validate_json(line)
+                    finished = chunk.finished
+                    yield chunk
             if not finished:
                 yield _failed("the decode worker closed the stream early", "engine_failed")
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (StreamClientError, TimeoutError) as e:
             self.pool.mark_failed(d)
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
         finally:
@@ -110,18 +109,18 @@ class Dispatcher:
         p.inflight += 1
         await self.state.add_load(p.url, 1, num_tokens)
         try:
-            async with self.session.post(f"{p.url}/prefill", data=body, headers=_JSON) as resp:
+            async with self.client.post(f"{p.url}/prefill", body.encode()) as resp:
                 await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
+        except (StreamClientError, TimeoutError):
             self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried
         finally:
             p.inflight -= 1
             await self.state.add_load(p.url, -1, -num_tokens)
 
     async def _abort(self, w: Worker, rid: str) -> None:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):  # a dead worker holds nothing
-            async with self.session.post(f"{w.url}/abort/{rid}", timeout=aiohttp.ClientTimeout(total=2.0)):
-                pass
+        with contextlib.suppress(StreamClientError, TimeoutError):  # a dead worker holds nothing
+            async with asyncio.timeout(2.0), self.client.post(f"{w.url}/abort/{rid}", b"{}") as resp:
+                await resp.read()
 
 
 def _failed(message: str, code: str) -> GenerateChunk:

@@ -28,14 +28,15 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def validation_error(errors: list) -> OpenAIError:
+    """A 400 naming the first invalid field, from pydantic's error list."""
     if not errors:
-        return "invalid request", None
+        return OpenAIError(400, "invalid request", code="invalid_request")
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return OpenAIError(400, message, param=param, code="invalid_request")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -45,8 +46,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return OpenAIError(400, message, param=param, code="invalid_request").response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -46,6 +46,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it: set fields (and extra ones), content as text."""
+        fields = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.model_extra:
+            fields.update((k, v) for k, v in self.model_extra.items() if v is not None)
+        fields["content"] = self.text()
+        return fields
+
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text is supported
             parts = []

@@ -33,12 +33,11 @@ class LocalState:
         self.load: dict[str, list[int]] = {}
         self.recent: dict[int, dict[str, int]] = {}  # bucket -> worker -> tokens
 
-    def _recent(self, url: str) -> int:
-        now = _bucket()
-        return sum(self.recent.get(b, {}).get(url, 0) for b in range(now - RECENT_BUCKETS + 1, now + 1))
-
     async def view(self, urls: list[str], hashes: list[int]) -> dict[str, WorkerView]:
-        return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0)), self._recent(u)) for u in urls}
+        now = _bucket()
+        buckets = [b for k in range(now - RECENT_BUCKETS + 1, now + 1) if (b := self.recent.get(k))]
+        return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0)),
+                              sum(b.get(u, 0) for b in buckets)) for u in urls}
 
     async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0) -> None:
         self.index.add(url, hashes)

@@ -146,4 +146,4 @@ def _router_routes() -> set[str]:
     from router.app import create_app
     from router.config import RouterConfig
 
-    return {r.path for r in create_app(RouterConfig(decode_urls=["http://x"])).routes}
+    return {r.path for r in create_app(RouterConfig(decode_urls=["http://x"])).api.routes}

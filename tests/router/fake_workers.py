@@ -14,6 +14,8 @@ from protocol.messages import GenerateChunk, GenerateRequest
 def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> FastAPI:
     app = FastAPI()
     app.state.requests = 0
+    app.state.running = 0
+    app.state.tokens = 0
 
     @app.get("/health")
     async def health() -> dict:
@@ -29,7 +31,7 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
 
     @app.get("/load")
     async def load() -> dict:
-        return {"running": 0, "waiting": 0, "free_blocks": 100, "total_blocks": 100, "tokens_computed": 0,
+        return {"running": app.state.running, "waiting": 0, "tokens_sent": app.state.tokens, "free_blocks": 100, "total_blocks": 100, "tokens_computed": 0,
                 "prompt_tokens_cached": 0}
 
     @app.get("/kv_events")
@@ -38,10 +40,25 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
 
     @app.post("/generate")
     async def generate(req: GenerateRequest) -> StreamingResponse:
+        """One token, the worker's name, then EOS; with ignore_eos, max_tokens tokens 20 ms apart."""
         app.state.requests += 1
-        chunk = GenerateChunk(token_ids=[1], text=name, finished=True, finish_reason="stop",
-                              prompt_tokens=len(req.prompt_token_ids), completion_tokens=1)
-        return StreamingResponse(iter([chunk.model_dump_json() + "\n"]), media_type="application/x-ndjson")
+        n = req.params.max_tokens if req.params.ignore_eos else 1
+
+        async def lines():
+            app.state.running += 1
+            try:
+                for i in range(n):
+                    last = i == n - 1
+                    yield GenerateChunk(token_ids=[1], text=name if i == 0 else " x", finished=last,
+                                        finish_reason="stop" if last else None, completion_tokens=i + 1,
+                                        prompt_tokens=len(req.prompt_token_ids)).model_dump_json() + "\n"
+                    app.state.tokens += 1
+                    if not last:
+                        await asyncio.sleep(0.02)
+            finally:
+                app.state.running -= 1
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return app
 

@@ -1,0 +1,106 @@
+"""The router's data-plane client against a real asyncio HTTP server that records what it sees."""
+
+import asyncio
+
+import pytest
+
+from protocol.stream_client import StreamClient, StreamClientError
+
+
+class Server:
+    """Answers POST /lines with `n` NDJSON lines, one every `gap_s`, chunked; /close answers and closes."""
+
+    def __init__(self):
+        self.connections = 0
+        self.disconnects = 0
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+                             .split(b":")[1])
+                body = await reader.readexactly(length)
+                self.requests.append(body)
+                path = head.split(b" ")[1]
+                if path == b"/close":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                    await writer.drain()
+                    break
+                n, gap = (int(x) for x in body.decode().split(","))
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i in range(n):
+                    line = b'{"i": %d}\n' % i
+                    writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    await writer.drain()
+                    await asyncio.sleep(gap / 1000)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.disconnects += 1
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def server():
+    s = Server()
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    s.url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    yield s
+    srv.close()
+
+
+async def test_lines_stream_as_they_arrive_and_connections_are_reused(server):
+    client = StreamClient(timeout_s=5)
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        async with client.post(f"{server.url}/lines", b"3,100") as resp:
+            assert resp.status == 200
+            arrivals, lines = [], []
+            async for line in resp.lines():
+                arrivals.append(loop.time())
+                lines.append(line)
+        assert lines == [b'{"i": 0}', b'{"i": 1}', b'{"i": 2}']
+        assert arrivals[1] - arrivals[0] > 0.05  # streamed, not buffered to the end
+    assert server.connections == 1
+    await client.close()
+
+
+async def test_leaving_a_response_unread_closes_its_connection(server):
+    client = StreamClient(timeout_s=5)
+    async with client.post(f"{server.url}/lines", b"50,20") as resp:
+        async for _ in resp.lines():
+            break  # the router's client left
+    for _ in range(100):
+        if server.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert server.disconnects == 1  # the worker learns the request is gone
+    async with client.post(f"{server.url}/lines", b"1,0") as resp:
+        assert await resp.read() == b'{"i": 0}\n'
+    assert server.connections == 2
+    await client.close()
+
+
+async def test_connection_closed_by_the_server_is_not_reused(server):
+    client = StreamClient(timeout_s=5)
+    async with client.post(f"{server.url}/close", b"x") as resp:
+        assert await resp.read() == b"ok"
+    async with client.post(f"{server.url}/lines", b"1,0") as resp:
+        assert await resp.read() == b'{"i": 0}\n'
+    assert server.connections == 2
+    await client.close()
+
+
+async def test_unreachable_worker_and_silent_worker_give_clean_errors(server):
+    client = StreamClient(timeout_s=0.2, connect_timeout_s=1)
+    with pytest.raises(StreamClientError):
+        async with client.post("http://127.0.0.1:1/generate", b"{}"):
+            pass
+    with pytest.raises(TimeoutError):
+        async with client.post(f"{server.url}/lines", b"2,1000") as resp:
+            await resp.read()
+    await client.close()

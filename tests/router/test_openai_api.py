@@ -1,0 +1,115 @@
+"""The router's OpenAI API through the official client, against fake workers (no model needed)."""
+
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from bench.cluster import LocalCluster, wait_http
+from protocol.block_hash import root_hash
+from tests.router.fake_workers import start_fake_workers
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(demo_gguf):
+    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
+
+    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
+    info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
+            "max_model_len": 4096, "tokenizer_hash": "t"}
+    urls = start_fake_workers(2, files, info)
+    for u in urls:
+        wait_http(f"{u}/health")
+    cluster = LocalCluster.__new__(LocalCluster)  # routers only; the workers are the fakes above
+    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], urls, []
+    cluster.router = cluster.start_router()
+    yield cluster
+    cluster.close()
+
+
+def _client(cluster) -> OpenAI:
+    return OpenAI(base_url=f"{cluster.router}/v1", api_key="unused", max_retries=0)
+
+
+def _running(cluster) -> int:
+    return sum(httpx.get(f"{u}/load").json()["running"] for u in cluster.decode_urls)
+
+
+def _tokens_sent(cluster) -> int:
+    return sum(httpx.get(f"{u}/load").json()["tokens_sent"] for u in cluster.decode_urls)
+
+
+def test_chat_completion_and_usage(fake_cluster):
+    r = _client(fake_cluster).chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}])
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.content.startswith("fake-") and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 1 and r.usage.prompt_tokens > 1
+
+
+def test_completions_with_n_choices(fake_cluster):
+    r = _client(fake_cluster).completions.create(model="fake", prompt="Once upon a time", n=2, max_tokens=3)
+    assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == 2  # one token each
+
+
+def test_streaming_ends_with_usage_and_done(fake_cluster):
+    chunks = list(_client(fake_cluster).chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=4,
+        extra_body={"ignore_eos": True}, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.endswith(" x x x") and chunks[-1].usage.completion_tokens == 4
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": "fake", "messages": []}, 400, "messages"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "fake", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "fake", "prompt": [1, 2, 10**9]}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_never_reach_a_worker(fake_cluster, body, status, param):
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    before = sum(httpx.get(f"{u}/load").json()["running"] for u in fake_cluster.decode_urls)
+    r = httpx.post(f"{fake_cluster.router}{path}", json=body, timeout=10)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert _running(fake_cluster) == before
+
+
+def test_openai_client_raises_typed_errors(fake_cluster):
+    client = _client(fake_cluster)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+
+
+def test_malformed_and_oversized_bodies(fake_cluster):
+    r = httpx.post(f"{fake_cluster.router}/v1/chat/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{fake_cluster.router}/v1/chat/completions", content=b"x" * (5 << 20), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_stops_the_worker(fake_cluster, stream):
+    body = {"model": "fake", "messages": [{"role": "user", "content": "go"}], "max_tokens": 500,
+            "ignore_eos": True, "stream": stream}
+    url = f"{fake_cluster.router}/v1/chat/completions"
+    before = _tokens_sent(fake_cluster)
+    if stream:
+        with httpx.stream("POST", url, json=body, timeout=10) as r:
+            next(r.iter_bytes())  # the first tokens arrive, then the client leaves
+    else:
+        with pytest.raises(httpx.ReadTimeout), httpx.stream("POST", url, json=body, timeout=0.5) as r:
+            r.read()
+    deadline = time.monotonic() + 5
+    while _running(fake_cluster) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert _running(fake_cluster) == 0
+    assert 0 < _tokens_sent(fake_cluster) - before < 100  # 500 at 20 ms each: the router closed the stream
