@@ -3,6 +3,12 @@
 
 CPU (--quick or no GPU): the host transport between two processes (shared memory), against memcpy of the
 same bytes in this process, in the same run.
+
+GPU: the NIXL transport between two processes on one GPU (the receiver owns a pool, the sender is an engine
+with random Llama-3-8B-shaped weights whose KV pool is registered), against (a) the one-way device copy of the
+same bytes and (b) a raw NIXL write of one contiguous buffer of that size, both measured in this run; and
+the time to move the request's KV as a share of the time to prefill it (4k tokens), sent after the prefill
+and streamed chunk by chunk while it computes.
 """
 
 import argparse
@@ -70,12 +76,148 @@ def host_vs_memcpy(tokens: int, pool_blocks: int, repeats: int) -> None:
         __import__("os").unlink(path)
 
 
+def _nixl_receiver(pool_blocks: int, descs, done) -> None:
+    from kv_transfer.nixl_transport import NixlTransport
+
+    pool = torch.zeros(_shape(pool_blocks), dtype=torch.bfloat16, device="cuda")
+    t = NixlTransport("decode", staging_blocks=0)
+    descs.put(t.register_pool(pool, _gpu_desc("decode", pool_blocks)).to_dict())
+    done.wait(900)
+    t.close()
+
+
+def _gpu_desc(agent: str, num_blocks: int) -> PoolDescriptor:
+    return PoolDescriptor(agent, "nixl", "", num_blocks, LAYERS, BLOCK, HEADS, HEAD_DIM, "bfloat16")
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def nixl_gpu(tokens: int, repeats: int) -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from bench.engine_gpu import LLAMA3_8B
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from kv_transfer.nixl_transport import NixlTransport
+
+    n = tokens // BLOCK
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", dtype="bfloat16", kv_cache_bytes=8 << 30,
+                                    max_num_batched_tokens=512, enable_prefix_caching=False, attention_backend="torch",
+                                    enforce_eager=True))
+    pool = engine.kv_cache.tensor
+    assert tuple(pool.shape[1:]) == _shape(0)[1:], pool.shape
+    pool_blocks = pool.shape[0] - 1
+    recv_blocks = 4 * n
+    ctx = mp.get_context("spawn")
+    descs, done = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_nixl_receiver, args=(recv_blocks, descs, done))
+    proc.start()
+    try:
+        sender = NixlTransport("prefill")
+        sender.register_pool(pool, _gpu_desc("prefill", pool_blocks))
+        sender.connect(PoolDescriptor.from_dict(descs.get(timeout=300)))
+        block_bytes = pool[0].numel() * pool.element_size()
+        nbytes = n * block_bytes
+        rng = random.Random(0)
+        scattered_src = rng.sample(range(pool_blocks), n)
+        scattered_dst = rng.sample(range(recv_blocks), n)
+        run_dst = list(range(n, 2 * n))  # what the decode side reserves when it can: one contiguous run
+        flat = pool[:n].reshape(-1)
+        other = torch.empty_like(flat)
+        d2d = _best(lambda: other.copy_(flat), repeats)
+        # Raw NIXL: one descriptor over the same bytes, one contiguous buffer on each side.
+        nx = sender.nixl
+        peer_name, _, _ = sender.peers["decode"]
+        remote = sender.peer_addresses["decode"]
+        local_d = nx.get_xfer_descs([(pool.data_ptr(), nbytes, 0)], "VRAM")
+        remote_d = nx.get_xfer_descs([(remote["base"], nbytes, remote["device"])], "VRAM")
+
+        handle = nx.initialize_xfer("WRITE", local_d, remote_d, peer_name)  # prepared once, posted again and again
+
+        def raw() -> None:
+            nx.transfer(handle)
+            while (state := nx.check_xfer_state(handle)) == "PROC":
+                pass
+            assert state == "DONE", state
+
+        raw_t = _best(raw, repeats)
+        nx.release_xfer_handle(handle)
+        common = dict(tokens=tokens, blocks=n, mib=nbytes / 2**20, block_bytes=block_bytes)
+        emit("kv_transfer", "device_copy_GB_per_s", nbytes / d2d / 1e9, "GB/s", note="one-way copy, same bytes",
+             **common)
+        emit("kv_transfer", "raw_nixl_contiguous_GB_per_s", nbytes / raw_t / 1e9, "GB/s",
+             "one-way device copy", nbytes / d2d / 1e9, **common)
+        cases = {"scattered_to_contiguous": (scattered_src, run_dst), "scattered_to_scattered": (scattered_src,
+                 scattered_dst), "contiguous_to_contiguous": (list(range(n)), run_dst)}
+        transfer_t = {}
+        for name, (src, dst) in cases.items():
+            t = _best(lambda src=src, dst=dst: sender.write_blocks("decode", src, dst), repeats)
+            transfer_t[name] = t
+            emit("kv_transfer", f"nixl_{name}_GB_per_s", nbytes / t / 1e9, "GB/s", "raw NIXL, one contiguous buffer",
+                 nbytes / raw_t / 1e9, vs_device_copy=round(d2d / t, 3), **common)
+        # Prefill of the same request, then the transfer after it or streamed chunk by chunk while it computes.
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+        def prefill(rid: str, stream: bool) -> tuple[float, float]:
+            prompt = torch.randint(100, 100000, (tokens,), generator=torch.Generator().manual_seed(len(rid))).tolist()
+            req = engine.add_request(rid, prompt, params, hold_kv=True)
+            pending, sent = [], 0
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+                if stream:
+                    full = min(req.num_computed_tokens, tokens) // BLOCK
+                    if full > sent:
+                        pending.append(sender.start_write("decode", req.block_ids[sent:full], run_dst[sent:full]))
+                        sent = full
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            if stream:
+                sender.finish(pending)
+            else:
+                sender.write_blocks("decode", req.block_ids[:n], run_dst)
+            t2 = time.perf_counter()
+            engine.release_held(rid)
+            return t1 - t0, t2 - t1
+
+        prefill("warmup", False)
+        p_seq, x_seq = prefill("sequential", False)
+        p_str, x_str = prefill("streamed-by-chunk", True)
+        emit("kv_transfer", "transfer_share_of_prefill", x_seq / p_seq, "share", note="sent after the prefill",
+             prefill_ms=p_seq * 1e3, transfer_ms=x_seq * 1e3, attention="torch (sdpa)", **common)
+        emit("kv_transfer", "exposed_transfer_share_of_prefill_streamed", x_str / p_str, "share",
+             note="each 512-token chunk's blocks sent as soon as it is computed; exposed = after the last chunk",
+             prefill_ms=p_str * 1e3, exposed_ms=x_str * 1e3, **common)
+        sender.close()
+    finally:
+        done.set()
+        proc.join(60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=4096)
     a = ap.parse_args()
     tokens = 1024 if a.quick else a.tokens
+    if torch.cuda.is_available() and not a.quick:
+        nixl_gpu(tokens, repeats=5)
     host_vs_memcpy(tokens, pool_blocks=4 * tokens // BLOCK, repeats=3 if a.quick else 5)
 
 

@@ -7,6 +7,8 @@ recently used cached block. Stored and removed hashes are queued as KV events fo
 
 from collections import OrderedDict
 
+import numpy as np
+
 from protocol.kv_events import KVEvent, KVEventKind
 
 
@@ -24,6 +26,7 @@ class BlockPool:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.reusable = np.ones(num_blocks, dtype=bool)  # free and holding no cached prefix (allocate_run)
         self.events: list[KVEvent] = []
 
     @property
@@ -47,6 +50,7 @@ class BlockPool:
         for b in block_ids:
             if self.ref_counts[b] == 0:
                 del self.free[b]
+                self.reusable[b] = False
             self.ref_counts[b] += 1
 
     def allocate(self, n: int) -> list[int]:
@@ -62,9 +66,31 @@ class BlockPool:
                 del self.cached[h]
                 removed.append(h)
             self.ref_counts[b] = 1
+            self.reusable[b] = False
             blocks.append(b)
         if removed:
             self.events.append(KVEvent(KVEventKind.REMOVED, tuple(removed)))
+        return blocks
+
+    def allocate_run(self, n: int) -> list[int] | None:
+        """n adjacent blocks from the free ones that hold no cached prefix, or None if there is no such run.
+        A transfer into adjacent blocks is one descriptor instead of n (kv_transfer), and taking only
+        uncached blocks evicts nothing a later request could reuse."""
+        if n < 2 or n > len(self.free):
+            return None
+        ids = np.flatnonzero(self.reusable)
+        if len(ids) < n:
+            return None
+        # ids[i + n - 1] - ids[i] == n - 1  <=>  ids[i : i + n] are adjacent
+        starts = np.flatnonzero(ids[n - 1 :] - ids[: len(ids) - n + 1] == n - 1)
+        if not len(starts):
+            return None
+        first = int(ids[starts[0]])
+        blocks = list(range(first, first + n))
+        for b in blocks:
+            del self.free[b]
+            self.ref_counts[b] = 1
+        self.reusable[first : first + n] = False
         return blocks
 
     def release(self, block_ids: list[int]) -> None:
@@ -77,6 +103,7 @@ class BlockPool:
                 if self.block_hash[b] is None:
                     self.free[b] = None
                     self.free.move_to_end(b, last=False)  # uncached blocks are reused first
+                    self.reusable[b] = True
                 else:
                     self.free[b] = None
 
@@ -98,6 +125,7 @@ class BlockPool:
         """Forget every cached hash (e.g. after weights change); referenced blocks stay with their owners."""
         self.block_hash = [None] * self.num_blocks
         self.cached.clear()
+        self.reusable[list(self.free)] = True
         self.events.append(KVEvent(KVEventKind.CLEARED))
 
     def drain_events(self) -> list[KVEvent]:

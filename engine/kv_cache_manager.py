@@ -59,7 +59,8 @@ class KVCacheManager:
         if needed + sum(1 for b in hits if self.pool.ref_counts[b] == 0) > self.pool.num_free_blocks:
             return False
         self.pool.take(hits)
-        req.block_ids = hits + self.pool.allocate(needed)
+        # Adjacent blocks where possible: the prefill worker then writes them as one run.
+        req.block_ids = hits + (self.pool.allocate_run(needed) or self.pool.allocate(needed))
         req.num_cached_tokens = len(hits) * bs
         req.num_committed_blocks = len(hits)
         self.num_hit_tokens += req.num_cached_tokens

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--kv-cache-bytes", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=64)
-    s.add_argument("--transport", default="host", choices=["host"],
-                   help="host: shared memory (CPU) or CUDA IPC (GPU) between workers on this machine")
+    s.add_argument("--transport", default="host", choices=["host", "nixl"],
+                   help="host: shared memory (CPU) or CUDA IPC (GPU) between workers on this machine; nixl: NIXL/UCX")
     s.add_argument("--policy", default="cache_aware")
     s.add_argument("--local-prefill-tokens", type=int, default=64,
                    help="prompts with at most this many uncached tokens are prefilled on the decode worker")

@@ -28,6 +28,7 @@ class Dispatcher:
         self.state = state
         self.client = client  # the data plane: token streams to and from workers
         self.metrics = metrics
+        self._tasks: set[asyncio.Future] = set()
 
     def hashes(self, prompt_ids: list[int]) -> list[int]:
         ref = self.pool.reference
@@ -68,22 +69,23 @@ class Dispatcher:
         d, p = route.decode, route.prefill
         # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
         computed = len(prompt_ids) - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
-        await self.state.record_route(d.url, hashes, 0 if p else computed)
-        if p is not None:
-            await self.state.record_route(p.url, hashes, computed)
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
-        prefill_task = None
-        if p is not None:
-            body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
-                                                  params=params).model_dump_json()
-            prefill_task = asyncio.create_task(self._post_prefill(p, body, len(prompt_ids)))
-        # Built from validated parts: model_construct skips validating the prompt's ids again.
-        req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
-                                              prefill_url=p.url if p else None)
         d.inflight += 1
-        await self.state.add_load(d.url, 1, 0)
+        prefill_task = None
         finished = False
         try:
+            await self.state.record_route(d.url, hashes, 0 if p else computed, requests=1)
+            if p is not None:
+                body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
+                                                      params=params).model_dump_json()
+                p.inflight += 1
+                prefill_task = asyncio.create_task(self._post_prefill(p, body))
+                # Released when the prefill ends, however it ends (even cancelled before it started).
+                prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids)))
+                await self.state.record_route(p.url, hashes, computed, requests=1, tokens=len(prompt_ids))
+            # Built from validated parts: model_construct skips validating the prompt's ids again.
+            req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
+                                                  prefill_url=p.url if p else None)
             async with self.client.post(f"{d.url}/generate", req.model_dump_json().encode()) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")[:300]
@@ -100,22 +102,27 @@ class Dispatcher:
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
         finally:
             d.inflight -= 1
-            await self.state.add_load(d.url, -1, 0)
+            self._background(self.state.add_load(d.url, -1, 0))
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
-                asyncio.create_task(self._abort(p, rid))  # frees the KV the prefill worker holds for it
+                self._background(self._abort(p, rid))  # frees the KV the prefill worker holds for it
 
-    async def _post_prefill(self, p: Worker, body: str, num_tokens: int) -> None:
-        p.inflight += 1
-        await self.state.add_load(p.url, 1, num_tokens)
+    async def _post_prefill(self, p: Worker, body: str) -> None:
         try:
             async with self.client.post(f"{p.url}/prefill", body.encode()) as resp:
                 await resp.read()
         except (StreamClientError, TimeoutError):
             self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried
-        finally:
-            p.inflight -= 1
-            await self.state.add_load(p.url, -1, -num_tokens)
+
+    def _release(self, p: Worker, num_tokens: int) -> None:
+        p.inflight -= 1
+        self._background(self.state.add_load(p.url, -1, -num_tokens))
+
+    def _background(self, coro) -> None:
+        """Fire and forget, keeping a reference until done (the loop holds tasks only weakly)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _abort(self, w: Worker, rid: str) -> None:
         with contextlib.suppress(StreamClientError, TimeoutError):  # a dead worker holds nothing

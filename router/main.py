@@ -1,6 +1,13 @@
-"""Run the router: python -m router.main --decode http://127.0.0.1:8101 --prefill http://127.0.0.1:8102"""
+"""Run the router: python -m router.main --decode http://127.0.0.1:8101 --prefill http://127.0.0.1:8102
 
+`--processes N` runs N router processes on one port (they share the listening socket; the kernel spreads
+connections); their prefix index and load live in Redis (`--redis-url`, required then), so they route as one.
+"""
+
+import dataclasses
+import json
 import logging
+import os
 
 import uvicorn
 
@@ -24,6 +31,7 @@ def main() -> None:
     ap.add_argument("--k8s-prefill-selector", default="app.kubernetes.io/component=prefill")
     ap.add_argument("--k8s-decode-selector", default="app.kubernetes.io/component=decode")
     ap.add_argument("--worker-port", type=int, default=8100)
+    ap.add_argument("--processes", type=int, default=1, help="router processes sharing the port (needs --redis-url)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -33,7 +41,23 @@ def main() -> None:
                           redis_namespace=a.redis_namespace, discovery=a.discovery, k8s_namespace=a.k8s_namespace,
                           k8s_prefill_selector=a.k8s_prefill_selector, k8s_decode_selector=a.k8s_decode_selector,
                           worker_port=a.worker_port)
-    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=a.log_level)
+    if a.processes > 1:
+        if not config.redis_url:
+            ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
+        os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+        uvicorn.run("router.main:app_from_env", factory=True, workers=a.processes, host=a.host, port=a.port,
+                    log_level=a.log_level)
+    else:
+        uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=a.log_level)
+
+
+_CONFIG_ENV = "PDSERVE_ROUTER_CONFIG_JSON"
+
+
+def app_from_env():
+    """The app of one of several router processes (uvicorn imports this in each)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return create_app(RouterConfig(**json.loads(os.environ[_CONFIG_ENV])))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Routing policies: which prefill and which decode worker serve a request.
 
-cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks),
-plus a weight times its load (tokens and requests in flight, requests queued), plus an optional balance
-term (balance_weight, off by default): how much more than the pool's mean it computed recently, relative to
-that mean, times the request's size. It keeps short shared prefixes from pulling all traffic to one worker
-when nothing is in flight, but on the routing-quality trace it spread one-shots into every worker's cache
-and lowered the hit rate more than it helped balance, so it stays off until tuned. The lowest cost wins,
-ties go round-robin. The inputs come from the router state (`WorkerView`), so the decision is pure computation.
+cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks) plus
+`load_weight` times its load (tokens and requests in flight, requests queued); the lowest cost wins. A
+cached prefix counts only when it saves at least `min_prefix_gain` of the prompt (default 10%, and at least
+two blocks): a short prefix every prompt shares (a default system prompt) would otherwise pull all traffic to
+one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.
+Among equal costs the worker that computed the fewest prompt tokens recently wins (then round-robin), so new
+tenants and one-shots spread by work done, not only by what is in flight. The inputs come from the router
+state (`WorkerView`), so the decision is pure computation.
 """
 
 import itertools
@@ -29,14 +30,14 @@ class Route:
 
 class Router:
     def __init__(self, policy: str, block_size: int, load_weight: float = 1.0, local_prefill_tokens: int = 64,
-                 balance_weight: float = 0.0):
+                 min_prefix_gain: float = 0.1):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy
         self.block_size = block_size
         self.load_weight = load_weight
         self.local_prefill_tokens = local_prefill_tokens
-        self.balance_weight = balance_weight
+        self.min_prefix_gain = min_prefix_gain
         self._rr = itertools.count()
 
     def _load(self, w: Worker, v: WorkerView) -> float:
@@ -53,16 +54,13 @@ class Router:
         order = {w.url: (i - n) % len(workers) for i, w in enumerate(workers)}
         if self.policy == "least_loaded":
             return min(workers, key=lambda w: (self._load(w, views[w.url]), order[w.url]))
+        min_gain = max(2 * self.block_size, self.min_prefix_gain * num_tokens)
 
-        mean_recent = sum(views[w.url].recent_tokens for w in workers) / len(workers)
-
-        def cost(w: Worker) -> tuple[float, int]:
+        def cost(w: Worker) -> tuple[float, int, int]:
             v = views[w.url]
-            uncached = num_tokens - v.matched_blocks * self.block_size
-            excess = (v.recent_tokens - mean_recent) / mean_recent if mean_recent > 0 else 0.0
-            # At most half the request's size: a prefix cached for more than that always wins.
-            balance = self.balance_weight * min(max(0.0, excess), 0.5) * num_tokens
-            return uncached + self.load_weight * self._load(w, v) + balance, order[w.url]
+            cached = v.matched_blocks * self.block_size
+            uncached = num_tokens - (cached if cached >= min_gain else 0)
+            return uncached + self.load_weight * self._load(w, v), v.recent_tokens, order[w.url]
 
         return min(workers, key=cost)
 

@@ -39,8 +39,13 @@ class LocalState:
         return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0)),
                               sum(b.get(u, 0) for b in buckets)) for u in urls}
 
-    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0) -> None:
+    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0, requests: int = 0,
+                           tokens: int = 0) -> None:
+        """The worker will hold these blocks; it computes `computed_tokens` of them; and (optionally) its
+        in-flight load grows by `requests` and `tokens`: one call (one Redis round trip) a routing decision."""
         self.index.add(url, hashes)
+        if requests or tokens:
+            await self.add_load(url, requests, tokens)
         if computed_tokens:
             now = _bucket()
             bucket = self.recent.setdefault(now, {})
@@ -115,19 +120,26 @@ class RedisState:
             pipe.zadd(self._idx(url), {h: now for h in hashes})
             pipe.zremrangebyrank(self._idx(url), 0, -self.max_blocks - 1)
 
-    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0) -> None:
+    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0, requests: int = 0,
+                           tokens: int = 0) -> None:
         pipe = self.redis.pipeline(transaction=False)
         await self._add(pipe, url, hashes)
+        self._load(pipe, url, requests, tokens)
         if computed_tokens:
             key = f"{self.ns}:recent:{_bucket()}"
             pipe.hincrby(key, url, computed_tokens)
             pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
         await pipe.execute()
 
+    def _load(self, pipe, url: str, requests: int, tokens: int) -> None:
+        if requests:
+            pipe.hincrby(f"{self.ns}:load", f"{url}|req", requests)
+        if tokens:
+            pipe.hincrby(f"{self.ns}:load", f"{url}|tok", tokens)
+
     async def add_load(self, url: str, requests: int, tokens: int) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(f"{self.ns}:load", f"{url}|req", requests)
-        pipe.hincrby(f"{self.ns}:load", f"{url}|tok", tokens)
+        self._load(pipe, url, requests, tokens)
         await pipe.execute()
 
     async def apply_events(self, url: str, events: list[KVEvent]) -> None:

@@ -48,3 +48,23 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
                              attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                              pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+def write_tiny_tokenizer(folder: Path, vocab_size: int = 300) -> None:
+    """A byte-level BPE tokenizer trained here on a few sentences, with a chat template: enough for workers
+    and routers to run a random model where no real tokenizer can travel (the GPU machine)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "prefill and decode workers move kv blocks"] * 50
+    tok.train_from_iterator(text, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>", "chat_template": template}))

@@ -20,6 +20,7 @@ class WorkerConfig:
     gpu_memory_utilization: float = 0.85
     transport: str = "host"  # host (same host: shared memory on CPU, CUDA IPC on GPU) | nixl | nccl
     load_format: str = "auto"  # dummy: random weights (benchmarks)
+    attention_backend: str = "auto"  # auto | torch | flashinfer
     transfer_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:

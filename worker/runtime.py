@@ -48,15 +48,21 @@ class WorkerRuntime:
             dtype=config.dtype, block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             load_format=config.load_format, gpu_memory_utilization=config.gpu_memory_utilization,
+            attention_backend=config.attention_backend,
         ), tokenizer=tokenizer, kv_allocator=allocator)
         self.engine = AsyncEngine(engine, after_step=self._drain_events)
         lay = engine.kv_layout
         address = str(self.shm_path) if self.shm_path else ""
         self.descriptor = PoolDescriptor(config.name, config.transport, address, lay.num_blocks, lay.num_layers,
                                          lay.block_size, lay.num_kv_heads, lay.head_dim, lay.dtype)
-        if config.transport != "host":
-            raise NotImplementedError(f"the {config.transport} transport is not wired into workers yet")
-        if engine.device.type == "cuda":  # same host, GPU pools: CUDA IPC
+        if config.transport == "nccl":
+            raise NotImplementedError("the nccl transport is not wired into workers yet (kv_transfer.dist_transport)")
+        if config.transport == "nixl":  # GPU pools, same host (cuda_ipc) or across hosts (RDMA)
+            from kv_transfer.nixl_transport import NixlTransport
+
+            # Only a sender gathers scattered blocks into a staging buffer (128 blocks, split in two halves).
+            self.transport = NixlTransport(config.name, staging_blocks=128 if config.role == "prefill" else 0)
+        elif engine.device.type == "cuda":  # same host, GPU pools: CUDA IPC
             from kv_transfer.cuda_ipc_transport import CudaIpcTransport
 
             self.transport = CudaIpcTransport(config.name)

@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--ep-size", type=int, default=1)
-    ap.add_argument("--transport", default="host", choices=["host"])
+    ap.add_argument("--transport", default="host", choices=["host", "nixl"],
+                    help="host: shared memory (CPU) or CUDA IPC (GPU) on one host; nixl: NIXL/UCX (GPU, any host)")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--drain-timeout-s", type=float, default=5.0, help="on SIGTERM, let requests finish this long")
@@ -74,7 +76,8 @@ def _run_from_args(a) -> None:
                      served_model_name=a.served_model_name, device=a.device, dtype=a.dtype,
                      block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
                      max_num_batched_tokens=a.max_num_batched_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
-                     transport=a.transport, load_format=a.load_format), a.log_level, a.drain_timeout_s)
+                     transport=a.transport, load_format=a.load_format,
+                     attention_backend=a.attention_backend), a.log_level, a.drain_timeout_s)
 
 
 if __name__ == "__main__":

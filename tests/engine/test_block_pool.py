@@ -46,3 +46,19 @@ def test_allocating_more_than_free_fails_cleanly():
     with pytest.raises(NoFreeBlocksError):
         pool.allocate(2)
     assert pool.num_free_blocks == 1
+
+
+def test_allocate_run_takes_adjacent_uncached_blocks_and_evicts_nothing():
+    from engine.block_pool import BlockPool
+
+    pool = BlockPool(32)
+    a = pool.allocate(32)
+    pool.cache_blocks(a[10:12], [111, 112], 0)  # blocks 10, 11 hold a cached prefix
+    pool.release(a[::2])  # free but fragmented: 0, 2, 4, ...
+    pool.release([9, 11])  # 8..12 free, but 10 and 11 are cached
+    assert pool.allocate_run(3) is None  # no 3 adjacent free blocks that hold nothing
+    pool.release([21, 23, 25])  # 20..26 free and uncached
+    run = pool.allocate_run(6)
+    assert run == list(range(20, 26))
+    assert pool.cached == {111: 10, 112: 11}
+    assert all(pool.ref_counts[b] == 1 for b in run) and pool.num_free_blocks == 16 + 2 + 3 - 6

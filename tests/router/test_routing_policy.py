@@ -104,10 +104,10 @@ def test_prefix_index_stays_bounded_per_worker():
     assert index.match("w", [0, 1, 2]) == 0  # the oldest blocks were evicted first
 
 
-async def test_balance_term_spreads_a_short_shared_prefix_when_nothing_is_in_flight():
+async def test_short_shared_prefix_does_not_pull_everything_to_one_worker_when_nothing_is_in_flight():
     # One request at a time (nothing ever in flight): every prompt shares a 2-block preamble (a default system
-    # prompt) and has a long unique tail. Recent work, not the 32 shared tokens, must decide.
-    state, router = LocalState(100_000), Router("cache_aware", 16, balance_weight=1.0)
+    # prompt) and has a long unique tail. The 32 shared tokens must not decide; recent work does.
+    state, router = LocalState(100_000), Router("cache_aware", 16)
     decode = _workers(4)
     preamble = _prompt(0, 32)
     counts = {w.url: 0 for w in decode}
@@ -116,3 +116,9 @@ async def test_balance_term_spreads_a_short_shared_prefix_when_nothing_is_in_fli
         await state.record_route(route.decode.url, [], 332 - route.decode_cached_tokens)
         counts[route.decode.url] += 1
     assert max(counts.values()) / (80 / 4) <= 1.25
+    # ... while a long shared prefix still wins over balance.
+    long_prefix = _prompt(1, 320)
+    first = await _route(state, router, [], decode, long_prefix + _prompt(2000, 20))
+    await state.record_route(first.decode.url, [], 10_000)  # it has done far more recent work than the others
+    again = await _route(state, router, [], decode, long_prefix + _prompt(2001, 20))
+    assert again.decode.url == first.decode.url

@@ -83,3 +83,38 @@ def test_two_router_processes_sharing_redis_make_consistent_choices(demo_gguf, t
             assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
     finally:
         cluster.close()
+
+
+def test_several_router_processes_on_one_port_share_state(demo_gguf):
+    import subprocess
+    import sys
+
+    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
+    from tests.router.fake_workers import start_fake_workers
+
+    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
+    info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
+            "max_model_len": 8192, "tokenizer_hash": "t"}
+    urls = start_fake_workers(4, files, info)
+    for u in urls:
+        wait_http(f"{u}/health")
+    refused = subprocess.run([sys.executable, "-m", "router.main", "--processes", "2", "--decode", urls[0]],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--redis-url" in refused.stderr
+    ns = f"pdserve-test-{uuid.uuid4().hex}"
+    cluster = LocalCluster.__new__(LocalCluster)
+    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], urls, []
+    try:
+        router = cluster.start_router("--processes", "2", "--redis-url", REDIS_URL, "--redis-namespace", ns)
+        with httpx.Client(timeout=30) as one, httpx.Client(timeout=30) as other:  # two connections, two processes
+            for c in range(6):
+                system = f"Tenant {c}: " + " ".join(f"rule {c}-{i} of the house" for i in range(60))
+                turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+                turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+                first = one.post(f"{router}/v1/chat/completions", json={"model": "fake", "messages": turn1})
+                second = other.post(f"{router}/v1/chat/completions", json={"model": "fake", "messages": turn2})
+                assert first.status_code == second.status_code == 200
+                assert (second.json()["choices"][0]["message"]["content"]
+                        == first.json()["choices"][0]["message"]["content"])
+    finally:
+        cluster.close()
