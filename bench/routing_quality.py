@@ -89,18 +89,20 @@ def main() -> None:
     ap.add_argument("--cache-blocks", type=int, default=3000, help="LRU capacity of each mock worker (blocks)")
     ap.add_argument("--sglang-python", default=None)
     ap.add_argument("--vllm-router", default=None)
+    ap.add_argument("--concurrency", default="1,64", help="comma-separated client concurrencies")
+    ap.add_argument("--policies", default="cache_aware,round_robin", help="pdserve policies to run")
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
     sessions = trace(tenants, users, turns, one_shots, seed=0)
     n_requests = sum(len(s) for s in sessions)
     tok = _demo_tokenizer()
     oracle = oracle_hit_rate(sessions, tok)
-    routers = [("pdserve cache_aware", "pdserve", "cache_aware"), ("pdserve round_robin", "pdserve", "round_robin")]
+    routers = [(f"pdserve {p}", "pdserve", p) for p in a.policies.split(",")]
     if a.sglang_python:
         routers.append(("sglang-router cache_aware", "sglang", "cache_aware"))
     if a.vllm_router:
         routers.append(("vllm-router cache_aware", "vllm", "cache_aware"))
-    for concurrency in (1, 64):
+    for concurrency in (int(c) for c in a.concurrency.split(",")):
         for label, kind, policy in routers:
             procs = []
             try:

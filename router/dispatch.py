@@ -71,10 +71,12 @@ class Dispatcher:
         computed = len(prompt_ids) - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         d.inflight += 1
+        d_tokens = 0 if p else computed
         prefill_task = None
         finished = False
         try:
-            await self.state.record_route(d.url, hashes, 0 if p else computed, requests=1)
+            # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
+            await self.state.record_route(d.url, hashes, 0 if p else computed, requests=1, tokens=d_tokens)
             if p is not None:
                 body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
                                                       params=params).model_dump_json()
@@ -102,7 +104,7 @@ class Dispatcher:
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
         finally:
             d.inflight -= 1
-            self._background(self.state.add_load(d.url, -1, 0))
+            self._background(self.state.add_load(d.url, -1, -d_tokens))
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 self._background(self._abort(p, rid))  # frees the KV the prefill worker holds for it
