@@ -41,7 +41,7 @@ def _error(message: str, kind: str, code: str) -> str:
 def create_app(rt: WorkerRuntime) -> FastAPI:
     app = FastAPI(title=f"pdserve decode worker {rt.config.name}")
     app.include_router(common_routes(rt))
-    client = internal_client(httpx.Timeout(rt.config.transfer_timeout_s + 5))
+    client = internal_client(httpx.Timeout(rt.config.transfer_timeout_s + 5), token=rt.config.internal_token)
     app.router.on_shutdown.append(client.aclose)
 
     async def remote_prefill(req: GenerateRequest) -> tuple[int, list[TokenLogprob]]:

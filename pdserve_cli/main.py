@@ -5,6 +5,8 @@ import argparse
 import contextlib
 import importlib.util
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
@@ -55,6 +57,7 @@ def serve(a: argparse.Namespace) -> None:
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ray installs its own; ours stops cleanly
     actors = []
+    token = secrets.token_urlsafe(24)  # the workers answer only this router
     try:
         urls: dict[str, list[str]] = {}
         gpu_share = 1.0 / (a.prefill_workers + a.decode_workers) if has_gpu else 0
@@ -63,14 +66,15 @@ def serve(a: argparse.Namespace) -> None:
                 cfg = WorkerConfig(role=role, name=f"{role}-{i}", model=model, port=free_port(),
                                    served_model_name=a.served_model_name, device=a.device,
                                    block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes,
-                                   max_num_seqs=a.max_num_seqs, transport=a.transport)
+                                   max_num_seqs=a.max_num_seqs, transport=a.transport, internal_token=token)
                 actor = WorkerActor.options(num_gpus=gpu_share, name=cfg.name).remote(cfg, a.log_level)
                 actors.append(actor)
         ready = ray.get([x.wait_ready.remote() for x in actors])
         urls["prefill"] = ready[: a.prefill_workers]
         urls["decode"] = ready[a.prefill_workers :]
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
-                              policy=a.policy, local_prefill_tokens=a.local_prefill_tokens)
+                              policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
+                              auth=a.auth, admin_token=a.admin_token)
         app = create_app(config)
         print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
@@ -103,8 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--policy", default="cache_aware")
     s.add_argument("--local-prefill-tokens", type=int, default=64,
                    help="prompts with at most this many uncached tokens are prefilled on the decode worker")
+    s.add_argument("--auth", action="store_true", help="require API keys (create them with `pdserve keys create`)")
+    s.add_argument("--admin-token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
+                   help="enables the admin API (keys, usage); default $PDSERVE_ADMIN_TOKEN")
     s.add_argument("--log-level", default="warning")
+    from pdserve_cli.keys import add_commands
+
+    add_commands(sub)
     a = ap.parse_args(argv)
+    if a.command != "serve":
+        sys.exit(a.run(a))
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops everything like Ctrl-C
     with contextlib.suppress(KeyboardInterrupt):

@@ -149,7 +149,7 @@ class _Request:
         self.host, self.port = parts.hostname, parts.port or 80
         self.key = (self.host, self.port)
         self.head = (f"POST {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
-                     f"host: {parts.netloc}\r\ncontent-type: application/json\r\n"
+                     f"host: {parts.netloc}\r\ncontent-type: application/json\r\n{client.extra_headers}"
                      f"content-length: {len(body)}\r\n\r\n").encode()
         self.timeout_s = timeout_s or client.timeout_s
         self.conn: _Connection | None = None
@@ -185,7 +185,12 @@ class _Request:
 
 
 class StreamClient:
-    def __init__(self, timeout_s: float = 600.0, connect_timeout_s: float = 5.0, max_idle_per_host: int = 256):
+    def __init__(self, timeout_s: float = 600.0, connect_timeout_s: float = 5.0, max_idle_per_host: int = 256,
+                 headers: dict[str, str] | None = None):
+        for k, v in (headers or {}).items():
+            if any(c in k + v for c in "\r\n"):
+                raise ValueError("header names and values cannot hold line breaks")
+        self.extra_headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_idle_per_host = max_idle_per_host

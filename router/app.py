@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from protocol.http_client import internal_client
+from protocol.http_client import TOKEN_HEADER, internal_client
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
@@ -34,6 +34,7 @@ from router.config import RouterConfig
 from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.dispatch import Dispatcher
 from router.errors import OpenAIError, install_error_handlers, validation_error
+from router.frontdoor import FrontDoor, Ticket
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
@@ -49,8 +50,10 @@ _encode = msgspec.json.Encoder().encode
 class RouterState:
     def __init__(self, config: RouterConfig):
         self.config = config
-        self.client = internal_client(httpx.Timeout(10.0, connect=5.0))  # control plane: health, events
-        self.stream_client = StreamClient(config.request_timeout_s)  # data plane: token streams
+        token = config.internal_token
+        self.client = internal_client(httpx.Timeout(10.0, connect=5.0), token=token)  # control plane
+        self.stream_client = StreamClient(config.request_timeout_s,  # data plane: token streams
+                                          headers={TOKEN_HEADER: token} if token else None)
         if config.redis_url:
             self.state = RedisState(config.redis_url, config.redis_namespace, config.max_index_blocks_per_worker,
                                     router_id=uuid.uuid4().hex)
@@ -63,6 +66,7 @@ class RouterState:
             discovery = StaticDiscovery(config.prefill_urls, config.decode_urls)
         self.pool = WorkerPool(discovery, self.client, self.state, config.health_interval_s)
         self.metrics = RouterMetrics()
+        self.door = FrontDoor(config, getattr(self.state, "redis", None), self.metrics)
         self.tokenizer: ChatTokenizer | None = None
         self.encoder: BatchEncoder | None = None
         self.router: Router | None = None
@@ -97,6 +101,7 @@ class Reply:
     status: int = 200
     body: dict | None = None
     stream: AsyncIterator[bytes] | None = None
+    ticket: Ticket | None = None  # a stream settles it when it ends; if it never starts, RouterApp does
 
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -121,10 +126,16 @@ class RouterApp:
         requests = self.state.metrics.requests.labels
         endpoint = "chat" if chat else "completions"
         try:
+            key = await self.state.door.authenticate(_header(scope, b"authorization"))
             raw = await _read_body(scope, receive, self.state.config.max_body_bytes)
             body = _parse(chat, raw)
             session = _header(scope, self.state.config.session_header.encode())
-            reply = await _until_disconnect(handle(self.state, chat, body, session), receive)
+            try:
+                async with asyncio.timeout(self.state.config.request_timeout_s):
+                    reply = await _until_disconnect(handle(self.state, chat, body, session, key), receive)
+            except TimeoutError:
+                raise OpenAIError(504, f"the request took longer than {self.state.config.request_timeout_s:g} s",
+                                  code="request_timeout") from None
         except OpenAIError as e:
             requests(endpoint, str(e.status)).inc()
             return await _send_json(send, e.status, e.body(), e.headers)
@@ -138,7 +149,10 @@ class RouterApp:
             requests(endpoint, str(reply.status)).inc()
             await _send_json(send, reply.status, reply.body)
         else:
-            await _until_disconnect(_send_stream(send, reply.stream), receive)
+            try:
+                await _until_disconnect(_send_stream(send, reply.stream), receive)
+            finally:
+                await reply.ticket.close("cancelled")  # a no-op unless the stream never started
 
 
 def create_app(config: RouterConfig) -> RouterApp:
@@ -172,7 +186,8 @@ def _api(state: RouterState) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        await state.door.authenticate(request.headers.get("authorization"))
         _require_ready(state)
         ref = state.pool.reference
         return {"object": "list", "data": [{"id": ref.model, "object": "model", "created": 0,
@@ -180,11 +195,17 @@ def _api(state: RouterState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return _response(await handle(state, True, body, request.headers.get(state.config.session_header)))
+        key = await state.door.authenticate(request.headers.get("authorization"))
+        return _response(await handle(state, True, body, request.headers.get(state.config.session_header), key))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return _response(await handle(state, False, body, request.headers.get(state.config.session_header)))
+        key = await state.door.authenticate(request.headers.get("authorization"))
+        return _response(await handle(state, False, body, request.headers.get(state.config.session_header), key))
+
+    from router.admin import admin_routes
+
+    app.include_router(admin_routes(state))
 
     return app
 
@@ -354,10 +375,12 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
-async def handle(state: RouterState, chat: bool, body: Any, session_header: str | None) -> Reply:
-    """One OpenAI request, validated: tokenize, route, and answer (JSON) or stream (SSE)."""
+async def handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key) -> Reply:
+    """One OpenAI request, validated and authenticated: tokenize, check limits and capacity, admit, route,
+    and answer (JSON) or stream (SSE)."""
     _require_ready(state)
     _check_model(state, body.model)
+    state.door.check_model(key, body.model)
     ids = await _prompt_ids(state, chat, body)
     ref = state.pool.reference
     if not ids:
@@ -366,13 +389,20 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     if room < 1:
         raise OpenAIError(400, f"the prompt has {len(ids)} tokens; this model's context is {ref.max_model_len}",
                           param="messages" if chat else "prompt", code="context_length_exceeded")
-    max_tokens = body.output_limit() or room
+    max_tokens = body.output_limit() or min(room, state.config.max_output_tokens or room)
     if max_tokens > room:
         raise OpenAIError(400, f"max_tokens {max_tokens} plus the prompt's {len(ids)} tokens exceed the "
                                f"context of {ref.max_model_len}", param="max_tokens", code="context_length_exceeded")
     if not state.pool.pool("decode"):
         raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
+    state.door.check_request(len(ids), max_tokens, chat)
+    queued = sum(w.inflight_tokens for w in state.pool.prefill_pool())
+    capacity = state.door.capacity(state.pool, queued)
+    if not capacity.ok:
+        state.metrics.refused.labels(capacity.reason.split(" (")[0][:40]).inc()
+        raise state.door.overloaded(capacity.reason)
     rid = ("chatcmpl-" if chat else "cmpl-") + _request_id()
+    ticket = await state.door.admit(key, rid, body.model, len(ids), max_tokens * body.n)
     fmt = Formatter(state.tokenizer, ref.model, rid, chat)
     hashes = state.dispatcher.hashes(ids)
     session = session_header or body.user
@@ -381,25 +411,36 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     state.metrics.prompt_tokens.inc(len(ids) * body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Reply(stream=_sse(state, fmt, streams, len(ids), include_usage))
+        return Reply(stream=_sse(state, fmt, streams, len(ids), include_usage, ticket), ticket=ticket)
     start = time.perf_counter()
-    if len(streams) == 1:  # the common case: no task per choice
-        results = [await _collect(streams[0])]
-    else:
-        results = await asyncio.gather(*(_collect(s) for s in streams))
+    outcome = "cancelled"
+    try:
+        if len(streams) == 1:  # the common case: no task per choice
+            results = [await _collect(streams[0], ticket)]
+        else:
+            results = await asyncio.gather(*(_collect(s, ticket) for s in streams))
+        outcome = "ok"
+    except OpenAIError:
+        outcome = "error"
+        raise
+    finally:
+        await ticket.close(outcome)
     completion = sum(r[3] for r in results)
     cached = max(r[4] for r in results)
     _observe(state, start, completion, cached)
     return Reply(body=fmt.full([(r[0], r[1], r[2]) for r in results], usage(len(ids), completion, cached)))
 
 
-async def _collect(stream: AsyncIterator[GenerateChunk]) -> tuple[str, str | None, list[TokenLogprobWire], int, int]:
+async def _collect(stream: AsyncIterator[GenerateChunk], ticket: Ticket
+                   ) -> tuple[str, str | None, list[TokenLogprobWire], int, int]:
     text, lps, reason, completion, cached = [], [], None, 0, 0
     async for c in stream:
         if c.error:
             raise _worker_error(c)
         text.append(c.text)
         lps += c.logprobs
+        ticket.completion_tokens += c.completion_tokens - completion  # billed as it happens (also if cut off)
+        ticket.cached_tokens = max(ticket.cached_tokens, c.cached_tokens)
         reason, completion, cached = c.finish_reason, c.completion_tokens, c.cached_tokens
     return "".join(text), reason, lps, completion, cached
 
@@ -417,7 +458,7 @@ def _observe(state: RouterState, start: float, completion: int, cached: int) -> 
 
 
 async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[GenerateChunk]], prompt_len: int,
-               include_usage: bool) -> AsyncIterator[bytes]:
+               include_usage: bool, ticket: Ticket) -> AsyncIterator[bytes]:
     """Merge the n choices' streams into one SSE stream; leaving early closes every worker stream."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -456,6 +497,7 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
             first_seen.add(i)
             offsets[i] += len(item.text)
             completion[i], cached = item.completion_tokens, max(cached, item.cached_tokens)
+            ticket.completion_tokens, ticket.cached_tokens = sum(completion), cached
         else:
             status = "200"
             if include_usage:
@@ -466,3 +508,4 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
             t.cancel()
         _observe(state, start, sum(completion), cached)
         state.metrics.requests.labels("chat" if fmt.chat else "completions", status).inc()
+        await ticket.close({"200": "ok", "499": "cancelled"}.get(status, "error"))

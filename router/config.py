@@ -1,6 +1,7 @@
 """The router process's configuration, validated once."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +25,24 @@ class RouterConfig:
     k8s_prefill_selector: str = "app.kubernetes.io/component=prefill"
     k8s_decode_selector: str = "app.kubernetes.io/component=decode"
     worker_port: int = 8100
+    internal_token: str | None = field(default=None, repr=False)  # sent to workers; never printed
+    # The front door (router/frontdoor.py). Auth: on in cluster mode (the chart), off embedded.
+    auth: bool = False
+    admin_token: str | None = field(default=None, repr=False)  # None: the admin API is off
+    keys_file: str = "~/.local/share/pdserve/keys.json"  # where keys live without Redis
+    api_keys: str | None = field(default=None, repr=False)  # static name:key pairs (a Kubernetes Secret)
+    max_prompt_tokens: int | None = None  # None: the model's context
+    max_output_tokens: int | None = None  # cap on max_tokens; None: the model's context
+    max_waiting_per_worker: int = 256  # refuse new requests when every decode worker queues this many
+    min_free_kv_ratio: float = 0.0  # refuse when every decode worker has less free KV than this share
+    max_queued_prefill_tokens: int = 2_000_000  # refuse when this many prompt tokens wait to be prefilled
+    ttft_slo_s: float | None = None  # refuse when the predicted time to first token is over this
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
             raise ValueError(f"unknown discovery {self.discovery!r}: static or kubernetes")
         if self.discovery == "static" and not self.decode_urls:
             raise ValueError("the router needs at least one decode worker")
+        object.__setattr__(self, "keys_file", str(Path(self.keys_file).expanduser()))
         if self.local_prefill_tokens < 0 or self.load_weight < 0:
             raise ValueError("local_prefill_tokens and load_weight must be >= 0")

@@ -72,6 +72,7 @@ class Dispatcher:
         self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         d.inflight += 1
         d_tokens = 0 if p else computed
+        d.inflight_tokens += d_tokens
         prefill_task = None
         finished = False
         try:
@@ -81,9 +82,10 @@ class Dispatcher:
                 body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
                                                       params=params).model_dump_json()
                 p.inflight += 1
+                p.inflight_tokens += computed
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
                 # Released when the prefill ends, however it ends (even cancelled before it started).
-                prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids)))
+                prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids), computed))
                 await self.state.record_route(p.url, hashes, computed, requests=1, tokens=len(prompt_ids))
             # Built from validated parts: model_construct skips validating the prompt's ids again.
             req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
@@ -104,6 +106,7 @@ class Dispatcher:
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")
         finally:
             d.inflight -= 1
+            d.inflight_tokens -= d_tokens
             self._background(self.state.add_load(d.url, -1, -d_tokens))
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
@@ -116,8 +119,9 @@ class Dispatcher:
         except (StreamClientError, TimeoutError):
             self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried
 
-    def _release(self, p: Worker, num_tokens: int) -> None:
+    def _release(self, p: Worker, num_tokens: int, computed: int) -> None:
         p.inflight -= 1
+        p.inflight_tokens -= computed
         self._background(self.state.add_load(p.url, -1, -num_tokens))
 
     def _background(self, coro) -> None:

@@ -31,6 +31,20 @@ def main() -> None:
     ap.add_argument("--k8s-prefill-selector", default="app.kubernetes.io/component=prefill")
     ap.add_argument("--k8s-decode-selector", default="app.kubernetes.io/component=decode")
     ap.add_argument("--worker-port", type=int, default=8100)
+    ap.add_argument("--internal-token", default=None, help="the cluster's internal token for workers' API "
+                    "(default $PDSERVE_INTERNAL_TOKEN)")
+    ap.add_argument("--auth", type=_flag, nargs="?", const=True, default=False,
+                    help="require API keys on /v1/* (on in cluster mode through the chart)")
+    ap.add_argument("--admin-token", default=None, help="enables the admin API (default $PDSERVE_ADMIN_TOKEN)")
+    ap.add_argument("--keys-file", default="~/.local/share/pdserve/keys.json", help="API keys without Redis")
+    ap.add_argument("--api-keys", default=None, help="static name:key pairs (default $PDSERVE_API_KEYS)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None)
+    ap.add_argument("--max-output-tokens", type=int, default=None)
+    ap.add_argument("--max-waiting-per-worker", type=int, default=256)
+    ap.add_argument("--min-free-kv-ratio", type=float, default=0.0)
+    ap.add_argument("--max-queued-prefill-tokens", type=int, default=2_000_000)
+    ap.add_argument("--ttft-slo-s", type=float, default=None)
+    ap.add_argument("--request-timeout-s", type=float, default=600.0)
     ap.add_argument("--processes", type=int, default=1, help="router processes sharing the port (needs --redis-url)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
@@ -40,7 +54,12 @@ def main() -> None:
                           local_prefill_tokens=a.local_prefill_tokens, redis_url=a.redis_url,
                           redis_namespace=a.redis_namespace, discovery=a.discovery, k8s_namespace=a.k8s_namespace,
                           k8s_prefill_selector=a.k8s_prefill_selector, k8s_decode_selector=a.k8s_decode_selector,
-                          worker_port=a.worker_port)
+                          worker_port=a.worker_port, internal_token=a.internal_token, auth=a.auth,
+                          admin_token=a.admin_token, keys_file=a.keys_file, api_keys=a.api_keys,
+                          max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
+                          max_waiting_per_worker=a.max_waiting_per_worker, min_free_kv_ratio=a.min_free_kv_ratio,
+                          max_queued_prefill_tokens=a.max_queued_prefill_tokens, ttft_slo_s=a.ttft_slo_s,
+                          request_timeout_s=a.request_timeout_s)
     if a.processes > 1:
         if not config.redis_url:
             ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
@@ -52,6 +71,16 @@ def main() -> None:
 
 
 _CONFIG_ENV = "PDSERVE_ROUTER_CONFIG_JSON"
+
+
+def _flag(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
 
 
 def app_from_env():

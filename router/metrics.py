@@ -26,5 +26,12 @@ class RouterMetrics:
                                      registry=r)
         self.worker_free_blocks = Gauge("pdserve_worker_free_kv_blocks", "Free KV blocks per worker",
                                         ["worker", "role"], registry=r)
+        # Per API key (by its name: never the key itself) and model: what a bill is made of.
+        self.key_requests = Counter("pdserve_key_requests", "Requests by API key name, model and outcome",
+                                    ["key", "model", "outcome"], registry=r)
+        self.key_tokens = Counter("pdserve_key_tokens", "Tokens by API key name, model and kind",
+                                  ["key", "model", "kind"], registry=r)
+        self.refused = Counter("pdserve_refused_requests", "Requests refused by admission control", ["reason"],
+                               registry=r)
         self.retries = Counter("pdserve_retries", "Requests retried on another worker before their first token",
                                registry=r)

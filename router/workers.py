@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -26,7 +27,10 @@ class Worker:
     healthy: bool = False
     load: WorkerLoad | None = None
     inflight: int = 0  # requests this router has sent and not seen finish (for metrics; routing reads state)
+    inflight_tokens: int = 0  # prompt tokens this router sent it to compute that are not done yet
     events_seq: int = 0
+    prefill_rate: float | None = None  # tokens/s it computed while busy (moving average, from /load)
+    _last_load: tuple[float, int] | None = None  # (time, tokens_computed) of the previous /load
 
 
 class WorkerPool:
@@ -85,7 +89,11 @@ class WorkerPool:
             await asyncio.gather(*(self._refresh(w) for w in self.workers), return_exceptions=True)
 
     async def _register(self, w: Worker) -> None:
-        info = WorkerInfo.model_validate((await self.client.get(f"{w.url}/info")).json())
+        resp = await self.client.get(f"{w.url}/info")
+        if resp.status_code == 401:
+            raise RegistrationError(f"{w.url} refused this router's internal token")
+        resp.raise_for_status()
+        info = WorkerInfo.model_validate(resp.json())
         if info.role != w.role:
             raise RegistrationError(f"{w.url} is a {info.role} worker, configured as {w.role}")
         if self.reference is None:
@@ -105,6 +113,7 @@ class WorkerPool:
             resp = await self.client.get(f"{w.url}/load", timeout=2.0)
             resp.raise_for_status()
             w.load = WorkerLoad.model_validate(resp.json())
+            self._measure_rate(w)
             await self._pull_events(w)
             if not w.healthy:
                 log.info("worker %s (%s) is healthy", w.url, w.role)
@@ -126,6 +135,25 @@ class WorkerPool:
             await self.state.reset(w.url, body["block_hashes"])
         await self.state.apply_events(w.url, [KVEvent.from_dict(e) for e in body["events"]])
         w.events_seq = body["seq"]
+
+    @staticmethod
+    def _measure_rate(w: Worker) -> None:
+        now = time.monotonic()
+        if w._last_load is not None and w.load.running + w.load.waiting > 0:
+            dt, done = now - w._last_load[0], w.load.tokens_computed - w._last_load[1]
+            if dt > 0 and done > 0:
+                rate = done / dt
+                w.prefill_rate = rate if w.prefill_rate is None else 0.8 * w.prefill_rate + 0.2 * rate
+        w._last_load = (now, w.load.tokens_computed)
+
+    def prefill_pool(self) -> list["Worker"]:
+        """The workers that compute prompts: the prefill pool, or the decode pool when there is none."""
+        return self.pool("prefill") or self.pool("decode")
+
+    def predicted_ttft_s(self, queued_tokens: int) -> float | None:
+        """Seconds until a new prompt's prefill could start, if the pool's measured rate holds; None: unknown."""
+        rates = [w.prefill_rate for w in self.prefill_pool() if w.prefill_rate]
+        return queued_tokens / sum(rates) if rates else None
 
     def mark_failed(self, w: Worker) -> None:
         """A request to this worker failed at the connection: take it out until a health check passes."""

@@ -1,6 +1,6 @@
 """One worker process's configuration, validated once."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,8 @@ class WorkerConfig:
     load_format: str = "auto"  # dummy: random weights (benchmarks)
     attention_backend: str = "auto"  # auto | torch | flashinfer
     transfer_timeout_s: float = 30.0
+    # Callers of the internal API must hold it; None: open (tests, one host). Never printed (repr=False).
+    internal_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

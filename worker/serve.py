@@ -20,6 +20,10 @@ def build_app(config: WorkerConfig):
         from decode_worker.app import create_app
     app = create_app(rt)
     app.router.on_shutdown.append(lambda: rt.close())
+    if config.internal_token:
+        from protocol.internal_auth import RequireInternalToken
+
+        app.add_middleware(RequireInternalToken, token=config.internal_token)
     return app
 
 
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--drain-timeout-s", type=float, default=5.0, help="on SIGTERM, let requests finish this long")
+    ap.add_argument("--internal-token", default=None,
+                    help="answer only callers holding this token (default $PDSERVE_INTERNAL_TOKEN; unset: open)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     if a.tp_size != 1 or a.ep_size != 1:
@@ -77,7 +83,7 @@ def _run_from_args(a) -> None:
                      block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
                      max_num_batched_tokens=a.max_num_batched_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
                      transport=a.transport, load_format=a.load_format,
-                     attention_backend=a.attention_backend), a.log_level, a.drain_timeout_s)
+                     attention_backend=a.attention_backend, internal_token=a.internal_token), a.log_level, a.drain_timeout_s)
 
 
 if __name__ == "__main__":

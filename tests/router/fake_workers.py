@@ -43,6 +43,10 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
         """One token, the worker's name, then EOS; with ignore_eos, max_tokens tokens 20 ms apart."""
         app.state.requests += 1
         n = req.params.max_tokens if req.params.ignore_eos else 1
+        if "FAIL" in req.params.stop:  # a test asks for a failed request
+            bad = GenerateChunk(finished=True, finish_reason="error", error={
+                "message": "the test asked for a failure", "type": "invalid_request_error", "code": "invalid_request"})
+            return StreamingResponse(iter([bad.model_dump_json() + "\n"]), media_type="application/x-ndjson")
 
         async def lines():
             app.state.running += 1

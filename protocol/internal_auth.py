@@ -1,0 +1,31 @@
+"""Workers' internal API answers only callers holding the cluster's internal token (header
+`x-pdserve-token`); probes and metrics stay open. Plain ASGI middleware: no per-request task."""
+
+import hmac
+import json
+
+from protocol.http_client import TOKEN_HEADER
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_HEADER = TOKEN_HEADER.encode()
+
+
+class RequireInternalToken:
+    def __init__(self, app, token: str):
+        if not token:
+            raise ValueError("an empty internal token would let anyone in")
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == _HEADER), b"")
+        if hmac.compare_digest(given, self.token):
+            return await self.app(scope, receive, send)
+        body = json.dumps({"error": {"message": "this is a pdserve worker's internal API: a caller needs the "
+                                                "cluster's internal token", "type": "authentication_error",
+                                     "param": None, "code": "invalid_internal_token"}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
