@@ -37,6 +37,9 @@ class LocalCluster:
         self.decode_urls: list[str] = []
         self.worker_procs: dict[str, subprocess.Popen] = {}
         self.routers: list[tuple[str, subprocess.Popen]] = []
+        args = list(worker_args)
+        token = args[args.index("--internal-token") + 1] if "--internal-token" in args else None
+        self.headers = {"x-pdserve-token": token} if token else {}  # to read workers' /load
         for role, count in (("prefill", prefill), ("decode", decode)):
             for _ in range(count):
                 port = free_port()
@@ -81,7 +84,7 @@ class LocalCluster:
         proc.wait(10)
 
     def load(self, url: str) -> dict:
-        return httpx.get(f"{url}/load", timeout=5).json()
+        return httpx.get(f"{url}/load", timeout=5, headers=getattr(self, "headers", {})).json()
 
     def close(self) -> None:
         for proc in self.procs:

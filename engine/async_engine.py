@@ -5,11 +5,12 @@ between steps, outputs come back to each request's asyncio queue on the caller's
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
@@ -82,10 +83,16 @@ class AsyncEngine:
         future: Future = Future()
 
         def run() -> None:
+            # fn always runs (its side effects, e.g. freeing blocks, must happen even when the caller has been
+            # cancelled meanwhile); its result goes to the caller only if the caller still waits for it.
             try:
-                future.set_result(fn(self.engine))
-            except BaseException as e:  # handed to the caller
-                future.set_exception(e)
+                result = fn(self.engine)
+            except Exception as e:  # handed to the caller
+                with contextlib.suppress(InvalidStateError):
+                    future.set_exception(e)
+                return
+            with contextlib.suppress(InvalidStateError):
+                future.set_result(result)
 
         self._commands.put(run)
         return await asyncio.wrap_future(future)

@@ -97,4 +97,5 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
 def _fail(p: Pending, error: Exception) -> None:
     if not p.result.done():
         p.result.set_exception(error)
+        p.result.exception()  # retrieved: nobody may wait for it (the request was aborted), and that is fine
     p.sent.set()

@@ -9,6 +9,7 @@ same handler, so the schema documents them and both paths behave the same.
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -127,12 +128,19 @@ class RouterApp:
         endpoint = "chat" if chat else "completions"
         try:
             key = await self.state.door.authenticate(_header(scope, b"authorization"))
-            raw = await _read_body(scope, receive, self.state.config.max_body_bytes)
+            try:
+                raw = await _read_body(scope, receive, self.state.config.max_body_bytes)
+            except asyncio.CancelledError:
+                requests(endpoint, "499").inc()
+                await self.state.door.usage.add(key.id, "-", {"requests": 1, "cancelled": 1})
+                return
             body = _parse(chat, raw)
             session = _header(scope, self.state.config.session_header.encode())
+            admitted: list[Ticket] = []
             try:
                 async with asyncio.timeout(self.state.config.request_timeout_s):
-                    reply = await _until_disconnect(handle(self.state, chat, body, session, key), receive)
+                    reply = await _until_disconnect(handle(self.state, chat, body, session, key, admitted),
+                                                    receive)
             except TimeoutError:
                 raise OpenAIError(504, f"the request took longer than {self.state.config.request_timeout_s:g} s",
                                   code="request_timeout") from None
@@ -145,6 +153,8 @@ class RouterApp:
             return await _send_json(send, 500, OpenAIError(500, f"internal error: {type(e).__name__}").body())
         if reply is None:
             requests(endpoint, "499").inc()  # the client left; handle() was cancelled and freed what it held
+            if not admitted:  # it left before admission: still one request on its bill, with no tokens
+                await self.state.door.usage.add(key.id, body.model, {"requests": 1, "cancelled": 1})
         elif reply.stream is None:
             requests(endpoint, str(reply.status)).inc()
             await _send_json(send, reply.status, reply.body)
@@ -254,7 +264,7 @@ async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise OpenAIError(400, "the client closed the connection before sending its body")
+            raise asyncio.CancelledError  # the client left before sending its whole body
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
@@ -375,7 +385,8 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
-async def handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key) -> Reply:
+async def handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key,
+                 admitted: list | None = None) -> Reply:
     """One OpenAI request, validated and authenticated: tokenize, check limits and capacity, admit, route,
     and answer (JSON) or stream (SSE)."""
     _require_ready(state)
@@ -402,7 +413,18 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
         state.metrics.refused.labels(capacity.reason.split(" (")[0][:40]).inc()
         raise state.door.overloaded(capacity.reason)
     rid = ("chatcmpl-" if chat else "cmpl-") + _request_id()
-    ticket = await state.door.admit(key, rid, body.model, len(ids), max_tokens * body.n)
+    admission = asyncio.ensure_future(state.door.admit(key, rid, body.model, len(ids), max_tokens * body.n))
+    try:
+        ticket = await asyncio.shield(admission)  # a reservation once taken is always settled
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            late = await admission
+            if admitted is not None:
+                admitted.append(late)
+            await late.close("cancelled")
+        raise
+    if admitted is not None:
+        admitted.append(ticket)
     fmt = Formatter(state.tokenizer, ref.model, rid, chat)
     hashes = state.dispatcher.hashes(ids)
     session = session_header or body.user

@@ -60,6 +60,13 @@ def test_router_gets_redis_discovery_and_secrets_from_references():
     assert env["PDSERVE_DISCOVERY"]["value"] == "kubernetes"
     assert env["PDSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "keys"}
     assert "value" not in env["PDSERVE_INTERNAL_TOKEN"]
+    # Cluster mode: API keys on, the admin token from a Secret the chart made (kept across upgrades).
+    assert env["PDSERVE_AUTH"]["value"] == "true"
+    admin = env["PDSERVE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    secret = _find(docs, "Secret", "-admin-token")
+    assert admin["name"] == secret["metadata"]["name"] and admin["key"] in secret["data"]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert env["PDSERVE_MAX_QUEUED_PREFILL_TOKENS"]["value"] == "2000000" and "PDSERVE_TTFT_SLO_S" not in env
     role = _find(docs, "Role", "-router")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     assert router["serviceAccountName"] == "rel-pdserve-router"
@@ -146,4 +153,5 @@ def _router_routes() -> set[str]:
     from router.app import create_app
     from router.config import RouterConfig
 
-    return {r.path for r in create_app(RouterConfig(decode_urls=["http://x"])).api.routes}
+    app = create_app(RouterConfig(decode_urls=["http://x"])).api
+    return set(app.openapi()["paths"]) | {r.path for r in app.routes if hasattr(r, "path")}

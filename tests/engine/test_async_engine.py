@@ -62,3 +62,25 @@ async def test_bad_request_raises_in_the_caller(async_engine):
     with pytest.raises(RequestError):
         async for _ in async_engine.generate("bad", [], SamplingParams()):
             pass
+
+
+async def test_a_caller_cancelled_while_its_command_waits_leaves_the_engine_alive(async_engine):
+    import threading
+
+    gate = threading.Event()
+    ran = []
+
+    def slow(engine) -> int:
+        gate.wait(5)
+        ran.append(True)
+        return 1
+
+    blocker = asyncio.ensure_future(async_engine.call(slow))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(async_engine.call(lambda e: ran.append("second") or 2))
+    await asyncio.sleep(0.05)
+    waiting.cancel()  # the caller leaves while its command is queued behind the slow one
+    gate.set()
+    assert await blocker == 1
+    assert await async_engine.call(lambda e: 3) == 3  # the engine thread survived
+    assert ran == [True, "second"] and async_engine.error is None  # the cancelled command still ran

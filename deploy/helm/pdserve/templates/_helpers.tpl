@@ -28,6 +28,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.cluster.internalTokenSecret.name | default (printf "%s-internal-token" (include "pdserve.fullname" .)) -}}
 {{- end -}}
 
+{{- define "pdserve.adminTokenSecretName" -}}
+{{- .Values.router.adminTokenSecret.name | default (printf "%s-admin-token" (include "pdserve.fullname" .)) -}}
+{{- end -}}
+
 {{- define "pdserve.gpusPerWorker" -}}
 {{- mul .pool.tpSize .pool.epSize -}}
 {{- end -}}
