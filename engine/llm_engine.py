@@ -36,6 +36,7 @@ CPU_DEFAULT_KV_BYTES = 512 << 20
 class EngineStats:
     num_steps: int = 0
     num_tokens_computed: int = 0  # tokens run through the model (prompt chunks, recomputes and decodes)
+    num_prompt_tokens: int = 0  # prompt tokens of the requests added (the prefix-cache hit ratio's denominator)
     num_preemptions: int = 0
 
 
@@ -165,6 +166,7 @@ class LLMEngine:
             raise RequestError("the prompt does not fit in this worker's KV cache")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals))
+        self.stats.num_prompt_tokens += len(prompt_token_ids)
         if self.tokenizer is not None:
             self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                   params.skip_special_tokens, params.include_stop_str_in_output)

@@ -7,6 +7,7 @@ writes the blocks the decode worker lacks into its reserved ones, releases them 
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, HTTPException
@@ -33,10 +34,14 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
     app = FastAPI(title=f"pdserve prefill worker {rt.config.name}")
     app.include_router(common_routes(rt))
     pending: dict[str, Pending] = {}
+    aborted: dict[str, float] = {}  # request id -> when: an /abort can overtake its /prefill
     timeout = rt.config.transfer_timeout_s
 
     @app.post("/prefill")
     async def prefill(req: PrefillRequest) -> JSONResponse:
+        if aborted.pop(req.request_id, None) is not None:
+            return JSONResponse({"error": {"message": "aborted before it started", "type": "invalid_request_error"}},
+                                409)
         p = pending.setdefault(req.request_id, Pending())
         try:
             params = to_sampling_params(req.params, max_tokens=1, stop=(), min_tokens=0)
@@ -72,6 +77,7 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
             if len(src) != len(dst):
                 raise TransferError(f"{len(dst)} destination blocks for {len(src)} prefilled blocks")
             await asyncio.to_thread(rt.transport.write_blocks, dest.agent, src, dst, timeout)
+            rt.kv_bytes_sent += len(src) * rt.engine.engine.kv_layout.block_bytes
         except TimeoutError as e:
             raise HTTPException(504, "the prefill did not finish in time") from e
         except TransferError as e:
@@ -89,6 +95,12 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
         p = pending.get(request_id)
         if p is not None:
             _fail(p, RequestError("aborted"))
+        else:  # its /prefill may still be on the way: refuse it when it comes
+            now = time.monotonic()
+            aborted[request_id] = now
+            if len(aborted) > 10_000:  # bounded: ids whose /prefill never came age out
+                for rid in [r for r, t in aborted.items() if now - t > 2 * timeout]:
+                    del aborted[rid]
         return {"ok": True}
 
     return app

@@ -18,12 +18,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -41,10 +43,12 @@ from router.openai_format import Formatter, usage
 from router.policy import Router
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.state import LocalState, RedisState
+from router.telemetry import Telemetry
 from router.tokenize import BatchEncoder
 from router.workers import WorkerPool
 
 log = logging.getLogger("pdserve.router")
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"  # static files, shipped in the package
 _encode = msgspec.json.Encoder().encode
 
 
@@ -68,10 +72,19 @@ class RouterState:
         self.pool = WorkerPool(discovery, self.client, self.state, config.health_interval_s)
         self.metrics = RouterMetrics()
         self.door = FrontDoor(config, getattr(self.state, "redis", None), self.metrics)
+        self.telemetry = Telemetry()
+        self.scaler = None  # set by whoever can add and remove workers (pdserve serve: Ray; Kubernetes)
         self.tokenizer: ChatTokenizer | None = None
         self.encoder: BatchEncoder | None = None
         self.router: Router | None = None
         self.dispatcher: Dispatcher | None = None
+
+    def count(self, endpoint: str, status: str, completion_tokens: int = 0, error: OpenAIError | None = None) -> None:
+        """One finished request: Prometheus and the dashboard's telemetry."""
+        self.metrics.requests.labels(endpoint, status).inc()
+        self.telemetry.request(status, completion_tokens)
+        if error is not None:
+            self.telemetry.error(error.status, error.code, error.message)
 
     async def start(self) -> None:
         await self.pool.start()
@@ -124,14 +137,14 @@ class RouterApp:
 
     async def _hot(self, chat: bool, scope: dict, receive: Callable, send: Callable) -> None:
         """Streams count their own outcome (in `_sse`); the rest is counted here."""
-        requests = self.state.metrics.requests.labels
+        count = self.state.count
         endpoint = "chat" if chat else "completions"
         try:
             key = await self.state.door.authenticate(_header(scope, b"authorization"))
             try:
                 raw = await _read_body(scope, receive, self.state.config.max_body_bytes)
             except asyncio.CancelledError:
-                requests(endpoint, "499").inc()
+                count(endpoint, "499")
                 await self.state.door.usage.add(key.id, "-", {"requests": 1, "cancelled": 1})
                 return
             body = _parse(chat, raw)
@@ -145,18 +158,18 @@ class RouterApp:
                 raise OpenAIError(504, f"the request took longer than {self.state.config.request_timeout_s:g} s",
                                   code="request_timeout") from None
         except OpenAIError as e:
-            requests(endpoint, str(e.status)).inc()
+            count(endpoint, str(e.status), error=e)
             return await _send_json(send, e.status, e.body(), e.headers)
         except Exception as e:  # noqa: BLE001 - a bug must still answer OpenAI-shaped
             log.error("unexpected error", exc_info=e)
-            requests(endpoint, "500").inc()
+            count(endpoint, "500", error=OpenAIError(500, f"internal error: {type(e).__name__}"))
             return await _send_json(send, 500, OpenAIError(500, f"internal error: {type(e).__name__}").body())
         if reply is None:
-            requests(endpoint, "499").inc()  # the client left; handle() was cancelled and freed what it held
+            count(endpoint, "499")  # the client left; handle() was cancelled and freed what it held
             if not admitted:  # it left before admission: still one request on its bill, with no tokens
                 await self.state.door.usage.add(key.id, body.model, {"requests": 1, "cancelled": 1})
         elif reply.stream is None:
-            requests(endpoint, str(reply.status)).inc()
+            count(endpoint, str(reply.status), reply.body["usage"]["completion_tokens"])
             await _send_json(send, reply.status, reply.body)
         else:
             try:
@@ -213,9 +226,23 @@ def _api(state: RouterState) -> FastAPI:
         key = await state.door.authenticate(request.headers.get("authorization"))
         return _response(await handle(state, False, body, request.headers.get(state.config.session_header), key))
 
-    from router.admin import admin_routes
+    from router.admin import admin_routes, advice, pool_view
 
     app.include_router(admin_routes(state))
+    app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(DASHBOARD_DIR / "index.html")
+
+    @app.get("/dashboard/api/state", include_in_schema=False)
+    async def dashboard_state(request: Request) -> dict:
+        """Everything the dashboard shows, in one poll (admin token)."""
+        state.door.check_admin(request.headers.get("authorization"))
+        return {"time": time.time(), "model": state.pool.reference.model if state.pool.reference else None,
+                "pools": {p: await pool_view(state, p) for p in ("prefill", "decode")},
+                "series": state.telemetry.series(300.0), "errors": list(state.telemetry.errors),
+                "advice": advice(state)}
 
     return app
 
@@ -498,6 +525,7 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
     start = last = time.perf_counter()
     first_seen, offsets, completion, cached, remaining = set(), [0] * len(streams), [0] * len(streams), 0, len(streams)
     status = "499"  # until it ends one way or the other: the client left
+    stream_error: OpenAIError | None = None
     try:
         while remaining:
             i, item = await queue.get()
@@ -506,14 +534,16 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
                 continue
             if isinstance(item, OpenAIError) or item.error:
                 err = item if isinstance(item, OpenAIError) else _worker_error(item)
-                status = str(err.status)
+                status, stream_error = str(err.status), err
                 yield b"data: " + _encode(err.body()) + b"\n\n"
                 break
             now = time.perf_counter()
             if not first_seen:
                 state.metrics.ttft.observe(now - start)
+                state.telemetry.ttft(now - start)
             elif item.token_ids:
                 state.metrics.itl.observe(now - last)
+                state.telemetry.itl(now - last)
             last = now
             yield b"data: " + _encode(fmt.chunk(i, item, i not in first_seen, offsets[i])) + b"\n\n"
             first_seen.add(i)
@@ -529,5 +559,5 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
         for t in tasks:
             t.cancel()
         _observe(state, start, sum(completion), cached)
-        state.metrics.requests.labels("chat" if fmt.chat else "completions", status).inc()
+        state.count("chat" if fmt.chat else "completions", status, sum(completion), stream_error)
         await ticket.close({"200": "ok", "499": "cancelled"}.get(status, "error"))

@@ -37,6 +37,8 @@ class RouterConfig:
     min_free_kv_ratio: float = 0.0  # refuse when every decode worker has less free KV than this share
     max_queued_prefill_tokens: int = 2_000_000  # refuse when this many prompt tokens wait to be prefilled
     ttft_slo_s: float | None = None  # refuse when the predicted time to first token is over this
+    itl_slo_s: float = 0.1  # scaling advice: the inter-token latency decode workers should keep
+    max_pool_replicas: int = 64  # the scaling API refuses more workers a pool
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):

@@ -33,5 +33,7 @@ class RouterMetrics:
                                   ["key", "model", "kind"], registry=r)
         self.refused = Counter("pdserve_refused_requests", "Requests refused by admission control", ["reason"],
                                registry=r)
+        self.recommended_workers = Gauge("pdserve_recommended_workers", "Workers each pool needs for the last "
+                                         "minute's load (scaling advice)", ["pool"], registry=r)
         self.retries = Counter("pdserve_retries", "Requests retried on another worker before their first token",
                                registry=r)

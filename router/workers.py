@@ -30,7 +30,10 @@ class Worker:
     inflight_tokens: int = 0  # prompt tokens this router sent it to compute that are not done yet
     events_seq: int = 0
     prefill_rate: float | None = None  # tokens/s it computed while busy (moving average, from /load)
-    _last_load: tuple[float, int] | None = None  # (time, tokens_computed) of the previous /load
+    draining: bool = False  # being removed: no new requests, in-flight ones finish
+    tokens_per_s: float = 0.0  # over the last health interval (dashboard)
+    kv_bytes_per_s: float = 0.0
+    _last_load: tuple[float, int, int] | None = None  # (time, tokens_computed, kv_bytes_sent) of the last /load
 
 
 class WorkerPool:
@@ -46,7 +49,11 @@ class WorkerPool:
         self._task: asyncio.Task | None = None
 
     def pool(self, role: str) -> list[Worker]:
-        return [w for w in self.workers if w.role == role and w.healthy]
+        """The workers new requests may go to."""
+        return [w for w in self.workers if w.role == role and w.healthy and not w.draining]
+
+    def find(self, url: str) -> "Worker | None":
+        return next((w for w in self.workers if w.url == url.rstrip("/")), None)
 
     async def sync(self) -> None:
         """Follow discovery: new workers join (registered on their first health check), gone ones leave."""
@@ -139,12 +146,15 @@ class WorkerPool:
     @staticmethod
     def _measure_rate(w: Worker) -> None:
         now = time.monotonic()
-        if w._last_load is not None and w.load.running + w.load.waiting > 0:
-            dt, done = now - w._last_load[0], w.load.tokens_computed - w._last_load[1]
-            if dt > 0 and done > 0:
+        ld = w.load
+        if w._last_load is not None and now > w._last_load[0]:
+            dt, done = now - w._last_load[0], ld.tokens_computed - w._last_load[1]
+            w.tokens_per_s = max(0, done) / dt
+            w.kv_bytes_per_s = max(0, ld.kv_bytes_sent - w._last_load[2]) / dt
+            if ld.running + ld.waiting > 0 and done > 0:
                 rate = done / dt
                 w.prefill_rate = rate if w.prefill_rate is None else 0.8 * w.prefill_rate + 0.2 * rate
-        w._last_load = (now, w.load.tokens_computed)
+        w._last_load = (now, ld.tokens_computed, ld.kv_bytes_sent)
 
     def prefill_pool(self) -> list["Worker"]:
         """The workers that compute prompts: the prefill pool, or the decode pool when there is none."""

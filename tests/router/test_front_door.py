@@ -66,6 +66,13 @@ def test_api_keys_are_required_hashed_and_scoped(routers, tmp_path):
     assert r.status_code == 200, r.text
     listed = httpx.get(f"{router}/admin/keys", headers=_auth(ADMIN)).json()["data"]
     assert [k["id"] for k in listed] == [created["id"]] and created["key"] not in json.dumps(listed)
+    patch = f"{router}/admin/keys/{created['id']}"
+    assert httpx.patch(patch, json={"enabled": False}, headers=_auth(ADMIN)).json()["enabled"] is False
+    time.sleep(0.6)  # lookups are cached for half a second
+    _assert_openai_error(httpx.post(url, json=CHAT, headers=_auth(created["key"])), 401, "invalid_api_key")
+    httpx.patch(patch, json={"enabled": True}, headers=_auth(ADMIN))
+    time.sleep(0.6)
+    assert httpx.post(url, json=CHAT, headers=_auth(created["key"]), timeout=10).status_code == 200
     other = _create(router, models=["another-model"])
     _assert_openai_error(httpx.post(url, json=CHAT, headers=_auth(other["key"])), 403, "model_not_allowed")
     metrics = httpx.get(f"{router}/metrics").text
