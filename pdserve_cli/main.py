@@ -4,6 +4,7 @@ workers as Ray actors, the demo model unless --model says otherwise. Ctrl-C or S
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import logging
 import os
 import secrets
@@ -35,6 +36,7 @@ def serve(a: argparse.Namespace) -> None:
     import ray
     import uvicorn
 
+    from pdserve_cli.ray_scaler import RayScaler
     from pdserve_cli.ray_workers import WorkerActor
     from router.app import create_app
     from router.config import RouterConfig
@@ -56,34 +58,48 @@ def serve(a: argparse.Namespace) -> None:
     ray.init(num_cpus=max(2, a.prefill_workers + a.decode_workers), num_gpus=1 if has_gpu else 0,
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ray installs its own; ours stops cleanly
-    actors = []
+    actors: list = []  # every actor ever started, stopped at exit (stopping twice is harmless)
     token = secrets.token_urlsafe(24)  # the workers answer only this router
+    gpu_share = 1.0 / (a.prefill_workers + a.decode_workers) if has_gpu else 0
+    counter = itertools.count()
+
+    def launch(role: str):
+        cfg = WorkerConfig(role=role, name=f"{role}-{next(counter)}", model=model, port=free_port(),
+                           served_model_name=a.served_model_name, device=a.device,
+                           block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes,
+                           max_num_seqs=a.max_num_seqs, transport=a.transport, internal_token=token)
+        actor = WorkerActor.options(num_gpus=gpu_share, name=cfg.name).remote(cfg, a.log_level)
+        actors.append(actor)
+        return actor
+
+    def start(role: str) -> tuple[str, object]:  # the scaling API's: one more worker, once it serves
+        actor = launch(role)
+        return ray.get(actor.wait_ready.remote()), actor
+
+    def stop(actor) -> None:
+        with contextlib.suppress(Exception):  # a dead actor is already stopped
+            ray.get(actor.stop.remote(), timeout=15)
+        ray.kill(actor)
+
     try:
-        urls: dict[str, list[str]] = {}
-        gpu_share = 1.0 / (a.prefill_workers + a.decode_workers) if has_gpu else 0
+        members: dict[str, list] = {}
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
-            for i in range(count):
-                cfg = WorkerConfig(role=role, name=f"{role}-{i}", model=model, port=free_port(),
-                                   served_model_name=a.served_model_name, device=a.device,
-                                   block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes,
-                                   max_num_seqs=a.max_num_seqs, transport=a.transport, internal_token=token)
-                actor = WorkerActor.options(num_gpus=gpu_share, name=cfg.name).remote(cfg, a.log_level)
-                actors.append(actor)
-        ready = ray.get([x.wait_ready.remote() for x in actors])
-        urls["prefill"] = ready[: a.prefill_workers]
-        urls["decode"] = ready[a.prefill_workers :]
+            started = [launch(role) for _ in range(count)]
+            members[role] = list(zip(ray.get([x.wait_ready.remote() for x in started]), started, strict=True))
+        urls = {role: [u for u, _ in m] for role, m in members.items()}
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
                               auth=a.auth, admin_token=a.admin_token)
         app = create_app(config)
+        app.state.scaler = RayScaler(start, stop, members, app.state.pool.discovery, app.state.pool)
         print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
+        if a.admin_token:
+            print(f"pdserve: dashboard at http://{a.host}:{a.port}/dashboard (admin token required)", flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
         for actor in actors:
-            with contextlib.suppress(Exception):  # a dead actor is already stopped
-                ray.get(actor.stop.remote(), timeout=15)
-            ray.kill(actor)
+            stop(actor)
         ray.shutdown()
         print("pdserve: stopped", flush=True)
 

@@ -74,6 +74,11 @@ class RouterState:
         self.door = FrontDoor(config, getattr(self.state, "redis", None), self.metrics)
         self.telemetry = Telemetry()
         self.scaler = None  # set by whoever can add and remove workers (pdserve serve: Ray; Kubernetes)
+        if config.discovery == "kubernetes" and config.k8s_decode_statefulset:
+            from router.scaling import KubernetesScaler
+
+            self.scaler = KubernetesScaler(config.k8s_namespace, {"prefill": config.k8s_prefill_statefulset,
+                                                                  "decode": config.k8s_decode_statefulset})
         self.tokenizer: ChatTokenizer | None = None
         self.encoder: BatchEncoder | None = None
         self.router: Router | None = None

@@ -25,6 +25,8 @@ class RouterConfig:
     k8s_prefill_selector: str = "app.kubernetes.io/component=prefill"
     k8s_decode_selector: str = "app.kubernetes.io/component=decode"
     worker_port: int = 8100
+    k8s_prefill_statefulset: str | None = None  # the scaling API resizes these (Kubernetes)
+    k8s_decode_statefulset: str | None = None
     internal_token: str | None = field(default=None, repr=False)  # sent to workers; never printed
     # The front door (router/frontdoor.py). Auth: on in cluster mode (the chart), off embedded.
     auth: bool = False

@@ -18,6 +18,14 @@ class StaticDiscovery:
     async def discover(self) -> Discovered:
         return self.result
 
+    def add(self, role: str, url: str) -> None:
+        (self.result.prefill_urls if role == "prefill" else self.result.decode_urls).append(url)
+
+    def remove(self, role: str, url: str) -> None:
+        urls = self.result.prefill_urls if role == "prefill" else self.result.decode_urls
+        if url in urls:
+            urls.remove(url)
+
 
 class KubernetesDiscovery:
     """Ready pods matching each pool's label selector, as http://POD_IP:PORT. `api` is a CoreV1Api (or

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--k8s-prefill-selector", default="app.kubernetes.io/component=prefill")
     ap.add_argument("--k8s-decode-selector", default="app.kubernetes.io/component=decode")
     ap.add_argument("--worker-port", type=int, default=8100)
+    ap.add_argument("--k8s-prefill-statefulset", default=None, help="the scaling API resizes it (Kubernetes)")
+    ap.add_argument("--k8s-decode-statefulset", default=None)
     ap.add_argument("--internal-token", default=None, help="the cluster's internal token for workers' API "
                     "(default $PDSERVE_INTERNAL_TOKEN)")
     ap.add_argument("--auth", type=_flag, nargs="?", const=True, default=False,
@@ -55,6 +57,8 @@ def main() -> None:
                           redis_namespace=a.redis_namespace, discovery=a.discovery, k8s_namespace=a.k8s_namespace,
                           k8s_prefill_selector=a.k8s_prefill_selector, k8s_decode_selector=a.k8s_decode_selector,
                           worker_port=a.worker_port, internal_token=a.internal_token, auth=a.auth,
+                          k8s_prefill_statefulset=a.k8s_prefill_statefulset,
+                          k8s_decode_statefulset=a.k8s_decode_statefulset,
                           admin_token=a.admin_token, keys_file=a.keys_file, api_keys=a.api_keys,
                           max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
                           max_waiting_per_worker=a.max_waiting_per_worker, min_free_kv_ratio=a.min_free_kv_ratio,

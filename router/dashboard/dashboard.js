@@ -113,7 +113,9 @@ async function refresh() {
   if (!token) { $("#status").textContent = "enter the admin token to connect"; return; }
   try {
     const s = await api("GET", "/dashboard/api/state");
-    if ($("#status").textContent.startsWith("scaling the") === false) $("#status").textContent = "";
+    const scaling = $("#status").textContent.startsWith("scaling the");
+    const settled = ["prefill", "decode"].every((p) => s.pools[p].healthy === s.pools[p].replicas);
+    if (!scaling || settled) $("#status").textContent = "";  // a resize message stays until the pools match
     $("#model").textContent = s.model ? `model: ${s.model}` : "";
     $("#updated").textContent = `updated ${new Date(s.time * 1000).toLocaleTimeString()}`;
     const x = s.series;

@@ -68,7 +68,10 @@ def test_router_gets_redis_discovery_and_secrets_from_references():
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert env["PDSERVE_MAX_QUEUED_PREFILL_TOKENS"]["value"] == "2000000" and "PDSERVE_TTFT_SLO_S" not in env
     role = _find(docs, "Role", "-router")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "verbs": ["get", "patch"],
+                              "resourceNames": ["rel-pdserve-prefill", "rel-pdserve-decode"]}]
+    assert env["PDSERVE_K8S_DECODE_STATEFULSET"]["value"] == _find(docs, "StatefulSet", "-decode")["metadata"]["name"]
     assert router["serviceAccountName"] == "rel-pdserve-router"
     external = render("--set", "redis.enabled=false", "--set", "redis.externalUrl=redis://r:6379/1")
     assert _env(_find(external, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
