@@ -207,6 +207,9 @@ def _api(state: RouterState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        from router.admin import advice
+
+        advice(state)  # the scaling advice is exported as gauges (what an HPA reads)
         for w in state.pool.workers:
             state.metrics.worker_inflight.labels(w.url, w.role).set(w.inflight)
             if w.load:
