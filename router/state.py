@@ -82,10 +82,14 @@ class RedisState:
     Load: a hash of in-flight requests and tokens per worker. One router at a time (a lease) ingests a
     worker's KV events, so events are applied once and in order."""
 
-    def __init__(self, url: str, namespace: str, max_blocks_per_worker: int, router_id: str, lease_s: float = 5.0):
+    def __init__(self, url: str, namespace: str, max_blocks_per_worker: int, router_id: str, lease_s: float = 5.0,
+                 max_connections: int = 256):
         import redis.asyncio as redis
 
-        self.redis = redis.Redis.from_url(url)
+        # A bounded pool that makes a request wait for a free connection under bursts (the default pool
+        # refuses with "Too many connections" instead, which would fail requests).
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10)
+        self.redis = redis.Redis(connection_pool=pool)
         self.ns = namespace
         self.max_blocks = max_blocks_per_worker
         self.router_id = router_id
