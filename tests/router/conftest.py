@@ -30,7 +30,7 @@ def fake_urls(demo_gguf):
     files = read_tokenizer_files(tokenizer_dir(demo_gguf))
     info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
             "max_model_len": 4096, "tokenizer_hash": "t"}
-    urls = start_fake_workers(2, files, info)
+    urls = start_fake_workers(4, files, info)
     for u in urls:
         wait_http(f"{u}/health")
     return urls

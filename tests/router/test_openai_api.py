@@ -7,23 +7,13 @@ import openai
 import pytest
 from openai import OpenAI
 
-from bench.cluster import LocalCluster, wait_http
-from protocol.block_hash import root_hash
-from tests.router.fake_workers import start_fake_workers
+from bench.cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")
-def fake_cluster(demo_gguf):
-    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
-
-    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
-    info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
-            "max_model_len": 4096, "tokenizer_hash": "t"}
-    urls = start_fake_workers(2, files, info)
-    for u in urls:
-        wait_http(f"{u}/health")
-    cluster = LocalCluster.__new__(LocalCluster)  # routers only; the workers are the fakes above
-    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], urls, []
+def fake_cluster(fake_urls):
+    cluster = LocalCluster.__new__(LocalCluster)  # routers only; the workers are the fakes of conftest.py
+    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], fake_urls, []
     cluster.router = cluster.start_router()
     yield cluster
     cluster.close()

@@ -44,7 +44,7 @@ def test_pool_api_needs_the_admin_token_and_sane_counts(routers):
     assert httpx.get(f"{router}/admin/pools/decode").status_code == 401
     assert httpx.put(f"{router}/admin/pools/decode", json={"replicas": 2}).status_code == 401
     pool = httpx.get(f"{router}/admin/pools/decode", headers=auth).json()
-    assert pool["replicas"] == 2 and pool["healthy"] == 2 and not pool["scalable"]
+    assert pool["replicas"] == 4 and pool["healthy"] == 4 and not pool["scalable"]
     for bad in ({"replicas": -1}, {"replicas": "2"}, {"replicas": 2.5}, {"replicas": 5000}, {}):
         r = httpx.put(f"{router}/admin/pools/decode", json=bad, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (bad, r.text)

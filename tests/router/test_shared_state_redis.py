@@ -1,29 +1,19 @@
 """Several routers share one prefix index and load through a real Redis, and route as one would."""
 
-import os
 import uuid
 
 import httpx
 import pytest
 
-from bench.cluster import LocalCluster, wait_http
 from protocol.block_hash import hash_blocks, root_hash
 from protocol.kv_events import KVEvent, KVEventKind
 from router.state import RedisState
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.router.conftest import REDIS_URL, require_redis
 
 
 @pytest.fixture(scope="module", autouse=True)
 def redis_available():
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as e:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no Redis at {REDIS_URL}: {e}")
+    require_redis()
 
 
 async def test_redis_state_tracks_routes_events_and_load():
@@ -52,69 +42,40 @@ async def test_redis_state_tracks_routes_events_and_load():
         await b.close()
 
 
-def test_two_router_processes_sharing_redis_make_consistent_choices(demo_gguf, tmp_path):
-    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
-    from tests.router.fake_workers import start_fake_workers
-
-    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
-    info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
-            "max_model_len": 8192, "tokenizer_hash": "t"}
-    urls = start_fake_workers(4, files, info)
-    for u in urls:
-        wait_http(f"{u}/health")
-    ns = f"pdserve-test-{uuid.uuid4().hex}"
-    cluster = LocalCluster.__new__(LocalCluster)  # routers only; the workers are the fakes above
-    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], urls, []
-    try:
-        ra = cluster.start_router("--redis-url", REDIS_URL, "--redis-namespace", ns)
-        rb = cluster.start_router("--redis-url", REDIS_URL, "--redis-namespace", ns)
-        # One unrelated request through B only: the routers' tie-breaking counters no longer move together,
-        # so only shared state can make their choices agree.
-        httpx.post(f"{rb}/v1/chat/completions", timeout=30,
-                   json={"model": "fake", "messages": [{"role": "user", "content": "unrelated"}]})
-        for c in range(8):
-            system = f"Conversation {c}: " + " ".join(f"fact {c}-{i} about the ocean" for i in range(60))
-            turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
-            first = httpx.post(f"{ra}/v1/chat/completions", json={"model": "fake", "messages": turn1}, timeout=30)
-            turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more, please"}]
-            second = httpx.post(f"{rb}/v1/chat/completions", json={"model": "fake", "messages": turn2}, timeout=30)
-            assert first.status_code == second.status_code == 200
-            # Router B sends the second turn where router A put the first: it saw A's decision in Redis.
-            assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
-    finally:
-        cluster.close()
+def test_two_router_processes_sharing_redis_make_consistent_choices(routers, redis_namespace):
+    ns = redis_namespace
+    ra = routers("--redis-url", REDIS_URL, "--redis-namespace", ns)
+    rb = routers("--redis-url", REDIS_URL, "--redis-namespace", ns)
+    # One unrelated request through B only: the routers' tie-breaking counters no longer move together,
+    # so only shared state can make their choices agree.
+    httpx.post(f"{rb}/v1/chat/completions", timeout=30,
+               json={"model": "fake", "messages": [{"role": "user", "content": "unrelated"}]})
+    for c in range(8):
+        system = f"Conversation {c}: " + " ".join(f"fact {c}-{i} about the ocean" for i in range(60))
+        turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+        first = httpx.post(f"{ra}/v1/chat/completions", json={"model": "fake", "messages": turn1}, timeout=30)
+        turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more, please"}]
+        second = httpx.post(f"{rb}/v1/chat/completions", json={"model": "fake", "messages": turn2}, timeout=30)
+        assert first.status_code == second.status_code == 200
+        # Router B sends the second turn where router A put the first: it saw A's decision in Redis.
+        assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
 
 
-def test_several_router_processes_on_one_port_share_state(demo_gguf):
+def test_several_router_processes_on_one_port_share_state(routers, redis_namespace, fake_urls):
     import subprocess
     import sys
 
-    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
-    from tests.router.fake_workers import start_fake_workers
-
-    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
-    info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
-            "max_model_len": 8192, "tokenizer_hash": "t"}
-    urls = start_fake_workers(4, files, info)
-    for u in urls:
-        wait_http(f"{u}/health")
-    refused = subprocess.run([sys.executable, "-m", "router.main", "--processes", "2", "--decode", urls[0]],
+    refused = subprocess.run([sys.executable, "-m", "router.main", "--processes", "2", "--decode", fake_urls[0]],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--redis-url" in refused.stderr
-    ns = f"pdserve-test-{uuid.uuid4().hex}"
-    cluster = LocalCluster.__new__(LocalCluster)
-    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], urls, []
-    try:
-        router = cluster.start_router("--processes", "2", "--redis-url", REDIS_URL, "--redis-namespace", ns)
-        with httpx.Client(timeout=30) as one, httpx.Client(timeout=30) as other:  # two connections, two processes
-            for c in range(6):
-                system = f"Tenant {c}: " + " ".join(f"rule {c}-{i} of the house" for i in range(60))
-                turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
-                turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
-                first = one.post(f"{router}/v1/chat/completions", json={"model": "fake", "messages": turn1})
-                second = other.post(f"{router}/v1/chat/completions", json={"model": "fake", "messages": turn2})
-                assert first.status_code == second.status_code == 200
-                assert (second.json()["choices"][0]["message"]["content"]
-                        == first.json()["choices"][0]["message"]["content"])
-    finally:
-        cluster.close()
+    router = routers("--processes", "2", "--redis-url", REDIS_URL, "--redis-namespace", redis_namespace)
+    with httpx.Client(timeout=30) as one, httpx.Client(timeout=30) as other:  # two connections, two processes
+        for c in range(6):
+            system = f"Tenant {c}: " + " ".join(f"rule {c}-{i} of the house" for i in range(60))
+            turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+            turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+            first = one.post(f"{router}/v1/chat/completions", json={"model": "fake", "messages": turn1})
+            second = other.post(f"{router}/v1/chat/completions", json={"model": "fake", "messages": turn2})
+            assert first.status_code == second.status_code == 200
+            assert (second.json()["choices"][0]["message"]["content"]
+                    == first.json()["choices"][0]["message"]["content"])
