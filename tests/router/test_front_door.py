@@ -194,3 +194,22 @@ def test_saturated_cluster_refuses_new_requests_early_and_keeps_in_flight_ones(r
         rest = b"".join(chunks)
     assert b"[DONE]" in rest  # the in-flight request was not dropped
     assert httpx.post(url, json=CHAT, timeout=10).status_code == 200  # and then there is room again
+
+
+def test_predicted_ttft_over_its_slo_refuses_new_work():
+    from protocol.messages import WorkerLoad
+    from router.config import RouterConfig
+    from router.frontdoor import FrontDoor
+    from router.metrics import RouterMetrics
+    from router.workers import Worker, WorkerPool
+
+    pool = WorkerPool.__new__(WorkerPool)
+    busy = WorkerLoad(running=4, waiting=0, free_blocks=50, total_blocks=100, tokens_computed=0,
+                      prompt_tokens_cached=0)
+    pool.workers = [Worker("http://p0", "prefill", healthy=True, load=busy, prefill_rate=1000.0),
+                    Worker("http://d0", "decode", healthy=True, load=busy)]
+    door = FrontDoor(RouterConfig(decode_urls=["http://d0"], ttft_slo_s=2.0), None, RouterMetrics())
+    assert door.capacity(pool, 1500).ok  # 1.5 s of queued prefill at 1,000 tokens/s
+    refused = door.capacity(pool, 2500)
+    assert not refused.ok and "predicted time to first token is 2.5 s" in refused.reason
+    assert door.overloaded(refused.reason).status == 503
