@@ -102,6 +102,26 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def raw_nixl_seconds(transport, peer: str, src_ptr: int, nbytes: int, best) -> float:
+    """A raw NIXL write of one contiguous buffer to the peer's pool base: one descriptor, prepared once and
+    posted again each time (the baseline the transport's writes are held against)."""
+    nx, remote = transport.nixl, transport.peer_addresses[peer]
+    handle = nx.initialize_xfer("WRITE", nx.get_xfer_descs([(src_ptr, nbytes, 0)], "VRAM"),
+                                nx.get_xfer_descs([(remote["base"], nbytes, remote["device"])], "VRAM"),
+                                transport.peers[peer][0])
+
+    def once() -> None:
+        nx.transfer(handle)
+        while (state := nx.check_xfer_state(handle)) == "PROC":
+            pass
+        assert state == "DONE", state
+
+    try:
+        return best(once)
+    finally:
+        nx.release_xfer_handle(handle)
+
+
 def nixl_gpu(tokens: int, repeats: int) -> None:
     import json
     import tempfile
@@ -140,23 +160,7 @@ def nixl_gpu(tokens: int, repeats: int) -> None:
         flat = pool[:n].reshape(-1)
         other = torch.empty_like(flat)
         d2d = _best(lambda: other.copy_(flat), repeats)
-        # Raw NIXL: one descriptor over the same bytes, one contiguous buffer on each side.
-        nx = sender.nixl
-        peer_name, _, _ = sender.peers["decode"]
-        remote = sender.peer_addresses["decode"]
-        local_d = nx.get_xfer_descs([(pool.data_ptr(), nbytes, 0)], "VRAM")
-        remote_d = nx.get_xfer_descs([(remote["base"], nbytes, remote["device"])], "VRAM")
-
-        handle = nx.initialize_xfer("WRITE", local_d, remote_d, peer_name)  # prepared once, posted again and again
-
-        def raw() -> None:
-            nx.transfer(handle)
-            while (state := nx.check_xfer_state(handle)) == "PROC":
-                pass
-            assert state == "DONE", state
-
-        raw_t = _best(raw, repeats)
-        nx.release_xfer_handle(handle)
+        raw_t = raw_nixl_seconds(sender, "decode", pool.data_ptr(), nbytes, lambda fn: _best(fn, repeats))
         common = dict(tokens=tokens, blocks=n, mib=nbytes / 2**20, block_bytes=block_bytes)
         emit("kv_transfer", "device_copy_GB_per_s", nbytes / d2d / 1e9, "GB/s", note="one-way copy, same bytes",
              **common)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from bench.common import emit
-from bench.kv_transfer import BLOCK, HEAD_DIM, HEADS, LAYERS, _shape
+from bench.kv_transfer import BLOCK, HEAD_DIM, HEADS, LAYERS, _shape, raw_nixl_seconds
 from kv_transfer.descriptors import PoolDescriptor
 
 
@@ -84,20 +84,7 @@ def main() -> None:
         nccl = DistTransport("prefill", backend="nccl")
         nccl.register_pool(pool, _desc("prefill", "nccl", blocks))
         nccl.connect(PoolDescriptor.from_dict(nccl_desc))
-        # Raw NIXL: one descriptor over the same bytes, prepared once and posted again.
-        nx, remote = nixl.nixl, nixl.peer_addresses["decode"]
-        name = nixl.peers["decode"][0]
-        handle = nx.initialize_xfer("WRITE", nx.get_xfer_descs([(pool.data_ptr(), nbytes, 0)], "VRAM"),
-                                    nx.get_xfer_descs([(remote["base"], nbytes, remote["device"])], "VRAM"), name)
-
-        def raw() -> None:
-            nx.transfer(handle)
-            while (state := nx.check_xfer_state(handle)) == "PROC":
-                pass
-            assert state == "DONE", state
-
-        raw_t = _best(raw, a.repeats)
-        nx.release_xfer_handle(handle)
+        raw_t = raw_nixl_seconds(nixl, "decode", pool.data_ptr(), nbytes, lambda fn: _best(fn, a.repeats))
         emit("kv_transfer_multigpu", "raw_nixl_GB_per_s", nbytes / raw_t / 1e9, "GB/s", "GPU-to-GPU copy",
              nbytes / peer / 1e9, **common)
         rng = random.Random(0)
