@@ -89,4 +89,3 @@ class WorkerLoad(BaseModel):
     prompt_tokens_cached: int
     prompt_tokens: int = 0  # of the requests it admitted (hit ratio = prompt_tokens_cached / prompt_tokens)
     kv_bytes_sent: int = 0  # KV it wrote to decode workers (a prefill worker's transfer volume)
-    draining: bool = False  # stopping: finishing what it has, taking nothing new

@@ -35,7 +35,6 @@ class WorkerRuntime:
         self.config = config
         self.events = EventLog()
         self.kv_bytes_sent = 0
-        self.draining = False
         self.shm_path: Path | None = None
         tok_dir = tokenizer_dir(config.model)
         self.tokenizer_files = read_tokenizer_files(tok_dir)
@@ -88,7 +87,7 @@ class WorkerRuntime:
                           waiting=len(e.scheduler.waiting), free_blocks=e.block_pool.num_free_blocks,
                           total_blocks=e.block_pool.num_blocks, tokens_computed=e.stats.num_tokens_computed,
                           prompt_tokens_cached=e.kv_manager.num_hit_tokens, prompt_tokens=e.stats.num_prompt_tokens,
-                          kv_bytes_sent=self.kv_bytes_sent, draining=self.draining)
+                          kv_bytes_sent=self.kv_bytes_sent)
 
     async def snapshot(self) -> tuple[int, list[int]]:
         """(event seq, every cached block hash), taken together on the engine thread."""
