@@ -133,5 +133,5 @@ def worker_view(w) -> dict:
 async def pool_view(state: "RouterState", pool: str) -> dict:
     workers = [w for w in state.pool.workers if w.role == pool]
     desired = await state.scaler.replicas(pool) if state.scaler is not None else len(workers)
-    return {"pool": pool, "replicas": desired, "healthy": sum(1 for w in workers if w.healthy and not w.draining),
+    return {"pool": pool, "replicas": desired, "healthy": len(state.pool.pool(pool)),
             "scalable": state.scaler is not None, "workers": [worker_view(w) for w in workers]}

@@ -34,6 +34,7 @@ from protocol.http_client import TOKEN_HEADER, internal_client
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
+from router.admin import admin_routes, advice, pool_view
 from router.config import RouterConfig
 from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.dispatch import Dispatcher
@@ -120,7 +121,6 @@ class RouterState:
 class Reply:
     """What a hot endpoint answers: a JSON body, or an SSE byte stream."""
 
-    status: int = 200
     body: dict | None = None
     stream: AsyncIterator[bytes] | None = None
     ticket: Ticket | None = None  # a stream settles it when it ends; if it never starts, RouterApp does
@@ -170,15 +170,16 @@ class RouterApp:
             return await _send_json(send, e.status, e.body(), e.headers)
         except Exception as e:  # noqa: BLE001 - a bug must still answer OpenAI-shaped
             log.error("unexpected error", exc_info=e)
-            count(endpoint, "500", error=OpenAIError(500, f"internal error: {type(e).__name__}"))
-            return await _send_json(send, 500, OpenAIError(500, f"internal error: {type(e).__name__}").body())
+            error = OpenAIError(500, f"internal error: {type(e).__name__}")
+            count(endpoint, "500", error=error)
+            return await _send_json(send, 500, error.body())
         if reply is None:
             count(endpoint, "499")  # the client left; handle() was cancelled and freed what it held
             if not admitted:  # it left before admission: still one request on its bill, with no tokens
                 await self.state.door.usage.add(key.id, body.model, {"requests": 1, "cancelled": 1})
         elif reply.stream is None:
-            count(endpoint, str(reply.status), reply.body["usage"]["completion_tokens"])
-            await _send_json(send, reply.status, reply.body)
+            count(endpoint, "200", reply.body["usage"]["completion_tokens"])
+            await _send_json(send, 200, reply.body)
         else:
             try:
                 await _until_disconnect(_send_stream(send, reply.stream), receive)
@@ -210,8 +211,6 @@ def _api(state: RouterState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        from router.admin import advice
-
         advice(state)  # the scaling advice is exported as gauges (what an HPA reads)
         for w in state.pool.workers:
             state.metrics.worker_inflight.labels(w.url, w.role).set(w.inflight)
@@ -237,8 +236,6 @@ def _api(state: RouterState) -> FastAPI:
         key = await state.door.authenticate(request.headers.get("authorization"))
         return _response(await handle(state, False, body, request.headers.get(state.config.session_header), key))
 
-    from router.admin import admin_routes, advice, pool_view
-
     app.include_router(admin_routes(state))
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
 
@@ -260,7 +257,7 @@ def _api(state: RouterState) -> FastAPI:
 
 def _response(reply: Reply) -> Response:
     if reply.stream is None:
-        return JSONResponse(reply.body, status_code=reply.status)
+        return JSONResponse(reply.body)
     return StreamingResponse(reply.stream, headers={k.decode(): v.decode() for k, v in _SSE_HEADERS})
 
 
@@ -274,9 +271,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        too_big = OpenAIError(400, f"the request body is over {self.max_bytes} bytes", code="request_too_large")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        too_big = _too_large(self.max_bytes)
+        if _declared_over(scope, self.max_bytes):
             return await too_big.response()(scope, receive, send)
         seen = 0
 
@@ -293,10 +289,19 @@ class BodyLimit:
 
 # --- the hot path, shared by RouterApp and the FastAPI routes ---
 
-async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
-    too_big = OpenAIError(400, f"the request body is over {max_bytes} bytes", code="request_too_large")
+def _too_large(max_bytes: int) -> OpenAIError:
+    return OpenAIError(400, f"the request body is over {max_bytes} bytes", code="request_too_large")
+
+
+def _declared_over(scope: dict, max_bytes: int) -> bool:
+    """The request says (Content-Length) that its body is over the limit: refuse before reading it."""
     length = _header(scope, b"content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
+    return length is not None and length.isdigit() and int(length) > max_bytes
+
+
+async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
+    too_big = _too_large(max_bytes)
+    if _declared_over(scope, max_bytes):
         raise too_big
     parts, size = [], 0
     while True:

@@ -77,7 +77,7 @@ class Dispatcher:
         finished = False
         try:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
-            await self.state.record_route(d.url, hashes, 0 if p else computed, requests=1, tokens=d_tokens)
+            await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
             if p is not None:
                 body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
                                                       params=params).model_dump_json()
