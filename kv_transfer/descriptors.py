@@ -46,6 +46,13 @@ class PoolDescriptor:
                 raise LayoutMismatchError(f"KV layout mismatch with {other.agent}: {name} {mine} != {theirs}")
 
 
+def check_peer(own: PoolDescriptor | None, peer: PoolDescriptor) -> None:
+    """Before any connection: this worker's pool is registered and the peer's layout matches it."""
+    if own is None:
+        raise TransferError("register this worker's pool before connecting to peers")
+    own.check_compatible(peer)
+
+
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """Coalesce (src, dst) block pairs into runs (src_start, dst_start, length) contiguous on both sides."""
     if len(src) != len(dst):

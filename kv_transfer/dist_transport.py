@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError
+from kv_transfer.descriptors import PoolDescriptor, TransferError, check_peer
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
@@ -58,9 +58,7 @@ class DistTransport:
 
     def connect(self, peer: PoolDescriptor) -> None:
         """Sender side: join the pair's group through the receiver's store (blocks until it accepts)."""
-        if self.descriptor is None:
-            raise TransferError("register this worker's pool before connecting to peers")
-        self.descriptor.check_compatible(peer)
+        check_peer(self.descriptor, peer)
         if peer.agent in self.groups:
             return
         scheme, _, hostport = peer.address.partition("://")

@@ -4,7 +4,7 @@ shared-memory file for CPU pools (host), a CUDA IPC handle for GPU pools (cuda_i
 
 import torch
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError, copy_runs
+from kv_transfer.descriptors import PoolDescriptor, TransferError, check_peer, copy_runs
 
 
 class LocalTransport:
@@ -20,9 +20,7 @@ class LocalTransport:
         return self.descriptor
 
     def connect(self, peer: PoolDescriptor) -> None:
-        if self.descriptor is None:
-            raise TransferError("register this worker's pool before connecting to peers")
-        self.descriptor.check_compatible(peer)
+        check_peer(self.descriptor, peer)
         if peer.agent not in self.peers:
             self.peers[peer.agent] = self._map(peer)
 

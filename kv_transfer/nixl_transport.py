@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError, block_runs
+from kv_transfer.descriptors import PoolDescriptor, TransferError, block_runs, check_peer
 
 log = logging.getLogger("pdserve.kv_transfer")
 PREFIX = "nixl:"
@@ -92,9 +92,7 @@ class NixlTransport:
         return self.descriptor
 
     def connect(self, peer: PoolDescriptor) -> None:
-        if self.descriptor is None:
-            raise TransferError("register this worker's pool before connecting to peers")
-        self.descriptor.check_compatible(peer)
+        check_peer(self.descriptor, peer)
         if peer.agent in self.peers:
             return
         if not peer.address.startswith(PREFIX):
@@ -116,8 +114,8 @@ class NixlTransport:
 
     # --- per request: block indices only ---
 
-    def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
-                     timeout_s: float = 30.0) -> None:
+    def _target(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int]) -> tuple[str, object]:
+        """The peer's NIXL name and prepped list, once the block ids are checked against its pool."""
         if peer not in self.peers:
             raise TransferError(f"not connected to {peer}")
         name, remote, peer_blocks = self.peers[peer]
@@ -125,6 +123,11 @@ class NixlTransport:
             raise TransferError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks")
         if any(b < 0 or b >= peer_blocks - 1 for b in dst_block_ids):
             raise TransferError(f"destination block ids out of range [0, {peer_blocks - 1})")
+        return name, remote
+
+    def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
+                     timeout_s: float = 30.0) -> None:
+        name, remote = self._target(peer, src_block_ids, dst_block_ids)
         if not src_block_ids:
             return
         deadline = time.monotonic() + timeout_s
@@ -136,11 +139,7 @@ class NixlTransport:
 
     def start_write(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int]):
         """Post a write of blocks and return at once (streaming a prefill chunk by chunk); `finish` waits."""
-        if peer not in self.peers:
-            raise TransferError(f"not connected to {peer}")
-        name, remote, peer_blocks = self.peers[peer]
-        if len(src_block_ids) != len(dst_block_ids) or any(b < 0 or b >= peer_blocks - 1 for b in dst_block_ids):
-            raise TransferError("bad block ids for a write")
+        name, remote = self._target(peer, src_block_ids, dst_block_ids)
         return self._post(self.local, src_block_ids, remote, dst_block_ids, name)
 
     def finish(self, pending: list, timeout_s: float = 30.0) -> None:
