@@ -29,17 +29,12 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.paused = False
-        self.status = 0
-        self.headers_done = False
-        self.keep_alive = False
-        self.complete = False
         self.lost: Exception | None = None
-        self.got_bytes = False
         self.waiter: asyncio.Future | None = None
+        self.reset()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -96,8 +91,10 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def reset(self) -> None:
+        """Ready for the next response on this connection."""
         self.parser = httptools.HttpResponseParser(self)
-        self.status, self.headers_done, self.keep_alive, self.complete, self.got_bytes = 0, False, False, False, False
+        self.status = 0
+        self.headers_done = self.keep_alive = self.complete = self.got_bytes = False
 
     @property
     def usable(self) -> bool:
