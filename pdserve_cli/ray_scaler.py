@@ -47,18 +47,18 @@ class RayScaler:
                     url, actor = await asyncio.to_thread(self.start, role)
                     members.append((url, actor))
                     self.discovery.add(role, url)
+                    await self.pool.sync()  # in the router at once, not at its next poll
                     log.info("started %s worker %s", role, url)
                 else:
                     url, actor = members.pop()
                     await self._drain(url)
                     self.discovery.remove(role, url)
-                    await self.pool.sync()
+                    await self.pool.sync()  # out of the router before its actor goes away
                     await asyncio.to_thread(self.stop, actor)
                     log.info("stopped %s worker %s after draining it", role, url)
             except Exception as e:  # a worker that fails to start: give up on this change, say why
                 log.error("scaling the %s pool failed: %r", role, e)
                 self.desired[role] = len(members)
-            await self.pool.sync()
 
     async def _drain(self, url: str) -> None:
         w = self.pool.find(url)

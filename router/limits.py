@@ -74,9 +74,13 @@ class RedisLimiter:
         self._admit = redis.register_script(_ADMIT)
         self._finish = redis.register_script(_FINISH)
 
+    def _keys(self, key: ApiKey) -> list[str]:
+        """The key's buckets and its in-flight set, the two Redis keys both scripts touch."""
+        return [f"{self.ns}:rl:{key.id}", f"{self.ns}:conc:{key.id}"]
+
     async def admit(self, key: ApiKey, rid: str, cost: int) -> Refusal | None:
         ok, wait_ms, why = await self._admit(
-            keys=[f"{self.ns}:rl:{key.id}", f"{self.ns}:conc:{key.id}"],
+            keys=self._keys(key),
             args=[key.rpm or 0, key.tpm or 0, key.max_concurrent or 0, cost, rid, SLOT_TTL_S])
         if ok:
             return None
@@ -84,7 +88,7 @@ class RedisLimiter:
         return Refusal(why, None if wait_ms < 0 else wait_ms / 1000)
 
     async def finish(self, key: ApiKey, rid: str, refund: int) -> None:
-        await self._finish(keys=[f"{self.ns}:rl:{key.id}", f"{self.ns}:conc:{key.id}"],
+        await self._finish(keys=self._keys(key),
                            args=[rid, max(0, refund), key.tpm or 0])
 
 
