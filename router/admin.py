@@ -54,7 +54,7 @@ def admin_routes(state: "RouterState") -> APIRouter:
     async def update_key(key_id: str, body: KeyUpdate, request: Request) -> dict:
         """Enable/disable a key or change its models and limits (takes effect within a second)."""
         door.check_admin(request.headers.get("authorization"))
-        record = next((k for k in await door.keys.all() if k.id == key_id), None)
+        record = await door.keys.by_id(key_id)
         if record is None:
             raise OpenAIError(404, f"no API key with id {key_id!r}", param="key_id", code="key_not_found")
         for name, value in body.model_dump(exclude_unset=True).items():

@@ -90,7 +90,8 @@ class FrontDoor:
         if scheme.lower() != "bearer" or not key.strip():
             raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         key = key.strip()
-        record = self.static_keys.get(hash_key(key)) or await self.keys.lookup(key)
+        h = hash_key(key)
+        record = self.static_keys.get(h) or await self.keys.lookup(h)
         if record is None:
             raise OpenAIError(401, "invalid or revoked API key", code="invalid_api_key")
         return record

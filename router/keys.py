@@ -61,9 +61,8 @@ class _Cached:
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
 
-    async def lookup(self, key: str) -> ApiKey | None:
-        """The enabled record of a key given in clear, or None."""
-        h = hash_key(key)
+    async def lookup(self, h: str) -> ApiKey | None:
+        """The enabled record of a key, by its hash (`hash_key`), or None."""
         now = time.monotonic()
         hit = self._cache.get(h)
         if hit is None or now - hit[0] > self.cache_s:
@@ -76,6 +75,12 @@ class _Cached:
 
     async def _get(self, key_hash: str) -> ApiKey | None:
         raise NotImplementedError
+
+    async def all(self) -> list[ApiKey]:
+        raise NotImplementedError
+
+    async def by_id(self, key_id: str) -> ApiKey | None:
+        return next((k for k in await self.all() if k.id == key_id), None)
 
 
 class RedisKeyStore(_Cached):
@@ -94,10 +99,8 @@ class RedisKeyStore(_Cached):
         return [ApiKey(**json.loads(v)) for v in (await self.redis.hgetall(self.key)).values()]
 
     async def remove(self, key_id: str) -> bool:
-        for record in await self.all():
-            if record.id == key_id:
-                return bool(await self.redis.hdel(self.key, record.key_hash))
-        return False
+        record = await self.by_id(key_id)
+        return record is not None and bool(await self.redis.hdel(self.key, record.key_hash))
 
 
 class FileKeyStore(_Cached):
