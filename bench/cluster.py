@@ -55,6 +55,14 @@ class LocalCluster:
             self.close()
             raise
 
+    @classmethod
+    def in_front_of(cls, decode_urls: list[str], prefill_urls: list[str] = ()) -> "LocalCluster":
+        """Routers only (start_router), in front of workers started elsewhere (fakes, mocks)."""
+        c = cls.__new__(cls)
+        c.model, c.procs, c.worker_procs, c.routers, c.headers = None, [], {}, [], {}
+        c.prefill_urls, c.decode_urls = list(prefill_urls), list(decode_urls)
+        return c
+
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, start_new_session=True)
@@ -84,7 +92,7 @@ class LocalCluster:
         proc.wait(10)
 
     def load(self, url: str) -> dict:
-        return httpx.get(f"{url}/load", timeout=5, headers=getattr(self, "headers", {})).json()
+        return httpx.get(f"{url}/load", timeout=5, headers=self.headers).json()
 
     def close(self) -> None:
         for proc in self.procs:

@@ -39,8 +39,7 @@ def fake_urls(demo_gguf):
 @pytest.fixture
 def routers(fake_urls):
     """start(*flags) -> a router URL in front of the fake workers; all stopped after the test."""
-    cluster = LocalCluster.__new__(LocalCluster)
-    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], fake_urls, []
+    cluster = LocalCluster.in_front_of(fake_urls)
     yield cluster.start_router
     cluster.close()
 

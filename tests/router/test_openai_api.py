@@ -12,8 +12,7 @@ from bench.cluster import LocalCluster
 
 @pytest.fixture(scope="module")
 def fake_cluster(fake_urls):
-    cluster = LocalCluster.__new__(LocalCluster)  # routers only; the workers are the fakes of conftest.py
-    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], fake_urls, []
+    cluster = LocalCluster.in_front_of(fake_urls)  # the workers are the fakes of conftest.py
     cluster.router = cluster.start_router()
     yield cluster
     cluster.close()

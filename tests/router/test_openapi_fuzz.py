@@ -13,8 +13,7 @@ ADMIN = "fuzz-admin-token"
 def router_url(fake_urls, tmp_path_factory):
     from bench.cluster import LocalCluster
 
-    cluster = LocalCluster.__new__(LocalCluster)
-    cluster.procs, cluster.prefill_urls, cluster.decode_urls, cluster.routers = [], [], fake_urls, []
+    cluster = LocalCluster.in_front_of(fake_urls)
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
     yield cluster.start_router("--admin-token", ADMIN, "--keys-file", str(keys), "--max-output-tokens", "20")
     cluster.close()
