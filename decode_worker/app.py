@@ -50,6 +50,7 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
         reserved = await rt.engine.call(lambda e: e.reserve_remote(req.request_id, req.prompt_token_ids, params))
         skip = reserved.num_cached_tokens // rt.config.block_size
         body = SendRequest(request_id=req.request_id, dest=rt.descriptor.to_dict(),
+                           dests=[d.to_dict() for d in rt.descriptors] if len(rt.descriptors) > 1 else [],
                            dst_block_ids=list(reserved.block_ids), skip_blocks=skip)
         try:
             resp = await client.post(f"{req.prefill_url}/send", json=body.model_dump())

@@ -97,6 +97,15 @@ class AsyncEngine:
         self._commands.put(run)
         return await asyncio.wrap_future(future)
 
+    def fail(self, error: BaseException) -> None:
+        """From any thread: the engine cannot go on (e.g. a rank of its group died). Every request in flight
+        fails now, even while the engine thread is stuck in a collective; new ones are refused."""
+        self.error = error
+        self._stop.set()
+        self._commands.put(lambda: None)
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError(f"engine failed: {error}"))
+
     def shutdown(self) -> None:
         self._stop.set()
         self._commands.put(lambda: None)

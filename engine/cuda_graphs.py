@@ -61,11 +61,10 @@ class CudaGraphDecoder:
     def _capture_all(self) -> None:
         fi = self.attention.flashinfer
         pool = torch.cuda.graph_pool_handle()
-        cfg = self.model.config
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.attention.workspace, "NHD", use_cuda_graph=True,
-                use_tensor_cores=cfg.num_heads // cfg.num_kv_heads >= 4,
+                use_tensor_cores=self.attention.use_tensor_cores,
                 paged_kv_indptr_buffer=self.indptr[: bs + 1], paged_kv_indices_buffer=self.indices,
                 paged_kv_last_page_len_buffer=self.last_page_len[:bs])
             self.attention.plan(self._dummy_meta(bs), wrapper)

@@ -19,6 +19,7 @@ from engine.model import CausalLM
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.outputs import Completion, RequestOutput, TokenLogprob
+from engine.parallel import SINGLE, Parallel
 from engine.request import FinishReason, Request
 from engine.sampler import SamplerOutput
 from engine.sampling_params import SamplingParams
@@ -55,8 +56,11 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: ChatTokenizer | None = None,
-                 kv_allocator: KVAllocator | None = None):
+                 kv_allocator: KVAllocator | None = None, parallel: Parallel = SINGLE):
+        """With a Parallel of several ranks, every rank builds an engine over its shard of the model and KV;
+        rank 0's schedules and samples, the others run runner.follow()."""
         self.config = config
+        self.parallel = parallel
         self.device = resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
         if config.load_format == "dummy":
@@ -67,7 +71,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings,
                                  model_cfg.max_position_embeddings)
         with torch.device("meta"):
-            model = CausalLM(model_cfg, self.max_model_len)
+            model = CausalLM(model_cfg, self.max_model_len, parallel)
         model = model.to_empty(device=self.device)
         if weights is None:
             model.init_dummy_weights(config.seed)
@@ -78,7 +82,9 @@ class LLMEngine:
             model.rotary = type(model.rotary)(model_cfg.head_dim, self.max_model_len, model_cfg.rope_theta,
                                               model_cfg.rope_scaling)
         self.model = model.eval()
-        self.tokenizer = tokenizer if tokenizer is not None else self._try_tokenizer()
+        if tokenizer is None and parallel.is_driver:
+            tokenizer = self._try_tokenizer()
+        self.tokenizer = tokenizer
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -93,12 +99,14 @@ class LLMEngine:
         )
         self.attention = self._attention_backend()
         graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and hasattr(self.attention, "decode"):
+        # Expert parallelism reads its all-to-all split sizes on the host each layer: no graphs for it.
+        if (self.device.type == "cuda" and not config.enforce_eager and hasattr(self.attention, "decode")
+                and parallel.ep_size == 1):
             from engine.cuda_graphs import CudaGraphDecoder
 
             graphs = CudaGraphDecoder(self.model, self.attention, config.max_num_seqs,
                                       -(-self.max_model_len // config.block_size))
-        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs)
+        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs, parallel)
         self.stats = EngineStats()
         self._detok: dict[str, Detokenizer] = {}
         self._arrivals = itertools.count()
@@ -111,8 +119,10 @@ class LLMEngine:
             return None
 
     def _kv_layout(self) -> KVLayout:
+        """This rank's pool: its KV heads only; with several ranks, as many blocks as the smallest one holds."""
         cfg, mc = self.config, self.model_config
-        probe = KVLayout(1, mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, str(self.dtype)[6:])
+        kv_heads = self.model.heads.num_kv_heads
+        probe = KVLayout(1, mc.num_layers, cfg.block_size, kv_heads, mc.head_dim, str(self.dtype)[6:])
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
@@ -121,9 +131,11 @@ class LLMEngine:
         else:
             budget = CPU_DEFAULT_KV_BYTES
         num_blocks = budget // probe.block_bytes
+        if self.parallel.world_size > 1:
+            num_blocks = self.parallel.min_over_ranks(num_blocks)
         if num_blocks < 1:
             raise ModelLoadError(f"KV budget of {budget} bytes holds no block of {probe.block_bytes} bytes")
-        layout = KVLayout(num_blocks, mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, probe.dtype)
+        layout = KVLayout(num_blocks, mc.num_layers, cfg.block_size, kv_heads, mc.head_dim, probe.dtype)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", num_blocks, cfg.block_size,
                  num_blocks * cfg.block_size, num_blocks * probe.block_bytes / 2**20, layout.dtype, self.device)
         return layout
@@ -138,8 +150,9 @@ class LLMEngine:
                     raise ModelLoadError(f"FlashInfer backend unavailable: {e}") from e
                 log.warning("FlashInfer unavailable (%s); using the PyTorch attention backend", e)
             else:
-                return FlashInferAttention(self.kv_cache, self.model_config, self.config.max_num_seqs)
-        return TorchAttention(self.kv_cache, self.model_config.num_heads, self.model_config.head_dim)
+                return FlashInferAttention(self.kv_cache, self.model.heads.num_heads, self.model.heads.num_kv_heads,
+                                           self.model_config.head_dim)
+        return TorchAttention(self.kv_cache, self.model.heads.num_heads, self.model_config.head_dim)
 
     # --- requests ---
 

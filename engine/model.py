@@ -1,10 +1,14 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV cache.
+"""Llama-family decoders (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) and their sparse-MoE kin (Mixtral,
+Qwen2-MoE, Qwen3-MoE) over a paged KV cache, tensor-parallel over the ranks of a Parallel.
 
 Tokens of all requests in a step are packed into one [num_tokens] batch; attention goes through the
-backend, which knows each request's boundaries and blocks.
+backend, which knows each request's boundaries and blocks. Under tensor parallelism a rank holds a slice
+of the heads, the MLP's intermediate dimension and the vocabulary; the two projections that leave a slice
+(o_proj, down_proj) give partial sums, all-reduced once each in the decoder layer.
 """
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +18,16 @@ from engine.attention.backend import AttentionBackend
 from engine.errors import ModelLoadError
 from engine.layers import RMSNorm, RotaryEmbedding
 from engine.model_config import ModelConfig
+from engine.moe import SparseMoE
+from engine.parallel import SINGLE, HeadShard, Parallel
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, heads: HeadShard):
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = heads.num_heads * cfg.head_dim, heads.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -42,11 +48,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallel):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate_size = par.split(cfg.intermediate_size, "intermediate_size")[1]
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -54,29 +60,52 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, heads: HeadShard, par: Parallel):
         super().__init__()
+        self.par = par
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg, par) if layer in cfg.sparse_layers else MLP(cfg, par)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.par.tp_all_reduce(self.self_attn(self.input_layernorm(x), positions, rotary, attn))
+        return x + self.par.tp_all_reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table's rows [start, start + rows) on this rank; a token elsewhere embeds to zero here
+    and the all-reduce fills it in."""
+
+    def __init__(self, vocab_size: int, hidden: int, par: Parallel):
+        super().__init__()
+        self.par = par
+        self.start, self.rows = par.vocab_rows(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.par.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.par.tp_all_reduce(x)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None, par: Parallel = SINGLE):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.par = par
+        self.heads = par.heads(cfg.num_heads, cfg.num_kv_heads)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.heads, par) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        rows = self.embed_tokens.rows
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, rows, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
@@ -86,8 +115,10 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> float32 logits over the whole vocabulary [n, vocab] (gathered from the tp ranks)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = self.par.tp_all_gather(F.linear(hidden, weight))
+        return logits[:, : self.config.vocab_size].float()
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int, std: float = 0.02, head_std: float = 0.1) -> None:
@@ -104,33 +135,87 @@ class CausalLM(nn.Module):
             else:
                 p.normal_(0.0, head_std if name == head else std, generator=gen)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter must be filled."""
-        cfg = self.config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        i = cfg.intermediate_size
-        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
-                 "gate_proj": ("gate_up_proj", 0, i), "up_proj": ("gate_up_proj", i, i)}
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Copy Hugging Face-named tensors in, each rank reading only its slice, fusing q/k/v, gate/up and the
+        experts; every parameter must be filled. A weight is a tensor or a lazy slice (safetensors get_slice)."""
         params = dict(self.named_parameters())
-        filled: dict[str, int] = {}
-        for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
+        expected = {n: p.numel() for n, p in params.items()}
+        for name in ("embed_tokens.weight", "lm_head.weight"):  # the last vocab shard's padding rows
+            if name in params:
+                valid = max(0, min(self.embed_tokens.rows, self.config.vocab_size - self.embed_tokens.start))
+                params[name].data[valid:].zero_()
+                expected[name] = valid * params[name].shape[1]
+        filled = dict.fromkeys(params, 0)
+        for hf_name, source in weights:
+            name = _canonical_name(hf_name)
             if "rotary_emb" in name or (name.startswith("lm_head") and self.lm_head is None):
                 continue
-            parts = name.split(".")
-            shard = fused.get(parts[-2]) if len(parts) >= 2 else None
-            if shard is not None:
-                parts[-2] = shard[0]
-            target = ".".join(parts)
+            placed = self._placement(name)
+            if placed is None:  # an expert another ep rank holds
+                continue
+            target, dst_index, src_index, full_sizes = placed
             if target not in params:
-                raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {cfg.architecture} model")
-            param = params[target]
-            dst = param.data if shard is None else param.data.narrow(0, shard[1], shard[2])
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise ModelLoadError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                     f"the config implies {tuple(dst.shape)}")
-            dst.copy_(tensor)
-            filled[target] = filled.get(target, 0) + (dst.shape[0] if shard is not None else param.shape[0])
-        missing = [n for n, p in params.items() if filled.get(n, 0) != p.shape[0]]
+                raise ModelLoadError(f"unexpected tensor {hf_name!r} for a {self.config.architecture} model")
+            dst = params[target].data[dst_index]
+            shape = tuple(source.get_shape() if hasattr(source, "get_shape") else source.shape)
+            implied = tuple(full_sizes.get(i, n) for i, n in enumerate(dst.shape))
+            if shape != implied:
+                raise ModelLoadError(f"tensor {hf_name!r} has shape {shape}, the config implies {implied}")
+            dst.copy_(source[src_index])
+            filled[target] += dst.numel()
+        missing = [n for n in params if filled[n] != expected[n]]
         if missing:
             raise ModelLoadError(f"model file lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    def _placement(self, name: str) -> tuple[str, tuple, tuple, dict[int, int]] | None:
+        """Where a checkpoint tensor goes on this rank: (parameter, its index, the tensor's index to read, the
+        tensor's full size along each sliced dimension)."""
+        cfg, par, hs = self.config, self.par, self.heads
+        parts = name.split(".")
+        module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
+        prefix = ".".join(parts[:-2])
+        everything = (slice(None),)
+        d = cfg.head_dim
+        if module in ("q_proj", "k_proj", "v_proj"):
+            q, kv = hs.num_heads * d, hs.num_kv_heads * d
+            dst_start, src_start, n = {"q_proj": (0, hs.q_start * d, q), "k_proj": (q, hs.kv_start * d, kv),
+                                       "v_proj": (q + kv, hs.kv_start * d, kv)}[module]
+            full = (cfg.num_heads if module == "q_proj" else cfg.num_kv_heads) * d
+            return (f"{prefix}.qkv_proj.{kind}", (slice(dst_start, dst_start + n),),
+                    (slice(src_start, src_start + n),), {0: full})
+        if module == "o_proj":
+            return (name, everything, (slice(None), slice(hs.q_start * d, (hs.q_start + hs.num_heads) * d)),
+                    {1: cfg.num_heads * d})
+        if module in ("gate_proj", "up_proj", "down_proj") and len(parts) >= 4 and parts[-4] == "experts":
+            moe = self.get_submodule(".".join(parts[:-4]))
+            e = int(parts[-3]) - moe.first_expert
+            if not 0 <= e < moe.num_local_experts:
+                return None
+            start, n = par.split(cfg.moe_intermediate_size, "moe_intermediate_size")
+            owner = ".".join(parts[:-4])
+            full = cfg.moe_intermediate_size
+            if module == "down_proj":
+                return f"{owner}.w2", (e,), (slice(None), slice(start, start + n)), {1: full}
+            at = 0 if module == "gate_proj" else n
+            return f"{owner}.w13", (e, slice(at, at + n)), (slice(start, start + n),), {0: full}
+        if module in ("gate_proj", "up_proj", "down_proj"):
+            size = cfg.shared_expert_intermediate_size if parts[-3] == "shared_expert" else cfg.intermediate_size
+            start, n = par.split(size, "intermediate_size")
+            if module == "down_proj":
+                return name, everything, (slice(None), slice(start, start + n)), {1: size}
+            at = 0 if module == "gate_proj" else n
+            return f"{prefix}.gate_up_proj.{kind}", (slice(at, at + n),), (slice(start, start + n),), {0: size}
+        if module in ("embed_tokens", "lm_head"):
+            start = self.embed_tokens.start
+            n = max(0, min(self.embed_tokens.rows, cfg.vocab_size - start))
+            return name, (slice(0, n),), (slice(start, start + n),), {0: cfg.vocab_size}
+        return name, everything, everything, {}  # norms, the MoE router, the shared expert's gate: on every rank
+
+
+def _canonical_name(hf_name: str) -> str:
+    """Our module path for a checkpoint name: without "model.", Mixtral's MoE spelled as the Qwen ones."""
+    name = hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    for old, new in ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")):
+        if ".experts." in name:
+            name = name.replace(old, new)
+    return name

@@ -7,13 +7,18 @@ from typing import Any
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 
-# model_type -> (qkv bias, q/k RMSNorm). All are Llama-shaped decoders with RoPE, RMSNorm, SwiGLU.
+# model_type -> (qkv bias, q/k RMSNorm). All are Llama-shaped decoders with RoPE, RMSNorm, SwiGLU; the
+# MoE ones replace the MLP of some or all layers by sparse experts (Qwen2-MoE adds a gated shared expert).
 SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "llama": (False, False),
     "mistral": (False, False),
     "qwen2": (True, False),
     "qwen3": (False, True),
+    "mixtral": (False, False),
+    "qwen2_moe": (True, False),
+    "qwen3_moe": (False, True),
 }
+MOE_ARCHITECTURES = {"mixtral", "qwen2_moe", "qwen3_moe"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +40,25 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Sparse MoE (0 experts: a dense model): router top-k over num_experts SwiGLU experts in sparse_layers.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    sparse_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ModelLoadError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelLoadError(f"num_experts_per_tok {self.num_experts_per_tok} is not in [1, {self.num_experts}]")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -74,6 +92,7 @@ class ModelConfig:
                 rope_scaling=rope_scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+                **_moe_fields(model_type, cfg),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from e
@@ -91,7 +110,7 @@ class ModelConfig:
     @classmethod
     def from_gguf_fields(cls, fields: dict[str, Any], tensor_names: set[str]) -> "ModelConfig":
         arch = fields.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES or arch == "mistral":
+        if arch not in ("llama", "qwen2", "qwen3"):
             raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2, qwen3")
 
         def get(key: str, default: Any = None) -> Any:
@@ -122,3 +141,20 @@ class ModelConfig:
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
         )
+
+
+def _moe_fields(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    if model_type not in MOE_ARCHITECTURES:
+        return {}
+    layers = cfg["num_hidden_layers"]
+    if model_type == "mixtral":  # every layer is sparse; intermediate_size is an expert's
+        return dict(num_experts=cfg["num_local_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True,
+                    sparse_layers=tuple(range(layers)))
+    step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+    experts = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter
+    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg["moe_intermediate_size"],
+                norm_topk_prob=cfg.get("norm_topk_prob", False),
+                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
+                sparse_layers=tuple(i for i in range(layers) if i not in dense and step > 0 and (i + 1) % step == 0))

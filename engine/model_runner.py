@@ -2,7 +2,11 @@
 
 The step's metadata is built on the host with numpy and copied to the device once; decode-only steps on
 CUDA replay a captured graph. The only host sync is reading the sampled tokens back, in the engine.
+With several ranks (tensor/expert parallel), rank 0 broadcasts each step's StepInput and every rank runs
+the same forward (its collectives meet the others'); only rank 0 samples.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,34 +14,53 @@ import torch
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import BatchMetadata
 from engine.model import CausalLM
+from engine.parallel import SINGLE, Parallel
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import ScheduledBatch
 
 
-def build_metadata(reqs: list[Request], counts: list[int], block_size: int, device: torch.device,
-                   ) -> tuple[np.ndarray, np.ndarray, BatchMetadata, list[int]]:
-    """Host arrays (input ids, positions), the device metadata, and the rows that sample this step."""
-    bs = block_size
+@dataclass(slots=True)
+class StepInput:
+    """One step's batch as plain host arrays, all a rank needs to run its forward."""
+
+    starts: np.ndarray  # [num_seqs] int64, tokens of each request already in the KV cache
+    lens: np.ndarray  # [num_seqs] int64, tokens computed this step
+    input_ids: np.ndarray  # [num_tokens] int64
+    block_ids: np.ndarray  # [total blocks] int64, each request's blocks covering starts + lens, in order
+    sample_rows: list[int]  # requests whose last known token is computed this step
+
+
+def step_input(reqs: list[Request], counts: list[int], block_size: int) -> StepInput:
     starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
     lens = np.array(counts, dtype=np.int64)
     seq_lens = starts + lens
-    query_start = np.zeros(len(reqs) + 1, dtype=np.int64)
+    input_ids = np.concatenate([r.token_slice(s, s + n) for r, s, n in zip(reqs, starts.tolist(), lens.tolist(),
+                                                                            strict=True)])
+    num_blocks = -(-seq_lens // block_size)
+    block_ids = np.concatenate([r.block_ids[:n] for r, n in zip(reqs, num_blocks, strict=True)]).astype(np.int64)
+    # Logits only where a request's last known token is computed this step (not mid-prefill chunks).
+    sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] == r.num_tokens]
+    return StepInput(starts, lens, input_ids, block_ids, sample_rows)
+
+
+def build_metadata(step: StepInput, block_size: int, device: torch.device) -> tuple[np.ndarray, BatchMetadata]:
+    """Host positions and the device metadata of a step."""
+    bs, starts, lens = block_size, step.starts, step.lens
+    num_seqs = len(starts)
+    seq_lens = starts + lens
+    query_start = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(lens, out=query_start[1:])
     # [num_tokens]: positions of the new tokens, request after request.
     positions = np.arange(int(query_start[-1]), dtype=np.int64) - np.repeat(query_start[:-1] - starts, lens)
-    input_ids = np.concatenate([r.token_slice(s, s + n) for r, s, n in zip(reqs, starts.tolist(), lens.tolist(),
-                                                                            strict=True)])
     num_blocks = -(-seq_lens // bs)
-    kv_indptr = np.zeros(len(reqs) + 1, dtype=np.int32)
+    kv_indptr = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(num_blocks, out=kv_indptr[1:])
-    kv_indices = np.concatenate([r.block_ids[:n] for r, n in zip(reqs, num_blocks, strict=True)]).astype(np.int64)
-    tables = np.zeros((len(reqs), int(num_blocks.max())), dtype=np.int64)
-    rows = np.repeat(np.arange(len(reqs)), num_blocks)
+    kv_indices = step.block_ids
+    tables = np.zeros((num_seqs, int(num_blocks.max())), dtype=np.int64)
+    rows = np.repeat(np.arange(num_seqs), num_blocks)
     tables[rows, np.arange(len(kv_indices)) - np.repeat(kv_indptr[:-1], num_blocks)] = kv_indices
-    slot_blocks = tables[np.repeat(np.arange(len(reqs)), lens), positions // bs]
-    # Logits only where a request's last known token is computed this step (not mid-prefill chunks).
-    sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] == r.num_tokens]
+    slot_blocks = tables[np.repeat(np.arange(num_seqs), lens), positions // bs]
 
     def dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
@@ -50,37 +73,56 @@ def build_metadata(reqs: list[Request], counts: list[int], block_size: int, devi
         kv_last_page_len_host=torch.from_numpy(((seq_lens - 1) % bs + 1).astype(np.int32)),
         query_start_loc_host=torch.from_numpy(query_start.astype(np.int32)),
     )
-    return input_ids, positions, meta, sample_rows
+    return positions, meta
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, attention: AttentionBackend, block_size: int, device: torch.device,
-                 graphs: "object | None" = None):
+                 graphs: "object | None" = None, parallel: Parallel = SINGLE):
         self.model = model
         self.attention = attention
         self.block_size = block_size
         self.device = device
         self.vocab_size = model.config.vocab_size
         self.graphs = graphs  # a CudaGraphDecoder when decode steps replay captured graphs
+        self.parallel = parallel
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
-        input_ids, positions, meta, sample_rows = build_metadata(batch.requests, batch.num_new_tokens,
-                                                                 self.block_size, self.device)
-        if self.graphs is not None and meta.is_decode_only and self.graphs.fits(len(batch.requests)):
-            logits = self.graphs.run(meta, input_ids, positions)
-        else:
-            self.attention.plan(meta)
-            ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
-            pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
-            hidden = self.model(ids, pos, self.attention)
-            if not sample_rows:
-                return [], None
-            index = meta.query_start_loc[1:][torch.tensor(sample_rows, device=self.device)] - 1
-            logits = self.model.compute_logits(hidden[index])
-        if not sample_rows:
+        step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
+        if self.parallel.world_size > 1:
+            self.parallel.broadcast(step)
+        logits = self._forward(step)
+        if logits is None:
             return [], None
-        reqs = [batch.requests[i] for i in sample_rows]
+        reqs = [batch.requests[i] for i in step.sample_rows]
         if all(r.params.plain_greedy for r in reqs):  # no sampling state to build: argmax on the device
             return reqs, SamplerOutput(logits.argmax(dim=-1), None, None, None)
         return reqs, sample(logits, SamplingBatch.build(reqs, self.vocab_size, self.device))
+
+    def _forward(self, step: StepInput) -> torch.Tensor | None:
+        """Logits of the step's sample rows [len(sample_rows), vocab], or None when no row samples."""
+        positions, meta = build_metadata(step, self.block_size, self.device)
+        if self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs):
+            logits = self.graphs.run(meta, step.input_ids, positions)  # every rank replays, sampling or not
+            return logits if step.sample_rows else None
+        self.attention.plan(meta)
+        ids = torch.from_numpy(step.input_ids).to(self.device, non_blocking=True)
+        pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        hidden = self.model(ids, pos, self.attention)
+        if not step.sample_rows:
+            return None
+        index = meta.query_start_loc[1:][torch.tensor(step.sample_rows, device=self.device)] - 1
+        return self.model.compute_logits(hidden[index])
+
+    # --- the other ranks of a tensor/expert-parallel worker ---
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Run the driver's steps until it stops the group (a rank other than 0 lives in this loop)."""
+        while (step := self.parallel.broadcast(None)) is not None:
+            self._forward(step)
+
+    def stop_followers(self) -> None:
+        if self.parallel.world_size > 1 and self.parallel.is_driver:
+            self.parallel.broadcast(None)

@@ -3,8 +3,7 @@
 import json
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from engine.errors import ModelLoadError
 from engine.model_config import ModelConfig
@@ -32,20 +31,21 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """(name, lazy slice): a tensor-parallel rank reads only the rows or columns it holds."""
     from safetensors import SafetensorError, safe_open
 
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, handle.get_tensor(name)
+                    yield name, handle.get_slice(name)
         except SafetensorError as e:
             raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from e
 
 
-def open_model(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """The model's config and an iterator over (Hugging Face tensor name, tensor)."""
+def open_model(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, Any]]]:
+    """The model's config and an iterator over (Hugging Face tensor name, tensor or lazy slice of one)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")

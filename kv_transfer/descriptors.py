@@ -7,6 +7,10 @@ if TYPE_CHECKING:
     import torch
 
 
+WHOLE_BLOCKS_ONLY = ("this transport moves whole blocks: give prefill and decode workers the same tp_size "
+                     "(or use the host transport, which also moves head slices)")
+
+
 class TransferError(RuntimeError):
     """A transfer failed (peer gone, timeout, bad request); the caller frees its blocks and fails the request."""
 
@@ -25,9 +29,15 @@ class PoolDescriptor:
     num_blocks: int
     num_layers: int
     block_size: int
-    num_kv_heads: int
+    num_kv_heads: int  # the heads this pool holds: [kv_head_start, kv_head_start + num_kv_heads) of the model's
     head_dim: int
     dtype: str
+    kv_head_start: int = 0  # a tensor-parallel rank's first KV head
+    total_kv_heads: int | None = None  # the model's KV heads; None: this pool holds them all
+
+    @property
+    def model_kv_heads(self) -> int:
+        return self.total_kv_heads or self.num_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,10 +50,44 @@ class PoolDescriptor:
             raise LayoutMismatchError(f"malformed pool descriptor: {e}") from e
 
     def check_compatible(self, other: "PoolDescriptor") -> None:
-        for name in ("transport", "num_layers", "block_size", "num_kv_heads", "head_dim", "dtype"):
+        """The same model's KV in the same layout (each side may hold a different slice of its KV heads)."""
+        for name in ("transport", "num_layers", "block_size", "model_kv_heads", "head_dim", "dtype"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
-                raise LayoutMismatchError(f"KV layout mismatch with {other.agent}: {name} {mine} != {theirs}")
+                shown = "num_kv_heads" if name == "model_kv_heads" else name
+                raise LayoutMismatchError(f"KV layout mismatch with {other.agent}: {shown} {mine} != {theirs}")
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSlice:
+    """Part of a block's KV heads: `count` heads from the source pool's local head src_start to the
+    destination pool's local head dst_start (pools of tensor-parallel ranks hold different heads)."""
+
+    src_start: int
+    dst_start: int
+    count: int
+
+
+def shard_plan(sources: list[PoolDescriptor], dests: list[PoolDescriptor]
+               ) -> list[list[tuple[PoolDescriptor, HeadSlice | None]]]:
+    """Which source rank writes which heads into which destination rank: for each source, a list of
+    (destination, heads); heads is None where the two pools hold the same heads (whole blocks move).
+    Every destination head comes from the first source rank holding it, so replicated heads move once."""
+    plan: list[list[tuple[PoolDescriptor, HeadSlice | None]]] = [[] for _ in sources]
+    for dest in dests:
+        head, end = dest.kv_head_start, dest.kv_head_start + dest.num_kv_heads
+        while head < end:
+            i = next((i for i, s in enumerate(sources)
+                      if s.kv_head_start <= head < s.kv_head_start + s.num_kv_heads), None)
+            if i is None:
+                raise TransferError(f"no source pool holds KV head {head} that {dest.agent} needs")
+            src = sources[i]
+            count = min(end, src.kv_head_start + src.num_kv_heads) - head
+            same = count == src.num_kv_heads == dest.num_kv_heads
+            plan[i].append((dest, None if same else HeadSlice(head - src.kv_head_start, head - dest.kv_head_start,
+                                                               count)))
+            head += count
+    return plan
 
 
 def check_peer(own: PoolDescriptor | None, peer: PoolDescriptor) -> None:
@@ -67,12 +111,17 @@ def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 
 
 def copy_runs(src_pool: "torch.Tensor", dst_pool: "torch.Tensor", src_block_ids: list[int],
-              dst_block_ids: list[int]) -> int:
-    """Copy whole blocks between two pools mapped in this process, one copy per run; returns the run count."""
+              dst_block_ids: list[int], heads: HeadSlice | None = None) -> int:
+    """Copy blocks (all their heads, or a HeadSlice of them) between two pools mapped in this process, one
+    copy per run; returns the run count. Pools are [blocks, layers, 2, block_size, kv_heads, head_dim]."""
     limit = dst_pool.shape[0] - 1  # the last block of a pool is scratch
     if any(b < 0 or b >= limit for b in dst_block_ids):
         raise TransferError(f"destination block ids out of range [0, {limit})")
     runs = block_runs(src_block_ids, dst_block_ids)
     for s, d, n in runs:
-        dst_pool[d : d + n].copy_(src_pool[s : s + n], non_blocking=True)
+        src, dst = src_pool[s : s + n], dst_pool[d : d + n]
+        if heads is not None:
+            src = src[..., heads.src_start : heads.src_start + heads.count, :]
+            dst = dst[..., heads.dst_start : heads.dst_start + heads.count, :]
+        dst.copy_(src, non_blocking=True)
     return len(runs)

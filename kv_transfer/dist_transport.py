@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError, check_peer
+from kv_transfer.descriptors import WHOLE_BLOCKS_ONLY, HeadSlice, PoolDescriptor, TransferError, check_peer
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
@@ -80,7 +80,9 @@ class DistTransport:
                 raise TransferError(f"{peer_agent} did not connect: {e}") from e
 
     def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
-                     timeout_s: float = 30.0) -> None:
+                     timeout_s: float = 30.0, heads: HeadSlice | None = None) -> None:
+        if heads is not None:
+            raise TransferError(WHOLE_BLOCKS_ONLY)
         group = self.groups.get(peer)
         if group is None:
             raise TransferError(f"not connected to {peer}")

@@ -37,7 +37,8 @@ class HostTransport(LocalTransport):
         path = Path(peer.address)
         if not path.exists():
             raise TransferError(f"peer {peer.agent}'s pool {path} does not exist (is it on this host?)")
-        shape = (peer.num_blocks + 1, *self.pool.shape[1:])  # peers keep one scratch block past the pool
+        # Peers keep one scratch block past the pool; a tensor-parallel peer holds its own number of heads.
+        shape = (peer.num_blocks + 1, peer.num_layers, 2, peer.block_size, peer.num_kv_heads, peer.head_dim)
         expected = _numel(shape) * self.pool.element_size()
         if os.path.getsize(path) != expected:
             raise TransferError(f"peer {peer.agent}'s pool file is {os.path.getsize(path)} bytes, not {expected}")

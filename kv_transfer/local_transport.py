@@ -4,7 +4,7 @@ shared-memory file for CPU pools (host), a CUDA IPC handle for GPU pools (cuda_i
 
 import torch
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError, check_peer, copy_runs
+from kv_transfer.descriptors import HeadSlice, PoolDescriptor, TransferError, check_peer, copy_runs
 
 
 class LocalTransport:
@@ -25,11 +25,11 @@ class LocalTransport:
             self.peers[peer.agent] = self._map(peer)
 
     def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
-                     timeout_s: float = 30.0) -> None:
+                     timeout_s: float = 30.0, heads: HeadSlice | None = None) -> None:
         dst = self.peers.get(peer)
         if dst is None:
             raise TransferError(f"not connected to {peer}")
-        copy_runs(self.pool, dst, src_block_ids, dst_block_ids)
+        copy_runs(self.pool, dst, src_block_ids, dst_block_ids, heads)
         self._finish()
 
     def close(self) -> None:

@@ -25,7 +25,14 @@ import time
 import numpy as np
 import torch
 
-from kv_transfer.descriptors import PoolDescriptor, TransferError, block_runs, check_peer
+from kv_transfer.descriptors import (
+    WHOLE_BLOCKS_ONLY,
+    HeadSlice,
+    PoolDescriptor,
+    TransferError,
+    block_runs,
+    check_peer,
+)
 
 log = logging.getLogger("pdserve.kv_transfer")
 PREFIX = "nixl:"
@@ -126,7 +133,9 @@ class NixlTransport:
         return name, remote
 
     def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
-                     timeout_s: float = 30.0) -> None:
+                     timeout_s: float = 30.0, heads: HeadSlice | None = None) -> None:
+        if heads is not None:
+            raise TransferError(WHOLE_BLOCKS_ONLY)
         name, remote = self._target(peer, src_block_ids, dst_block_ids)
         if not src_block_ids:
             return

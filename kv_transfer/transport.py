@@ -4,7 +4,7 @@ from typing import Protocol
 
 import torch
 
-from kv_transfer.descriptors import PoolDescriptor
+from kv_transfer.descriptors import HeadSlice, PoolDescriptor
 
 
 class Transport(Protocol):
@@ -15,8 +15,9 @@ class Transport(Protocol):
         """Prepare to write into a peer's pool; raises LayoutMismatchError when layouts differ."""
 
     def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
-                     timeout_s: float) -> None:
-        """Copy whole blocks (all layers) from this pool into the peer's; raises TransferError on failure."""
+                     timeout_s: float, heads: HeadSlice | None = None) -> None:
+        """Copy blocks (all layers; all heads, or a slice of them between tensor-parallel pools that hold
+        different heads) from this pool into the peer's; raises TransferError on failure."""
 
     def close(self) -> None:
         """Release registrations and mappings."""

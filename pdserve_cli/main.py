@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("pdserve")
@@ -37,10 +38,10 @@ def serve(a: argparse.Namespace) -> None:
     import uvicorn
 
     from pdserve_cli.ray_scaler import RayScaler
-    from pdserve_cli.ray_workers import WorkerActor
     from router.app import create_app
     from router.config import RouterConfig
     from worker.config import WorkerConfig
+    from worker.ray_group import WorkerGroup
 
     try:
         model = a.model or demo_model()
@@ -55,37 +56,35 @@ def serve(a: argparse.Namespace) -> None:
         has_gpu = torch.cuda.is_available()
     except ImportError:
         pass
-    ray.init(num_cpus=max(2, a.prefill_workers + a.decode_workers), num_gpus=1 if has_gpu else 0,
+    num_gpus = torch.cuda.device_count() if has_gpu else 0
+    ray.init(num_cpus=max(2, a.prefill_workers + a.decode_workers), num_gpus=num_gpus,
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ray installs its own; ours stops cleanly
-    actors: list = []  # every actor ever started, stopped at exit (stopping twice is harmless)
+    groups: list = []  # every worker group ever started, stopped at exit (stopping twice is harmless)
     token = secrets.token_urlsafe(24)  # the workers answer only this router
-    gpu_share = 1.0 / (a.prefill_workers + a.decode_workers) if has_gpu else 0
+    # Single-rank workers share the GPUs; a tensor/expert-parallel worker's ranks hold one GPU each.
+    gpu_share = min(1.0, num_gpus / (a.prefill_workers + a.decode_workers)) if has_gpu else 0.0
     counter = itertools.count()
+    sizes = {"prefill": (a.prefill_tp_size, a.prefill_ep_size), "decode": (a.decode_tp_size, a.decode_ep_size)}
 
-    def launch(role: str):
+    def start(role: str) -> tuple[str, object]:  # also the scaling API's: one more worker, once it serves
+        tp, ep = sizes[role]
         cfg = WorkerConfig(role=role, name=f"{role}-{next(counter)}", model=model, port=free_port(),
                            served_model_name=a.served_model_name, device=a.device,
-                           block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes,
-                           max_num_seqs=a.max_num_seqs, transport=a.transport, internal_token=token)
-        actor = WorkerActor.options(num_gpus=gpu_share, name=cfg.name).remote(cfg, a.log_level)
-        actors.append(actor)
-        return actor
+                           block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
+                           transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep)
+        group = WorkerGroup(cfg, a.log_level, gpus_per_rank=gpu_share)
+        groups.append(group)
+        return group.url, group
 
-    def start(role: str) -> tuple[str, object]:  # the scaling API's: one more worker, once it serves
-        actor = launch(role)
-        return ray.get(actor.wait_ready.remote()), actor
-
-    def stop(actor) -> None:
-        with contextlib.suppress(Exception):  # a dead actor is already stopped
-            ray.get(actor.stop.remote(), timeout=15)
-        ray.kill(actor)
+    def stop(group) -> None:
+        group.stop()
 
     try:
         members: dict[str, list] = {}
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
-            started = [launch(role) for _ in range(count)]
-            members[role] = list(zip(ray.get([x.wait_ready.remote() for x in started]), started, strict=True))
+            with ThreadPoolExecutor(max(1, count)) as pool:  # workers load their models side by side
+                members[role] = list(pool.map(lambda _, r=role: start(r), range(count)))
         urls = {role: [u for u, _ in m] for role, m in members.items()}
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
@@ -98,8 +97,8 @@ def serve(a: argparse.Namespace) -> None:
             print(f"pdserve: dashboard at http://{a.host}:{a.port}/dashboard (admin token required)", flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
-        for actor in actors:
-            stop(actor)
+        for group in groups:
+            stop(group)
         ray.shutdown()
         print("pdserve: stopped", flush=True)
 
@@ -118,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--kv-cache-bytes", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=64)
+    for role in ("prefill", "decode"):
+        s.add_argument(f"--{role}-tp-size", type=int, default=1, help=f"tensor-parallel ranks of a {role} worker")
+        s.add_argument(f"--{role}-ep-size", type=int, default=1,
+                       help=f"expert-parallel groups of a {role} worker (tp x ep ranks in all)")
     s.add_argument("--transport", default="host", choices=["host", "nixl"],
                    help="host: shared memory (CPU) or CUDA IPC (GPU) between workers on this machine; nixl: NIXL/UCX")
     s.add_argument("--policy", default="cache_aware")

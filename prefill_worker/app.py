@@ -71,13 +71,11 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
             blocks = await rt.engine.call(lambda e: e.held_blocks(req.request_id))
             if blocks is None:
                 raise TransferError("the prefilled blocks are gone (cancelled)")
-            dest = PoolDescriptor.from_dict(req.dest)
-            rt.transport.connect(dest)
+            dests = [PoolDescriptor.from_dict(d) for d in (req.dests or [req.dest])]
             src, dst = blocks[req.skip_blocks :], req.dst_block_ids[req.skip_blocks :]
             if len(src) != len(dst):
                 raise TransferError(f"{len(dst)} destination blocks for {len(src)} prefilled blocks")
-            await asyncio.to_thread(rt.transport.write_blocks, dest.agent, src, dst, timeout)
-            rt.kv_bytes_sent += len(src) * rt.engine.engine.kv_layout.block_bytes
+            rt.kv_bytes_sent += await rt.send_kv(dests, src, dst, timeout)
         except TimeoutError as e:
             raise HTTPException(504, "the prefill did not finish in time") from e
         except TransferError as e:

@@ -32,7 +32,9 @@ class SendRequest(BaseModel):
     """From a decode worker to a prefill worker: where to write the request's KV."""
 
     request_id: str
-    dest: dict[str, Any]  # kv_transfer PoolDescriptor as a dict
+    dest: dict[str, Any]  # kv_transfer PoolDescriptor as a dict (rank 0's pool)
+    # Every rank's pool of a tensor-parallel decode worker, rank 0's first (empty: dest is the only one).
+    dests: list[dict[str, Any]] = []
     dst_block_ids: list[int]
     skip_blocks: int  # leading blocks the decode worker already holds
 

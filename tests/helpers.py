@@ -22,6 +22,20 @@ TINY_CONFIGS = {
                   rope_theta=500000.0, initializer_range=0.2,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Sparse MoE: layer 0 sparse and layer 1 dense (Qwen3-MoE), every layer sparse with a vocabulary that does
+    # not split evenly over two ranks (Mixtral), a gated shared expert (Qwen2-MoE).
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False,
+                      initializer_range=0.2),
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
+                    num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=301, max_position_embeddings=512, rope_theta=1000000.0, initializer_range=0.2),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                      max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2),
 }
 
 

@@ -22,6 +22,8 @@ class WorkerConfig:
     load_format: str = "auto"  # dummy: random weights (benchmarks)
     attention_backend: str = "auto"  # auto | torch | flashinfer
     transfer_timeout_s: float = 30.0
+    tp_size: int = 1  # tensor-parallel ranks (one Ray actor each, see worker/ray_group.py)
+    ep_size: int = 1  # expert-parallel groups of tp_size ranks: tp_size x ep_size ranks in all
     # Callers of the internal API must hold it; None: open (tests, one host). Never printed (repr=False).
     internal_token: str | None = field(default=None, repr=False)
 
@@ -32,3 +34,9 @@ class WorkerConfig:
             raise ValueError(f"unknown transport {self.transport!r}")
         if self.transfer_timeout_s <= 0:
             raise ValueError("transfer_timeout_s must be positive")
+        if self.tp_size < 1 or self.ep_size < 1:
+            raise ValueError(f"tp_size and ep_size must be >= 1, got {self.tp_size}, {self.ep_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.ep_size

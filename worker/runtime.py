@@ -1,25 +1,26 @@
 """A worker's moving parts: the engine on its thread, the KV transport, tokenizer files, the event log."""
 
+import asyncio
 import hashlib
 import json
 import logging
-import os
-import uuid
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, resolve_device
+from engine.llm_engine import LLMEngine
+from engine.parallel import SINGLE, Parallel
 from engine.sampling_params import SamplingParams
 from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
-from kv_transfer.descriptors import PoolDescriptor
-from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
+from kv_transfer.descriptors import HeadSlice, PoolDescriptor, TransferError, shard_plan
 from protocol.messages import WireSamplingParams, WorkerInfo, WorkerLoad
 from protocol.tokenizer import ChatTokenizer
 from worker.config import WorkerConfig
 from worker.events import EventLog
+from worker.shard import EngineShard
 
 log = logging.getLogger("pdserve.worker")
+# Another rank's EngineShard.send, from rank 0: (targets, src block ids, dst block ids, timeout_s) -> bytes
+RankSender = Callable[[list[tuple[PoolDescriptor, HeadSlice | None]], list[int], list[int], float], Awaitable[int]]
 
 
 def to_sampling_params(p: WireSamplingParams, **override) -> SamplingParams:
@@ -31,50 +32,46 @@ def to_sampling_params(p: WireSamplingParams, **override) -> SamplingParams:
 
 
 class WorkerRuntime:
-    def __init__(self, config: WorkerConfig):
+    """Rank 0 of a worker (the only rank of a single-rank one): the engine thread, events, the HTTP-facing
+    state, and the other ranks' KV senders when it is tensor/expert parallel."""
+
+    def __init__(self, config: WorkerConfig, parallel: Parallel = SINGLE):
         self.config = config
         self.events = EventLog()
         self.kv_bytes_sent = 0
-        self.shm_path: Path | None = None
         tok_dir = tokenizer_dir(config.model)
         self.tokenizer_files = read_tokenizer_files(tok_dir)
         tokenizer = ChatTokenizer.from_files(self.tokenizer_files)
-        allocator = None
-        if config.transport == "host" and config.role == "decode" and resolve_device(config.device).type != "cuda":
-            # The decode pool lives in shared memory so that prefill workers on this host can write into it.
-            self.shm_path = SHM_DIR / f"pdserve-kv-{config.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            allocator = lambda shape, dtype: shared_pool(self.shm_path, shape, dtype)  # noqa: E731
-        engine = LLMEngine(EngineConfig(
-            model=config.model, served_model_name=config.served_model_name, device=config.device,
-            dtype=config.dtype, block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            load_format=config.load_format, gpu_memory_utilization=config.gpu_memory_utilization,
-            attention_backend=config.attention_backend,
-        ), tokenizer=tokenizer, kv_allocator=allocator)
+        self.shard = EngineShard(config, parallel, tokenizer)
+        engine = self.shard.engine
         self.engine = AsyncEngine(engine, after_step=self._drain_events)
-        lay = engine.kv_layout
-        address = str(self.shm_path) if self.shm_path else ""
-        self.descriptor = PoolDescriptor(config.name, config.transport, address, lay.num_blocks, lay.num_layers,
-                                         lay.block_size, lay.num_kv_heads, lay.head_dim, lay.dtype)
-        if config.transport == "nccl":
-            raise NotImplementedError("the nccl transport is not wired into workers yet (kv_transfer.dist_transport)")
-        if config.transport == "nixl":  # GPU pools, same host (cuda_ipc) or across hosts (RDMA)
-            from kv_transfer.nixl_transport import NixlTransport
-
-            # Only a sender gathers scattered blocks into a staging buffer (128 blocks, split in two halves).
-            self.transport = NixlTransport(config.name, staging_blocks=128 if config.role == "prefill" else 0)
-        elif engine.device.type == "cuda":  # same host, GPU pools: CUDA IPC
-            from kv_transfer.cuda_ipc_transport import CudaIpcTransport
-
-            self.transport = CudaIpcTransport(config.name)
-        else:
-            self.transport = HostTransport(config.name)
-        self.descriptor = self.transport.register_pool(engine.kv_cache.tensor, self.descriptor)
+        self.descriptor = self.shard.descriptor
+        self.descriptors = [self.descriptor]  # every rank's pool, in rank order (attach_ranks adds the others)
+        self.rank_senders: list[RankSender] = []
         self.info = WorkerInfo(
             role=config.role, name=config.name, model=engine.config.model_name, block_size=config.block_size,
             root_hash=engine.root_hash, max_model_len=engine.max_model_len,
             tokenizer_hash=hashlib.sha256(json.dumps(self.tokenizer_files, sort_keys=True).encode()).hexdigest(),
         )
+
+    def attach_ranks(self, descriptors: list[PoolDescriptor], senders: list["RankSender"]) -> None:
+        """The pools and KV senders of ranks 1.. of a tensor/expert-parallel worker."""
+        self.descriptors = [self.descriptor, *descriptors]
+        self.rank_senders = list(senders)
+
+    async def send_kv(self, dests: list[PoolDescriptor], src_block_ids: list[int], dst_block_ids: list[int],
+                      timeout_s: float) -> int:
+        """Write a request's KV blocks into a decode worker's pools (one a rank): each of this worker's ranks
+        sends the heads it holds, concurrently. Returns the bytes written; raises TransferError."""
+        plan = shard_plan(self.descriptors, dests)
+        jobs = [asyncio.to_thread(self.shard.send, plan[0], src_block_ids, dst_block_ids, timeout_s)] if plan[0] else []
+        jobs += [send(targets, src_block_ids, dst_block_ids, timeout_s)
+                 for send, targets in zip(self.rank_senders, plan[1:], strict=True) if targets]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0] if isinstance(errors[0], TransferError) else TransferError(str(errors[0]))
+        return sum(results)
 
     def _drain_events(self, engine: LLMEngine) -> None:
         events = engine.block_pool.drain_events()
@@ -99,6 +96,6 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self.engine.shutdown()
-        self.transport.close()
-        if self.shm_path is not None:
-            self.shm_path.unlink(missing_ok=True)
+        if self.engine.error is None:
+            self.shard.engine.runner.stop_followers()
+        self.shard.close()

@@ -7,18 +7,21 @@ import signal
 import uvicorn
 
 from engine.errors import ModelLoadError
+from engine.parallel import SINGLE, Parallel
 from protocol.env_args import EnvDefaultsParser
 from worker.config import WorkerConfig
 from worker.runtime import WorkerRuntime
 
 
-def build_app(config: WorkerConfig):
-    rt = WorkerRuntime(config)
+def build_app(config: WorkerConfig, parallel: Parallel = SINGLE):
+    """The worker's internal API over a new runtime (rank 0's, for a tensor/expert-parallel worker)."""
+    rt = WorkerRuntime(config, parallel)
     if config.role == "prefill":
         from prefill_worker.app import create_app
     else:
         from decode_worker.app import create_app
     app = create_app(rt)
+    app.state.runtime = rt
     app.router.on_shutdown.append(lambda: rt.close())
     if config.internal_token:
         from protocol.internal_auth import RequireInternalToken
@@ -52,7 +55,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--tp-size", type=int, default=1)
-    ap.add_argument("--ep-size", type=int, default=1)
+    ap.add_argument("--ep-size", type=int, default=1, help="expert-parallel groups (tp x ep ranks, as Ray actors)")
+    ap.add_argument("--ray-address", default=None, help="Ray cluster for a parallel worker's ranks (default: local)")
     ap.add_argument("--transport", default="host", choices=["host", "nixl"],
                     help="host: shared memory (CPU) or CUDA IPC (GPU) on one host; nixl: NIXL/UCX (GPU, any host)")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
@@ -63,8 +67,6 @@ def main() -> None:
                     help="answer only callers holding this token (default $PDSERVE_INTERNAL_TOKEN; unset: open)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
-    if a.tp_size != 1 or a.ep_size != 1:
-        ap.error("tensor/expert parallelism (--tp-size, --ep-size > 1) is not available in this version yet")
     if a.threads:
         import torch
 
@@ -78,12 +80,43 @@ def main() -> None:
 
 
 def _run_from_args(a) -> None:
-    run(WorkerConfig(role=a.role, name=a.name or f"{a.role}-{a.port}", model=a.model, host=a.host, port=a.port,
-                     served_model_name=a.served_model_name, device=a.device, dtype=a.dtype,
-                     block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
-                     max_num_batched_tokens=a.max_num_batched_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
-                     transport=a.transport, load_format=a.load_format,
-                     attention_backend=a.attention_backend, internal_token=a.internal_token), a.log_level, a.drain_timeout_s)
+    config = WorkerConfig(
+        role=a.role, name=a.name or f"{a.role}-{a.port}", model=a.model, host=a.host, port=a.port,
+        served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
+        kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        gpu_memory_utilization=a.gpu_memory_utilization, transport=a.transport, load_format=a.load_format,
+        attention_backend=a.attention_backend, internal_token=a.internal_token, tp_size=a.tp_size, ep_size=a.ep_size)
+    if config.world_size == 1:
+        run(config, a.log_level, a.drain_timeout_s)
+    else:
+        run_group(config, a.log_level, a.ray_address)
+
+
+def run_group(config: WorkerConfig, log_level: str, ray_address: str | None) -> None:
+    """A tensor/expert-parallel worker: its ranks as Ray actors (in the Ray cluster at ray_address, else a
+    local one), served until SIGTERM or Ctrl-C."""
+    import time
+
+    import ray
+    import torch
+
+    from worker.ray_group import WorkerGroup
+
+    gpus = torch.cuda.device_count() if config.device != "cpu" else 0
+    if ray_address:
+        ray.init(address=ray_address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_gpus=gpus, include_dashboard=False, logging_level=logging.WARNING)
+    group = WorkerGroup(config, log_level, gpus_per_rank=1.0 if gpus else 0.0)
+    print(f"pdserve worker {config.name}: {config.world_size} ranks serving at {group.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        group.stop()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

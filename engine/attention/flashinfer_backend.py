@@ -8,40 +8,43 @@ import torch
 
 from engine.attention.metadata import BatchMetadata
 from engine.kv_cache import KVCache
-from engine.model_config import ModelConfig
 
 WORKSPACE_BYTES = 256 << 20
 
 
 class FlashInferAttention:
-    def __init__(self, kv_cache: KVCache, cfg: ModelConfig, max_num_seqs: int):
+    def __init__(self, kv_cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int):
+        """num_heads, num_kv_heads: this rank's (all of them without tensor parallelism)."""
         import flashinfer
 
         self.flashinfer = flashinfer
         self.kv_cache = kv_cache
-        self.cfg = cfg
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dtype = kv_cache.tensor.dtype
         device = kv_cache.tensor.device
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=cfg.num_heads // cfg.num_kv_heads >= 4)
+            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self._wrapper = self.decode
         self._meta: BatchMetadata | None = None
 
+    @property
+    def use_tensor_cores(self) -> bool:
+        return self.num_heads // self.num_kv_heads >= 4
+
     def plan(self, meta: BatchMetadata, wrapper=None) -> None:
-        cfg = self.cfg
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim)
         if meta.is_decode_only:
             self._wrapper = wrapper or self.decode
-            self._wrapper.plan(meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host, cfg.num_heads,
-                               cfg.num_kv_heads, cfg.head_dim, self.kv_cache.block_size, pos_encoding_mode="NONE",
+            self._wrapper.plan(meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host, *heads,
+                               self.kv_cache.block_size, pos_encoding_mode="NONE",
                                q_data_type=self.dtype, kv_data_type=self.dtype)
         else:
             self._wrapper = self.prefill
             self.prefill.plan(meta.query_start_loc_host, meta.kv_indptr_host, meta.kv_indices,
-                              meta.kv_last_page_len_host, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              self.kv_cache.block_size, causal=True, pos_encoding_mode="NONE",
-                              q_data_type=self.dtype, kv_data_type=self.dtype)
+                              meta.kv_last_page_len_host, *heads, self.kv_cache.block_size, causal=True,
+                              pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         self._meta = meta
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

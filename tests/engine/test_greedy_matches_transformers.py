@@ -25,7 +25,7 @@ def test_demo_gguf_greedy_matches_transformers(demo_engine, demo_hf):
         assert res.text == hf_tok.decode(expected, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama", "qwen3_moe", "mixtral", "qwen2_moe"])
 def test_random_model_greedy_matches_transformers(kind, tmp_path):
     hf_model = make_tiny_model(kind, tmp_path, seed=1, shard=kind == "qwen2")
     engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_cache_bytes=8 << 20, max_num_batched_tokens=64))

@@ -1,0 +1,145 @@
+"""Tensor- and expert-parallel workers: ranks as Ray CPU actors talking gloo give exactly the tokens of one
+rank and of transformers (fp32, greedy), also with a prefill worker of another tp_size; a dead rank takes the
+worker to unhealthy, fails what it was running, and a restart brings it back."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.helpers import hf_greedy, make_tiny_model, write_tiny_tokenizer
+from worker.config import WorkerConfig
+from worker.ray_group import WorkerGroup
+
+PROMPTS = [[(7 * i + 3 * j) % 290 + 1 for j in range(n)] for i, n in enumerate([5, 37, 70])]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """kind -> (folder, transformers model)"""
+    out = {}
+    for kind in ("qwen2", "qwen3_moe", "mixtral", "llama"):
+        folder = tmp_path_factory.mktemp(kind)
+        out[kind] = (folder, make_tiny_model(kind, folder, seed=3))
+        write_tiny_tokenizer(folder)
+    return out
+
+
+def _config(folder, role: str, name: str, tp: int = 1, ep: int = 1, **over) -> WorkerConfig:
+    from pdserve_cli.main import free_port
+
+    return WorkerConfig(role=role, name=name, model=str(folder), port=free_port(), device="cpu", dtype="float32",
+                        kv_cache_bytes=4 << 20, max_num_batched_tokens=64, tp_size=tp, ep_size=ep, **over)
+
+
+def _generate(url: str, prompt: list[int], rid: str, max_tokens: int = MAX_TOKENS, prefill_url: str | None = None
+              ) -> tuple[list[int], list[dict]]:
+    """A request as the router sends it: /generate to the decode worker and, when disaggregated, /prefill
+    to the prefill worker at the same time."""
+    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    prefill = None
+    if prefill_url:
+        body = {"request_id": rid, "prompt_token_ids": prompt, "params": params}
+        prefill = threading.Thread(target=lambda: httpx.post(f"{prefill_url}/prefill", json=body, timeout=120))
+        prefill.start()
+    body = {"request_id": rid, "prompt_token_ids": prompt, "prefill_url": prefill_url, "params": params}
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as r:
+        chunks = [json.loads(line) for line in r.iter_lines() if line]
+    if prefill is not None:
+        prefill.join(60)
+    return [t for c in chunks for t in c["token_ids"]], chunks
+
+
+def _single_rank(folder) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", kv_cache_bytes=4 << 20, max_num_batched_tokens=64))
+    results = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize(("kind", "tp", "ep"), [
+    ("qwen2", 2, 1),  # dense
+    ("qwen3_moe", 2, 1),  # experts' intermediate dimension split over tp
+    ("qwen3_moe", 2, 2),  # four ranks: experts over ep, all-to-all dispatch
+    ("mixtral", 1, 2),  # expert parallel alone; a vocabulary that does not split evenly
+    ("mixtral", 2, 2),
+    ("llama", 4, 1),  # 2 KV heads on 4 ranks: each KV head on two ranks
+])
+def test_parallel_worker_greedy_matches_one_rank_and_transformers(ray_local, models, kind, tp, ep):
+    folder, hf_model = models[kind]
+    group = WorkerGroup(_config(folder, "decode", f"{kind}-tp{tp}-ep{ep}", tp, ep))
+    try:
+        got = [_generate(group.url, p, f"r{i}")[0] for i, p in enumerate(PROMPTS)]
+    finally:
+        group.stop()
+    expected = [hf_greedy(hf_model, p, MAX_TOKENS) for p in PROMPTS]
+    assert got == expected
+    assert got == _single_rank(folder)
+
+
+def test_prefill_tp1_feeds_decode_tp2_with_the_same_tokens(ray_local, models):
+    folder, hf_model = models["qwen3_moe"]
+    prefill = WorkerGroup(_config(folder, "prefill", "prefill-tp1"))
+    decode = WorkerGroup(_config(folder, "decode", "decode-tp2", tp=2))
+    try:
+        got = [_generate(decode.url, p, f"d{i}", prefill_url=prefill.url)[0] for i, p in enumerate(PROMPTS)]
+        sent = httpx.get(f"{prefill.url}/load").json()["kv_bytes_sent"]
+    finally:
+        prefill.stop()
+        decode.stop()
+    assert got == [hf_greedy(hf_model, p, MAX_TOKENS) for p in PROMPTS]
+    assert sent > 0  # the KV did travel, each decode rank receiving its heads
+
+
+def test_prefill_tp2_feeds_decode_tp1_with_the_same_tokens(ray_local, models):
+    folder, hf_model = models["qwen2"]
+    prefill = WorkerGroup(_config(folder, "prefill", "prefill-tp2", tp=2))
+    decode = WorkerGroup(_config(folder, "decode", "decode-tp1"))
+    try:
+        got = [_generate(decode.url, p, f"e{i}", prefill_url=prefill.url)[0] for i, p in enumerate(PROMPTS)]
+    finally:
+        prefill.stop()
+        decode.stop()
+    assert got == [hf_greedy(hf_model, p, MAX_TOKENS) for p in PROMPTS]
+
+
+def test_dead_rank_makes_worker_unhealthy_fails_requests_and_restart_recovers(ray_local, models):
+    folder, hf_model = models["qwen2"]
+    group = WorkerGroup(_config(folder, "decode", "doomed", tp=2))
+    try:
+        assert httpx.get(f"{group.url}/health").status_code == 200
+        body = {"request_id": "long", "prompt_token_ids": PROMPTS[1],
+                "params": {"max_tokens": 400, "temperature": 0, "ignore_eos": True}}
+        with httpx.stream("POST", f"{group.url}/generate", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = json.loads(next(lines))  # the request is running on both ranks
+            ray.kill(group.actors[1])
+            rest = [json.loads(line) for line in lines if line]
+        tokens = first["token_ids"] + [t for c in rest for t in c["token_ids"]]
+        assert len(tokens) < 400 and rest[-1]["finish_reason"] == "error"
+        assert rest[-1]["error"]["code"] == "engine_failed"
+        deadline = time.monotonic() + 10  # the watcher names the rank (gloo may have failed the step first)
+        while "rank 1" not in (health := httpx.get(f"{group.url}/health")).text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert health.status_code == 503 and "rank 1 of worker doomed died" in health.json()["detail"]
+        _, refused = _generate(group.url, PROMPTS[0], "after")
+        assert refused[-1]["finish_reason"] == "error"
+
+        group.restart()
+        assert httpx.get(f"{group.url}/health").status_code == 200
+        assert _generate(group.url, PROMPTS[0], "again")[0] == hf_greedy(hf_model, PROMPTS[0], MAX_TOKENS)
+    finally:
+        group.stop()

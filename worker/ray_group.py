@@ -1,0 +1,168 @@
+"""A worker as a group of Ray actors, one a rank. Rank 0 serves the worker's internal HTTP API and drives
+the schedule; ranks 1.. run the same forward passes (engine.model_runner.follow) and send their share of
+a request's KV when rank 0 asks. A rank that dies takes the whole worker to unhealthy (its requests fail,
+/health answers 503 naming the rank); WorkerGroup.restart brings a fresh group up on the same port.
+
+A single-rank worker is a group of one. On GPU machines each rank of a parallel worker holds one GPU,
+all of them on one node (a placement group); elsewhere ranks are CPU actors talking gloo.
+"""
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from worker.config import WorkerConfig
+
+log = logging.getLogger("pdserve.worker")
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a tensor/expert-parallel worker died: the worker cannot compute until it is restarted."""
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class RankActor:
+    def __init__(self, config: WorkerConfig, rank: int, log_level: str = "warning"):
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.config, self.rank, self.log_level = config, rank, log_level
+        self.shard = self.server = self.runtime = None
+        self.stopping = False
+
+    def rendezvous(self) -> str:
+        """tcp://address:port where the group's ranks meet (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, init_method: str | None) -> object:
+        """Join the group, load this rank's shard of the model; returns its KV pool's descriptor."""
+        from engine.llm_engine import resolve_device
+        from engine.parallel import SINGLE, ParallelConfig, init_parallel
+
+        cfg = self.config
+        parallel = SINGLE
+        if init_method is not None:
+            parallel = init_parallel(ParallelConfig(cfg.tp_size, cfg.ep_size), self.rank, init_method,
+                                     resolve_device(cfg.device))
+        if self.rank == 0:
+            import uvicorn
+
+            from worker.serve import build_app
+
+            app = build_app(cfg, parallel)
+            self.runtime = app.state.runtime
+            self.server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=self.log_level,
+                                                        timeout_graceful_shutdown=5))
+            return self.runtime.descriptor
+        from worker.shard import EngineShard
+
+        self.shard = EngineShard(cfg, parallel)
+        return self.shard.descriptor
+
+    # --- ranks 1.. ---
+
+    def follow(self) -> None:
+        """Runs until rank 0 stops the group (or dies)."""
+        self.shard.engine.runner.follow()
+
+    def send_kv(self, targets: list, src_block_ids: list[int], dst_block_ids: list[int], timeout_s: float) -> int:
+        return self.shard.send(targets, src_block_ids, dst_block_ids, timeout_s)
+
+    # --- rank 0 ---
+
+    def serve(self, descriptors: list, followers: list) -> str:
+        """Start the HTTP server; watch the other ranks. Returns the worker's URL once it answers."""
+        if followers:
+            self.runtime.attach_ranks(descriptors, [self._sender(f) for f in followers])
+            refs = [f.follow.remote() for f in followers]
+            threading.Thread(target=self._watch, args=(refs,), daemon=True).start()
+        thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not self.server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.config.name} failed to start its server")
+            time.sleep(0.05)
+        self.thread = thread
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @staticmethod
+    def _sender(actor):
+        async def send(targets: list, src: list[int], dst: list[int], timeout_s: float) -> int:
+            return await actor.send_kv.remote(targets, src, dst, timeout_s)
+
+        return send
+
+    def _watch(self, refs: list) -> None:
+        ready, _ = ray.wait(refs, num_returns=1)
+        if self.stopping:
+            return
+        rank = refs.index(ready[0]) + 1
+        try:
+            ray.get(ready[0])
+            reason = "left the group"
+        except Exception as e:  # RayActorError: the actor process is gone
+            reason = f"died ({type(e).__name__})"
+        log.error("worker %s: rank %d %s; the worker is unhealthy until restarted", self.config.name, rank, reason)
+        self.runtime.engine.fail(RankFailedError(f"rank {rank} of worker {self.config.name} {reason}"))
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout=15)
+
+
+class WorkerGroup:
+    """The driver's handle on one worker's rank actors (started at construction)."""
+
+    def __init__(self, config: WorkerConfig, log_level: str = "warning", gpus_per_rank: float = 0.0,
+                 timeout_s: float = 600.0):
+        self.config, self.log_level = config, log_level
+        self.gpus_per_rank, self.timeout_s = gpus_per_rank, timeout_s
+        self.actors: list = []
+        self.placement = None
+        self.url = self._start()
+
+    def _start(self) -> str:
+        cfg, world = self.config, self.config.world_size
+        strategy = None
+        if self.gpus_per_rank and world > 1:  # one GPU a rank, all on one node
+            self.placement = placement_group([{"GPU": 1}] * world, strategy="STRICT_PACK")
+            ray.get(self.placement.ready(), timeout=self.timeout_s)
+        for rank in range(world):
+            if self.placement is not None:
+                strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
+            name = cfg.name if world == 1 else f"{cfg.name}.rank{rank}"
+            self.actors.append(RankActor.options(
+                name=name, num_gpus=1 if self.placement is not None else self.gpus_per_rank, max_concurrency=4,
+                scheduling_strategy=strategy).remote(cfg, rank, self.log_level))
+        init = ray.get(self.actors[0].rendezvous.remote()) if world > 1 else None
+        descriptors = ray.get([a.setup.remote(init) for a in self.actors], timeout=self.timeout_s)
+        return ray.get(self.actors[0].serve.remote(descriptors[1:], self.actors[1:]), timeout=self.timeout_s)
+
+    def stop(self) -> None:
+        """Stop rank 0's server (which stops the other ranks), then every actor; safe to call twice."""
+        if self.actors:
+            try:
+                ray.get(self.actors[0].stop.remote(), timeout=20)
+            except Exception as e:  # a dead rank 0 is already stopped
+                log.debug("stopping rank 0 of %s: %r", self.config.name, e)
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+            self.placement = None
+
+    def restart(self) -> str:
+        self.stop()
+        self.url = self._start()
+        return self.url

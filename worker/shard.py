@@ -1,0 +1,75 @@
+"""One rank's share of a worker: its engine (its slice of the model and of the KV pool) and the KV
+transport that moves its pool's blocks. A single-rank worker is one shard; a tensor/expert-parallel
+worker has one a rank, rank 0's driving the schedule (worker/runtime.py), the others following."""
+
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, resolve_device
+from engine.parallel import SINGLE, Parallel
+from kv_transfer.descriptors import HeadSlice, PoolDescriptor
+from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
+from protocol.tokenizer import ChatTokenizer
+from worker.config import WorkerConfig
+
+
+class EngineShard:
+    def __init__(self, config: WorkerConfig, parallel: Parallel = SINGLE, tokenizer: ChatTokenizer | None = None):
+        self.config = config
+        self.parallel = parallel
+        self.shm_path: Path | None = None
+        allocator = None
+        if config.transport == "host" and config.role == "decode" and resolve_device(config.device).type != "cuda":
+            # The decode pool lives in shared memory so that prefill workers on this host can write into it.
+            self.shm_path = SHM_DIR / f"pdserve-kv-{config.name}-r{parallel.rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            allocator = lambda shape, dtype: shared_pool(self.shm_path, shape, dtype)  # noqa: E731
+        self.engine = LLMEngine(EngineConfig(
+            model=config.model, served_model_name=config.served_model_name, device=config.device,
+            dtype=config.dtype, block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            load_format=config.load_format, gpu_memory_utilization=config.gpu_memory_utilization,
+            attention_backend=config.attention_backend,
+        ), tokenizer=tokenizer, kv_allocator=allocator, parallel=parallel)
+        lay, heads = self.engine.kv_layout, self.engine.model.heads
+        agent = config.name if parallel.world_size == 1 else f"{config.name}.rank{parallel.rank}"
+        descriptor = PoolDescriptor(agent, config.transport, str(self.shm_path or ""), lay.num_blocks, lay.num_layers,
+                                    lay.block_size, lay.num_kv_heads, lay.head_dim, lay.dtype,
+                                    kv_head_start=heads.kv_start,
+                                    total_kv_heads=self.engine.model_config.num_kv_heads)
+        if config.transport == "nccl":
+            raise NotImplementedError("the nccl transport is not wired into workers yet (kv_transfer.dist_transport)")
+        if config.transport == "nixl":  # GPU pools, same host (cuda_ipc) or across hosts (RDMA)
+            from kv_transfer.nixl_transport import NixlTransport
+
+            # Only a sender gathers scattered blocks into a staging buffer (128 blocks, split in two halves).
+            self.transport = NixlTransport(agent, staging_blocks=128 if config.role == "prefill" else 0)
+        elif self.engine.device.type == "cuda":  # same host, GPU pools: CUDA IPC
+            from kv_transfer.cuda_ipc_transport import CudaIpcTransport
+
+            self.transport = CudaIpcTransport(agent)
+        else:
+            self.transport = HostTransport(agent)
+        self.descriptor = self.transport.register_pool(self.engine.kv_cache.tensor, descriptor)
+
+    def send(self, targets: list[tuple[PoolDescriptor, HeadSlice | None]], src_block_ids: list[int],
+             dst_block_ids: list[int], timeout_s: float) -> int:
+        """Write this rank's part of a request's KV into each target pool; returns the bytes written."""
+        if self.engine.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # a following rank's last step may still be running
+        lay = self.engine.kv_layout
+        sent = 0
+        for dest, heads in targets:
+            self.transport.connect(dest)
+            self.transport.write_blocks(dest.agent, src_block_ids, dst_block_ids, timeout_s, heads)
+            share = lay.num_kv_heads if heads is None else heads.count
+            sent += len(src_block_ids) * lay.block_bytes * share // lay.num_kv_heads
+        return sent
+
+    def close(self) -> None:
+        self.transport.close()
+        if self.shm_path is not None:
+            self.shm_path.unlink(missing_ok=True)
