@@ -30,7 +30,8 @@ def wait_http(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None 
 
 class LocalCluster:
     def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int = 64 << 20,
-                 worker_args: tuple[str, ...] = (), start_timeout_s: float = 120.0):
+                 worker_args: tuple[str, ...] = (), start_timeout_s: float = 120.0, gpus: list[int] | None = None):
+        """gpus: the GPU of each worker, prefill workers first (CUDA_VISIBLE_DEVICES); None: all see all."""
         self.model = model
         self.procs: list[subprocess.Popen] = []
         self.prefill_urls: list[str] = []
@@ -44,8 +45,9 @@ class LocalCluster:
             for _ in range(count):
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
+                env = {} if gpus is None else {"CUDA_VISIBLE_DEVICES": str(gpus[len(self.worker_procs)])}
                 proc = self._spawn(["-m", "worker.serve", "--role", role, "--model", model, "--port", str(port),
-                                    "--kv-cache-bytes", str(kv_cache_bytes), *worker_args])
+                                    "--kv-cache-bytes", str(kv_cache_bytes), *worker_args], env)
                 (self.prefill_urls if role == "prefill" else self.decode_urls).append(url)
                 self.worker_procs[url] = proc
         try:
@@ -63,8 +65,8 @@ class LocalCluster:
         c.prefill_urls, c.decode_urls = list(prefill_urls), list(decode_urls)
         return c
 
-    def _spawn(self, args: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, start_new_session=True)
         self.procs.append(proc)
         return proc

@@ -88,7 +88,8 @@ class SparseMoE(nn.Module):
         """rows [N, H], each for global expert expert_ids[n] held here -> expert outputs [N, H], same order."""
         local = expert_ids - self.first_expert
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=self.num_local_experts)
+        # Not bincount: its output size needs a host sync, which a CUDA graph cannot hold.
+        counts = local.new_zeros(self.num_local_experts).index_add_(0, local, torch.ones_like(local))
         out = torch.empty_like(rows)
         out[order] = self.expert_kernel(rows[order], self.w13, self.w2, counts)
         return out

@@ -106,6 +106,9 @@ env:
   - {name: PDSERVE_GPU_MEMORY_UTILIZATION, value: {{ $pool.gpuMemoryUtilization | quote }}}
   - {name: PDSERVE_TP_SIZE, value: {{ $pool.tpSize | quote }}}
   - {name: PDSERVE_EP_SIZE, value: {{ $pool.epSize | quote }}}
+  {{- if gt $gpus 1 }}
+  - {name: PDSERVE_RAY_ADDRESS, value: "auto"}  # the ranks join the Ray head started above (or KubeRay's)
+  {{- end }}
   - {name: PDSERVE_DRAIN_TIMEOUT_S, value: {{ $pool.drainTimeoutS | quote }}}
   - {name: PDSERVE_LOG_LEVEL, value: {{ $pool.logLevel | quote }}}
   - name: PDSERVE_INTERNAL_TOKEN

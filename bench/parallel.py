@@ -1,0 +1,202 @@
+"""Parallel decoding benchmark (GPU; JSON lines).
+
+One GPU (default):
+- the MoE layer's grouped expert kernel against a dense SwiGLU matmul of the same FLOPs (Qwen3-MoE-30B-A3B
+  shapes: 128 experts, top-8, hidden 2048, expert intermediate 768), tokens 1 .. 8k, bf16;
+- decode step time with TP=1 of a random Qwen3-MoE-30B-A3B-shaped model against the memory roofline of the
+  weights its batch touches (attention + the experts its tokens pick) plus KV, read bandwidth measured here.
+
+Several GPUs (--tp/--ep lists, one process a rank, NCCL): decode step time of Llama-3-8B shapes for each
+TP size and of the MoE for each EP size, against TP=1 and against the roofline of the GPUs used.
+
+Run: python -m bench.parallel [--tp 1,2,4] [--ep 2,4] [--batches 1,8,64]
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import emit
+from bench.engine_gpu import LLAMA3_8B, decode_step_time, read_bandwidth
+
+QWEN3_MOE_30B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=16384, rope_theta=1000000.0, tie_word_embeddings=False,
+                     rms_norm_eps=1e-6)
+
+
+def _timed(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def moe_kernel(tokens: list[int], bw: float) -> None:
+    from engine.model_config import ModelConfig
+    from engine.moe import SparseMoE, looped_swiglu
+
+    cfg = ModelConfig.from_hf_dict(QWEN3_MOE_30B)
+    with torch.device("cuda"):
+        moe = SparseMoE(cfg, __import__("engine.parallel", fromlist=["SINGLE"]).SINGLE).to(torch.bfloat16)
+        for p in moe.parameters():
+            p.data.normal_(0, 0.02)
+        h, i, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        w13, w2 = torch.randn(2 * i, h, dtype=torch.bfloat16) * 0.02, torch.randn(h, i, dtype=torch.bfloat16) * 0.02
+    expert_bytes = 3 * h * i * 2
+    for t in tokens:
+        x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
+        rows = x.repeat_interleave(k, 0)
+
+        def dense(rows=rows) -> torch.Tensor:  # one SwiGLU over all t*k rows: the same FLOPs, one weight
+            gate, up = torch.nn.functional.linear(rows, w13).chunk(2, dim=-1)
+            return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2)
+
+        with torch.inference_mode():
+            t_moe = _timed(lambda x=x: moe(x))
+            t_dense = _timed(dense)
+            touched = torch.topk(moe.gate(x).float(), k, dim=-1).indices.unique().numel()
+            ref = moe.expert_kernel
+            moe.expert_kernel = looped_swiglu
+            t_loop = _timed(lambda x=x: moe(x), reps=5)
+            moe.expert_kernel = ref
+        flops = t * k * 6 * h * i
+        roofline = touched * expert_bytes / bw
+        emit("parallel", f"moe_layer_tokens{t}", t_moe * 1e6, "us", "dense SwiGLU matmul, same FLOPs",
+             t_dense * 1e6, ratio=t_dense / t_moe, tflops=flops / t_moe / 1e12, experts_touched=touched,
+             memory_roofline_us=roofline * 1e6, roofline_ratio=roofline / t_moe,
+             python_loop_over_experts_us=t_loop * 1e6, speedup_vs_loop=t_loop / t_moe,
+             shapes="qwen3-moe-30b-a3b layer (128 experts, top-8)", dtype="bfloat16")
+
+
+def _folder(shapes: dict) -> Path:
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(shapes))
+    return folder
+
+
+def _engine(shapes: dict, batches: list[int], parallel=None, kv_bytes: int = 16 << 30, attention: str = "auto"):
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.parallel import SINGLE
+
+    return LLMEngine(EngineConfig(model=str(_folder(shapes)), load_format="dummy", dtype="bfloat16",
+                                  kv_cache_bytes=kv_bytes, max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                  enable_prefix_caching=False, attention_backend=attention),
+                     parallel=parallel or SINGLE)
+
+
+def touched_weight_bytes(engine, batch: int) -> float:
+    """Bytes of weights a decode step of `batch` tokens reads: everything but the embedding table, with each
+    MoE layer's experts counted as many as `batch` tokens picking top-k of E uniformly touch on average."""
+    cfg = engine.model_config
+    total = 0.0
+    for name, p in engine.model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        nbytes = p.numel() * p.element_size()
+        if name.endswith((".w13", ".w2")):
+            e, k = cfg.num_experts, cfg.num_experts_per_tok
+            nbytes *= 1 - (1 - k / e) ** batch  # the expected share of experts touched
+        total += nbytes
+    return total
+
+
+def decode_rows(engine, batches: list[int], ctx: int, steps: int, bw: float, ranks: int, label: str,
+                baseline: dict[int, float] | None = None) -> dict[int, float]:
+    kv_token_bytes = engine.kv_layout.block_bytes // engine.kv_layout.block_size  # this rank's heads
+    out = {}
+    for b in batches:
+        step = decode_step_time(engine, b, ctx, steps)
+        # Every rank reads its shard at the same time: the group's bandwidth is ranks x one GPU's.
+        roofline = (touched_weight_bytes(engine, b) + b * ctx * kv_token_bytes) / bw
+        extra = {} if baseline is None else {"speedup_vs_1_rank": baseline[b] / step}
+        emit("parallel", f"decode_step_ms_{label}_batch{b}", step * 1e3, "ms", "memory roofline of the GPUs used",
+             roofline * 1e3, ratio=roofline / step, batch=b, ctx=ctx, ranks=ranks, **extra)
+        out[b] = step
+    return out
+
+
+def _rank_main(rank: int, world: int, tp: int, ep: int, shapes: dict, args, port: int, results) -> None:
+    from engine.parallel import ParallelConfig, init_parallel
+
+    torch.cuda.set_device(rank)
+    par = init_parallel(ParallelConfig(tp, ep), rank, f"tcp://127.0.0.1:{port}", torch.device("cuda", rank))
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = _engine(shapes, batches, par, kv_bytes=args.kv_gib << 30, attention=args.attention)
+    if rank == 0:
+        bw = read_bandwidth()
+        label = f"{shapes['model_type']}{shapes['num_hidden_layers']}l_tp{tp}_ep{ep}_{args.attention}"
+        base = results.get("base")
+        times = decode_rows(engine, batches, args.ctx, args.steps, bw, world, label,
+                            None if base is None or world == 1 else base)
+        results.update(times=times)
+        engine.runner.stop_followers()
+    else:
+        engine.runner.follow()
+    torch.distributed.destroy_process_group()
+
+
+def multi_gpu(args) -> None:
+    import torch.multiprocessing as mp
+
+    from pdserve_cli.main import free_port
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on the lent machines
+    layers = {"num_hidden_layers": args.layers} if args.layers else {}
+    runs = [(LLAMA3_8B | layers, int(t), 1) for t in args.tp.split(",") if t] + \
+           [(QWEN3_MOE_30B | layers, 1, int(e)) for e in args.ep.split(",") if e]
+    base: dict[str, dict[int, float]] = {}
+    for shapes, tp, ep in runs:
+        world = tp * ep
+        if world > torch.cuda.device_count():
+            print(json.dumps({"skipped": f"{shapes['model_type']} tp{tp} ep{ep}: {world} GPUs needed"}), flush=True)
+            continue
+        with mp.Manager() as manager:
+            results = manager.dict()
+            if shapes["model_type"] in base:
+                results["base"] = base[shapes["model_type"]]
+            mp.start_processes(_rank_main, args=(world, tp, ep, shapes, args, free_port(), results), nprocs=world,
+                               start_method="spawn")
+            if world == 1:
+                base[shapes["model_type"]] = dict(results["times"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="1,16,256,2048,8192", help="MoE layer sizes")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--kv-gib", type=int, default=8)
+    ap.add_argument("--tp", default="", help="e.g. 1,2,4: multi-GPU decode of Llama-3-8B shapes per TP size")
+    ap.add_argument("--ep", default="", help="e.g. 2,4: multi-GPU decode of the MoE per EP size (with --tp 1 first)")
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model (faster runs)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "torch", "flashinfer"],
+                    help="torch: no FlashInfer JIT and no CUDA graphs (eager steps)")
+    args = ap.parse_args()
+    if args.tp or args.ep:
+        multi_gpu(args)
+        return
+    bw = read_bandwidth()
+    emit("parallel", "read_bandwidth", bw / 1e12, "TB/s", note="4 GiB bf16 reduction")
+    if not args.skip_kernel:
+        moe_kernel([int(t) for t in args.tokens.split(",")], bw)
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = _engine(QWEN3_MOE_30B, batches, kv_bytes=args.kv_gib << 30)
+    decode_rows(engine, batches, args.ctx, args.steps, bw, 1, "qwen3_moe_tp1_ep1")
+
+
+if __name__ == "__main__":
+    main()
