@@ -43,18 +43,26 @@ def main() -> None:
     ap.add_argument("--rates", default="2,4,8,16,24")
     ap.add_argument("--kv-gib", type=int, default=40)
     ap.add_argument("--attainment", type=float, default=0.9)
+    ap.add_argument("--quick", action="store_true",
+                    help="a dry run of the whole procedure on CPU: the demo model, a few sessions, no GPUs")
     a = ap.parse_args()
-    folder = model_folder(Path(a.tokenizer_dir))
-    worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "128")
+    if a.quick:
+        from pdserve_cli.main import demo_model
+
+        folder, gpus, kv = demo_model(), None, 64 << 20
+        worker_args = ("--max-num-seqs", "8", "--threads", "1")
+    else:
+        folder, gpus, kv = model_folder(Path(a.tokenizer_dir)), [0, 1], a.kv_gib << 30
+        worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "128")
     rates = sorted(float(r) for r in a.rates.split(","))
     goodput: dict[tuple[str, str], float] = {}
     for layout, (prefill, decode, router_flags) in LAYOUTS.items():
-        cluster = LocalCluster(str(folder), prefill=prefill, decode=decode, kv_cache_bytes=a.kv_gib << 30,
-                               worker_args=worker_args, start_timeout_s=900, gpus=[0, 1])
+        cluster = LocalCluster(str(folder), prefill=prefill, decode=decode, kv_cache_bytes=kv,
+                               worker_args=worker_args, start_timeout_s=900, gpus=gpus)
         try:
             url = cluster.start_router(*router_flags)
             for path in a.workloads.split(","):
-                sessions = load(path)
+                sessions = load(path)[: 6 if a.quick else None]
                 ra = argparse.ArgumentParser()
                 add_args(ra)
                 run_args = ra.parse_args(["--url", url, "--workload", path, "--label", layout])
@@ -78,7 +86,7 @@ def main() -> None:
         d, c = goodput.get(("disaggregated_1p1d", name), 0.0), goodput.get(("colocated_2x", name), 0.0)
         emit("goodput_multigpu", f"max_goodput_{name}", d, "req/s", "2 colocated replicas, same GPUs", c,
              ratio=d / c if c else None, ttft_slo_s=1.0, tpot_slo_s=0.05, attainment=a.attainment,
-             model="llama3-8b-shapes (random, bf16)", rates=rates)
+             model="demo (cpu dry run)" if a.quick else "llama3-8b-shapes (random, bf16)", rates=rates)
 
 
 if __name__ == "__main__":
