@@ -22,10 +22,11 @@ LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, nu
                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)
 
 
-def dummy_model(tokenizer_dir: Path) -> Path:
-    """A folder with the 1B config and a real tokenizer (the demo model's), weights drawn at load."""
-    folder = Path(tempfile.mkdtemp(prefix="pdserve-1b-"))
-    (folder / "config.json").write_text(json.dumps(LLAMA_1B))
+def dummy_model(tokenizer_dir: Path, shapes: dict = LLAMA_1B) -> Path:
+    """A folder with a config and a real tokenizer (the demo model's): weights are drawn at load
+    (--load-format dummy)."""
+    folder = Path(tempfile.mkdtemp(prefix="pdserve-dummy-"))
+    (folder / "config.json").write_text(json.dumps(shapes))
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy(f, folder / f.name)

@@ -10,13 +10,11 @@ Run: python -m bench.goodput_multigpu --workloads .gpu/sharegpt.jsonl,.gpu/prefi
 """
 
 import argparse
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from bench.cluster import LocalCluster
 from bench.common import emit
+from bench.disagg import dummy_model
 from bench.engine_gpu import LLAMA3_8B
 from bench.run import add_args, run_once
 from bench.workloads import load
@@ -25,15 +23,6 @@ LAYOUTS = {  # name -> (prefill workers, decode workers, router flags)
     "disaggregated_1p1d": (1, 1, ("--local-prefill-tokens", "0")),
     "colocated_2x": (0, 2, ("--local-prefill-tokens", "1000000000", "--policy", "cache_aware")),
 }
-
-
-def model_folder(tokenizer_dir: Path) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="pdserve-8b-"))
-    (folder / "config.json").write_text(json.dumps(LLAMA3_8B | {"vocab_size": 49152}))  # the tokenizer's vocab
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
-    return folder
 
 
 def main() -> None:
@@ -52,7 +41,8 @@ def main() -> None:
         folder, gpus, kv = demo_model(), None, 64 << 20
         worker_args = ("--max-num-seqs", "8", "--threads", "1")
     else:
-        folder, gpus, kv = model_folder(Path(a.tokenizer_dir)), [0, 1], a.kv_gib << 30
+        # The demo tokenizer's vocabulary, so that every id it makes is a row of the embedding.
+        folder, gpus, kv = dummy_model(Path(a.tokenizer_dir), LLAMA3_8B | {"vocab_size": 49152}), [0, 1], a.kv_gib << 30
         worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "128")
     rates = sorted(float(r) for r in a.rates.split(","))
     goodput: dict[tuple[str, str], float] = {}
