@@ -372,10 +372,15 @@ async def _send_json(send: Callable, status: int, body: dict, headers: dict[str,
 
 
 async def _send_stream(send: Callable, stream: AsyncIterator[bytes]) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    """Headers go out with the first chunk: one wake-up of the client, not one for headers in the middle of
+    the router's work on the request and another for the chunk."""
     try:
-        async for data in stream:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+        first = await anext(stream, None)
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        if first is not None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for data in stream:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
     finally:
         await stream.aclose()  # the client may have left: the stream's cleanup (metrics, workers) runs now
     await send({"type": "http.response.body", "body": b""})
@@ -522,9 +527,18 @@ def _observe(state: RouterState, start: float, completion: int, cached: int) -> 
     state.metrics.cached_tokens.inc(cached)
 
 
-async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[GenerateChunk]], prompt_len: int,
-               include_usage: bool, ticket: Ticket) -> AsyncIterator[bytes]:
-    """Merge the n choices' streams into one SSE stream; leaving early closes every worker stream."""
+async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, chunk or OpenAIError) from the n choices' streams as they come. One stream (the common
+    case) is read in place: no task and no queue between the worker's line and the client's chunk."""
+    if len(streams) == 1:
+        try:
+            async for c in streams[0]:
+                yield 0, c
+        except OpenAIError as e:
+            yield 0, e
+        finally:
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -538,16 +552,29 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
             await queue.put((i, done))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    start = last = time.perf_counter()
-    first_seen, offsets, completion, cached, remaining = set(), [0] * len(streams), [0] * len(streams), 0, len(streams)
-    status = "499"  # until it ends one way or the other: the client left
-    stream_error: OpenAIError | None = None
+    remaining = len(streams)
     try:
         while remaining:
             i, item = await queue.get()
             if item is done:
                 remaining -= 1
-                continue
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[GenerateChunk]], prompt_len: int,
+               include_usage: bool, ticket: Ticket) -> AsyncIterator[bytes]:
+    """Merge the n choices' streams into one SSE stream; leaving early closes every worker stream."""
+    merged = _merge(streams)
+    start = last = time.perf_counter()
+    first_seen, offsets, completion, cached = set(), [0] * len(streams), [0] * len(streams), 0
+    status = "499"  # until it ends one way or the other: the client left
+    stream_error: OpenAIError | None = None
+    try:
+        async for i, item in merged:
             if isinstance(item, OpenAIError) or item.error:
                 err = item if isinstance(item, OpenAIError) else _worker_error(item)
                 status, stream_error = str(err.status), err
@@ -572,8 +599,7 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[G
                 yield b"data: " + _encode(fmt.usage_chunk(usage(prompt_len, sum(completion), cached))) + b"\n\n"
             yield b"data: [DONE]\n\n"
     finally:
-        for t in tasks:
-            t.cancel()
+        await merged.aclose()
         _observe(state, start, sum(completion), cached)
         state.count("chat" if fmt.chat else "completions", status, sum(completion), stream_error)
         await ticket.close({"200": "ok", "499": "cancelled"}.get(status, "error"))

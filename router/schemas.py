@@ -32,7 +32,11 @@ class _Sampling(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
+        if v is not None and not isinstance(v, str | list):
+            raise ValueError("stop must be a string or a list of strings")
         stops = [v] if isinstance(v, str) else list(v or [])
+        if any(not isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
         if any(not s for s in stops):

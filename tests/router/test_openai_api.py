@@ -58,6 +58,8 @@ def test_streaming_ends_with_usage_and_done(fake_cluster):
     ({"model": "fake", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "fake", "prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stop": 7}, 400, "stop"),  # found by fuzzing
+    ({"model": "fake", "prompt": "hi", "stop": ["ok", 3]}, 400, "stop"),
 ])
 def test_bad_requests_get_openai_errors_and_never_reach_a_worker(fake_cluster, body, status, param):
     path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
