@@ -36,13 +36,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        cos_sin = rotary.lookup(positions, x.dtype)
+        if self.q_norm is None:  # q and k are adjacent in qkv: rotated together, one set of kernels
+            qk = rotary.rotate(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos_sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+            q = rotary.rotate(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos_sin)
+            k = rotary.rotate(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos_sin)
         out = attn.forward(self.layer, q, k, v)  # [num_tokens, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

@@ -52,4 +52,4 @@ class FlashInferAttention:
         cache = self.kv_cache.tensor[:, layer]  # [num_blocks, 2, block_size, kv_heads, head_dim], strided
         cache[meta.slot_blocks, 0, meta.slot_offsets] = k
         cache[meta.slot_blocks, 1, meta.slot_offsets] = v
-        return self._wrapper.run(q, cache)
+        return self._wrapper.run(q.contiguous(), cache)  # q may be a view into the rotated q|k (one copy if so)
