@@ -133,6 +133,7 @@ SINGLE = Parallel()
 def init_parallel(config: ParallelConfig, rank: int, init_method: str, device: torch.device,
                   timeout_s: float = 120.0) -> Parallel:
     """Join the worker's process group (NCCL on CUDA, gloo on CPU) and build the tp, ep and control groups.
+    timeout_s bounds one collective inside a step (a rank that stops answering fails the step).
 
     Every rank calls this with the same arguments but its rank; groups are created in the same order on all.
     """
@@ -150,5 +151,7 @@ def init_parallel(config: ParallelConfig, rank: int, init_method: str, device: t
         g = dist.new_group([e * tp + t for e in range(ep)], timeout=timeout)
         if rank % tp == t:
             ep_group = g
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    # The other ranks wait on the control group for rank 0's next step for as long as the worker is idle:
+    # no timeout there (a dead rank 0 still ends the wait at once: its connections close).
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
     return Parallel(config, rank, tp_group, ep_group, control)

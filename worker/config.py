@@ -24,6 +24,7 @@ class WorkerConfig:
     transfer_timeout_s: float = 30.0
     tp_size: int = 1  # tensor-parallel ranks (one Ray actor each, see worker/ray_group.py)
     ep_size: int = 1  # expert-parallel groups of tp_size ranks: tp_size x ep_size ranks in all
+    collective_timeout_s: float = 120.0  # one collective between the ranks inside a step
     # Callers of the internal API must hold it; None: open (tests, one host). Never printed (repr=False).
     internal_token: str | None = field(default=None, repr=False)
 

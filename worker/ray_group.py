@@ -50,7 +50,7 @@ class RankActor:
         parallel = SINGLE
         if init_method is not None:
             parallel = init_parallel(ParallelConfig(cfg.tp_size, cfg.ep_size), self.rank, init_method,
-                                     resolve_device(cfg.device))
+                                     resolve_device(cfg.device), cfg.collective_timeout_s)
         if self.rank == 0:
             import uvicorn
 

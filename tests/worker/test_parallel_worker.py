@@ -116,6 +116,18 @@ def test_prefill_tp2_feeds_decode_tp1_with_the_same_tokens(ray_local, models):
     assert got == [hf_greedy(hf_model, p, MAX_TOKENS) for p in PROMPTS]
 
 
+def test_idle_parallel_worker_outlives_its_collective_timeout(ray_local, models):
+    """The other ranks wait for rank 0's next step as long as the worker is idle, not one collective timeout."""
+    folder, hf_model = models["qwen2"]
+    group = WorkerGroup(_config(folder, "decode", "idle", tp=2, collective_timeout_s=2.0))
+    try:
+        time.sleep(5)
+        assert httpx.get(f"{group.url}/health").status_code == 200
+        assert _generate(group.url, PROMPTS[0], "late")[0] == hf_greedy(hf_model, PROMPTS[0], MAX_TOKENS)
+    finally:
+        group.stop()
+
+
 def test_dead_rank_makes_worker_unhealthy_fails_requests_and_restart_recovers(ray_local, models):
     folder, hf_model = models["qwen2"]
     group = WorkerGroup(_config(folder, "decode", "doomed", tp=2))
@@ -141,5 +153,21 @@ def test_dead_rank_makes_worker_unhealthy_fails_requests_and_restart_recovers(ra
         group.restart()
         assert httpx.get(f"{group.url}/health").status_code == 200
         assert _generate(group.url, PROMPTS[0], "again")[0] == hf_greedy(hf_model, PROMPTS[0], MAX_TOKENS)
+    finally:
+        group.stop()
+
+
+def test_gguf_model_is_dequantised_then_sliced_over_three_ranks(ray_local):
+    """The demo GGUF (9 heads, 3 KV heads) on tp_size 3: the same greedy tokens as one rank."""
+    from tests.helpers import demo_model_path
+
+    config = _config(demo_model_path(), "decode", "gguf-tp3", tp=3)
+    prompt = PROMPTS[1]
+    engine = LLMEngine(EngineConfig(model=str(demo_model_path()), device="cpu", kv_cache_bytes=4 << 20))
+    expected = engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    del engine
+    group = WorkerGroup(config)
+    try:
+        assert _generate(group.url, prompt, "g")[0] == expected[0].token_ids
     finally:
         group.stop()
