@@ -31,7 +31,7 @@ class RankActor:
     def __init__(self, config: WorkerConfig, rank: int, log_level: str = "warning"):
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config, self.rank, self.log_level = config, rank, log_level
-        self.shard = self.server = self.runtime = None
+        self.shard = self.server = self.runtime = self.thread = None
         self.stopping = False
 
     def rendezvous(self) -> str:
@@ -115,7 +115,7 @@ class RankActor:
 
     def stop(self) -> None:
         self.stopping = True
-        if self.server is not None:
+        if self.thread is not None:
             self.server.should_exit = True
             self.thread.join(timeout=15)
 
@@ -144,9 +144,13 @@ class WorkerGroup:
             self.actors.append(RankActor.options(
                 name=name, num_gpus=1 if self.placement is not None else self.gpus_per_rank, max_concurrency=4,
                 scheduling_strategy=strategy).remote(cfg, rank, self.log_level))
-        init = ray.get(self.actors[0].rendezvous.remote()) if world > 1 else None
-        descriptors = ray.get([a.setup.remote(init) for a in self.actors], timeout=self.timeout_s)
-        return ray.get(self.actors[0].serve.remote(descriptors[1:], self.actors[1:]), timeout=self.timeout_s)
+        try:
+            init = ray.get(self.actors[0].rendezvous.remote()) if world > 1 else None
+            descriptors = ray.get([a.setup.remote(init) for a in self.actors], timeout=self.timeout_s)
+            return ray.get(self.actors[0].serve.remote(descriptors[1:], self.actors[1:]), timeout=self.timeout_s)
+        except BaseException:  # a rank failed to start (bad model, sizes that do not split): leave nothing behind
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop rank 0's server (which stops the other ranks), then every actor; safe to call twice."""
