@@ -92,12 +92,15 @@ def test_parallel_worker_greedy_matches_one_rank_and_transformers(ray_local, mod
 
 def test_sizes_that_do_not_split_fail_the_start_clearly_and_leave_no_actor(ray_local, models):
     folder, _ = models["qwen2"]  # 4 attention heads
-    with pytest.raises(Exception, match="4 attention heads do not split over tp_size 3"):
+    with pytest.raises(Exception, match="4 attention heads do not split over tp_size 3") as failed:
         WorkerGroup(_config(folder, "decode", "uneven", tp=3))
-    deadline = time.monotonic() + 10  # killed actors leave the name table shortly after
+    # The traceback held here keeps the failed start's actor handles referenced: only an explicit stop
+    # ends those actors (Ray would otherwise end them only once the handles are garbage-collected).
+    deadline = time.monotonic() + 10
     while any(a["name"].startswith("uneven") for a in ray.util.list_named_actors(all_namespaces=True)):
         assert time.monotonic() < deadline, "a rank actor of the failed worker is still alive"
         time.sleep(0.2)
+    assert failed.traceback
 
 
 def test_prefill_tp1_feeds_decode_tp2_with_the_same_tokens(ray_local, models):
