@@ -63,9 +63,15 @@ def serve(a: argparse.Namespace) -> None:
     groups: list = []  # every worker group ever started, stopped at exit (stopping twice is harmless)
     token = secrets.token_urlsafe(24)  # the workers answer only this router
     # Single-rank workers share the GPUs; a tensor/expert-parallel worker's ranks hold one GPU each.
-    gpu_share = min(1.0, num_gpus / (a.prefill_workers + a.decode_workers)) if has_gpu else 0.0
     counter = itertools.count()
     sizes = {"prefill": (a.prefill_tp_size, a.prefill_ep_size), "decode": (a.decode_tp_size, a.decode_ep_size)}
+    counts = {"prefill": a.prefill_workers, "decode": a.decode_workers}
+    whole = sum(counts[r] * tp * ep for r, (tp, ep) in sizes.items() if tp * ep > 1)  # GPUs held by parallel ranks
+    single = sum(counts[r] for r, (tp, ep) in sizes.items() if tp * ep == 1)
+    if has_gpu and (whole > num_gpus or (single and whole == num_gpus)):
+        sys.exit(f"pdserve serve: the parallel workers need {whole} GPUs and the single-rank ones a share of one; "
+                 f"this machine has {num_gpus}")
+    gpu_share = min(1.0, (num_gpus - whole) / single) if has_gpu and single else 0.0
 
     def start(role: str) -> tuple[str, object]:  # also the scaling API's: one more worker, once it serves
         tp, ep = sizes[role]

@@ -135,6 +135,10 @@ class WorkerGroup:
         cfg, world = self.config, self.config.world_size
         strategy = None
         if self.gpus_per_rank and world > 1:  # one GPU a rank, all on one node
+            have = ray.cluster_resources().get("GPU", 0)
+            if have < world:
+                raise RuntimeError(f"worker {cfg.name} needs {world} GPUs (tp_size x ep_size), "
+                                   f"the Ray cluster has {have:g}")
             self.placement = placement_group([{"GPU": 1}] * world, strategy="STRICT_PACK")
             ray.get(self.placement.ready(), timeout=self.timeout_s)
         for rank in range(world):
