@@ -79,7 +79,8 @@ def serve(a: argparse.Namespace) -> None:
                            served_model_name=a.served_model_name, device=a.device,
                            block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
                            transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep)
-        group = WorkerGroup(cfg, a.log_level, gpus_per_rank=gpu_share)
+        per_rank = (1.0 if tp * ep > 1 else gpu_share) if has_gpu else 0.0
+        group = WorkerGroup(cfg, a.log_level, gpus_per_rank=per_rank)
         groups.append(group)
         return group.url, group
 
