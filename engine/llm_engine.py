@@ -99,7 +99,8 @@ class LLMEngine:
         )
         self.attention = self._attention_backend()
         graphs = None
-        # Expert parallelism reads its all-to-all split sizes on the host each layer: no graphs for it.
+        # Expert parallelism: no graphs yet. Its decode steps exchange fixed-size buffers (no host sync, see
+        # engine/moe.py), but NCCL all-to-all inside a captured graph has not been tried on a GPU here.
         if (self.device.type == "cuda" and not config.enforce_eager and hasattr(self.attention, "decode")
                 and parallel.ep_size == 1):
             from engine.cuda_graphs import CudaGraphDecoder

@@ -15,6 +15,10 @@ from torch import nn
 from engine.model_config import ModelConfig
 from engine.parallel import Parallel
 
+# (token, choice) pairs of one rank up to which expert parallelism exchanges fixed-size buffers (no host sync,
+# CUDA-graph friendly; decode batches), above which it exchanges exact sizes (prefill: less traffic).
+FIXED_EXCHANGE_ROWS = 4096
+
 
 def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over rows grouped by expert: x [N, H] with counts[e] rows of expert e in order,
@@ -85,8 +89,9 @@ class SparseMoE(nn.Module):
         return out
 
     def _experts(self, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """rows [N, H], each for global expert expert_ids[n] held here -> expert outputs [N, H], same order."""
-        local = expert_ids - self.first_expert
+        """rows [N, H], each for global expert expert_ids[n] held here -> expert outputs [N, H], same order.
+        Padding rows (id -1, zeros) go through the first local expert: static shapes, outputs nobody reads."""
+        local = torch.where(expert_ids >= 0, expert_ids - self.first_expert, 0)
         order = torch.argsort(local, stable=True)
         # Not bincount: its output size needs a host sync, which a CUDA graph cannot hold.
         counts = local.new_zeros(self.num_local_experts).index_add_(0, local, torch.ones_like(local))
@@ -105,16 +110,47 @@ class SparseMoE(nn.Module):
         share = -(-num_tokens // par.ep_size)
         lo, hi = min(par.ep_rank * share, num_tokens), min((par.ep_rank + 1) * share, num_tokens)
         mine = experts[lo:hi].flatten()  # [n*k] global expert ids of this rank's (token, choice) pairs
-        dest = mine // self.num_local_experts
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=par.ep_size)
-        recv_counts = par.ep_all_to_all(send_counts, [1] * par.ep_size, [1] * par.ep_size)
-        send, recv = send_counts.tolist(), recv_counts.tolist()  # the layer's host sync: split sizes
-        rows = par.ep_all_to_all(x[lo:hi].repeat_interleave(k, 0)[order], send, recv)
-        ids = par.ep_all_to_all(mine[order], send, recv)
-        back = par.ep_all_to_all(self._experts(rows, ids), recv, send)
-        expert_out = torch.empty_like(back)
-        expert_out[order] = back
+        rows = x[lo:hi].repeat_interleave(k, 0)
+        if share * k <= FIXED_EXCHANGE_ROWS:
+            expert_out = self._exchange_fixed(rows, mine, share * k)
+        else:
+            expert_out = self._exchange_sized(rows, mine)
         out = x.new_zeros(share, x.shape[1])
         out[: hi - lo] = self._combine(expert_out, weights[lo:hi])
         return par.ep_all_gather_rows(out)[:num_tokens]
+
+    def _exchange_sized(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, choice) row to its expert's rank and its output back, exactly as many rows as there are:
+        the split sizes are read on the host (a sync a layer). For prefill-sized batches."""
+        par = self.par
+        dest = ids // self.num_local_experts
+        order = torch.argsort(dest, stable=True)
+        send_counts = dest.new_zeros(par.ep_size).index_add_(0, dest, torch.ones_like(dest))
+        recv_counts = par.ep_all_to_all(send_counts, [1] * par.ep_size, [1] * par.ep_size)
+        send, recv = send_counts.tolist(), recv_counts.tolist()  # the host sync: split sizes
+        got = par.ep_all_to_all(rows[order], send, recv)
+        got_ids = par.ep_all_to_all(ids[order], send, recv)
+        back = par.ep_all_to_all(self._experts(got, got_ids), recv, send)
+        out = torch.empty_like(back)
+        out[order] = back
+        return out
+
+    def _exchange_fixed(self, rows: torch.Tensor, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The same with fixed sizes: every rank sends every rank `capacity` rows (its worst case), padding marked
+        by expert id -1. No host sync, so a decode step with expert parallelism fits in a CUDA graph."""
+        par, ep = self.par, self.par.ep_size
+        dest = ids // self.num_local_experts
+        order = torch.argsort(dest, stable=True)
+        counts = dest.new_zeros(ep).index_add_(0, dest, torch.ones_like(dest))
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_dest = dest[order]
+        slot = torch.empty_like(order)  # where each pair sits in the send buffer: its destination's block
+        slot[order] = sorted_dest * capacity + torch.arange(len(order), device=ids.device) - starts[sorted_dest]
+        send_rows = rows.new_zeros(ep * capacity, rows.shape[1])
+        send_rows[slot] = rows
+        send_ids = ids.new_full((ep * capacity,), -1)
+        send_ids[slot] = ids
+        sizes = [capacity] * ep
+        got = par.ep_all_to_all(send_rows, sizes, sizes)
+        got_ids = par.ep_all_to_all(send_ids, sizes, sizes)
+        return par.ep_all_to_all(self._experts(got, got_ids), sizes, sizes)[slot]
