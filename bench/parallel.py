@@ -45,10 +45,11 @@ def _timed(fn, reps: int = 20) -> float:
 def moe_kernel(tokens: list[int], bw: float) -> None:
     from engine.model_config import ModelConfig
     from engine.moe import SparseMoE, looped_swiglu
+    from engine.parallel import SINGLE
 
     cfg = ModelConfig.from_hf_dict(QWEN3_MOE_30B)
     with torch.device("cuda"):
-        moe = SparseMoE(cfg, __import__("engine.parallel", fromlist=["SINGLE"]).SINGLE).to(torch.bfloat16)
+        moe = SparseMoE(cfg, SINGLE).to(torch.bfloat16)
         for p in moe.parameters():
             p.data.normal_(0, 0.02)
         h, i, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok

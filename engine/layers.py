@@ -1,4 +1,5 @@
-"""Building blocks of Llama-family decoders: RMSNorm and rotary embeddings, computed as transformers does."""
+"""Building blocks of Llama-family decoders: RMSNorm, the SwiGLU MLP and rotary embeddings, computed as
+transformers does."""
 
 import math
 from typing import Any
@@ -6,6 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.parallel import Parallel
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +21,21 @@ class RMSNorm(nn.Module):
         # torch's rms_norm normalises in float32 and rounds once to x's dtype, as transformers does in four
         # ops; then the weight in x's dtype. Two kernels instead of eight (a decode step runs 65 of these).
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused in one matmul; its intermediate dimension split over the tp ranks (the
+    output is a partial sum the caller all-reduces). A dense layer's MLP, and Qwen2-MoE's shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, par: Parallel):
+        super().__init__()
+        self.intermediate_size = par.split(intermediate, "intermediate_size")[1]
+        self.gate_up_proj = nn.Linear(hidden, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -76,7 +94,3 @@ class RotaryEmbedding(nn.Module):
         """x [T, heads, head_dim] rotated by each token's position (cos_sin from lookup)."""
         return x * cos_sin[:, 0] + x.roll(x.shape[-1] // 2, dims=-1) * cos_sin[:, 1]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim], positions: [T]
-        cos_sin = self.lookup(positions, q.dtype)
-        return self.rotate(q, cos_sin), self.rotate(k, cos_sin)

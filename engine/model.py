@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.errors import ModelLoadError
-from engine.layers import RMSNorm, RotaryEmbedding
+from engine.layers import MLP, RMSNorm, RotaryEmbedding
 from engine.model_config import ModelConfig
 from engine.moe import SparseMoE
 from engine.parallel import SINGLE, HeadShard, Parallel
@@ -50,18 +50,6 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel):
-        super().__init__()
-        self.intermediate_size = par.split(cfg.intermediate_size, "intermediate_size")[1]
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, heads: HeadShard, par: Parallel):
         super().__init__()
@@ -69,7 +57,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer, heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg, par) if layer in cfg.sparse_layers else MLP(cfg, par)
+        self.mlp = (SparseMoE(cfg, par) if layer in cfg.sparse_layers
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, par))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend) -> torch.Tensor:
@@ -85,6 +74,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.par = par
         self.start, self.rows = par.vocab_rows(vocab_size)
+        self.valid_rows = max(0, min(self.rows, vocab_size - self.start))  # the rest pads the last shard
         self.weight = nn.Parameter(torch.empty(self.rows, hidden))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -143,9 +133,9 @@ class CausalLM(nn.Module):
         experts; every parameter must be filled. A weight is a tensor or a lazy slice (safetensors get_slice)."""
         params = dict(self.named_parameters())
         expected = {n: p.numel() for n, p in params.items()}
+        valid = self.embed_tokens.valid_rows
         for name in ("embed_tokens.weight", "lm_head.weight"):  # the last vocab shard's padding rows
             if name in params:
-                valid = max(0, min(self.embed_tokens.rows, self.config.vocab_size - self.embed_tokens.start))
                 params[name].data[valid:].zero_()
                 expected[name] = valid * params[name].shape[1]
         filled = dict.fromkeys(params, 0)
@@ -190,12 +180,12 @@ class CausalLM(nn.Module):
             return (name, everything, (slice(None), slice(hs.q_start * d, (hs.q_start + hs.num_heads) * d)),
                     {1: cfg.num_heads * d})
         if module in ("gate_proj", "up_proj", "down_proj") and len(parts) >= 4 and parts[-4] == "experts":
-            moe = self.get_submodule(".".join(parts[:-4]))
+            owner = ".".join(parts[:-4])
+            moe = self.get_submodule(owner)
             e = int(parts[-3]) - moe.first_expert
             if not 0 <= e < moe.num_local_experts:
                 return None
             start, n = par.split(cfg.moe_intermediate_size, "moe_intermediate_size")
-            owner = ".".join(parts[:-4])
             full = cfg.moe_intermediate_size
             if module == "down_proj":
                 return f"{owner}.w2", (e,), (slice(None), slice(start, start + n)), {1: full}
@@ -209,8 +199,7 @@ class CausalLM(nn.Module):
             at = 0 if module == "gate_proj" else n
             return f"{prefix}.gate_up_proj.{kind}", (slice(at, at + n),), (slice(start, start + n),), {0: size}
         if module in ("embed_tokens", "lm_head"):
-            start = self.embed_tokens.start
-            n = max(0, min(self.embed_tokens.rows, cfg.vocab_size - start))
+            start, n = self.embed_tokens.start, self.embed_tokens.valid_rows
             return name, (slice(0, n),), (slice(start, start + n),), {0: cfg.vocab_size}
         return name, everything, everything, {}  # norms, the MoE router, the shared expert's gate: on every rank
 

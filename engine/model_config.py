@@ -56,10 +56,6 @@ class ModelConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ModelLoadError(f"num_experts_per_tok {self.num_experts_per_tok} is not in [1, {self.num_experts}]")
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         model_type = cfg.get("model_type", "")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers import MLP
 from engine.model_config import ModelConfig
 from engine.parallel import Parallel
 
@@ -42,18 +43,10 @@ def looped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: 
     return torch.cat(out) if out else x.new_empty(0, w2.shape[1])
 
 
-class SharedExpert(nn.Module):
-    """Qwen2-MoE's expert that every token goes through, scaled by a sigmoid gate (tp-sharded like an MLP)."""
-
-    def __init__(self, hidden: int, intermediate: int, par: Parallel):
-        super().__init__()
-        self.intermediate = par.split(intermediate, "shared_expert_intermediate_size")[1]
-        self.gate_up_proj = nn.Linear(hidden, 2 * self.intermediate, bias=False)
-        self.down_proj = nn.Linear(self.intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] how many of ids are each of 0..n-1. Not bincount: its output size needs a host sync, which a CUDA
+    graph cannot hold."""
+    return ids.new_zeros(n).index_add_(0, ids, torch.ones_like(ids))
 
 
 class SparseMoE(nn.Module):
@@ -69,7 +62,8 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, cfg.hidden_size, self.intermediate))
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, par)
+            # Qwen2-MoE's expert that every token goes through, scaled by a sigmoid gate.
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, par)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +87,7 @@ class SparseMoE(nn.Module):
         Padding rows (id -1, zeros) go through the first local expert: static shapes, outputs nobody reads."""
         local = torch.where(expert_ids >= 0, expert_ids - self.first_expert, 0)
         order = torch.argsort(local, stable=True)
-        # Not bincount: its output size needs a host sync, which a CUDA graph cannot hold.
-        counts = local.new_zeros(self.num_local_experts).index_add_(0, local, torch.ones_like(local))
+        counts = _counts(local, self.num_local_experts)
         out = torch.empty_like(rows)
         out[order] = self.expert_kernel(rows[order], self.w13, self.w2, counts)
         return out
@@ -125,7 +118,7 @@ class SparseMoE(nn.Module):
         par = self.par
         dest = ids // self.num_local_experts
         order = torch.argsort(dest, stable=True)
-        send_counts = dest.new_zeros(par.ep_size).index_add_(0, dest, torch.ones_like(dest))
+        send_counts = _counts(dest, par.ep_size)
         recv_counts = par.ep_all_to_all(send_counts, [1] * par.ep_size, [1] * par.ep_size)
         send, recv = send_counts.tolist(), recv_counts.tolist()  # the host sync: split sizes
         got = par.ep_all_to_all(rows[order], send, recv)
@@ -141,7 +134,7 @@ class SparseMoE(nn.Module):
         par, ep = self.par, self.par.ep_size
         dest = ids // self.num_local_experts
         order = torch.argsort(dest, stable=True)
-        counts = dest.new_zeros(ep).index_add_(0, dest, torch.ones_like(dest))
+        counts = _counts(dest, ep)
         starts = torch.cumsum(counts, 0) - counts
         sorted_dest = dest[order]
         slot = torch.empty_like(order)  # where each pair sits in the send buffer: its destination's block

@@ -84,9 +84,6 @@ def serve(a: argparse.Namespace) -> None:
         groups.append(group)
         return group.url, group
 
-    def stop(group) -> None:
-        group.stop()
-
     try:
         members: dict[str, list] = {}
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
@@ -97,7 +94,7 @@ def serve(a: argparse.Namespace) -> None:
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
                               auth=a.auth, admin_token=a.admin_token)
         app = create_app(config)
-        app.state.scaler = RayScaler(start, stop, members, app.state.pool.discovery, app.state.pool)
+        app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool)
         print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
         if a.admin_token:
@@ -105,7 +102,7 @@ def serve(a: argparse.Namespace) -> None:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     finally:
         for group in groups:
-            stop(group)
+            group.stop()
         ray.shutdown()
         print("pdserve: stopped", flush=True)
 

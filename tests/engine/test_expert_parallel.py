@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.model_config import ModelConfig
+from engine.parallel import SINGLE
 
 CFG = dict(model_type="qwen3_moe", hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
            num_experts_per_tok=3, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=4,
@@ -18,7 +19,7 @@ def _block(par):
     from engine.moe import SparseMoE
 
     torch.manual_seed(0)
-    full = SparseMoE(ModelConfig.from_hf_dict(CFG), __import__("engine.parallel", fromlist=["SINGLE"]).SINGLE)
+    full = SparseMoE(ModelConfig.from_hf_dict(CFG), SINGLE)
     for p in full.parameters():
         p.data.normal_(0, 0.3)
     if par is None:
