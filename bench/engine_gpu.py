@@ -20,6 +20,13 @@ LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, 
                  max_position_embeddings=16384, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)
 
 
+def config_folder(shapes: dict) -> Path:
+    """A model folder holding only a config.json: weights are drawn at load (load_format="dummy")."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(shapes))
+    return folder
+
+
 def read_bandwidth() -> float:
     """Bytes/s of a reduction over a 4 GiB tensor (the roofline's bandwidth), best of 10."""
     x = torch.empty(2 << 30, dtype=torch.bfloat16, device="cuda").normal_()
@@ -128,8 +135,7 @@ def main() -> None:
     peak = matmul_peak()
     emit("engine_gpu", "read_bandwidth", bw / 1e12, "TB/s", note="4 GiB bf16 reduction")
     emit("engine_gpu", "bf16_matmul_peak", peak / 1e12, "TFLOP/s", note="8192^3 bf16 matmul")
-    folder = Path(tempfile.mkdtemp())
-    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    folder = config_folder(LLAMA3_8B)
     batches = [int(b) for b in args.batches.split(",")]
     engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", dtype="bfloat16",
                                     kv_cache_bytes=36 << 30, max_num_seqs=max(batches),

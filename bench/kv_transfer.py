@@ -123,22 +123,16 @@ def raw_nixl_seconds(transport, peer: str, src_ptr: int, nbytes: int, best) -> f
 
 
 def nixl_gpu(tokens: int, repeats: int) -> None:
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from bench.engine_gpu import LLAMA3_8B
+    from bench.engine_gpu import LLAMA3_8B, config_folder
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
     from kv_transfer.nixl_transport import NixlTransport
 
     n = tokens // BLOCK
-    folder = Path(tempfile.mkdtemp())
-    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
-    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", dtype="bfloat16", kv_cache_bytes=8 << 30,
-                                    max_num_batched_tokens=512, enable_prefix_caching=False, attention_backend="torch",
-                                    enforce_eager=True))
+    engine = LLMEngine(EngineConfig(model=str(config_folder(LLAMA3_8B)), load_format="dummy", dtype="bfloat16",
+                                    kv_cache_bytes=8 << 30, max_num_batched_tokens=512,
+                                    enable_prefix_caching=False, attention_backend="torch", enforce_eager=True))
     pool = engine.kv_cache.tensor
     assert tuple(pool.shape[1:]) == _shape(0)[1:], pool.shape
     pool_blocks = pool.shape[0] - 1

@@ -15,14 +15,12 @@ Run: python -m bench.parallel [--tp 1,2,4] [--ep 2,4] [--batches 1,8,64]
 import argparse
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from bench.common import emit
-from bench.engine_gpu import LLAMA3_8B, decode_step_time, read_bandwidth
+from bench.engine_gpu import LLAMA3_8B, config_folder, decode_step_time, read_bandwidth
 
 QWEN3_MOE_30B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48,
@@ -80,18 +78,12 @@ def moe_kernel(tokens: list[int], bw: float) -> None:
              shapes="qwen3-moe-30b-a3b layer (128 experts, top-8)", dtype="bfloat16")
 
 
-def _folder(shapes: dict) -> Path:
-    folder = Path(tempfile.mkdtemp())
-    (folder / "config.json").write_text(json.dumps(shapes))
-    return folder
-
-
 def _engine(shapes: dict, batches: list[int], parallel=None, kv_bytes: int = 16 << 30, attention: str = "auto"):
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.parallel import SINGLE
 
-    return LLMEngine(EngineConfig(model=str(_folder(shapes)), load_format="dummy", dtype="bfloat16",
+    return LLMEngine(EngineConfig(model=str(config_folder(shapes)), load_format="dummy", dtype="bfloat16",
                                   kv_cache_bytes=kv_bytes, max_num_seqs=max(batches), max_num_batched_tokens=8192,
                                   enable_prefix_caching=False, attention_backend=attention),
                      parallel=parallel or SINGLE)
