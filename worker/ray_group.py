@@ -52,14 +52,10 @@ class RankActor:
             parallel = init_parallel(ParallelConfig(cfg.tp_size, cfg.ep_size), self.rank, init_method,
                                      resolve_device(cfg.device), cfg.collective_timeout_s)
         if self.rank == 0:
-            import uvicorn
+            from worker.serve import build_server
 
-            from worker.serve import build_app
-
-            app = build_app(cfg, parallel)
-            self.runtime = app.state.runtime
-            self.server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=self.log_level,
-                                                        timeout_graceful_shutdown=5))
+            self.server = build_server(cfg, parallel, self.log_level)
+            self.runtime = self.server.config.app.state.runtime
             return self.runtime.descriptor
         from worker.shard import EngineShard
 

@@ -30,11 +30,16 @@ def build_app(config: WorkerConfig, parallel: Parallel = SINGLE):
     return app
 
 
+def build_server(config: WorkerConfig, parallel: Parallel = SINGLE, log_level: str = "warning",
+                 drain_timeout_s: float = 5.0) -> uvicorn.Server:
+    """The worker's HTTP server (not started): on shutdown it stops accepting connections and lets in-flight
+    streams finish, up to drain_timeout_s. `server.config.app.state.runtime` is the worker's runtime."""
+    return uvicorn.Server(uvicorn.Config(build_app(config, parallel), host=config.host, port=config.port,
+                                         log_level=log_level, timeout_graceful_shutdown=drain_timeout_s))
+
+
 def run(config: WorkerConfig, log_level: str = "warning", drain_timeout_s: float = 5.0) -> None:
-    app = build_app(config)
-    # On SIGTERM the server stops accepting connections and lets in-flight streams finish, up to the limit.
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                                           timeout_graceful_shutdown=drain_timeout_s))
+    server = build_server(config, log_level=log_level, drain_timeout_s=drain_timeout_s)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it handled on its way out
         server.run()
 
