@@ -1,5 +1,5 @@
 """Building blocks of Llama-family decoders: RMSNorm, the SwiGLU MLP and rotary embeddings, computed as
-transformers does."""
+transformers does; with `use_fused` set (GPU, FlashInfer attention), through engine/fused.py's one-kernel ops."""
 
 import math
 from typing import Any
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import fused
 from engine.parallel import Parallel
 
 
@@ -16,11 +17,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rmsnorm(x); with a residual, (rmsnorm(residual + x), residual + x): the decoder's add and norm."""
+        if residual is not None:
+            if self.use_fused:  # one kernel, in place
+                fused.add_rmsnorm(x, residual, self.weight, self.eps)
+                return x, residual
+            residual = residual + x
+            x = residual
+        elif self.use_fused:
+            return fused.rmsnorm(x, self.weight, self.eps)
         # torch's rms_norm normalises in float32 and rounds once to x's dtype, as transformers does in four
-        # ops; then the weight in x's dtype. Two kernels instead of eight (a decode step runs 65 of these).
-        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+        # ops; then the weight in x's dtype.
+        out = F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+        return out if residual is None else (out, residual)
 
 
 class MLP(nn.Module):
@@ -32,9 +44,13 @@ class MLP(nn.Module):
         self.intermediate_size = par.split(intermediate, "intermediate_size")[1]
         self.gate_up_proj = nn.Linear(hidden, 2 * self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, hidden, bias=False)
+        self.use_fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.use_fused:
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -82,6 +98,14 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, 2, head_dim]: cos, and sin signed for the rolled input
         self.register_buffer("table", torch.stack((emb.cos(), emb.sin() * sign), dim=1), persistent=False)
         self._cast: dict[torch.dtype, torch.Tensor] = {}
+        self._cos_sin: torch.Tensor | None = None
+
+    def cos_sin(self) -> torch.Tensor:
+        """float32 [max_positions, head_dim]: cos | sin of the half-dimension frequencies (fused.rotate_'s table)."""
+        if self._cos_sin is None or self._cos_sin.device != self.table.device:
+            half = self.table.shape[-1] // 2
+            self._cos_sin = torch.cat((self.table[:, 0, :half], -self.table[:, 1, :half]), dim=-1).contiguous()
+        return self._cos_sin
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[T, 2, 1, head_dim]: each token's cos and signed sin, broadcast over heads."""

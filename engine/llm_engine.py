@@ -63,6 +63,7 @@ class LLMEngine:
         self.parallel = parallel
         self.device = resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
+        warm = self._start_fused_kernel_builds()
         if config.load_format == "dummy":
             model_cfg, weights = ModelConfig.from_hf_dir(config.model), None
         else:
@@ -98,6 +99,12 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
         )
         self.attention = self._attention_backend()
+        if warm is not None and hasattr(self.attention, "decode"):
+            error = warm.wait()
+            if error is None:
+                self.model.use_fused_kernels()
+            else:
+                log.warning("FlashInfer's fused kernels did not build (%s); using PyTorch ops", error)
         graphs = None
         # Expert parallelism: no graphs yet. Its decode steps exchange fixed-size buffers (no host sync, see
         # engine/moe.py), but NCCL all-to-all inside a captured graph has not been tried on a GPU here.
@@ -111,6 +118,20 @@ class LLMEngine:
         self.stats = EngineStats()
         self._detok: dict[str, Detokenizer] = {}
         self._arrivals = itertools.count()
+
+    def _start_fused_kernel_builds(self):
+        """Start building engine/fused.py's kernels (FlashInfer JIT) while the weights load; None when they are
+        not going to be used."""
+        cfg = self.config
+        if (self.device.type != "cuda" or not cfg.fused_kernels or cfg.attention_backend == "torch"
+                or self.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        try:
+            from engine import fused
+
+            return fused.warm_up()
+        except ImportError:
+            return None
 
     def _try_tokenizer(self) -> ChatTokenizer | None:
         try:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import fused
 from engine.attention.backend import AttentionBackend
 from engine.errors import ModelLoadError
 from engine.layers import MLP, RMSNorm, RotaryEmbedding
@@ -32,20 +33,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.use_fused = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend) -> torch.Tensor:
-        num_tokens = x.shape[0]
+        num_tokens, heads, kv_heads, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        cos_sin = rotary.lookup(positions, x.dtype)
-        if self.q_norm is None:  # q and k are adjacent in qkv: rotated together, one set of kernels
-            qk = rotary.rotate(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos_sin)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(num_tokens, heads, d))
+            k = self.k_norm(k.reshape(num_tokens, kv_heads, d))
+        if self.use_fused:  # in place, one kernel; q and k stay views into qkv (k beside v: one KV write)
+            fused.rotate_(positions, q, k, d, rotary.cos_sin())
+            q, k = q.view(num_tokens, heads, d), k.view(num_tokens, kv_heads, d)
+        elif self.q_norm is None:  # q and k are adjacent in qkv: rotated together, one set of kernels
+            qk = rotary.rotate(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, d),
+                               rotary.lookup(positions, x.dtype))
+            q, k = qk[:, :heads], qk[:, heads:]
         else:
-            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
-            q = rotary.rotate(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos_sin)
-            k = rotary.rotate(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos_sin)
+            cos_sin = rotary.lookup(positions, x.dtype)
+            q, k = rotary.rotate(q, cos_sin), rotary.rotate(k, cos_sin)
         out = attn.forward(self.layer, q, k, v)  # [num_tokens, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -60,10 +68,17 @@ class DecoderLayer(nn.Module):
         self.mlp = (SparseMoE(cfg, par) if layer in cfg.sparse_layers
                     else MLP(cfg.hidden_size, cfg.intermediate_size, par))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.par.tp_all_reduce(self.self_attn(self.input_layernorm(x), positions, rotary, attn))
-        return x + self.par.tp_all_reduce(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rotary: RotaryEmbedding, attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's output, the residual stream before it): the residual add is left to the next norm,
+        so that add and norm are one kernel on the fused path."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.par.tp_all_reduce(self.self_attn(x, positions, rotary, attn))
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.par.tp_all_reduce(self.mlp(x)), residual
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -102,10 +117,16 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, attn)
+        return self.norm(x, residual)[0]
+
+    def use_fused_kernels(self) -> None:
+        """Norms, rotary and SwiGLU through engine/fused.py's kernels (CUDA with FlashInfer attention)."""
+        for m in self.modules():
+            if hasattr(m, "use_fused"):
+                m.use_fused = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> float32 logits over the whole vocabulary [n, vocab] (gathered from the tp ranks)."""

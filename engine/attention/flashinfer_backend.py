@@ -15,9 +15,9 @@ WORKSPACE_BYTES = 256 << 20
 class FlashInferAttention:
     def __init__(self, kv_cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int):
         """num_heads, num_kv_heads: this rank's (all of them without tensor parallelism)."""
-        import flashinfer
+        from engine.fused import flashinfer as import_flashinfer
 
-        self.flashinfer = flashinfer
+        flashinfer = self.flashinfer = import_flashinfer()
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dtype = kv_cache.tensor.dtype
@@ -50,6 +50,21 @@ class FlashInferAttention:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self._meta
         cache = self.kv_cache.tensor[:, layer]  # [num_blocks, 2, block_size, kv_heads, head_dim], strided
-        cache[meta.slot_blocks, 0, meta.slot_offsets] = k
-        cache[meta.slot_blocks, 1, meta.slot_offsets] = v
-        return self._wrapper.run(q.contiguous(), cache)  # q may be a view into the rotated q|k (one copy if so)
+        kv = _side_by_side(k, v)
+        if kv is not None:  # one write of both (k and v are adjacent views into the qkv projection)
+            cache[meta.slot_blocks, :, meta.slot_offsets] = kv
+        else:
+            cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+            cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+        return self._wrapper.run(q.contiguous(), cache)  # q may be a view into qkv (one copy if so)
+
+
+def _side_by_side(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """[T, 2, kv_heads, head_dim] over k and v when v lies at a fixed offset from k in the same rows, else None."""
+    if k.shape != v.shape or k.stride() != v.stride() or k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+        return None
+    gap = v.storage_offset() - k.storage_offset()
+    if gap <= 0:
+        return None
+    t, heads, d = k.shape
+    return k.as_strided((t, 2, heads, d), (k.stride(0), gap, k.stride(1), k.stride(2)), k.storage_offset())

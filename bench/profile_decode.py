@@ -1,0 +1,120 @@
+"""Where a decode step's time goes (GPU): the step as the engine runs it, the captured graph's replay alone,
+the GPU kernels of one forward (by name, per step), and the host's share.
+
+Model: random-initialised Llama-3-8B shapes in bf16, context 1k. Run: python -m bench.profile_decode
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from bench.common import emit
+from bench.engine_gpu import LLAMA3_8B, config_folder, decode_step_time, read_bandwidth
+
+
+def replay_time(graphs, bs: int, reps: int = 50) -> float:
+    """Seconds per replay of the batch-bs graph, GPU-timed back to back (no host work in between)."""
+    graph = graphs.graphs[bs]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def kernel_table(graphs, bs: int, top: int) -> tuple[int, float, list[tuple[str, int, float]]]:
+    """(kernels a forward, their summed GPU time in s, [(name, count, seconds)] largest first) of one eager
+    forward of the graph's batch (same kernels as the replay, without the graph's launch savings)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs.attention.plan(graphs._dummy_meta(bs), graphs.wrappers[bs])  # the graph's own batch, padding rows
+    with torch.inference_mode():
+        graphs._forward(bs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs._forward(bs)
+            torch.cuda.synchronize()
+    rows: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        r = rows.setdefault(e.name[:90], [0, 0.0])
+        r[0] += 1
+        r[1] += e.device_time / 1e6 if hasattr(e, "device_time") else e.cuda_time / 1e6
+    table = sorted(((n, c, t) for n, (c, t) in rows.items()), key=lambda x: -x[2])
+    return sum(c for _, c, _ in table), sum(t for _, _, t in table), table[:top]
+
+
+def host_profile(engine, batch: int, ctx: int, steps: int) -> str:
+    pr = cProfile.Profile()
+    pr.enable()
+    decode_step_time(engine, batch, ctx, steps)
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    return s.getvalue()
+
+
+def profile(args, fused: bool, bw: float) -> dict[int, float]:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = LLMEngine(EngineConfig(model=str(config_folder(LLAMA3_8B)), load_format="dummy", dtype="bfloat16",
+                                    kv_cache_bytes=20 << 30, max_num_seqs=max(batches),
+                                    enable_prefix_caching=False, fused_kernels=fused))
+    graphs = engine.runner.graphs
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
+                       if "embed_tokens" not in n)
+    kv_token_bytes = engine.kv_layout.block_bytes // engine.kv_layout.block_size
+    steps = {}
+    for b in batches:
+        steps[b] = step = decode_step_time(engine, b, args.ctx, args.steps)
+        bs = next(s for s in graphs.sizes if s >= b)
+        replay = replay_time(graphs, bs)
+        roofline = (weight_bytes + b * args.ctx * kv_token_bytes) / bw
+        n_kernels, kernel_s, table = kernel_table(graphs, bs, args.top)
+        emit("profile_decode", f"step_ms_batch{b}", step * 1e3, "ms", "memory roofline", roofline * 1e3,
+             ratio=roofline / step, replay_ms=replay * 1e3, replay_ratio=roofline / replay,
+             host_exposed_ms=(step - replay) * 1e3, kernels_per_step=n_kernels, kernel_sum_ms=kernel_s * 1e3,
+             batch=b, fused_kernels=fused)
+        print(f"# batch {b}, fused {fused}: {n_kernels} kernels, {kernel_s * 1e3:.2f} ms summed; top {args.top}:")
+        for name, count, t in table:
+            print(f"#   {t * 1e3:8.3f} ms  {count:5d}x  {name}")
+    if args.host and fused:
+        t = time.perf_counter()
+        print(host_profile(engine, 1, args.ctx, args.steps))
+        print(f"# cProfile run {time.perf_counter() - t:.1f} s")
+    del engine, graphs
+    torch.cuda.empty_cache()
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--host", action="store_true", help="also print a cProfile of the host side at batch 1")
+    ap.add_argument("--compare-unfused", action="store_true", help="also run without engine/fused.py's kernels")
+    args = ap.parse_args()
+    bw = read_bandwidth()
+    fused = profile(args, True, bw)
+    if args.compare_unfused:
+        plain = profile(args, False, bw)
+        for b, t in fused.items():
+            emit("profile_decode", f"fused_kernels_speedup_batch{b}", plain[b] / t, "x", "PyTorch ops",
+                 plain[b] * 1e3, ratio=plain[b] / t, fused_ms=t * 1e3, batch=b)
+
+
+if __name__ == "__main__":
+    main()
