@@ -91,7 +91,7 @@ def profile(args, fused: bool, bw: float) -> dict[int, float]:
             print(f"#   {t * 1e3:8.3f} ms  {count:5d}x  {name}")
     if args.host and fused:
         t = time.perf_counter()
-        print(host_profile(engine, 1, args.ctx, args.steps))
+        print(host_profile(engine, max(batches), args.ctx, args.steps))
         print(f"# cProfile run {time.perf_counter() - t:.1f} s")
     del engine, graphs
     torch.cuda.empty_cache()
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--host", action="store_true", help="also print a cProfile of the host side at batch 1")
+    ap.add_argument("--host", action="store_true", help="also print a cProfile of the host side at the largest batch")
     ap.add_argument("--compare-unfused", action="store_true", help="also run without engine/fused.py's kernels")
     args = ap.parse_args()
     bw = read_bandwidth()

@@ -12,6 +12,7 @@ import torch
 
 from engine.attention.flashinfer_backend import FlashInferAttention
 from engine.attention.metadata import BatchMetadata
+from engine.device import to_device
 from engine.model import CausalLM
 
 log = logging.getLogger("pdserve.engine")
@@ -81,20 +82,21 @@ class CudaGraphDecoder:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.attention)
         self.logits[:bs] = self.model.compute_logits(hidden)
 
-    def run(self, meta: BatchMetadata, input_ids: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    def run(self, meta: BatchMetadata, input_ids: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """input_ids: on the device already (the step's placeholders filled there)."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         pad = bs - n
         # Padded rows: one token at offset 0 of the scratch block.
-        indptr = torch.cat([meta.kv_indptr_host, meta.kv_indptr_host[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
-        indices = meta.kv_indices
+        indptr, indices, last = meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host
         if pad:
+            indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)]).pin_memory()
             indices = torch.cat([indices, torch.full((pad,), self.scratch, dtype=torch.int32, device=indices.device)])
-        last = torch.cat([meta.kv_last_page_len_host, torch.ones(pad, dtype=torch.int32)])
+            last = torch.cat([last, torch.ones(pad, dtype=torch.int32)]).pin_memory()
         padded = BatchMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_blocks,
                                meta.slot_offsets, 1, meta.max_seq_len, True, indptr, indices, last, None)
-        self.input_ids[:n].copy_(torch.from_numpy(input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(positions), non_blocking=True)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(to_device(positions, self.positions.device))
         self.slot_blocks[:n].copy_(meta.slot_blocks)
         self.slot_offsets[:n].copy_(meta.slot_offsets)
         if pad:

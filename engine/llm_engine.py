@@ -17,13 +17,13 @@ from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import PLACEHOLDER, ModelRunner, PrevTokens
 from engine.outputs import Completion, RequestOutput, TokenLogprob
 from engine.parallel import SINGLE, Parallel
 from engine.request import FinishReason, Request
-from engine.sampler import SamplerOutput
+from engine.sampler import HostSamples
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.tokenizer_files import load_tokenizer
 from engine.weight_loader import open_model
 from protocol.block_hash import root_hash
@@ -39,6 +39,19 @@ class EngineStats:
     num_tokens_computed: int = 0  # tokens run through the model (prompt chunks, recomputes and decodes)
     num_prompt_tokens: int = 0  # prompt tokens of the requests added (the prefix-cache hit ratio's denominator)
     num_preemptions: int = 0
+    num_overlapped_steps: int = 0  # steps queued before the host had read the previous step's tokens
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step queued on the device: its batch, the requests it samples (row order), where each one's
+    placeholder sits in its outputs, and its samples on their way to the host / still on the device."""
+
+    batch: ScheduledBatch
+    reqs: list[Request]
+    slots: list[int]
+    samples: HostSamples | None
+    tokens: PrevTokens | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +128,10 @@ class LLMEngine:
             graphs = CudaGraphDecoder(self.model, self.attention, config.max_num_seqs,
                                       -(-self.max_model_len // config.block_size))
         self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs, parallel)
+        # Overlapped scheduling needs every rank to take the previous tokens from the device: one rank only.
+        self._overlap = config.async_scheduling and parallel.world_size == 1
+        self._inflight: _Launched | None = None  # a step queued on the device whose tokens are not read yet
+        self._ready: list[RequestOutput] = []  # outputs read early (by _drain), returned by the next step
         self.stats = EngineStats()
         self._detok: dict[str, Detokenizer] = {}
         self._arrivals = itertools.count()
@@ -208,6 +225,7 @@ class LLMEngine:
         return req
 
     def release_held(self, request_id: str) -> None:
+        self._drain()
         self.scheduler.release_held(request_id)
 
     def held_blocks(self, request_id: str) -> list[int] | None:
@@ -229,78 +247,125 @@ class LLMEngine:
             raise RequestError(f"no reserved request {request_id!r}")
         self.scheduler.start_remote(req)
         req.output_token_ids.append(first_token)
-        reason = self._finish_reason(req, first_token)
+        reason = self._finish_reason(req, first_token, 1)
         if reason is not None:
             self.scheduler.finish(req, reason)
-        return self._output(req, [first_token], logprobs if req.params.logprobs is not None else [])
+        return self._output(req, [first_token], logprobs if req.params.logprobs is not None else [], 1)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        self._drain()
         self.scheduler.release_held(request_id)
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return None
+        self._ready = [o for o in self._ready if o.request_id != request_id]  # the abort is its last word
         self.scheduler.finish(req, FinishReason.ABORT)
-        return self._output(req, [], [])
+        return self._output(req, [], [], len(req.output_token_ids))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None or bool(self._ready)
 
     # --- the step ---
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step before it (overlapped scheduling) or of
+        this one. Overlapped: step N+1 is built and queued on the device before the host reads step N's
+        tokens, so the host's work hides behind the device's. Step N+1 takes N's tokens on the device
+        (placeholders in the requests until read); a request that N ends has computed one token in vain."""
+        outputs, self._ready = self._ready, []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not self._can_overlap(prev):
+            outputs += self._finish(prev)
+            prev = None
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
-        if batch.is_empty:
-            return []
-        sampled_reqs, out = self.runner.execute(batch)
+        launched = None if batch.is_empty else self._launch(batch, prev)
+        if prev is not None:
+            self.stats.num_overlapped_steps += launched is not None
+            outputs += self._finish(prev)
+        if launched is not None:
+            if self._overlap:
+                self._inflight = launched
+            else:
+                outputs += self._finish(launched)
+        return outputs
+
+    def _can_overlap(self, prev: "_Launched") -> bool:
+        # Penalties read a request's earlier outputs on the host when the next step's sampling is built.
+        return not any(r.params.uses_penalties for r in prev.reqs)
+
+    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
+        sampled, out = self.runner.execute(batch, prev.tokens if prev is not None else None)
         self.stats.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
             req.num_computed_tokens += n
             self.stats.num_tokens_computed += n
-            self.kv_manager.commit(req)
-        if out is None:
-            return []
-        return self._append_tokens(sampled_reqs, out)
+        slots = []
+        for req in sampled:  # the token this step samples: a placeholder until _finish reads it
+            slots.append(len(req.output_token_ids))
+            req.output_token_ids.append(PLACEHOLDER)
+        tokens = None
+        if out is not None:
+            tokens = PrevTokens(out.token_ids, {r.request_id: row for row, r in enumerate(sampled)})
+        return _Launched(batch, sampled, slots, out.copy_to_host() if out is not None else None, tokens)
 
-    def _append_tokens(self, reqs: list[Request], out: SamplerOutput) -> list[RequestOutput]:
-        tokens = out.token_ids.tolist()  # the step's one host sync
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    def _finish(self, step: "_Launched") -> list[RequestOutput]:
+        """Wait for a launched step's tokens; append them, register newly full blocks, end finished requests."""
+        if step.samples is None:
+            for req in step.batch.requests:
+                if not req.is_finished:
+                    self.kv_manager.commit(req)
+            return []
+        tokens, logprobs, top_ids, top_lps = step.samples.lists()  # the step's one host sync
+        for req, slot, tok in zip(step.reqs, step.slots, tokens, strict=True):
+            if not req.is_finished:
+                req.output_token_ids[slot] = tok
+        for req in step.batch.requests:  # every token in [0, num_computed_tokens) is known now
+            if not req.is_finished:
+                self.kv_manager.commit(req)
         outputs = []
-        for row, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
-            req.output_token_ids.append(tok)
+        for row, (req, slot, tok) in enumerate(zip(step.reqs, step.slots, tokens, strict=True)):
+            if req.is_finished:  # aborted, or ended by the step before (this token was computed in vain)
+                continue
+            n = slot + 1
             lps = []
             if req.params.logprobs is not None and logprobs is not None:
                 k = req.params.logprobs
                 top = tuple(zip(top_ids[row][:k], top_lps[row][:k], strict=True)) if top_ids else ()
                 lps.append(TokenLogprob(tok, logprobs[row], top))
-            reason = self._finish_reason(req, tok)
+            reason = self._finish_reason(req, tok, n)
             if reason is not None:
+                del req.output_token_ids[n:]  # a placeholder of a step launched after this one
                 self.scheduler.finish(req, reason)
-            outputs.append(self._output(req, [tok], lps))
+            outputs.append(self._output(req, [tok], lps, n))
         return outputs
 
-    def _finish_reason(self, req: Request, tok: int) -> FinishReason | None:
+    def _drain(self) -> None:
+        """Read the launched step's results now (before a request's state changes from outside a step)."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._ready += self._finish(step)
+
+    def _finish_reason(self, req: Request, tok: int, n: int) -> FinishReason | None:
+        """Why a request ends at its n-th output token tok, if it does."""
         p = req.params
-        n = len(req.output_token_ids)
         detok = self._detok.get(req.request_id)
         stopped_by_string = detok.add(tok) if detok is not None else False
         is_stop = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids or stopped_by_string
         if is_stop and n >= p.min_tokens:
             return FinishReason.STOP
-        if n >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        if n >= p.max_tokens or len(req.prompt_token_ids) + n >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
-    def _output(self, req: Request, new: list[int], lps: list[TokenLogprob]) -> RequestOutput:
+    def _output(self, req: Request, new: list[int], lps: list[TokenLogprob], n: int) -> RequestOutput:
         finished = req.is_finished
         detok = self._detok.pop(req.request_id, None) if finished else self._detok.get(req.request_id)
         return RequestOutput(
             request_id=req.request_id, new_token_ids=new,
             text_delta=detok.take_delta(final=finished) if detok is not None else "",
             finished=finished, finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
-            num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_token_ids), logprobs=lps,
+            num_cached_tokens=req.num_cached_tokens, num_output_tokens=n, logprobs=lps,
         )
 
     # --- convenience ---

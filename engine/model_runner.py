@@ -1,7 +1,9 @@
 """Runs one scheduled step: packs the batch, plans attention once, runs the model, samples.
 
 The step's metadata is built on the host with numpy and copied to the device once; decode-only steps on
-CUDA replay a captured graph. The only host sync is reading the sampled tokens back, in the engine.
+CUDA replay a captured graph. The only host sync is reading the sampled tokens back, in the engine. A step
+may be launched before the host knows the previous step's tokens (the engine's overlapped scheduling):
+those inputs are placeholders (PLACEHOLDER) filled on the device from the previous step's samples.
 With several ranks (tensor/expert parallel), rank 0 broadcasts each step's StepInput and every rank runs
 the same forward (its collectives meet the others'); only rank 0 samples.
 """
@@ -13,11 +15,22 @@ import torch
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import BatchMetadata
+from engine.device import pinned, to_device
 from engine.model import CausalLM
 from engine.parallel import SINGLE, Parallel
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import ScheduledBatch
+
+PLACEHOLDER = -1  # a token sampled by a step whose results the host has not read yet
+
+
+@dataclass(slots=True)
+class PrevTokens:
+    """The previous step's sampled ids, still on the device, and which row holds each request's."""
+
+    token_ids: torch.Tensor  # [rows] int64
+    rows: dict[str, int]  # request id -> row
 
 
 @dataclass(slots=True)
@@ -63,15 +76,18 @@ def build_metadata(step: StepInput, block_size: int, device: torch.device) -> tu
     slot_blocks = tables[np.repeat(np.arange(num_seqs), lens), positions // bs]
 
     def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
+        return to_device(a, device)
+
+    def host(a: np.ndarray) -> torch.Tensor:
+        return pinned(torch.from_numpy(a), device)
 
     meta = BatchMetadata(
         query_start_loc=dev(query_start), seq_lens=dev(seq_lens), block_tables=dev(tables),
         slot_blocks=dev(slot_blocks), slot_offsets=dev(positions % bs),
         max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()), is_decode_only=bool((lens == 1).all()),
-        kv_indptr_host=torch.from_numpy(kv_indptr), kv_indices=dev(kv_indices.astype(np.int32)),
-        kv_last_page_len_host=torch.from_numpy(((seq_lens - 1) % bs + 1).astype(np.int32)),
-        query_start_loc_host=torch.from_numpy(query_start.astype(np.int32)),
+        kv_indptr_host=host(kv_indptr), kv_indices=dev(kv_indices.astype(np.int32)),
+        kv_last_page_len_host=host(((seq_lens - 1) % bs + 1).astype(np.int32)),
+        query_start_loc_host=host(query_start.astype(np.int32)),
     )
     return positions, meta
 
@@ -88,11 +104,13 @@ class ModelRunner:
         self.parallel = parallel
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+    def execute(self, batch: ScheduledBatch, prev: PrevTokens | None = None
+                ) -> tuple[list[Request], SamplerOutput | None]:
+        """Queue the step's forward and sampling on the device; nothing here waits for the device."""
         step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
-        logits = self._forward(step)
+        logits = self._forward(step, self._fill(step, batch.requests, prev))
         if logits is None:
             return [], None
         reqs = [batch.requests[i] for i in step.sample_rows]
@@ -100,19 +118,34 @@ class ModelRunner:
             return reqs, SamplerOutput(logits.argmax(dim=-1), None, None, None)
         return reqs, sample(logits, SamplingBatch.build(reqs, self.vocab_size, self.device))
 
-    def _forward(self, step: StepInput) -> torch.Tensor | None:
+    def _fill(self, step: StepInput, reqs: list[Request], prev: PrevTokens | None
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions in input_ids, rows of prev.token_ids) for the step's placeholder inputs, on the device."""
+        holes = np.flatnonzero(step.input_ids == PLACEHOLDER)
+        if not len(holes):
+            return None
+        if prev is None:
+            raise RuntimeError("a placeholder input without the previous step's tokens")
+        owners = np.searchsorted(np.cumsum(step.lens), holes, side="right")  # the request each hole is in
+        src = np.array([prev.rows[reqs[i].request_id] for i in owners.tolist()], dtype=np.int64)
+        return to_device(holes, self.device), prev.token_ids[to_device(src, self.device)]
+
+    def _forward(self, step: StepInput, fill: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> torch.Tensor | None:
         """Logits of the step's sample rows [len(sample_rows), vocab], or None when no row samples."""
         positions, meta = build_metadata(step, self.block_size, self.device)
+        ids = to_device(step.input_ids, self.device)
+        if fill is not None:
+            ids[fill[0]] = fill[1]
         if self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs):
-            logits = self.graphs.run(meta, step.input_ids, positions)  # every rank replays, sampling or not
+            logits = self.graphs.run(meta, ids, positions)  # every rank replays, sampling or not
             return logits if step.sample_rows else None
         self.attention.plan(meta)
-        ids = torch.from_numpy(step.input_ids).to(self.device, non_blocking=True)
-        pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        pos = to_device(positions, self.device)
         hidden = self.model(ids, pos, self.attention)
         if not step.sample_rows:
             return None
-        index = meta.query_start_loc[1:][torch.tensor(step.sample_rows, device=self.device)] - 1
+        index = meta.query_start_loc[1:][to_device(step.sample_rows, self.device, torch.int64)] - 1
         return self.model.compute_logits(hidden[index])
 
     # --- the other ranks of a tensor/expert-parallel worker ---

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.device import to_device
 from engine.request import Request
 
 _MASK32 = 0xFFFFFFFF
@@ -54,9 +55,9 @@ class SamplingBatch:
         ps = [r.params for r in reqs]
 
         def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, device, dtype)
 
-        any_penalty = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in ps)
+        any_penalty = any(p.uses_penalties for p in ps)
         output_counts = seen = None
         if any_penalty:
             output_counts = torch.zeros(len(reqs), vocab_size, device=device)
@@ -92,6 +93,38 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [B] logprob of the chosen token
     top_ids: torch.Tensor | None  # [B, k]
     top_logprobs: torch.Tensor | None  # [B, k]
+
+    def copy_to_host(self) -> "HostSamples":
+        """Start copying to the host without waiting (pinned buffers, CUDA); HostSamples.lists() waits."""
+        if self.token_ids.device.type != "cuda":
+            return HostSamples(self, None)
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        host = SamplerOutput(*(pinned(t) for t in (self.token_ids, self.logprobs, self.top_ids, self.top_logprobs)))
+        done = torch.cuda.Event()
+        done.record()
+        return HostSamples(host, done)
+
+
+@dataclass(slots=True)
+class HostSamples:
+    """A step's samples on their way to the host (done: the copy's event, None when already there)."""
+
+    out: SamplerOutput
+    done: "torch.cuda.Event | None"
+
+    def lists(self) -> tuple[list[int], list | None, list | None, list | None]:
+        """(tokens, chosen logprobs, top ids, top logprobs) as lists: the step's one host sync."""
+        if self.done is not None:
+            self.done.synchronize()
+        o = self.out
+        return tuple(t.tolist() if t is not None else None  # type: ignore[return-value]
+                     for t in (o.token_ids, o.logprobs, o.top_ids, o.top_logprobs))
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:

@@ -53,5 +53,9 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing else to compute: no penalties, no logprobs."""
-        return (self.temperature == 0.0 and self.logprobs is None and not self.presence_penalty
-                and not self.frequency_penalty and self.repetition_penalty == 1.0)
+        return self.temperature == 0.0 and self.logprobs is None and not self.uses_penalties
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Sampling reads the request's earlier outputs (presence, frequency or repetition penalty)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

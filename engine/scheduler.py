@@ -61,6 +61,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._at_limit(req):  # its last token (still being computed) ends it: nothing more to run
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.grow(req, n):
                 victim = self.running.pop()
@@ -89,6 +92,9 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _at_limit(self, req: Request) -> bool:
+        return len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

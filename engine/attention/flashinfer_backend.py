@@ -28,6 +28,9 @@ class FlashInferAttention:
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self._wrapper = self.decode
         self._meta: BatchMetadata | None = None
+        # A plan fills a pinned host buffer and queues its copy to the device; with steps queued ahead of
+        # the device (overlapped scheduling), the next plan must not refill that buffer before the copy ran.
+        self._planned = torch.cuda.Event() if device.type == "cuda" else None
 
     @property
     def use_tensor_cores(self) -> bool:
@@ -35,6 +38,8 @@ class FlashInferAttention:
 
     def plan(self, meta: BatchMetadata, wrapper=None) -> None:
         heads = (self.num_heads, self.num_kv_heads, self.head_dim)
+        if self._planned is not None:
+            self._planned.synchronize()  # the previous plan's copy (queued right after the step before it)
         if meta.is_decode_only:
             self._wrapper = wrapper or self.decode
             self._wrapper.plan(meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host, *heads,
@@ -45,6 +50,8 @@ class FlashInferAttention:
             self.prefill.plan(meta.query_start_loc_host, meta.kv_indptr_host, meta.kv_indices,
                               meta.kv_last_page_len_host, *heads, self.kv_cache.block_size, causal=True,
                               pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
+        if self._planned is not None:
+            self._planned.record()
         self._meta = meta
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
