@@ -3,8 +3,10 @@
 `tokenizers`' plain `encode` holds the GIL (~0.6 ms for a 1.6 KB prompt on the CI machine, half the
 router's time a request); `encode_batch_fast` releases it and spreads a batch over the cores. Prompts that
 arrive while a batch is being tokenized wait for the next batch, so under load the loop keeps serving
-while another core tokenizes, and a single request pays one thread hand-off. Short texts are cheaper
-tokenized inline.
+while another core tokenizes. A thread hand-off costs more than it saves when requests come one at a time
+(~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on the CI machine), so short texts, and any
+text that arrives while the router is quiet (nothing queued, none in the last QUIET_S), are tokenized
+inline.
 """
 
 import asyncio
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from protocol.tokenizer import ChatTokenizer
 
 INLINE_CHARS = 256  # below this, a thread hand-off costs more than tokenizing on the loop
+QUIET_S = 0.001  # a prompt arriving this long after the previous one finds the loop idle: tokenized inline
 
 
 class BatchEncoder:
@@ -22,12 +25,16 @@ class BatchEncoder:
         self._pending: list[tuple[str, asyncio.Future]] = []
         self._draining = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pdserve-tokenize")
+        self._last_arrival = float("-inf")
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of `text`, special tokens as written in it (the chat template places them)."""
-        if len(text) < INLINE_CHARS:
-            return self.tokenizer.encode(text, add_special_tokens=False)
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        quiet = now - self._last_arrival > QUIET_S and not self._draining
+        self._last_arrival = now
+        if len(text) < INLINE_CHARS or quiet:  # the batch call skips offsets: ~20% faster than encode
+            return self.tokenizer.encode_batch([text], False)[0]
         future = loop.create_future()
         self._pending.append((text, future))
         if not self._draining:
