@@ -123,6 +123,18 @@ def test_multinode_workers_become_rayclusters_with_their_ranks():
     assert _find(docs, "Ingress", "-router")["spec"]["tls"][0]["secretName"] == "llm-tls"
 
 
+def test_workers_keep_their_kernel_cache_on_a_named_claim():
+    for args, want in (((), {"emptyDir": {}}), (("--set", "workerCache.claimName=kernels"),
+                                                   {"persistentVolumeClaim": {"claimName": "kernels"}})):
+        docs = render(*args)
+        for role in ("prefill", "decode"):
+            pod = _find(docs, "StatefulSet", f"-{role}")["spec"]["template"]["spec"]
+            cache = next(v for v in pod["volumes"] if v["name"] == "cache")
+            assert {k: v for k, v in cache.items() if k != "name"} == want
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts["cache"].endswith("/.cache")  # where FlashInfer keeps its built kernels
+
+
 @pytest.mark.parametrize("bad", ["decode.tpSize=0", "cluster.blockSize=12", "cluster.transport=carrier-pigeon",
                                  "router.policy=random", "model.source.type=s3"])
 def test_values_schema_rejects_bad_values(bad):

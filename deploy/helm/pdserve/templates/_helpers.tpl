@@ -161,7 +161,11 @@ volumeMounts:
 - name: dshm
   emptyDir: {medium: Memory, sizeLimit: {{ .pool.shmSize }}}
 - name: cache
+{{- if .root.Values.workerCache.claimName }}
+  persistentVolumeClaim: {claimName: {{ .root.Values.workerCache.claimName }}}
+{{- else }}
   emptyDir: {}
+{{- end }}
 {{- end -}}
 
 {{- define "pdserve.modelInit" -}}
