@@ -19,7 +19,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | flashinfer
     enforce_eager: bool = False  # True: no CUDA graphs for decode
-    async_scheduling: bool = True  # build and queue step N+1 before reading step N's tokens (one rank only)
+    async_scheduling: bool = True  # build and queue step N+1 before reading step N's tokens
     fused_kernels: bool = True  # with the FlashInfer backend: its one-kernel norm, rotary and SwiGLU (engine/fused.py)
     load_format: str = "auto"  # auto: read the weights; dummy: random weights of the config's shapes (benchmarks)
     seed: int = 0  # for dummy weights

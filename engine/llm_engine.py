@@ -127,9 +127,9 @@ class LLMEngine:
 
             graphs = CudaGraphDecoder(self.model, self.attention, config.max_num_seqs,
                                       -(-self.max_model_len // config.block_size))
-        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs, parallel)
-        # Overlapped scheduling needs every rank to take the previous tokens from the device: one rank only.
-        self._overlap = config.async_scheduling and parallel.world_size == 1
+        self._overlap = config.async_scheduling
+        self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs, parallel,
+                                  self._overlap)
         self._inflight: _Launched | None = None  # a step queued on the device whose tokens are not read yet
         self._ready: list[RequestOutput] = []  # outputs read early (by _drain), returned by the next step
         self.stats = EngineStats()

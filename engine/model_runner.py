@@ -42,6 +42,10 @@ class StepInput:
     input_ids: np.ndarray  # [num_tokens] int64
     block_ids: np.ndarray  # [total blocks] int64, each request's blocks covering starts + lens, in order
     sample_rows: list[int]  # requests whose last known token is computed this step
+    # Placeholder inputs: their positions in input_ids and the rows of the previous step's samples to take.
+    fill_at: np.ndarray | None = None
+    fill_from: np.ndarray | None = None
+    share_samples: bool = False  # rank 0 broadcasts this step's sampled ids to the other ranks after it
 
 
 def step_input(reqs: list[Request], counts: list[int], block_size: int) -> StepInput:
@@ -94,7 +98,9 @@ def build_metadata(step: StepInput, block_size: int, device: torch.device) -> tu
 
 class ModelRunner:
     def __init__(self, model: CausalLM, attention: AttentionBackend, block_size: int, device: torch.device,
-                 graphs: "object | None" = None, parallel: Parallel = SINGLE):
+                 graphs: "object | None" = None, parallel: Parallel = SINGLE, overlap: bool = False):
+        """overlap: steps may be launched before the previous step's tokens are read (placeholders); with
+        several ranks, rank 0 then broadcasts each step's sampled ids for the others' next inputs."""
         self.model = model
         self.attention = attention
         self.block_size = block_size
@@ -102,41 +108,48 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.graphs = graphs  # a CudaGraphDecoder when decode steps replay captured graphs
         self.parallel = parallel
+        self.share_samples = overlap and parallel.world_size > 1
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, prev: PrevTokens | None = None
                 ) -> tuple[list[Request], SamplerOutput | None]:
         """Queue the step's forward and sampling on the device; nothing here waits for the device."""
         step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
+        self._plan_fill(step, batch.requests, prev)
+        step.share_samples = self.share_samples and bool(step.sample_rows)
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
-        logits = self._forward(step, self._fill(step, batch.requests, prev))
+        logits = self._forward(step, prev.token_ids if prev is not None else None)
         if logits is None:
             return [], None
         reqs = [batch.requests[i] for i in step.sample_rows]
         if all(r.params.plain_greedy for r in reqs):  # no sampling state to build: argmax on the device
-            return reqs, SamplerOutput(logits.argmax(dim=-1), None, None, None)
-        return reqs, sample(logits, SamplingBatch.build(reqs, self.vocab_size, self.device))
+            out = SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        else:
+            out = sample(logits, SamplingBatch.build(reqs, self.vocab_size, self.device))
+        if step.share_samples:
+            self.parallel.broadcast_tensor(out.token_ids)
+        return reqs, out
 
-    def _fill(self, step: StepInput, reqs: list[Request], prev: PrevTokens | None
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(positions in input_ids, rows of prev.token_ids) for the step's placeholder inputs, on the device."""
+    @staticmethod
+    def _plan_fill(step: StepInput, reqs: list[Request], prev: PrevTokens | None) -> None:
+        """Where the step's placeholder inputs are, and which of the previous step's samples fill them."""
         holes = np.flatnonzero(step.input_ids == PLACEHOLDER)
         if not len(holes):
-            return None
+            return
         if prev is None:
             raise RuntimeError("a placeholder input without the previous step's tokens")
         owners = np.searchsorted(np.cumsum(step.lens), holes, side="right")  # the request each hole is in
-        src = np.array([prev.rows[reqs[i].request_id] for i in owners.tolist()], dtype=np.int64)
-        return to_device(holes, self.device), prev.token_ids[to_device(src, self.device)]
+        step.fill_at = holes
+        step.fill_from = np.array([prev.rows[reqs[i].request_id] for i in owners.tolist()], dtype=np.int64)
 
-    def _forward(self, step: StepInput, fill: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> torch.Tensor | None:
-        """Logits of the step's sample rows [len(sample_rows), vocab], or None when no row samples."""
+    def _forward(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits of the step's sample rows [len(sample_rows), vocab], or None when no row samples.
+        prev_tokens: the previous step's sampled ids on the device (for placeholder inputs)."""
         positions, meta = build_metadata(step, self.block_size, self.device)
         ids = to_device(step.input_ids, self.device)
-        if fill is not None:
-            ids[fill[0]] = fill[1]
+        if step.fill_at is not None:
+            ids[to_device(step.fill_at, self.device)] = prev_tokens[to_device(step.fill_from, self.device)]
         if self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs):
             logits = self.graphs.run(meta, ids, positions)  # every rank replays, sampling or not
             return logits if step.sample_rows else None
@@ -153,8 +166,13 @@ class ModelRunner:
     @torch.inference_mode()
     def follow(self) -> None:
         """Run the driver's steps until it stops the group (a rank other than 0 lives in this loop)."""
+        prev = None
         while (step := self.parallel.broadcast(None)) is not None:
-            self._forward(step)
+            self._forward(step, prev)
+            prev = None
+            if step.share_samples:  # rank 0's samples of this step: the next step's placeholder inputs
+                prev = torch.empty(len(step.sample_rows), dtype=torch.int64, device=self.device)
+                self.parallel.broadcast_tensor(prev)
 
     def stop_followers(self) -> None:
         if self.parallel.world_size > 1 and self.parallel.is_driver:

@@ -115,6 +115,10 @@ class Parallel:
         dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.ep_group)
         return out
 
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Rank 0's t into every rank's t (in place, on the device: queued, not waited for)."""
+        dist.broadcast(t, src=0)
+
     def broadcast(self, obj: Any) -> Any:
         """The driver's obj on every rank (pickled over the CPU control group)."""
         box = [obj]

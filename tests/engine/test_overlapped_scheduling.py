@@ -2,7 +2,11 @@
 tokens, logprobs and finish reasons as one step at a time, with stops, aborts, preemption and the prefix
 cache in play, and no placeholder ever hashed into the prefix cache."""
 
+import multiprocessing as mp
+import socket
+
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -107,3 +111,42 @@ def test_prefix_cache_holds_only_hashes_of_known_tokens(model_dir):
     cached = set(engine.block_pool.cached)
     assert cached <= real  # every cached block is a chain of real tokens (no placeholder inside)
     assert set(plain_engine.block_pool.cached) <= cached
+
+
+def _tp_rank(rank: int, port: int, folder: str, prompts, out) -> None:
+    from engine.parallel import ParallelConfig, init_parallel
+
+    par = init_parallel(ParallelConfig(2, 1), rank, f"tcp://127.0.0.1:{port}", torch.device("cpu"))
+    engine = LLMEngine(EngineConfig(model=folder, kv_cache_bytes=4 << 20, async_scheduling=True), parallel=par)
+    if rank == 0:
+        done = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in (14, 3, 9)])
+        engine.runner.stop_followers()
+        out.put(([r.token_ids for r in done], engine.stats.num_overlapped_steps))
+    else:
+        engine.runner.follow()
+    torch.distributed.destroy_process_group()
+
+
+def test_overlapped_steps_over_two_tensor_parallel_ranks(model_dir):
+    """Rank 0 queues step N+1 with placeholders before reading step N; the other rank fills them from rank
+    0's samples, broadcast on the device: the tokens of one rank stepping one at a time."""
+    prompts = _prompts(3)
+    want = _engine(model_dir, False).generate(prompts, [SamplingParams(max_tokens=n, temperature=0)
+                                                        for n in (14, 3, 9)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_tp_rank, args=(r, port, str(model_dir), prompts, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        tokens, overlapped = out.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert tokens == [r.token_ids for r in want]
+    assert overlapped > 5
