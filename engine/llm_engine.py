@@ -3,7 +3,7 @@
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,9 @@ class _Launched:
     slots: list[int]
     samples: HostSamples | None
     tokens: PrevTokens | None
+    # Requests that ended while this step was queued and that it computes a token for: their blocks go back
+    # to the pool once it is read (no other process's KV transfer may land in a block it still writes).
+    free_after: list[Request] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -282,7 +285,7 @@ class LLMEngine:
         launched = None if batch.is_empty else self._launch(batch, prev)
         if prev is not None:
             self.stats.num_overlapped_steps += launched is not None
-            outputs += self._finish(prev)
+            outputs += self._finish(prev, running=launched)
         if launched is not None:
             if self._overlap:
                 self._inflight = launched
@@ -309,8 +312,15 @@ class LLMEngine:
             tokens = PrevTokens(out.token_ids, {r.request_id: row for row, r in enumerate(sampled)})
         return _Launched(batch, sampled, slots, out.copy_to_host() if out is not None else None, tokens)
 
-    def _finish(self, step: "_Launched") -> list[RequestOutput]:
-        """Wait for a launched step's tokens; append them, register newly full blocks, end finished requests."""
+    def _finish(self, step: "_Launched", running: "_Launched | None" = None) -> list[RequestOutput]:
+        """Wait for a launched step's tokens; append them, register newly full blocks, end finished requests.
+        running: a step launched after this one and still queued (requests it computes keep their blocks)."""
+        outputs = self._read(step, running)
+        for req in step.free_after:
+            self.kv_manager.free(req)
+        return outputs
+
+    def _read(self, step: "_Launched", running: "_Launched | None") -> list[RequestOutput]:
         if step.samples is None:
             for req in step.batch.requests:
                 if not req.is_finished:
@@ -336,7 +346,8 @@ class LLMEngine:
             reason = self._finish_reason(req, tok, n)
             if reason is not None:
                 del req.output_token_ids[n:]  # a placeholder of a step launched after this one
-                self.scheduler.finish(req, reason)
+                in_flight = running is not None and any(r is req for r in running.batch.requests)
+                self.scheduler.finish(req, reason, running.free_after if in_flight else None)
             outputs.append(self._output(req, [tok], lps, n))
         return outputs
 

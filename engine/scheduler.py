@@ -103,8 +103,9 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def finish(self, req: Request, reason: FinishReason) -> None:
-        """End a request (done, aborted or failed): its blocks go back to the pool at once."""
+    def finish(self, req: Request, reason: FinishReason, free_later: list[Request] | None = None) -> None:
+        """End a request (done, aborted or failed): its blocks go back to the pool at once, or, with
+        free_later, the request joins that list and its caller frees them (kv.free) when it is safe."""
         if req.is_finished:
             return
         if req.status is RequestStatus.RUNNING:
@@ -118,6 +119,8 @@ class Scheduler:
         del self.requests[req.request_id]
         if req.hold_kv and reason is not FinishReason.ABORT:
             self.held[req.request_id] = req
+        elif free_later is not None:
+            free_later.append(req)
         else:
             self.kv.free(req)
 

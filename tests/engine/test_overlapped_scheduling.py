@@ -150,3 +150,27 @@ def test_overlapped_steps_over_two_tensor_parallel_ranks(model_dir):
                 p.kill()
     assert tokens == [r.token_ids for r in want]
     assert overlapped > 5
+
+
+def test_a_request_ended_while_a_step_computes_it_keeps_its_blocks_until_that_step_is_read(model_dir):
+    """Its blocks must not go to another request (whose KV another process may write) while the queued step
+    still writes the token computed in vain."""
+    engine = _engine(model_dir, True, enable_prefix_caching=False)
+    probe = _engine(model_dir, False).generate(_prompts(2)[1:], SamplingParams(max_tokens=12, temperature=0))[0]
+    engine.add_request("long", _prompts(1)[0], SamplingParams(max_tokens=30, temperature=0))
+    engine.add_request("stops", _prompts(2)[1], SamplingParams(max_tokens=30, temperature=0,
+                                                              stop_token_ids=[probe.token_ids[8]]))
+    req = engine.scheduler.requests["stops"]
+    ended = None
+    while ended is None:
+        blocks = list(req.block_ids)
+        outs = engine.step()
+        ended = next((o for o in outs if o.request_id == "stops" and o.finished), None)
+    assert ended.finish_reason is FinishReason.STOP
+    assert engine._inflight is not None and any(r is req for r in engine._inflight.batch.requests)
+    assert all(engine.block_pool.ref_counts[b] > 0 for b in blocks)  # still held for the queued step
+    engine.step()  # reads that step
+    assert all(engine.block_pool.ref_counts[b] == 0 for b in blocks)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
