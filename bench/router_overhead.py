@@ -38,7 +38,7 @@ def _body(rng: random.Random, stream: bool, max_tokens: int, prompt_chars: int) 
 async def _open_loop(port: int, rate: float, duration_s: float, stream: bool, max_tokens: int,
                      prompt_chars: int) -> list:
     pool = ConnectionPool("127.0.0.1", port, 256)
-    rng = random.Random(0)
+    rng = random.Random(2 if stream else 0)  # the streamed prompts are not the plain ones (the router caches)
     n = int(rate * duration_s)
     t0 = time.perf_counter()
 
@@ -53,7 +53,9 @@ async def _open_loop(port: int, rate: float, duration_s: float, stream: bool, ma
 async def _closed_loop(port: int, concurrency: int, duration_s: float, prompt_chars: int) -> float:
     pool = ConnectionPool("127.0.0.1", port, concurrency)
     rng = random.Random(1)
-    bodies = [_body(rng, False, 1, prompt_chars) for _ in range(64)]  # distinct ~1.6 KB prompts
+    # Distinct ~1.6 KB prompts, more than the router's cache of prompt parts holds (4 MiB of text), cycled:
+    # every request is tokenized (a cache hit would measure the cache, not "tokenizing included").
+    bodies = [_body(rng, False, 1, prompt_chars) for _ in range(4096)]
     done = 0
     deadline = time.perf_counter() + duration_s
 

@@ -4,7 +4,10 @@ The router and the workers both use this class, so that they agree token for tok
 rendered the way transformers renders it (sandboxed jinja2, trim_blocks, lstrip_blocks).
 """
 
+import contextlib
+import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -99,3 +102,56 @@ class ChatTokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Several texts at once, releasing the GIL and spreading the batch over cores (no offsets computed)."""
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+    # --- text split at special tokens (the router caches the parts: a chat resends its earlier messages) ---
+
+    @functools.cached_property
+    def _splitter(self) -> tuple[re.Pattern, dict[str, int]] | None:
+        """The added tokens `tokenizers` cuts out of the raw text before anything else (not normalized, no
+        stripping or word matching), as a regex, leftmost-longest like tokenizers' own matcher."""
+        tokens = {a.content: i for i, a in self.tokenizer.get_added_tokens_decoder().items()
+                  if a.content and not (a.normalized or a.lstrip or a.rstrip or a.single_word)}
+        if not tokens:
+            return None
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+        return pattern, tokens
+
+    def split_special(self, text: str) -> list[str | int] | None:
+        """text as its ordinary parts (str) and the ids of the added tokens between them (int), in order;
+        None when this tokenizer does not tokenize such parts independently (see splits_exactly)."""
+        return self._split(text) if self.splits_exactly else None
+
+    def _split(self, text: str) -> list[str | int]:
+        pattern, ids = self._splitter
+        out: list[str | int] = []
+        pos = 0
+        for m in pattern.finditer(text):
+            if m.start() > pos:
+                out.append(text[pos : m.start()])
+            out.append(ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out.append(text[pos:])
+        return out
+
+    @functools.cached_property
+    def splits_exactly(self) -> bool:
+        """Whether encoding the parts of split_special one by one gives encode(text)'s ids, checked on probe
+        texts: true for byte-level BPE (Llama 3, Qwen, SmolLM2); false e.g. where a pre-tokenizer treats the
+        start of a text specially (SentencePiece's prefix space), which would differ for every part."""
+        if self._splitter is None:
+            return False
+        specials = sorted(self._splitter[1], key=len)[:4]
+        pieces = ["Hello", " world", "\n", "\n\n", "  two spaces", "x", "12345", "héllo naïve 🙂", "\t", " "]
+        probes = [s + p + s for s in specials for p in pieces] + ["".join(specials + pieces), pieces[0] + specials[0]]
+        if self._template is not None:
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n there "},
+                        {"role": "assistant", "content": "Hello! 12"}, {"role": "user", "content": "naïve 🙂?"}]
+            with contextlib.suppress(ChatTemplateError):
+                probes.append(self.render_chat(messages))
+        for text in probes:
+            got = [i for part in self._split(text)
+                   for i in ([part] if isinstance(part, int) else self.encode(part, add_special_tokens=False))]
+            if got != self.encode(text, add_special_tokens=False):
+                return False
+        return True

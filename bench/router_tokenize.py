@@ -1,0 +1,56 @@
+"""The router's tokenizing a request, with its cache of prompt parts (split at special tokens) against
+tokenizing whole prompts, in one run: chats sharing a long system prompt, and distinct prompts.
+
+  python -m bench.router_tokenize [--tokenizer-dir DIR] [--system-chars 6000] [--prompts 300]
+"""
+
+import argparse
+import asyncio
+import random
+import time
+
+from bench.common import emit
+from bench.router_overhead import _demo_tokenizer, _prompt
+from protocol.tokenizer import ChatTokenizer
+from router.tokenize import BatchEncoder
+
+
+async def _per_prompt_ms(enc: BatchEncoder, texts: list[str]) -> float:
+    start = time.perf_counter()
+    for text in texts:
+        enc._last_arrival = float("-inf")  # requests one at a time: tokenized on the loop, no thread hand-off
+        await enc.encode(text)
+    return (time.perf_counter() - start) / len(texts) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tokenizer-dir", default=None, help="default: the demo model's")
+    ap.add_argument("--system-chars", type=int, default=6000)
+    ap.add_argument("--user-chars", type=int, default=200)
+    ap.add_argument("--distinct-chars", type=int, default=1600)
+    ap.add_argument("--prompts", type=int, default=300)
+    a = ap.parse_args()
+    tok = ChatTokenizer.from_dir(a.tokenizer_dir or _demo_tokenizer())
+    rng = random.Random(0)
+    system = {"role": "system", "content": _prompt(rng, a.system_chars)}
+    workloads = {
+        "shared_system_prompt": [tok.render_chat([system, {"role": "user", "content": _prompt(rng, a.user_chars)}])
+                                 for _ in range(a.prompts)],
+        "distinct_prompts": [tok.render_chat([{"role": "user", "content": _prompt(rng, a.distinct_chars)}])
+                             for _ in range(a.prompts)],
+    }
+    for name, texts in workloads.items():
+        cached = BatchEncoder(tok)
+        whole = BatchEncoder(tok, cache_chars=0)
+        ours, base = asyncio.run(_per_prompt_ms(cached, texts)), asyncio.run(_per_prompt_ms(whole, texts))
+        assert [asyncio.run(cached.encode(t)) for t in texts[:5]] == [tok.encode(t, False) for t in texts[:5]]
+        emit("router_tokenize", f"{name}_ms_per_prompt", ours, "ms", "whole prompts tokenized", base,
+             ratio=base / ours, splits_exactly=tok.splits_exactly, prompts=a.prompts,
+             chars=sum(map(len, texts)) // len(texts))
+        cached.close()
+        whole.close()
+
+
+if __name__ == "__main__":
+    main()
