@@ -321,12 +321,9 @@ class LLMEngine:
         return outputs
 
     def _read(self, step: "_Launched", running: "_Launched | None") -> list[RequestOutput]:
-        if step.samples is None:
-            for req in step.batch.requests:
-                if not req.is_finished:
-                    self.kv_manager.commit(req)
-            return []
-        tokens, logprobs, top_ids, top_lps = step.samples.lists()  # the step's one host sync
+        # The step's one host sync (a step that samples nothing, a prefill chunk, has nothing to read).
+        empty = ([], None, None, None)
+        tokens, logprobs, top_ids, top_lps = step.samples.lists() if step.samples is not None else empty
         for req, slot, tok in zip(step.reqs, step.slots, tokens, strict=True):
             if not req.is_finished:
                 req.output_token_ids[slot] = tok
