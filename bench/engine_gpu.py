@@ -60,6 +60,29 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(100, vocab - 100, (batch, length), generator=g).tolist()
 
 
+def touched_weight_bytes(engine, batch: int) -> float:
+    """Bytes of weights a decode step of `batch` tokens reads: everything but the embedding table, with each
+    MoE layer's experts counted as many as `batch` tokens picking top-k of E uniformly touch on average."""
+    cfg = engine.model_config
+    total = 0.0
+    for name, p in engine.model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        nbytes = p.numel() * p.element_size()
+        if name.endswith((".w13", ".w2")):
+            e, k = cfg.num_experts, cfg.num_experts_per_tok
+            nbytes *= 1 - (1 - k / e) ** batch  # the expected share of experts touched
+        total += nbytes
+    return total
+
+
+def decode_roofline_s(engine, batch: int, ctx: int, bw: float) -> float:
+    """Seconds to read what a decode step of `batch` requests at `ctx` tokens must: the weights it touches and
+    the requests' KV (this rank's shard of both), at `bw` bytes/s."""
+    kv_token_bytes = engine.kv_layout.block_bytes // engine.kv_layout.block_size
+    return (touched_weight_bytes(engine, batch) + batch * ctx * kv_token_bytes) / bw
+
+
 def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
     from engine.sampling_params import SamplingParams
 
@@ -141,16 +164,13 @@ def main() -> None:
                                     kv_cache_bytes=36 << 30, max_num_seqs=max(batches),
                                     max_num_batched_tokens=8192, enable_prefix_caching=False))
     cfg = engine.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
-                       if "embed_tokens" not in n)  # the embedding is gathered (a few rows), not read whole
-    kv_token_bytes = engine.kv_layout.block_bytes // engine.kv_layout.block_size
     shapes = {"model": "llama3-8b-shapes (random)", "dtype": "bfloat16", "ctx": args.ctx}
     for b in batches:
         step = decode_step_time(engine, b, args.ctx, args.steps)
-        roofline = (weight_bytes + b * args.ctx * kv_token_bytes) / bw
+        roofline = decode_roofline_s(engine, b, args.ctx, bw)
         emit("engine_gpu", f"decode_step_ms_batch{b}", step * 1e3, "ms", "memory roofline", roofline * 1e3,
              ratio=roofline / step, batch=b, **shapes)
-    flops_per_token = 2 * (weight_bytes // 2)
+    flops_per_token = touched_weight_bytes(engine, 1)  # 2 FLOPs a bf16 weight (2 bytes); dense: all are used
     for length in [int(x) for x in args.prefill.split(",")]:
         t = prefill_time(engine, length)
         attn_flops = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length * length / 2

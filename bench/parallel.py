@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.common import emit
-from bench.engine_gpu import LLAMA3_8B, config_folder, decode_step_time, read_bandwidth
+from bench.engine_gpu import LLAMA3_8B, config_folder, decode_roofline_s, decode_step_time, read_bandwidth
 
 QWEN3_MOE_30B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48,
@@ -89,30 +89,13 @@ def _engine(shapes: dict, batches: list[int], parallel=None, kv_bytes: int = 16 
                      parallel=parallel or SINGLE)
 
 
-def touched_weight_bytes(engine, batch: int) -> float:
-    """Bytes of weights a decode step of `batch` tokens reads: everything but the embedding table, with each
-    MoE layer's experts counted as many as `batch` tokens picking top-k of E uniformly touch on average."""
-    cfg = engine.model_config
-    total = 0.0
-    for name, p in engine.model.named_parameters():
-        if "embed_tokens" in name:
-            continue
-        nbytes = p.numel() * p.element_size()
-        if name.endswith((".w13", ".w2")):
-            e, k = cfg.num_experts, cfg.num_experts_per_tok
-            nbytes *= 1 - (1 - k / e) ** batch  # the expected share of experts touched
-        total += nbytes
-    return total
-
-
 def decode_rows(engine, batches: list[int], ctx: int, steps: int, bw: float, ranks: int, label: str,
                 baseline: dict[int, float] | None = None) -> dict[int, float]:
-    kv_token_bytes = engine.kv_layout.block_bytes // engine.kv_layout.block_size  # this rank's heads
     out = {}
     for b in batches:
         step = decode_step_time(engine, b, ctx, steps)
         # Every rank reads its shard at the same time: the group's bandwidth is ranks x one GPU's.
-        roofline = (touched_weight_bytes(engine, b) + b * ctx * kv_token_bytes) / bw
+        roofline = decode_roofline_s(engine, b, ctx, bw)
         extra = {} if baseline is None else {"speedup_vs_1_rank": baseline[b] / step}
         emit("parallel", f"decode_step_ms_{label}_batch{b}", step * 1e3, "ms", "memory roofline of the GPUs used",
              roofline * 1e3, ratio=roofline / step, batch=b, ctx=ctx, ranks=ranks, **extra)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from bench.common import emit
-from bench.engine_gpu import LLAMA3_8B, config_folder, decode_step_time, read_bandwidth
+from bench.engine_gpu import LLAMA3_8B, config_folder, decode_roofline_s, decode_step_time, read_bandwidth
 
 
 def replay_time(graphs, bs: int, reps: int = 50) -> float:
@@ -72,15 +72,12 @@ def profile(args, fused: bool, bw: float) -> dict[int, float]:
                                     kv_cache_bytes=20 << 30, max_num_seqs=max(batches),
                                     enable_prefix_caching=False, fused_kernels=fused))
     graphs = engine.runner.graphs
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
-                       if "embed_tokens" not in n)
-    kv_token_bytes = engine.kv_layout.block_bytes // engine.kv_layout.block_size
     steps = {}
     for b in batches:
         steps[b] = step = decode_step_time(engine, b, args.ctx, args.steps)
         bs = next(s for s in graphs.sizes if s >= b)
         replay = replay_time(graphs, bs)
-        roofline = (weight_bytes + b * args.ctx * kv_token_bytes) / bw
+        roofline = decode_roofline_s(engine, b, args.ctx, bw)
         n_kernels, kernel_s, table = kernel_table(graphs, bs, args.top)
         emit("profile_decode", f"step_ms_batch{b}", step * 1e3, "ms", "memory roofline", roofline * 1e3,
              ratio=roofline / step, replay_ms=replay * 1e3, replay_ratio=roofline / replay,
