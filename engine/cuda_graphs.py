@@ -12,7 +12,7 @@ import torch
 
 from engine.attention.flashinfer_backend import FlashInferAttention
 from engine.attention.metadata import BatchMetadata
-from engine.device import to_device
+from engine.device import pinned, to_device
 from engine.model import CausalLM
 
 log = logging.getLogger("pdserve.engine")
@@ -89,14 +89,15 @@ class CudaGraphDecoder:
         pad = bs - n
         # Padded rows: one token at offset 0 of the scratch block.
         indptr, indices, last = meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host
+        device = indices.device
         if pad:
-            indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)]).pin_memory()
-            indices = torch.cat([indices, torch.full((pad,), self.scratch, dtype=torch.int32, device=indices.device)])
-            last = torch.cat([last, torch.ones(pad, dtype=torch.int32)]).pin_memory()
+            indptr = pinned(torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)]), device)
+            indices = torch.cat([indices, torch.full((pad,), self.scratch, dtype=torch.int32, device=device)])
+            last = pinned(torch.cat([last, torch.ones(pad, dtype=torch.int32)]), device)
         padded = BatchMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_blocks,
                                meta.slot_offsets, 1, meta.max_seq_len, True, indptr, indices, last, None)
         self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(to_device(positions, self.positions.device))
+        self.positions[:n].copy_(to_device(positions, device))
         self.slot_blocks[:n].copy_(meta.slot_blocks)
         self.slot_offsets[:n].copy_(meta.slot_offsets)
         if pad:

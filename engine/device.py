@@ -1,8 +1,9 @@
-"""Host-to-device copies that never wait for the device.
+"""Copies between host and device that never wait for the device.
 
 A copy from pageable host memory may block the host until the device has run everything queued before it;
 with steps queued ahead of the device (overlapped scheduling) that stall would undo the overlap. On CUDA
-the data goes through pinned memory (torch's caching host allocator), so the copy is queued and returns.
+the data goes through pinned memory (torch's caching host allocator), so the copy is queued and returns;
+results come back the same way, read once an event recorded after the copy has passed.
 """
 
 import numpy as np
@@ -21,3 +22,8 @@ def to_device(a: np.ndarray | list, device: torch.device, dtype: torch.dtype | N
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor's copy into pinned host memory, queued behind the work that computes it, not waited for."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.device import to_device
+from engine.device import to_device, to_host
 from engine.request import Request
 
 _MASK32 = 0xFFFFFFFF
@@ -98,14 +98,8 @@ class SamplerOutput:
         """Start copying to the host without waiting (pinned buffers, CUDA); HostSamples.lists() waits."""
         if self.token_ids.device.type != "cuda":
             return HostSamples(self, None)
-
-        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            return host.copy_(t, non_blocking=True)
-
-        host = SamplerOutput(*(pinned(t) for t in (self.token_ids, self.logprobs, self.top_ids, self.top_logprobs)))
+        host = SamplerOutput(*(None if t is None else to_host(t)
+                               for t in (self.token_ids, self.logprobs, self.top_ids, self.top_logprobs)))
         done = torch.cuda.Event()
         done.record()
         return HostSamples(host, done)
