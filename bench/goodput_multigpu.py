@@ -6,10 +6,19 @@ same router. Same random-initialised Llama-3-8B-shaped model (bf16), same worklo
 prefix-heavy, saved once and replayed), each layout swept over the same request rates; goodput is the
 highest rate at which >= 90% of requests meet TTFT <= 1 s and TPOT <= 50 ms (DistServe's figure).
 
-Run: python -m bench.goodput_multigpu --workloads .gpu/sharegpt.jsonl,.gpu/prefix.jsonl --rates 2,4,8,16
+Each rate runs for --duration seconds of arrivals (turns not started by then are dropped), the load generator
+leaves queueing to the servers (no client-side cap worth the name), and the sweep stops at the first rate that
+misses the SLO. With four GPUs visible, --concurrent runs the two layouts side by side (GPUs 0-1 and 2-3),
+each in its own process with its own router and load generator, so the sweep takes half the time.
+
+Run: python -m bench.goodput_multigpu --workloads .gpu/sharegpt.jsonl,.gpu/prefix.jsonl --rates 4,8,16,32
 """
 
 import argparse
+import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from bench.cluster import LocalCluster
@@ -29,12 +38,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokenizer-dir", default=".gpu/tokenizer")
     ap.add_argument("--workloads", required=True, help="comma-separated saved workloads (.jsonl)")
-    ap.add_argument("--rates", default="2,4,8,16,24")
+    ap.add_argument("--rates", default="4,8,16,24,32,48,64")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals a rate")
     ap.add_argument("--kv-gib", type=int, default=40)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--attainment", type=float, default=0.9)
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: " + ", ".join(LAYOUTS))
+    ap.add_argument("--gpus", default="0,1", help="the two GPUs a layout runs on")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="both layouts at once, one process each, on GPUs 0-1 and 2-3 (four GPUs)")
     ap.add_argument("--quick", action="store_true",
                     help="a dry run of the whole procedure on CPU: the demo model, a few sessions, no GPUs")
     a = ap.parse_args()
+    if a.concurrent:
+        concurrent(a)
+        return
     if a.quick:
         from pdserve_cli.main import demo_model
 
@@ -42,11 +60,13 @@ def main() -> None:
         worker_args = ("--max-num-seqs", "8", "--threads", "1")
     else:
         # The demo tokenizer's vocabulary, so that every id it makes is a row of the embedding.
-        folder, gpus, kv = dummy_model(Path(a.tokenizer_dir), LLAMA3_8B | {"vocab_size": 49152}), [0, 1], a.kv_gib << 30
-        worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "128")
+        folder = dummy_model(Path(a.tokenizer_dir), LLAMA3_8B | {"vocab_size": 49152})
+        gpus, kv = [int(g) for g in a.gpus.split(",")], a.kv_gib << 30
+        worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", str(a.max_num_seqs))
     rates = sorted(float(r) for r in a.rates.split(","))
     goodput: dict[tuple[str, str], float] = {}
-    for layout, (prefill, decode, router_flags) in LAYOUTS.items():
+    for layout in a.layouts.split(","):
+        prefill, decode, router_flags = LAYOUTS[layout]
         cluster = LocalCluster(str(folder), prefill=prefill, decode=decode, kv_cache_bytes=kv,
                                worker_args=worker_args, start_timeout_s=900, gpus=gpus)
         try:
@@ -55,7 +75,8 @@ def main() -> None:
                 sessions = load(path)[: 6 if a.quick else None]
                 ra = argparse.ArgumentParser()
                 add_args(ra)
-                run_args = ra.parse_args(["--url", url, "--workload", path, "--label", layout])
+                run_args = ra.parse_args(["--url", url, "--workload", path, "--label", layout, "--concurrency", "4096",
+                                          "--duration", str(3.0 if a.quick else a.duration)])
                 run_once(run_args, None, sessions[:8])  # warm-up: kernels, allocator caches
                 best = 0.0
                 for rate in rates:
@@ -69,8 +90,40 @@ def main() -> None:
                     else:
                         break  # rates only get harder
                 goodput[(layout, Path(path).stem)] = best
+                emit("goodput_multigpu", f"layout_goodput_{Path(path).stem}", best, "req/s", layout=layout,
+                     workload=Path(path).stem)
         finally:
             cluster.close()
+    if len(a.layouts.split(",")) == len(LAYOUTS):
+        report(goodput, a)
+
+
+def concurrent(a: argparse.Namespace) -> None:
+    """Each layout in its own process on its own pair of GPUs; their rows pass through, the ratio comes last."""
+    argv = [arg for arg in sys.argv[1:] if arg != "--concurrent"]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.goodput_multigpu", *argv, "--layouts", layout,
+                               "--gpus", f"{2 * i},{2 * i + 1}"], stdout=subprocess.PIPE, text=True)
+             for i, layout in enumerate(LAYOUTS)]
+    goodput: dict[tuple[str, str], float] = {}
+
+    def relay(proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            row = json.loads(line) if line.startswith("{") else {}
+            if row.get("metric", "").startswith("layout_goodput_"):
+                goodput[(row["layout"], row["workload"])] = row["value"]
+
+    threads = [threading.Thread(target=relay, args=(p,)) for p in procs]
+    for t in threads:
+        t.start()
+    for t, proc in zip(threads, procs, strict=True):
+        t.join()
+        proc.wait()
+    report(goodput, a)
+
+
+def report(goodput: dict[tuple[str, str], float], a: argparse.Namespace) -> None:
+    rates = sorted(float(r) for r in a.rates.split(","))
     for path in a.workloads.split(","):
         name = Path(path).stem
         d, c = goodput.get(("disaggregated_1p1d", name), 0.0), goodput.get(("colocated_2x", name), 0.0)

@@ -108,7 +108,7 @@ def raw_nixl_seconds(transport, peer: str, src_ptr: int, nbytes: int, best) -> f
     nx, remote = transport.nixl, transport.peer_addresses[peer]
     handle = nx.initialize_xfer("WRITE", nx.get_xfer_descs([(src_ptr, nbytes, 0)], "VRAM"),
                                 nx.get_xfer_descs([(remote["base"], nbytes, remote["device"])], "VRAM"),
-                                transport.peers[peer][0])
+                                transport.peers[peer].name)
 
     def once() -> None:
         nx.transfer(handle)
@@ -136,7 +136,7 @@ def nixl_gpu(tokens: int, repeats: int) -> None:
     pool = engine.kv_cache.tensor
     assert tuple(pool.shape[1:]) == _shape(0)[1:], pool.shape
     pool_blocks = pool.shape[0] - 1
-    recv_blocks = 4 * n
+    recv_blocks = 8 * n
     ctx = mp.get_context("spawn")
     descs, done = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=_nixl_receiver, args=(recv_blocks, descs, done))
@@ -168,6 +168,17 @@ def nixl_gpu(tokens: int, repeats: int) -> None:
             transfer_t[name] = t
             emit("kv_transfer", f"nixl_{name}_GB_per_s", nbytes / t / 1e9, "GB/s", "raw NIXL, one contiguous buffer",
                  nbytes / raw_t / 1e9, vs_device_copy=round(d2d / t, 3), **common)
+        # The same into runs never written before: no transfer handle kept from an earlier write (first use).
+        fresh = iter(range(2, 8))  # runs 2n .. 8n of the receiver's pool; _best calls 1 + repeats times
+
+        def first_use() -> None:
+            k = next(fresh)
+            sender.write_blocks("decode", scattered_src, list(range(k * n, (k + 1) * n)))
+
+        t = _best(first_use, min(repeats, 5))
+        emit("kv_transfer", "nixl_scattered_to_fresh_run_GB_per_s", nbytes / t / 1e9, "GB/s",
+             "raw NIXL, one contiguous buffer", nbytes / raw_t / 1e9, vs_device_copy=round(d2d / t, 3),
+             note="into a run not written before: transfer handles made, not reposted", **common)
         # Prefill of the same request, then the transfer after it or streamed chunk by chunk while it computes.
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 

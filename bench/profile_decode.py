@@ -63,13 +63,13 @@ def host_profile(engine, batch: int, ctx: int, steps: int) -> str:
     return s.getvalue()
 
 
-def profile(args, fused: bool, bw: float) -> dict[int, float]:
+def profile(args, fused: bool, bw: float, variant: str = "default") -> dict[int, float]:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
     batches = [int(b) for b in args.batches.split(",")]
     engine = LLMEngine(EngineConfig(model=str(config_folder(LLAMA3_8B)), load_format="dummy", dtype="bfloat16",
-                                    kv_cache_bytes=20 << 30, max_num_seqs=max(batches),
+                                    kv_cache_bytes=args.kv_gib << 30, max_num_seqs=args.max_num_seqs or max(batches),
                                     enable_prefix_caching=False, fused_kernels=fused))
     graphs = engine.runner.graphs
     steps = {}
@@ -82,11 +82,12 @@ def profile(args, fused: bool, bw: float) -> dict[int, float]:
         emit("profile_decode", f"step_ms_batch{b}", step * 1e3, "ms", "memory roofline", roofline * 1e3,
              ratio=roofline / step, replay_ms=replay * 1e3, replay_ratio=roofline / replay,
              host_exposed_ms=(step - replay) * 1e3, kernels_per_step=n_kernels, kernel_sum_ms=kernel_s * 1e3,
-             batch=b, fused_kernels=fused)
-        print(f"# batch {b}, fused {fused}: {n_kernels} kernels, {kernel_s * 1e3:.2f} ms summed; top {args.top}:")
+             batch=b, fused_kernels=fused, variant=variant, max_num_seqs=engine.config.max_num_seqs,
+             kv_gib=args.kv_gib)
+        print(f"# batch {b}, fused {fused}, {variant}: {n_kernels} kernels, {kernel_s * 1e3:.2f} ms summed; top {args.top}:")
         for name, count, t in table:
             print(f"#   {t * 1e3:8.3f} ms  {count:5d}x  {name}")
-    if args.host and fused:
+    if args.host and fused and variant == "default":
         t = time.perf_counter()
         print(host_profile(engine, max(batches), args.ctx, args.steps))
         print(f"# cProfile run {time.perf_counter() - t:.1f} s")
@@ -101,16 +102,39 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--kv-gib", type=int, default=20)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch (bench.engine: 256)")
     ap.add_argument("--host", action="store_true", help="also print a cProfile of the host side at the largest batch")
     ap.add_argument("--compare-unfused", action="store_true", help="also run without engine/fused.py's kernels")
+    ap.add_argument("--compare-rope-store", action="store_true",
+                    help="also run with FlashInfer's rotary and an indexed KV copy instead of the one Triton kernel")
+    ap.add_argument("--compare-decode-kernel", action="store_true",
+                    help="also run with the other FlashInfer decode kernel (tensor cores or not) than the default")
     args = ap.parse_args()
     bw = read_bandwidth()
-    fused = profile(args, True, bw)
+    base = profile(args, True, bw)
     if args.compare_unfused:
-        plain = profile(args, False, bw)
-        for b, t in fused.items():
-            emit("profile_decode", f"fused_kernels_speedup_batch{b}", plain[b] / t, "x", "PyTorch ops",
-                 plain[b] * 1e3, ratio=plain[b] / t, fused_ms=t * 1e3, batch=b)
+        compare(base, profile(args, False, bw, "pytorch ops"), "fused_kernels", "PyTorch ops")
+    if args.compare_rope_store:
+        from engine import fused
+
+        fused.ROPE_AND_STORE = False
+        compare(base, profile(args, True, bw, "rotary then KV copy"), "rope_and_store", "FlashInfer rotary + KV copy")
+        fused.ROPE_AND_STORE = True
+    if args.compare_decode_kernel:
+        from engine.attention.flashinfer_backend import FlashInferAttention
+
+        default = FlashInferAttention.use_tensor_cores
+        FlashInferAttention.use_tensor_cores = property(lambda self: not default.fget(self))
+        compare(base, profile(args, True, bw, "other decode kernel"), "default_decode_kernel",
+                "the other FlashInfer decode kernel (use_tensor_cores flipped)")
+        FlashInferAttention.use_tensor_cores = default
+
+
+def compare(base: dict[int, float], other: dict[int, float], name: str, baseline: str) -> None:
+    for b, t in base.items():
+        emit("profile_decode", f"{name}_speedup_batch{b}", other[b] / t, "x", baseline, other[b] * 1e3,
+             ratio=other[b] / t, default_ms=t * 1e3, batch=b)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class BlockPool:
+    # Runs of at least this many blocks start at a multiple of it where a free run allows: a transfer
+    # stages 64 blocks at a time (kv_transfer.nixl_transport), and an aligned run is one prepped
+    # descriptor per 64 blocks on the receiving side.
+    RUN_ALIGN = 64
+
     def __init__(self, num_blocks: int, enable_caching: bool = True):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
@@ -75,7 +80,8 @@ class BlockPool:
     def allocate_run(self, n: int) -> list[int] | None:
         """n adjacent blocks from the free ones that hold no cached prefix, or None if there is no such run.
         A transfer into adjacent blocks is one descriptor instead of n (kv_transfer), and taking only
-        uncached blocks evicts nothing a later request could reuse."""
+        uncached blocks evicts nothing a later request could reuse. A run of RUN_ALIGN blocks or more
+        starts at a multiple of RUN_ALIGN when such a start exists."""
         if n < 2 or n > len(self.free):
             return None
         ids = np.flatnonzero(self.reusable)
@@ -85,7 +91,9 @@ class BlockPool:
         starts = np.flatnonzero(ids[n - 1 :] - ids[: len(ids) - n + 1] == n - 1)
         if not len(starts):
             return None
-        first = int(ids[starts[0]])
+        firsts = ids[starts]
+        aligned = firsts[firsts % self.RUN_ALIGN == 0] if n >= self.RUN_ALIGN else firsts[:0]
+        first = int(aligned[0] if len(aligned) else firsts[0])
         blocks = list(range(first, first + n))
         for b in blocks:
             del self.free[b]

@@ -1,4 +1,5 @@
-"""FlashInfer's fused kernels for the small ops of a GPU forward: residual add + RMSNorm, SiLU-and-mul, rotary.
+"""Fused kernels for the small ops of a GPU forward: residual add + RMSNorm, SiLU-and-mul, rotary (FlashInfer's),
+and rotary fused with the KV-cache write (Triton).
 
 A decode step of an 8B model reads 15 GB of weights in ~4 ms; the ~20 small kernels a layer around the
 matmuls (norms as two kernels, rotary as five, the residual adds) cost ~1.4 ms more on an H200 at batch 1.
@@ -46,6 +47,66 @@ def rotate_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, head_dim:
     """Rotate q [T, heads(*head_dim)] and k in place (strided views into the qkv projection are fine);
     cos_sin: float32 [max_positions, head_dim], cos of the half-dimension frequencies | their sin."""
     flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, head_dim, cos_sin, is_neox=True)
+
+
+# Rotary and the KV write as one Triton kernel (rotate_and_store_); off: FlashInfer's rotary, then an indexed
+# copy of K and V (bench.profile_decode --compare-rope-store measures one against the other).
+ROPE_AND_STORE = True
+_rope_store = None
+
+
+def _rope_store_kernel():
+    global _rope_store
+    if _rope_store is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def kernel(qkv, qkv_stride, pos, cos_sin, cache, s_block, s_kv, s_tok, s_head, slot_blocks, slot_offsets,
+                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK: tl.constexpr):
+            t = tl.program_id(0)
+            h = tl.program_id(1)  # a query head, or (h >= HEADS) a KV head
+            i = tl.arange(0, BLOCK)
+            m = i < HALF
+            p = tl.load(pos + t)
+            cos = tl.load(cos_sin + p * D + i, mask=m)
+            sin = tl.load(cos_sin + p * D + HALF + i, mask=m)
+            row = qkv + t * qkv_stride + h * D
+            x1 = tl.load(row + i, mask=m).to(tl.float32)
+            x2 = tl.load(row + HALF + i, mask=m).to(tl.float32)
+            y1 = (x1 * cos - x2 * sin).to(qkv.dtype.element_ty)
+            y2 = (x2 * cos + x1 * sin).to(qkv.dtype.element_ty)
+            if h < HEADS:
+                tl.store(row + i, y1, mask=m)
+                tl.store(row + HALF + i, y2, mask=m)
+            else:
+                dst = (cache + tl.load(slot_blocks + t) * s_block + tl.load(slot_offsets + t) * s_tok
+                       + (h - HEADS) * s_head)
+                tl.store(dst + i, y1, mask=m)
+                tl.store(dst + HALF + i, y2, mask=m)
+                v = row + KV_HEADS * D  # this KV head's v, KV_HEADS heads after its k
+                tl.store(dst + s_kv + i, tl.load(v + i, mask=m), mask=m)
+                tl.store(dst + s_kv + HALF + i, tl.load(v + HALF + i, mask=m), mask=m)
+
+        _rope_store = (kernel, triton.next_power_of_2)
+    return _rope_store
+
+
+def rotate_and_store_(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor,
+                      slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, heads: int, kv_heads: int,
+                      head_dim: int) -> None:
+    """One kernel: rotate the query heads of qkv [T, (heads + 2 kv_heads) * head_dim] in place, and write each
+    token's rotated k and its v into one layer's cache view [blocks, 2, block_size, kv_heads, head_dim] at
+    (slot_blocks[t], slot_offsets[t]). Same math as rotate_ (float32, NeoX halves, rounded once)."""
+    kernel, pow2 = _rope_store_kernel()
+    if qkv.stride(1) != 1 or cache.stride(4) != 1 or cos_sin.stride(0) != head_dim:
+        raise ValueError("rotate_and_store_ needs rows of contiguous heads")
+    half = head_dim // 2
+    kernel[(qkv.shape[0], heads + kv_heads)](
+        qkv, qkv.stride(0), positions, cos_sin, cache, cache.stride(0), cache.stride(1), cache.stride(2),
+        cache.stride(3), slot_blocks, slot_offsets, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, HALF=half,
+        BLOCK=pow2(half))
 
 
 class _Builds:

@@ -44,6 +44,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, heads, d))
             k = self.k_norm(k.reshape(num_tokens, kv_heads, d))
+        elif self.use_fused and fused.ROPE_AND_STORE:  # rotary + KV write: one kernel, then attention
+            return self.o_proj(attn.forward_rotating(self.layer, qkv, positions, rotary.cos_sin())
+                               .reshape(num_tokens, self.q_size))
         if self.use_fused:  # in place, one kernel; q and k stay views into qkv (k beside v: one KV write)
             fused.rotate_(positions, q, k, d, rotary.cos_sin())
             q, k = q.view(num_tokens, heads, d), k.view(num_tokens, kv_heads, d)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, resolve_device
 from engine.parallel import SINGLE, Parallel
@@ -45,8 +46,10 @@ class EngineShard:
         if config.transport == "nixl":  # GPU pools, same host (cuda_ipc) or across hosts (RDMA)
             from kv_transfer.nixl_transport import NixlTransport
 
-            # Only a sender gathers scattered blocks into a staging buffer (128 blocks, split in two halves).
-            self.transport = NixlTransport(agent, staging_blocks=128 if config.role == "prefill" else 0)
+            # Only a sender gathers scattered blocks into a staging buffer (two halves of a receiver's
+            # run alignment: an aligned run then takes one descriptor a half).
+            staging = 2 * BlockPool.RUN_ALIGN if config.role == "prefill" else 0
+            self.transport = NixlTransport(agent, staging_blocks=staging)
         elif self.engine.device.type == "cuda":  # same host, GPU pools: CUDA IPC
             from kv_transfer.cuda_ipc_transport import CudaIpcTransport
 

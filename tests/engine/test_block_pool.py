@@ -62,3 +62,17 @@ def test_allocate_run_takes_adjacent_uncached_blocks_and_evicts_nothing():
     assert run == list(range(20, 26))
     assert pool.cached == {111: 10, 112: 11}
     assert all(pool.ref_counts[b] == 1 for b in run) and pool.num_free_blocks == 16 + 2 + 3 - 6
+
+
+def test_long_runs_start_on_the_transfer_alignment_when_a_free_run_allows():
+    from engine.block_pool import BlockPool
+
+    align = BlockPool.RUN_ALIGN
+    pool = BlockPool(3 * align)
+    pool.allocate(align + 1)  # 0 .. align taken: the first free run starts at align + 1
+    assert pool.allocate_run(4) == [align + 1, align + 2, align + 3, align + 4]  # short runs: first fit
+    assert pool.allocate_run(align) == list(range(2 * align, 3 * align))  # not align + 5 .. 2 * align + 4
+    other = BlockPool(2 * align + 10)
+    other.allocate(5)
+    n = 2 * align + 5 - 5 - 1  # fits only from the start of the free blocks: no aligned start exists
+    assert other.allocate_run(n) == list(range(5, 5 + n))

@@ -40,7 +40,7 @@ def peer():
     proc.join(30)
 
 
-@pytest.mark.parametrize("path", ["direct", "staged"])
+@pytest.mark.parametrize("path", ["direct", "staged_aligned", "staged_unaligned"])
 def test_scattered_blocks_move_bit_exactly_between_processes(peer, path):
     from kv_transfer.nixl_transport import NixlTransport
 
@@ -49,15 +49,22 @@ def test_scattered_blocks_move_bit_exactly_between_processes(peer, path):
     sender = NixlTransport(f"prefill-{path}", staging_blocks=8)
     sender.register_pool(src, _desc(f"prefill-{path}"))
     sender.connect(desc)
-    g = torch.Generator().manual_seed(1 if path == "direct" else 2)
-    src_ids = torch.randperm(128, generator=g)[:20].tolist()
+    g = torch.Generator().manual_seed(len(path))
     # direct: scattered on both sides (one descriptor a block); staged: scattered into one contiguous run,
-    # gathered through the 8-block staging buffer in several rounds.
-    dst_ids = torch.randperm(128, generator=g)[:20].tolist() if path == "direct" else list(range(60, 80))
-    sender.write_blocks(desc.agent, src_ids, dst_ids)
-    requests.put(dst_ids)
-    got = replies.get(timeout=60)
-    assert torch.equal(got, src[src_ids].cpu().view(torch.int16))
+    # gathered through the 8-block staging buffer in several rounds of 4 blocks. Aligned (the run starts
+    # at a multiple of 4): whole chunks, one index a side, handles kept; written twice so that the second
+    # write reposts them. Unaligned: the per-block lists.
+    start = {"staged_aligned": 60, "staged_unaligned": 61}.get(path)
+    for _ in range(2 if path == "staged_aligned" else 1):
+        src_ids = torch.randperm(128, generator=g)[:20].tolist()
+        dst_ids = torch.randperm(128, generator=g)[:20].tolist() if start is None else list(range(start, start + 20))
+        sender.write_blocks(desc.agent, src_ids, dst_ids)
+        requests.put(dst_ids)
+        got = replies.get(timeout=60)
+        assert torch.equal(got, src[src_ids].cpu().view(torch.int16))
+    if path == "staged_aligned":
+        # five chunks (15 .. 19), each from one staging half: five handles kept, the second write added none
+        assert sorted(sender.peers[desc.agent].handles) == [(0, 15), (1, 16), (0, 17), (1, 18), (0, 19)]
     sender.close()
 
 
