@@ -102,6 +102,8 @@ async def run_workload(base_url: str, model: str, sessions: list[dict[str, Any]]
         deadline = None if duration_s is None else t0 + duration_s
 
         async def session_task(offset: float, session: dict[str, Any]) -> None:
+            if deadline is not None and t0 + offset > deadline:
+                return  # arrives after the run: never started (not slept for)
             await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
             history: list[dict[str, str]] = []
             if session.get("system"):

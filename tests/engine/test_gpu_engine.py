@@ -150,36 +150,6 @@ def test_fused_kernels_match_pytorch_ops_in_bf16():
     assert torch.equal(got[:, (heads + kv_heads) * 128 :], qkv[:, (heads + kv_heads) * 128 :])  # v untouched
 
 
-@pytest.mark.parametrize("head_dim", [128, 80])
-def test_rotary_fused_with_the_kv_write_matches_rotary_then_write(head_dim):
-    """fused.rotate_and_store_ (one Triton kernel) against the PyTorch rotary followed by an indexed K/V copy,
-    into a strided layer view of a block-major pool, at scattered slots; head_dim 80 checks the masking."""
-    from engine.layers import RotaryEmbedding
-
-    torch.manual_seed(1)
-    dev, bf16, d = "cuda", torch.bfloat16, head_dim
-    close = dict(rtol=2e-2, atol=2e-2)
-    heads, kv_heads, rows, layers, blocks, bs = 8, 2, 37, 3, 20, 16
-    rotary = RotaryEmbedding(d, 4096, 500000.0, None).to(dev)
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, device=dev, dtype=bf16)
-    positions = torch.randint(0, 4096, (rows,), device=dev)
-    slots = torch.randperm(blocks * bs, device=dev)[:rows]
-    slot_blocks, slot_offsets = slots // bs, slots % bs
-    pool = torch.zeros(blocks, layers, 2, bs, kv_heads, d, device=dev, dtype=bf16)
-    want_pool = pool.clone()
-    qk = rotary.rotate(qkv[:, : (heads + kv_heads) * d].view(rows, -1, d), rotary.lookup(positions, bf16))
-    want_pool[slot_blocks, 1, 0, slot_offsets] = qk[:, heads:]
-    want_pool[slot_blocks, 1, 1, slot_offsets] = qkv[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
-    got = qkv.clone()
-    fused.rotate_and_store_(got, positions, rotary.cos_sin(), pool[:, 1], slot_blocks, slot_offsets, heads,
-                            kv_heads, d)
-    torch.testing.assert_close(got[:, : heads * d].view(rows, heads, d), qk[:, :heads], **close)  # q in place
-    torch.testing.assert_close(pool, want_pool, **close)  # k rotated, only layer 1's slots written
-    assert torch.equal(pool[:, 1, 1], want_pool[:, 1, 1])  # v copied bit for bit
-    assert torch.equal(got[:, heads * d :], qkv[:, heads * d :])  # k and v in qkv untouched
-    assert torch.count_nonzero(pool[:, [0, 2]]) == 0
-
-
 def test_overlapped_scheduling_on_gpu_matches_one_step_at_a_time(one_b_dir):
     """Steps queued ahead of the device (CUDA graphs, FlashInfer plans, pinned copies) give the same tokens."""
     prompts = _prompts(4, ONE_B["vocab_size"])
