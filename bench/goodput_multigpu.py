@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=int, default=40)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--attainment", type=float, default=0.9)
+    ap.add_argument("--load-procs", type=int, default=4, help="load-generator processes a layout")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: " + ", ".join(LAYOUTS))
     ap.add_argument("--gpus", default="0,1", help="the two GPUs a layout runs on")
     ap.add_argument("--concurrent", action="store_true",
@@ -76,6 +77,7 @@ def main() -> None:
                 ra = argparse.ArgumentParser()
                 add_args(ra)
                 run_args = ra.parse_args(["--url", url, "--workload", path, "--label", layout, "--concurrency", "4096",
+                                          "--procs", str(1 if a.quick else a.load_procs),
                                           "--duration", str(3.0 if a.quick else a.duration)])
                 run_once(run_args, None, sessions[:8])  # warm-up: kernels, allocator caches
                 best = 0.0

@@ -1,18 +1,24 @@
 """An async load generator for any OpenAI-compatible endpoint: arrivals, streaming, per-request timings.
 
 Each request records time to first token, every gap between streamed chunks (one token a chunk), end-to-end
-latency, token counts and cached prompt tokens from `usage`, and errors by status.
+latency, token counts and cached prompt tokens from `usage`, and errors by status. Requests go through
+bench.raw_http (a plain asyncio HTTP/1.1 client: the client must not be what is measured) and, for high rates,
+from several processes (`procs`).
 """
 
 import asyncio
 import json
+import multiprocessing
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
+
+from bench.raw_http import RawConnection, host_port
 
 
 @dataclass
@@ -26,6 +32,7 @@ class RequestResult:
     cached_tokens: int = 0
     error: str | None = None
     text: str = ""
+    done_at: float = 0.0  # wall clock (time.time), to order the requests of several processes
 
 
 def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
@@ -42,23 +49,24 @@ def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
     return out
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+async def _one(conns: asyncio.Queue, path: str, body: dict[str, Any], timeout_s: float) -> RequestResult:
     r = RequestResult()
+    conn = await conns.get()
     start = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            r.status = resp.status_code
-            if resp.status_code != 200:
-                r.error = (await resp.aread()).decode(errors="replace")[:200]
-                return r
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async with asyncio.timeout(timeout_s):
+            async for status, data in conn.post_sse(path, body):
+                r.status = status
+                if status != 200:
+                    r.error = data.decode(errors="replace")[:200]
+                    continue  # read to the end: the connection stays usable
+                if data == b"[DONE]" or r.error is not None:
                     continue
-                chunk = json.loads(line[6:])
+                chunk = json.loads(data)
                 if "error" in chunk:
                     r.error = chunk["error"].get("message")
-                    break
+                    continue
                 if chunk.get("usage"):
                     u = chunk["usage"]
                     r.prompt_tokens, r.output_tokens = u["prompt_tokens"], u["completion_tokens"]
@@ -74,8 +82,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Req
                     r.itls_s.append(now - last)
                 last = now
         r.e2e_s = time.perf_counter() - start
-    except httpx.HTTPError as e:
+    except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as e:
         r.error = repr(e)
+        conn.writer = None  # a broken or abandoned stream: the next request reconnects
+    finally:
+        conns.put_nowait(conn)
+    r.done_at = time.time()
     return r
 
 
@@ -90,41 +102,72 @@ def _body(model: str, session: dict[str, Any], turn: int, history: list[dict[str
 
 async def run_workload(base_url: str, model: str, sessions: list[dict[str, Any]], rate: float | None,
                        kind: str = "poisson", concurrency: int = 256, seed: int = 0, warmup: int = 0,
-                       duration_s: float | None = None, timeout_s: float = 300.0) -> tuple[list[RequestResult], float]:
+                       duration_s: float | None = None, timeout_s: float = 300.0, procs: int = 1
+                       ) -> tuple[list[RequestResult], float]:
     """Replay sessions: each starts at its arrival time; its turns go one after another, each with the
-    model's real answers appended. Returns the measured requests (after `warmup`) and the wall time."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    sem = asyncio.Semaphore(concurrency)
-    results: list[tuple[int, RequestResult]] = []
-    counter = iter(range(10**9))
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        t0 = time.perf_counter()
-        deadline = None if duration_s is None else t0 + duration_s
+    model's real answers appended. Returns the measured requests (after `warmup`, in the order they ended)
+    and the wall time. procs > 1 splits the sessions over that many processes (same arrival times), for
+    rates one Python process cannot drive without becoming what is measured."""
+    offsets = arrivals(len(sessions), rate, kind, seed)
+    if duration_s is not None:  # sessions that arrive after the run are never started
+        kept = [i for i, o in enumerate(offsets) if o <= duration_s]
+        sessions, offsets = [sessions[i] for i in kept], [offsets[i] for i in kept]
+    start_at = time.time() + (1.0 if procs > 1 else 0.0)  # the processes' common start (wall clock)
+    args = (base_url, model, max(1, concurrency // max(1, procs)), duration_s, timeout_s, start_at)
+    if procs <= 1:
+        results, wall = await _replay(*args, sessions, offsets)
+    else:
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+            parts = await asyncio.gather(*(loop.run_in_executor(
+                pool, _replay_in_process, *args, sessions[p::procs], offsets[p::procs]) for p in range(procs)))
+        results = [r for part, _ in parts for r in part]
+        wall = max(w for _, w in parts)
+    results.sort(key=lambda r: r.done_at)
+    return results[warmup:], wall
 
-        async def session_task(offset: float, session: dict[str, Any]) -> None:
-            if deadline is not None and t0 + offset > deadline:
-                return  # arrives after the run: never started (not slept for)
-            await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
-            history: list[dict[str, str]] = []
-            if session.get("system"):
-                history.append({"role": "system", "content": session["system"]})
-            for turn in range(len(session.get("turns", [None]))):
-                if deadline is not None and time.perf_counter() > deadline:
-                    return
-                body, chat = _body(model, session, turn, history)
-                async with sem:
-                    r = await _one(client, f"{base_url}/v1/{'chat/completions' if chat else 'completions'}",
-                                   {**body, "stream": True, "stream_options": {"include_usage": True}})
-                results.append((next(counter), r))
-                if r.error is not None or not chat:
-                    return
-                history += [body["messages"][-1], {"role": "assistant", "content": r.text}]
 
-        offsets = arrivals(len(sessions), rate, kind, seed)
-        await asyncio.gather(*(session_task(o, s) for o, s in zip(offsets, sessions, strict=True)))
-        wall = time.perf_counter() - t0
-    results.sort(key=lambda x: x[0])
-    return [r for _, r in results[warmup:]], wall
+def _replay_in_process(*args) -> tuple[list[RequestResult], float]:
+    return asyncio.run(_replay(*args))
+
+
+async def _replay(base_url: str, model: str, concurrency: int, duration_s: float | None, timeout_s: float,
+                  start_at: float, sessions: list[dict[str, Any]], offsets: list[float]
+                  ) -> tuple[list[RequestResult], float]:
+    host, port = host_port(base_url)
+    prefix = urlsplit(base_url).path.rstrip("/")
+    pool = [RawConnection(host, port) for _ in range(concurrency)]  # connect lazily, keep alive
+    conns: asyncio.Queue = asyncio.Queue()  # at most `concurrency` requests in flight
+    for conn in pool:
+        conns.put_nowait(conn)
+    results: list[RequestResult] = []
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0 = time.perf_counter()
+    deadline = None if duration_s is None else t0 + duration_s
+
+    async def session_task(offset: float, session: dict[str, Any]) -> None:
+        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        history: list[dict[str, str]] = []
+        if session.get("system"):
+            history.append({"role": "system", "content": session["system"]})
+        for turn in range(len(session.get("turns", [None]))):
+            if deadline is not None and time.perf_counter() > deadline:
+                return
+            body, chat = _body(model, session, turn, history)
+            r = await _one(conns, f"{prefix}/v1/{'chat/completions' if chat else 'completions'}",
+                           {**body, "stream": True, "stream_options": {"include_usage": True}}, timeout_s)
+            results.append(r)
+            if r.error is not None or not chat:
+                return
+            history += [body["messages"][-1], {"role": "assistant", "content": r.text}]
+
+    await asyncio.gather(*(session_task(o, s) for o, s in zip(offsets, sessions, strict=True)))
+    wall = time.perf_counter() - t0
+    for conn in pool:
+        if conn.writer is not None:
+            conn.writer.close()
+    return results, wall
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -26,7 +26,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=32000, help="token ids of random prompts stay below this")
     ap.add_argument("--arrival", default="poisson", choices=["poisson", "constant", "burst"])
-    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=256, help="requests in flight at most (all processes)")
+    ap.add_argument("--procs", type=int, default=1, help="load-generator processes (sessions split between them)")
     ap.add_argument("--warmup", type=int, default=0, help="requests left out of the figures")
     ap.add_argument("--duration", type=float, default=None, help="stop starting turns after this many seconds")
     ap.add_argument("--ttft-slo", type=float, default=1.0, help="seconds")
@@ -48,7 +49,7 @@ def workload_from(a: argparse.Namespace) -> list[dict[str, Any]]:
 def run_once(a: argparse.Namespace, rate: float | None, sessions: list[dict[str, Any]]) -> dict[str, Any]:
     model = a.model or httpx.get(f"{a.url}/v1/models", timeout=10).json()["data"][0]["id"]
     results, wall = asyncio.run(run_workload(a.url, model, sessions, rate, a.arrival, a.concurrency, a.seed,
-                                             a.warmup, a.duration))
+                                             a.warmup, a.duration, procs=a.procs))
     summary = summarize(results, wall, a.ttft_slo, a.tpot_slo)
     config = {"label": a.label or a.url, "workload": a.workload, "rate": rate, "arrival": a.arrival,
               "seed": a.seed, "ttft_slo_s": a.ttft_slo, "tpot_slo_s": a.tpot_slo, "model": model}

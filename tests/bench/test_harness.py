@@ -39,6 +39,59 @@ def test_multi_turn_sessions_replay_turns_in_order_with_answers(mock_url):
     assert all(r.text == " x" * r.output_tokens for r in results)
 
 
+def test_load_from_several_processes_replays_every_session(mock_url):
+    work = make("prefix", 24, seed=4)
+    results, _ = asyncio.run(run_workload(mock_url, "mock", work, rate=50.0, procs=2))
+    assert len(results) == sum(len(s["turns"]) for s in work)
+    assert all(r.error is None and r.text == " x" * r.output_tokens for r in results)
+    assert [r.done_at for r in results] == sorted(r.done_at for r in results)
+
+
+def _sse_server() -> int:
+    """A server whose first answer packs two events into one chunk and splits another across chunks, and
+    whose second answer (same connection) is a 400 with a JSON body."""
+    import socket
+    import threading
+
+    events = [b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\ndata: {"cho',
+              b'ices":[{"text":"c"}]}\n\n',
+              b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":3}}\n\ndata: [DONE]\n\n']
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        f = conn.makefile("rb")
+        for answer in range(2):
+            length = 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            f.read(length)
+            if answer == 0:
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                for e in events:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(e), e))
+                conn.sendall(b"0\r\n\r\n")
+            else:
+                body = b'{"error": {"message": "bad prompt", "type": "invalid_request_error"}}'
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def test_events_packed_into_one_chunk_or_split_across_chunks_are_each_counted():
+    port = _sse_server()
+    work = [{"kind": "completion", "session": str(i), "prompt": [5, 6, 7], "max_tokens": 3} for i in range(2)]
+    results, _ = asyncio.run(run_workload(f"http://127.0.0.1:{port}", "m", work, rate=None, kind="burst",
+                                          concurrency=1))
+    ok, bad = results
+    assert ok.error is None and ok.text == "abc" and len(ok.itls_s) == 2 and ok.output_tokens == 3
+    assert bad.status == 400 and "bad prompt" in bad.error and bad.ttft_s is None
+
+
 def test_workloads_are_reproducible_from_their_seed(tmp_path):
     for name in ("prefix", "fixed", "long"):
         a, b = make(name, 8, seed=5), make(name, 8, seed=5)
