@@ -1,5 +1,6 @@
-"""The router's tokenizing a request, with its cache of prompt parts (split at special tokens) against
-tokenizing whole prompts, in one run: chats sharing a long system prompt, and distinct prompts.
+"""The router's tokenizing a request, in one run: with its cache of prompt parts (split at special tokens)
+against tokenizing whole prompts (chats sharing a long system prompt, and distinct prompts), and the fast
+byte-level BPE (tiktoken, ChatTokenizer.fast_bpe) against `tokenizers` on distinct prompts.
 
   python -m bench.router_tokenize [--tokenizer-dir DIR] [--system-chars 6000] [--prompts 300]
 """
@@ -50,6 +51,15 @@ def main() -> None:
              chars=sum(map(len, texts)) // len(texts))
         cached.close()
         whole.close()
+    texts = workloads["distinct_prompts"]
+    plain = ChatTokenizer.from_dir(a.tokenizer_dir or _demo_tokenizer(), use_fast=False)
+    fast, slow = BatchEncoder(tok, cache_chars=0), BatchEncoder(plain, cache_chars=0)
+    ours, base = asyncio.run(_per_prompt_ms(fast, texts)), asyncio.run(_per_prompt_ms(slow, texts))
+    assert [asyncio.run(fast.encode(t)) for t in texts] == [asyncio.run(slow.encode(t)) for t in texts]
+    emit("router_tokenize", "fast_bpe_ms_per_prompt", ours, "ms", "tokenizers (encode_batch_fast)", base,
+         ratio=base / ours, fast=fast.fast, prompts=a.prompts, chars=sum(map(len, texts)) // len(texts))
+    fast.close()
+    slow.close()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,19 @@
 
 The router and the workers both use this class, so that they agree token for token. The chat template is
 rendered the way transformers renders it (sandboxed jinja2, trim_blocks, lstrip_blocks).
+
+Byte-level BPE tokenizers (GPT-2's family, Llama 3, Qwen, SmolLM2) also get a tiktoken encoder built from
+the same tokenizer.json (`fast_bpe`): 4-5x faster than `tokenizers` on a 1.6 KB prompt, which is most of the
+router's time a request. It is used by `encode_batch` only where it gave `tokenizers`' ids on probe texts
+when it was built; anything else (other models, normalizers, added tokens it cannot cut out the same way)
+stays on `tokenizers`.
 """
 
 import contextlib
 import functools
 import json
+import logging
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +24,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+log = logging.getLogger("pdserve.tokenizer")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -48,8 +58,11 @@ def _token_text(value: Any) -> str | None:
 
 
 class ChatTokenizer:
-    def __init__(self, tokenizer_json: str, config: dict[str, Any], chat_template: str | None = None):
+    def __init__(self, tokenizer_json: str, config: dict[str, Any], chat_template: str | None = None,
+                 use_fast: bool = True):
+        """use_fast=False (or PDSERVE_FAST_TOKENIZER=0 in the environment): tokenizers only, no fast_bpe."""
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.use_fast = use_fast and os.environ.get("PDSERVE_FAST_TOKENIZER", "1") != "0"
         self.config = config
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
@@ -59,13 +72,13 @@ class ChatTokenizer:
         self._template = _compile_template(template) if template else None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ChatTokenizer":
+    def from_dir(cls, path: str | Path, use_fast: bool = True) -> "ChatTokenizer":
         path = Path(path)
         config_path = path / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         template_path = path / "chat_template.jinja"
         template = template_path.read_text() if template_path.exists() else None
-        return cls((path / "tokenizer.json").read_text(), config, template)
+        return cls((path / "tokenizer.json").read_text(), config, template, use_fast)
 
     @classmethod
     def from_files(cls, files: dict[str, str]) -> "ChatTokenizer":
@@ -100,8 +113,72 @@ class ChatTokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Several texts at once, releasing the GIL and spreading the batch over cores (no offsets computed)."""
+        """Several texts at once (no offsets computed): through fast_bpe where it exists (without the
+        post-processor's special tokens), else `tokenizers`, releasing the GIL and spreading over cores."""
+        if not add_special_tokens and self.fast_bpe is not None:
+            return [self._encode_fast(self.fast_bpe, t) for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+    def _encode_fast(self, fast: tuple, text: str) -> list[int]:
+        enc, rank_to_id, unmapped = fast
+        parts = self._split(text) if self._splitter is not None else [text]
+        out: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                out.append(part)
+            elif unmapped is not None and unmapped.search(part.encode("utf-8", "surrogatepass")):
+                out += self.tokenizer.encode(part, add_special_tokens=False).ids  # a byte it lacks: dropped there
+            elif rank_to_id is None:
+                out += enc.encode_ordinary(part)
+            else:
+                out += [rank_to_id[r] for r in enc.encode_ordinary(part)]
+        return out
+
+    @functools.cached_property
+    def fast_bpe(self) -> tuple | None:
+        """(tiktoken encoder, rank -> token id or None where they are equal, a regex of the bytes the vocabulary
+        lacks or None) for a byte-level BPE whose ids it
+        reproduces on the probe texts; None otherwise (tiktoken missing, another kind of tokenizer, or any
+        probe that tokenizes differently)."""
+        if not self.use_fast:
+            return None
+        try:
+            import tiktoken
+        except ImportError:
+            return None
+        spec = json.loads(self.tokenizer.to_str())
+        built = _tiktoken_spec(spec, self.tokenizer.get_added_tokens_decoder(), self._splitter)
+        if built is None:
+            return None
+        pattern, ranks, rank_to_id, unmapped = built
+        try:
+            enc = tiktoken.Encoding("pdserve", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        except ValueError as e:  # a pre-tokenizer regex tiktoken's engine does not take
+            log.info("no fast tokenizer: %s", e)
+            return None
+        fast = (enc, rank_to_id, unmapped)
+        for text in self._probe_texts():
+            if self._encode_fast(fast, text) != self.encode(text, add_special_tokens=False):
+                log.warning("the fast tokenizer differs from tokenizers on %r: not used", text[:80])
+                return None
+        return fast
+
+    def _probe_texts(self) -> list[str]:
+        specials = sorted(self._splitter[1], key=len)[:4] if self._splitter is not None else []
+        texts = ["Hello world", " leading space", "trailing  ", "a\n\nb\r\n\tc", "   \n  x", "12345678901234",
+                 "3.14159 and -42e10", "naïve café Ünïcödé façade", "日本語のテキストと中文", "emoji 🙂🚀👍🏽 done",
+                 "don't won't I'm you'll they've she'd", "CamelCaseWords and snake_case_words",
+                 "def f(x):\n    return {'a': [1, 2]}  # comment\n", "<html><body class=\"x\">&amp;</body></html>",
+                 "ALL CAPS SHOUTING!!! ??? ...", "tabs\tand\u00a0nbsp\u2009thin", "mixed123abc456 x1y2z3",
+                 "https://example.com/a?b=c&d=e#f", "   ", "\n", "ab" * 300, " ".join(["word"] * 200),
+                 "control\x04bytes\x06 a\x04b \x1d\x1f end", "\U00040000 rare plane \U000f0000"]
+        texts += [s + t + s for s in specials for t in texts[:6]]
+        if self._template is not None:
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n there "},
+                        {"role": "assistant", "content": "Hello! 12"}, {"role": "user", "content": "naïve 🙂?"}]
+            with contextlib.suppress(ChatTemplateError):
+                texts.append(self.render_chat(messages))
+        return texts
 
     # --- text split at special tokens (the router caches the parts: a chat resends its earlier messages) ---
 
@@ -155,3 +232,70 @@ class ChatTokenizer:
             if got != self.encode(text, add_special_tokens=False):
                 return False
         return True
+
+
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's bytes_to_unicode), reversed."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
+                   ) -> tuple[str, dict[bytes, int], list[int] | None, re.Pattern | None] | None:
+    """(pre-tokenizer regex, mergeable ranks, rank -> id or None, bytes the vocabulary lacks) equivalent to a
+    byte-level BPE tokenizer.json, or None where it is not one. Ranks follow the merges' order (the merge
+    priority), single bytes first."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (model.get("type") != "BPE" or spec.get("normalizer") is not None or model.get("dropout")
+            or model.get("byte_fallback") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix")):
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        pattern = _GPT2_PATTERN
+    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, level = pre["pretokenizers"]
+        if (split.get("type") != "Split" or "Regex" not in split.get("pattern", {}) or split.get("invert")
+                or split.get("behavior") != "Isolated" or level.get("type") != "ByteLevel"
+                or level.get("use_regex", True) or level.get("add_prefix_space")):
+            return None
+        pattern = split["pattern"]["Regex"]
+    else:
+        return None
+    # Every added token must be one the splitter cuts out of the raw text, as tokenizers does.
+    cut = set(splitter[1].values()) if splitter is not None else set()
+    if any(i not in cut for i, a in added.items() if a.content):
+        return None
+    alphabet = _byte_alphabet()
+    try:
+        token_bytes = {i: bytes(alphabet[c] for c in t) for t, i in model["vocab"].items()}
+    except KeyError:  # a vocabulary entry outside the byte alphabet
+        return None
+    by_bytes = {b: i for i, b in token_bytes.items()}
+    # A byte outside the vocabulary (e.g. 0xC0, or some control bytes in SmolLM2's) is dropped by tokenizers
+    # (no unk token) before its neighbours merge, which tiktoken cannot do: texts holding one stay on
+    # tokenizers (`unmapped`). It still gets a rank: tiktoken wants every byte.
+    ranks = {bytes([b]): b for b in range(256)}
+    missing = bytes(b for b in range(256) if bytes([b]) not in by_bytes)
+    unmapped = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]") if missing else None
+    for k, m in enumerate(model.get("merges", [])):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        merged = bytes(alphabet[c] for c in left + right)
+        if merged not in by_bytes:
+            return None
+        ranks.setdefault(merged, 256 + k)
+    if model.get("unk_token") is not None and missing:
+        return None  # unknown bytes would become the unk token
+    rank_to_id = [-1] * (max(ranks.values()) + 1)
+    for b, r in ranks.items():
+        rank_to_id[r] = by_bytes.get(b, -1)
+    identity = all(rank_to_id[r] == r for r in ranks.values())
+    return pattern, ranks, None if identity else rank_to_id, unmapped

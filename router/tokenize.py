@@ -1,7 +1,9 @@
 """Tokenizing off the event loop, in batches.
 
 `tokenizers`' plain `encode` holds the GIL (~0.6 ms for a 1.6 KB prompt on the CI machine, half the
-router's time a request); `encode_batch_fast` releases it and spreads a batch over the cores. Prompts that
+router's time a request); `encode_batch_fast` releases it and spreads a batch over the cores. Byte-level
+BPE tokenizers go through tiktoken instead where it gives the same ids (`ChatTokenizer.fast_bpe`, built and
+checked when the encoder starts), 4-5x faster; it releases the GIL too. Prompts that
 arrive while a batch is being tokenized wait for the next batch, so under load the loop keeps serving
 while another core tokenizes. A thread hand-off costs more than it saves when requests come one at a time
 (~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on the CI machine), so short texts, and any
@@ -27,6 +29,7 @@ CACHE_CHARS = 4 << 20  # text held by the cache of prompt parts (~10x that in me
 class BatchEncoder:
     def __init__(self, tokenizer: ChatTokenizer, max_batch: int = 64, cache_chars: int = CACHE_CHARS):
         self.tokenizer = tokenizer
+        self.fast = tokenizer.fast_bpe is not None  # built (and checked against tokenizers) now, not on a request
         self.max_batch = max_batch
         self.cache_chars = cache_chars if tokenizer.splits_exactly else 0
         self._parts: OrderedDict[str, list[int]] = OrderedDict()
