@@ -99,6 +99,9 @@ def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
     for _ in range(steps):
         engine.step()  # each step ends with the host reading the sampled tokens
     elapsed = (time.perf_counter() - t) / steps
+    if len(engine.scheduler.running) != batch:  # preempted for want of KV blocks: not a batch-`batch` step
+        raise RuntimeError(f"only {len(engine.scheduler.running)} of {batch} requests ran at context {ctx}: "
+                           "the KV pool is too small for this batch (more --kv-gib)")
     for rid in list(engine.scheduler.requests):
         engine.abort_request(rid)
     return elapsed

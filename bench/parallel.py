@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--kv-gib", type=int, default=8)
+    ap.add_argument("--kv-gib", type=int, default=20, help="KV pool a rank (batch 64 x 1k tokens of Llama-3-8B: 8.6 GB)")
     ap.add_argument("--tp", default="", help="e.g. 1,2,4: multi-GPU decode of Llama-3-8B shapes per TP size")
     ap.add_argument("--ep", default="", help="e.g. 2,4: multi-GPU decode of the MoE per EP size (with --tp 1 first)")
     ap.add_argument("--skip-kernel", action="store_true")
