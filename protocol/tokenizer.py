@@ -4,8 +4,8 @@ The router and the workers both use this class, so that they agree token for tok
 rendered the way transformers renders it (sandboxed jinja2, trim_blocks, lstrip_blocks).
 
 Byte-level BPE tokenizers (GPT-2's family, Llama 3, Qwen, SmolLM2) also get a tiktoken encoder built from
-the same tokenizer.json (`fast_bpe`): 4-5x faster than `tokenizers` on a 1.6 KB prompt, which is most of the
-router's time a request. It is used by `encode_batch` only where it gave `tokenizers`' ids on probe texts
+the same tokenizer.json (`fast_bpe`): ~4x faster than `tokenizers` on a 1.6 KB prompt (bench.router_tokenize),
+a large part of the router's time a request. It is used by `encode_batch` only where it gave `tokenizers`' ids on probe texts
 when it was built; anything else (other models, normalizers, added tokens it cannot cut out the same way)
 stays on `tokenizers`.
 """

@@ -65,7 +65,6 @@ class FlashInferAttention:
             cache[meta.slot_blocks, 1, meta.slot_offsets] = v
         return self._wrapper.run(q.contiguous(), cache)  # q may be a view into qkv (one copy if so)
 
-
     def forward_rotating(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor,
                          cos_sin: torch.Tensor) -> torch.Tensor:
         """forward() from the unrotated qkv projection [T, (heads + 2 kv_heads) * head_dim]: rotary and the KV
