@@ -142,9 +142,17 @@ def multi_gpu(args) -> None:
             results = manager.dict()
             if shapes["model_type"] in base:
                 results["base"] = base[shapes["model_type"]]
-            mp.start_processes(_rank_main, args=(world, tp, ep, shapes, args, free_port(), results), nprocs=world,
-                               start_method="spawn")
-            if world == 1:
+            ctx = mp.start_processes(_rank_main, args=(world, tp, ep, shapes, args, free_port(), results),
+                                     nprocs=world, start_method="spawn", join=False)
+            deadline = time.monotonic() + args.run_timeout_s
+            while not ctx.join(timeout=5):  # one run that hangs (e.g. in NCCL's set-up) must not eat the others
+                if time.monotonic() > deadline:
+                    for proc in ctx.processes:
+                        proc.kill()
+                    print(json.dumps({"skipped": f"{shapes['model_type']} tp{tp} ep{ep}: no result in "
+                                                 f"{args.run_timeout_s:g} s", "got": dict(results)}), flush=True)
+                    break
+            if world == 1 and "times" in results:
                 base[shapes["model_type"]] = dict(results["times"])
 
 
@@ -158,6 +166,7 @@ def main() -> None:
     ap.add_argument("--tp", default="", help="e.g. 1,2,4: multi-GPU decode of Llama-3-8B shapes per TP size")
     ap.add_argument("--ep", default="", help="e.g. 2,4: multi-GPU decode of the MoE per EP size (with --tp 1 first)")
     ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--run-timeout-s", type=float, default=240.0, help="per TP/EP size: stop its ranks after this")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model (faster runs)")
     ap.add_argument("--attention", default="auto", choices=["auto", "torch", "flashinfer"],
                     help="torch: no FlashInfer JIT and no CUDA graphs (eager steps)")
