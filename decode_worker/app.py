@@ -2,9 +2,12 @@
 
 With a prefill_url, the worker reserves blocks for the prompt (reusing what its prefix cache holds), asks
 the prefill worker to write the missing blocks into them (/send), then decodes from the first token the
-prefill produced. Without one it prefills locally (conditional disaggregation, decided by the router).
+prefill produced. Without one it prefills locally (conditional disaggregation, decided by the router). A
+request that finds no blocks free to receive its KV is prefilled locally too, queued until blocks free up,
+instead of being refused (the pool is momentarily full, not too small).
 """
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -64,12 +67,22 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
 
     async def stream(req: GenerateRequest) -> AsyncIterator[str]:
         try:
+            remote = None
             if req.prefill_url:
                 try:
-                    token, lps = await remote_prefill(req)
+                    remote = await remote_prefill(req)
+                except KVCacheFullError:
+                    # No blocks free for a transfer right now (nothing was reserved): rather than refuse, the
+                    # prompt waits in this worker's queue and is prefilled here once blocks free up; the
+                    # prefill worker drops its copy now instead of holding it until its timeout.
+                    log.info("request %s: no room to receive its KV now; prefilling it here", req.request_id)
+                    with contextlib.suppress(httpx.HTTPError):
+                        await client.post(f"{req.prefill_url}/abort/{req.request_id}", timeout=2.0)
                 except BaseException:  # failed, or the client left: the reserved blocks go back at once
                     rt.engine.abort(req.request_id)
                     raise
+            if remote is not None:
+                token, lps = remote
                 outputs = rt.engine.stream(req.request_id, lambda e: e.start_remote(req.request_id, token, lps))
             else:
                 outputs = rt.engine.generate(req.request_id, req.prompt_token_ids, to_sampling_params(req.params))

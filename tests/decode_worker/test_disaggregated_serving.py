@@ -108,3 +108,36 @@ def test_bad_input_never_reaches_a_worker(router_url, cluster, demo_model_name):
     r = httpx.post(f"{router_url}/v1/chat/completions", json=big, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
     assert cluster.load(cluster.decode_urls[0])["tokens_computed"] == before
+
+
+def test_a_decode_worker_without_room_for_a_transfer_prefills_the_prompt_itself(demo_gguf, demo_model_name):
+    """Prompts that each need more than half the decode worker's pool, sent at once through a router that
+    disaggregates every prompt: only one can have its blocks reserved for a transfer at a time; the others wait
+    and are prefilled by the decode worker itself instead of being refused, with the same greedy tokens, and
+    every block comes back on both workers."""
+    import asyncio
+
+    from bench.cluster import LocalCluster
+
+    c = LocalCluster(str(demo_gguf), prefill=1, decode=1, kv_cache_bytes=8 << 20)
+    try:
+        router = c.start_router("--local-prefill-tokens", "0")
+        decode, prefill = c.decode_urls[0], c.prefill_urls[0]
+        total = c.load(decode)["total_blocks"]
+        prompt = [100 + i % 5000 for i in range(16 * (total // 2) + 1)]  # total // 2 + 1 blocks
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(f"{router}/v1/completions", json={
+                    "model": demo_model_name, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+                    for _ in range(3)))
+
+        replies = asyncio.run(burst())
+        assert [r.status_code for r in replies] == [200] * 3, [r.text[:300] for r in replies]
+        texts = [r.json()["choices"][0]["text"] for r in replies]
+        assert texts == [texts[0]] * 3 and all(r.json()["usage"]["completion_tokens"] == 4 for r in replies)
+        for url in (decode, prefill):
+            load = c.load(url)
+            assert load["free_blocks"] == load["total_blocks"] and load["running"] == 0
+    finally:
+        c.close()
