@@ -99,7 +99,8 @@ class AsyncEngine:
 
     def fail(self, error: BaseException) -> None:
         """From any thread: the engine cannot go on (e.g. a rank of its group died). Every request in flight
-        fails now, even while the engine thread is stuck in a collective; new ones are refused."""
+        fails now, even while the engine thread is stuck in a collective; new ones are refused. The error
+        replaces one the engine thread hit first (a collective failing because of this)."""
         self.error = error
         self._stop.set()
         self._commands.put(lambda: None)
@@ -124,7 +125,8 @@ class AsyncEngine:
                         self.after_step(self.engine)
         except BaseException as e:
             log.exception("engine thread failed")
-            self.error = e
+            if self.error is None:  # fail() named the cause first (a dead rank); the collective's error is its echo
+                self.error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine failed: {e}"))
 

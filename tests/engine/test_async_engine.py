@@ -84,3 +84,28 @@ async def test_a_caller_cancelled_while_its_command_waits_leaves_the_engine_aliv
     assert await blocker == 1
     assert await async_engine.call(lambda e: 3) == 3  # the engine thread survived
     assert ran == [True, "second"] and async_engine.error is None  # the cancelled command still ran
+
+
+def test_the_cause_given_to_fail_outlives_the_collective_error_it_causes():
+    """A dead rank is reported by fail(); the engine thread, stuck in a collective with that rank, fails a
+    moment later with the collective's error, which must not replace the cause."""
+    import threading
+
+    from engine.async_engine import AsyncEngine
+
+    release = threading.Event()
+
+    class StuckInACollective:
+        def has_unfinished(self) -> bool:
+            return True
+
+        def step(self):
+            release.wait(10)
+            raise RuntimeError("gloo: read error (connection reset by peer)")
+
+    eng = AsyncEngine(StuckInACollective())
+    eng.fail(RuntimeError("rank 1 of worker w died"))
+    release.set()
+    eng._thread.join(10)
+    assert not eng._thread.is_alive()
+    assert str(eng.error) == "rank 1 of worker w died"
