@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from bench.raw_http import RawConnection, host_port
+from bench.raw_http import ConnectionPool, host_port
 
 
 @dataclass
@@ -49,13 +49,12 @@ def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
     return out
 
 
-async def _one(conns: asyncio.Queue, path: str, body: dict[str, Any], timeout_s: float) -> RequestResult:
+async def _one(conns: ConnectionPool, path: str, body: dict[str, Any], timeout_s: float) -> RequestResult:
     r = RequestResult()
-    conn = await conns.get()
-    start = time.perf_counter()
     last = None
     try:
-        async with asyncio.timeout(timeout_s):
+        async with conns.connection() as conn, asyncio.timeout(timeout_s):
+            start = time.perf_counter()
             async for status, data in conn.post_sse(path, body):
                 r.status = status
                 if status != 200:
@@ -81,12 +80,9 @@ async def _one(conns: asyncio.Queue, path: str, body: dict[str, Any], timeout_s:
                 else:
                     r.itls_s.append(now - last)
                 last = now
-        r.e2e_s = time.perf_counter() - start
+            r.e2e_s = time.perf_counter() - start
     except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as e:
-        r.error = repr(e)
-        conn.writer = None  # a broken or abandoned stream: the next request reconnects
-    finally:
-        conns.put_nowait(conn)
+        r.error = repr(e)  # the pool drops the connection: the next request reconnects
     r.done_at = time.time()
     return r
 
@@ -137,10 +133,7 @@ async def _replay(base_url: str, model: str, concurrency: int, duration_s: float
                   ) -> tuple[list[RequestResult], float]:
     host, port = host_port(base_url)
     prefix = urlsplit(base_url).path.rstrip("/")
-    pool = [RawConnection(host, port) for _ in range(concurrency)]  # connect lazily, keep alive
-    conns: asyncio.Queue = asyncio.Queue()  # at most `concurrency` requests in flight
-    for conn in pool:
-        conns.put_nowait(conn)
+    conns = ConnectionPool(host, port, concurrency)
     results: list[RequestResult] = []
     await asyncio.sleep(max(0.0, start_at - time.time()))
     t0 = time.perf_counter()
@@ -164,9 +157,7 @@ async def _replay(base_url: str, model: str, concurrency: int, duration_s: float
 
     await asyncio.gather(*(session_task(o, s) for o, s in zip(offsets, sessions, strict=True)))
     wall = time.perf_counter() - t0
-    for conn in pool:
-        if conn.writer is not None:
-            conn.writer.close()
+    conns.close()
     return results, wall
 
 

@@ -7,6 +7,7 @@ saturated at ~5,500 streamed tokens/s, with the server idle, and its TTFTs grew 
 """
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -34,79 +35,71 @@ class RawConnection:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    async def post_json(self, path: str, payload: dict) -> Timed:
-        if self.writer is None:
-            await self._connect()
-        body = json.dumps(payload).encode()
-        start = time.perf_counter()
+    async def _send(self, path: str, body: bytes) -> tuple[int, dict[str, str]]:
+        """Write the request; the answer's status and headers (lower-case names)."""
         self.writer.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
                           b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
-        t = Timed(status, start, start)
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int((await self.reader.readline()).split(b";")[0], 16)
-                if size == 0:
-                    await self.reader.readline()
-                    break
-                parts.append(await self.reader.readexactly(size))
-                t.chunk_times.append(time.perf_counter())
-                await self.reader.readexactly(2)
-            t.body = b"".join(parts)
-        else:
-            t.body = await self.reader.readexactly(int(headers.get("content-length", 0)))
-            t.chunk_times.append(time.perf_counter())
-        t.end = time.perf_counter()
-        if headers.get("connection", "").lower() == "close":
-            self.writer.close()
-            self.writer = None
-        return t
-
-    async def _head(self, path: str, payload: dict) -> tuple[int, dict[str, str]]:
-        if self.writer is None:
-            await self._connect()
-        body = json.dumps(payload).encode()
-        self.writer.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                          b"accept: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
-                          % (path.encode(), self.host.encode(), len(body), body))
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
         return int(lines[0].split(" ", 2)[1]), headers
 
+    async def _chunk(self) -> bytes:
+        """The next chunk of a chunked body; b"" after the last one (its terminator read too)."""
+        size = int((await self.reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            await self.reader.readline()
+            return b""
+        data = await self.reader.readexactly(size)
+        await self.reader.readexactly(2)
+        return data
+
+    def _done(self, headers: dict[str, str]) -> None:
+        if headers.get("connection", "").lower() == "close" and self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    async def post_json(self, path: str, payload: dict) -> Timed:
+        if self.writer is None:
+            await self._connect()
+        body = json.dumps(payload).encode()
+        start = time.perf_counter()
+        status, headers = await self._send(path, body)
+        t = Timed(status, start, start)
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while data := await self._chunk():
+                parts.append(data)
+                t.chunk_times.append(time.perf_counter())
+            t.body = b"".join(parts)
+        else:
+            t.body = await self.reader.readexactly(int(headers.get("content-length", 0)))
+            t.chunk_times.append(time.perf_counter())
+        t.end = time.perf_counter()
+        self._done(headers)
+        return t
+
     async def post_sse(self, path: str, payload: dict) -> AsyncIterator[tuple[int, bytes]]:
         """POST, then yield (status, data) for each server-sent event's `data:` payload as it arrives; a
         response that is not an event stream yields its whole body once. The connection is reusable after
         the last item (a caller that stops early must drop it: `self.writer = None`)."""
-        status, headers = await self._head(path, payload)
+        if self.writer is None:
+            await self._connect()
+        status, headers = await self._send(path, json.dumps(payload).encode())
         chunked = headers.get("transfer-encoding", "").lower() == "chunked"
         if "text/event-stream" not in headers.get("content-type", ""):
             if chunked:
                 parts = []
-                while size := int((await self.reader.readline()).split(b";")[0], 16):
-                    parts.append(await self.reader.readexactly(size))
-                    await self.reader.readexactly(2)
-                await self.reader.readline()
+                while data := await self._chunk():
+                    parts.append(data)
                 body = b"".join(parts)
             else:
                 body = await self.reader.readexactly(int(headers.get("content-length", 0)))
             yield status, body
         else:
             pending = b""
-            while True:
-                if chunked:
-                    size = int((await self.reader.readline()).split(b";")[0], 16)
-                    data = await self.reader.readexactly(size) if size else b""
-                    await self.reader.readexactly(2)
-                else:  # unframed: the body runs until the server closes
-                    data = await self.reader.read(65536)
-                    size = len(data)
-                if not size:
-                    break
+            # Unframed (not chunked): the body runs until the server closes.
+            while data := await (self._chunk() if chunked else self.reader.read(65536)):
                 pending += data
                 *events, pending = pending.split(b"\n\n")
                 for event in events:
@@ -116,9 +109,7 @@ class RawConnection:
             if not chunked:
                 self.writer.close()
                 self.writer = None
-        if headers.get("connection", "").lower() == "close" and self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._done(headers)
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -129,17 +120,30 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 class ConnectionPool:
-    def __init__(self, host: str, port: int, size: int):
-        self.idle: asyncio.Queue[RawConnection] = asyncio.Queue()
-        for _ in range(size):
-            self.idle.put_nowait(RawConnection(host, port))
+    """`size` keep-alive connections (made on first use): at most `size` requests in flight."""
 
-    async def post_json(self, path: str, payload: dict) -> Timed:
+    def __init__(self, host: str, port: int, size: int):
+        self.conns = [RawConnection(host, port) for _ in range(size)]
+        self.idle: asyncio.Queue[RawConnection] = asyncio.Queue()
+        for conn in self.conns:
+            self.idle.put_nowait(conn)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[RawConnection]:
         conn = await self.idle.get()
         try:
-            return await conn.post_json(path, payload)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            conn.writer = None  # reconnect next time
+            yield conn
+        except BaseException:
+            conn.writer = None  # broken, or left mid-answer: the next request reconnects
             raise
         finally:
             self.idle.put_nowait(conn)
+
+    async def post_json(self, path: str, payload: dict) -> Timed:
+        async with self.connection() as conn:
+            return await conn.post_json(path, payload)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn.writer is not None:
+                conn.writer.close()
