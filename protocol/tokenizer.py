@@ -27,6 +27,18 @@ from tokenizers import Tokenizer
 
 log = logging.getLogger("pdserve.tokenizer")
 
+# Probe texts for checking a way of tokenizing against `tokenizers` (ChatTokenizer._probe_texts).
+_PROBE_PIECES = ["Hello", " world", "\n", "\n\n", "  two spaces", "x", "12345", "héllo naïve 🙂", "\t", " "]
+_PROBE_TEXTS = ["Hello world", " leading space", "trailing  ", "a\n\nb\r\n\tc", "   \n  x", "12345678901234",
+                "3.14159 and -42e10", "naïve café Ünïcödé façade", "日本語のテキストと中文", "emoji 🙂🚀👍🏽 done",
+                "don't won't I'm you'll they've she'd", "CamelCaseWords and snake_case_words",
+                "def f(x):\n    return {'a': [1, 2]}  # comment\n", "<html><body class=\"x\">&amp;</body></html>",
+                "ALL CAPS SHOUTING!!! ??? ...", "tabs\tand\u00a0nbsp\u2009thin", "mixed123abc456 x1y2z3",
+                "https://example.com/a?b=c&d=e#f", "   ", "\n", "ab" * 300, " ".join(["word"] * 200),
+                "control\x04bytes\x06 a\x04b \x1d\x1f end", "\U00040000 rare plane \U000f0000"]
+_PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n there "},
+               {"role": "assistant", "content": "Hello! 12"}, {"role": "user", "content": "naïve 🙂?"}]
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -137,9 +149,8 @@ class ChatTokenizer:
     @functools.cached_property
     def fast_bpe(self) -> tuple | None:
         """(tiktoken encoder, rank -> token id or None where they are equal, a regex of the bytes the vocabulary
-        lacks or None) for a byte-level BPE whose ids it
-        reproduces on the probe texts; None otherwise (tiktoken missing, another kind of tokenizer, or any
-        probe that tokenizes differently)."""
+        lacks or None) for a byte-level BPE whose ids it reproduces on the probe texts; None otherwise (tiktoken
+        missing, another kind of tokenizer, or any probe that tokenizes differently)."""
         if not self.use_fast:
             return None
         try:
@@ -164,20 +175,16 @@ class ChatTokenizer:
         return fast
 
     def _probe_texts(self) -> list[str]:
-        specials = sorted(self._splitter[1], key=len)[:4] if self._splitter is not None else []
-        texts = ["Hello world", " leading space", "trailing  ", "a\n\nb\r\n\tc", "   \n  x", "12345678901234",
-                 "3.14159 and -42e10", "naïve café Ünïcödé façade", "日本語のテキストと中文", "emoji 🙂🚀👍🏽 done",
-                 "don't won't I'm you'll they've she'd", "CamelCaseWords and snake_case_words",
-                 "def f(x):\n    return {'a': [1, 2]}  # comment\n", "<html><body class=\"x\">&amp;</body></html>",
-                 "ALL CAPS SHOUTING!!! ??? ...", "tabs\tand\u00a0nbsp\u2009thin", "mixed123abc456 x1y2z3",
-                 "https://example.com/a?b=c&d=e#f", "   ", "\n", "ab" * 300, " ".join(["word"] * 200),
-                 "control\x04bytes\x06 a\x04b \x1d\x1f end", "\U00040000 rare plane \U000f0000"]
-        texts += [s + t + s for s in specials for t in texts[:6]]
+        """Texts both checks of this tokenizer run on (splits_exactly, fast_bpe): tricky plain text, the same
+        with special tokens around and between it, and a chat through the template."""
+        texts = [*_PROBE_TEXTS, *_PROBE_PIECES]
+        if self._splitter is not None:
+            specials = sorted(self._splitter[1], key=len)[:4]
+            texts += [s + p + s for s in specials for p in _PROBE_PIECES + _PROBE_TEXTS[:6]]
+            texts += ["".join(specials + _PROBE_PIECES), _PROBE_PIECES[0] + specials[0]]
         if self._template is not None:
-            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n there "},
-                        {"role": "assistant", "content": "Hello! 12"}, {"role": "user", "content": "naïve 🙂?"}]
             with contextlib.suppress(ChatTemplateError):
-                texts.append(self.render_chat(messages))
+                texts.append(self.render_chat(_PROBE_CHAT))
         return texts
 
     # --- text split at special tokens (the router caches the parts: a chat resends its earlier messages) ---
@@ -218,15 +225,7 @@ class ChatTokenizer:
         start of a text specially (SentencePiece's prefix space), which would differ for every part."""
         if self._splitter is None:
             return False
-        specials = sorted(self._splitter[1], key=len)[:4]
-        pieces = ["Hello", " world", "\n", "\n\n", "  two spaces", "x", "12345", "héllo naïve 🙂", "\t", " "]
-        probes = [s + p + s for s in specials for p in pieces] + ["".join(specials + pieces), pieces[0] + specials[0]]
-        if self._template is not None:
-            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n there "},
-                        {"role": "assistant", "content": "Hello! 12"}, {"role": "user", "content": "naïve 🙂?"}]
-            with contextlib.suppress(ChatTemplateError):
-                probes.append(self.render_chat(messages))
-        for text in probes:
+        for text in self._probe_texts():
             got = [i for part in self._split(text)
                    for i in ([part] if isinstance(part, int) else self.encode(part, add_special_tokens=False))]
             if got != self.encode(text, add_special_tokens=False):
@@ -276,10 +275,9 @@ def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
         return None
     alphabet = _byte_alphabet()
     try:
-        token_bytes = {i: bytes(alphabet[c] for c in t) for t, i in model["vocab"].items()}
+        by_bytes = {bytes(alphabet[c] for c in t): i for t, i in model["vocab"].items()}
     except KeyError:  # a vocabulary entry outside the byte alphabet
         return None
-    by_bytes = {b: i for i, b in token_bytes.items()}
     # A byte outside the vocabulary (e.g. 0xC0, or some control bytes in SmolLM2's) is dropped by tokenizers
     # (no unk token) before its neighbours merge, which tiktoken cannot do: texts holding one stay on
     # tokenizers (`unmapped`). It still gets a rank: tiktoken wants every byte.
