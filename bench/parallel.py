@@ -104,8 +104,12 @@ def decode_rows(engine, batches: list[int], ctx: int, steps: int, bw: float, ran
 
 
 def _rank_main(rank: int, world: int, tp: int, ep: int, shapes: dict, args, port: int, results) -> None:
+    import faulthandler
+
     from engine.parallel import ParallelConfig, init_parallel
 
+    # A size that hangs is killed at --run-timeout-s: each rank prints where it is stuck a little before that.
+    faulthandler.dump_traceback_later(max(1.0, args.run_timeout_s - 15), exit=False)
     torch.cuda.set_device(rank)
     par = init_parallel(ParallelConfig(tp, ep), rank, f"tcp://127.0.0.1:{port}", torch.device("cuda", rank))
     batches = [int(b) for b in args.batches.split(",")]
