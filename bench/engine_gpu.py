@@ -86,7 +86,10 @@ def decode_roofline_s(engine, batch: int, ctx: int, bw: float) -> float:
 def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
     from engine.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=steps + 10, temperature=0, ignore_eos=True)
+    # Requests prefilled early decode while the rest prefill (one step a max_num_batched_tokens of prompt):
+    # none may reach max_tokens before the timed steps are over.
+    prefill_steps = -(-batch * ctx // engine.config.max_num_batched_tokens)
+    params = SamplingParams(max_tokens=prefill_steps + steps + 16, temperature=0, ignore_eos=True)
     for i, p in enumerate(_prompts(batch, ctx, engine.model_config.vocab_size)):
         engine.add_request(f"d{batch}-{i}", p, params)
     while any(r.num_computed_tokens < r.num_tokens - 1 or not r.output_token_ids
@@ -100,8 +103,9 @@ def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
         engine.step()  # each step ends with the host reading the sampled tokens
     elapsed = (time.perf_counter() - t) / steps
     if len(engine.scheduler.running) != batch:  # preempted for want of KV blocks: not a batch-`batch` step
-        raise RuntimeError(f"only {len(engine.scheduler.running)} of {batch} requests ran at context {ctx}: "
-                           "the KV pool is too small for this batch (more --kv-gib)")
+        raise RuntimeError(f"only {len(engine.scheduler.running)} of {batch} requests ran at context {ctx} "
+                           f"({len(engine.scheduler.requests)} unfinished): the KV pool may be too small for this "
+                           "batch (more --kv-gib)")
     for rid in list(engine.scheduler.requests):
         engine.abort_request(rid)
     return elapsed

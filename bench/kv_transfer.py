@@ -223,9 +223,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--host-only", action="store_true", help="only the host transport against memcpy")
     a = ap.parse_args()
     tokens = 1024 if a.quick else a.tokens
-    if torch.cuda.is_available() and not a.quick:
+    if torch.cuda.is_available() and not (a.quick or a.host_only):
         nixl_gpu(tokens, repeats=5)
     host_vs_memcpy(tokens, pool_blocks=4 * tokens // BLOCK, repeats=3 if a.quick else 5)
 

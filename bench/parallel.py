@@ -149,13 +149,20 @@ def multi_gpu(args) -> None:
             ctx = mp.start_processes(_rank_main, args=(world, tp, ep, shapes, args, free_port(), results),
                                      nprocs=world, start_method="spawn", join=False)
             deadline = time.monotonic() + args.run_timeout_s
-            while not ctx.join(timeout=5):  # one run that hangs (e.g. in NCCL's set-up) must not eat the others
-                if time.monotonic() > deadline:
-                    for proc in ctx.processes:
-                        proc.kill()
-                    print(json.dumps({"skipped": f"{shapes['model_type']} tp{tp} ep{ep}: no result in "
-                                                 f"{args.run_timeout_s:g} s", "got": dict(results)}), flush=True)
-                    break
+            name = f"{shapes['model_type']} tp{tp} ep{ep}"
+            try:
+                while not ctx.join(timeout=5):  # one run that hangs (e.g. in NCCL's set-up) must not eat the others
+                    if time.monotonic() > deadline:
+                        for proc in ctx.processes:
+                            proc.kill()
+                        print(json.dumps({"skipped": f"{name}: no result in {args.run_timeout_s:g} s",
+                                          "got": dict(results)}), flush=True)
+                        break
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # nor one that fails (an exception, or a rank that exited)
+                for proc in ctx.processes:
+                    proc.kill()
+                print(json.dumps({"failed": f"{name}: {str(e).strip().splitlines()[-1]}", "got": dict(results)}),
+                      flush=True)
             if world == 1 and "times" in results:
                 base[shapes["model_type"]] = dict(results["times"])
 
