@@ -15,6 +15,7 @@ Run: python -m bench.parallel [--tp 1,2,4] [--ep 2,4] [--batches 1,8,64]
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -121,10 +122,27 @@ def _rank_main(rank: int, world: int, tp: int, ep: int, shapes: dict, args, port
         times = decode_rows(engine, batches, args.ctx, args.steps, bw, world, label,
                             None if base is None or world == 1 else base)
         results.update(times=times)
+        if args.profile:
+            profile_steps(engine, batches[0], args.ctx, label)
         engine.runner.stop_followers()
     else:
         engine.runner.follow()
-    torch.distributed.destroy_process_group()
+    # Not destroy_process_group: a rank could hang in it (seen with TP=2 after its rows were out) while the
+    # others had left; the process ends here and the driver only reads `results`.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def profile_steps(engine, batch: int, ctx: int, label: str, steps: int = 5) -> None:
+    """Where a decode step's time goes on rank 0: the top operators by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_step_time(engine, batch, ctx, steps)
+    table = prof.key_averages()
+    print(f"--- profile {label} batch {batch}: {steps} timed steps (plus prefill and warm-up) ---", flush=True)
+    print(table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    print(table.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
 
 def multi_gpu(args) -> None:
@@ -178,6 +196,7 @@ def main() -> None:
     ap.add_argument("--ep", default="", help="e.g. 2,4: multi-GPU decode of the MoE per EP size (with --tp 1 first)")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--run-timeout-s", type=float, default=240.0, help="per TP/EP size: stop its ranks after this")
+    ap.add_argument("--profile", action="store_true", help="rank 0 profiles decode steps of the first batch size")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model (faster runs)")
     ap.add_argument("--attention", default="auto", choices=["auto", "torch", "flashinfer"],
                     help="torch: no FlashInfer JIT and no CUDA graphs (eager steps)")
