@@ -24,9 +24,10 @@ WORDS = ["the", "a", "router", "routes", "requests", "to", "workers", "with", "c
 
 
 def _prompt(rng: random.Random, chars: int) -> str:
-    words = []
-    while sum(len(w) + 1 for w in words) < chars:
+    words, size = [], 0
+    while size < chars:
         words.append(rng.choice(WORDS))
+        size += len(words[-1]) + 1
     return " ".join(words)
 
 
@@ -40,11 +41,12 @@ async def _open_loop(port: int, rate: float, duration_s: float, stream: bool, ma
     pool = ConnectionPool("127.0.0.1", port, 256)
     rng = random.Random(2 if stream else 0)  # the streamed prompts are not the plain ones (the router caches)
     n = int(rate * duration_s)
+    bodies = [_body(rng, stream, max_tokens, prompt_chars) for _ in range(n)]  # made before the clock starts
     t0 = time.perf_counter()
 
     async def one(i: int):
         await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-        return await pool.post_json("/v1/chat/completions", _body(rng, stream, max_tokens, prompt_chars))
+        return await pool.post_json("/v1/chat/completions", bodies[i])
 
     return [r for r in await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
             if not isinstance(r, BaseException) and r.status == 200]

@@ -40,6 +40,7 @@ def serve(a: argparse.Namespace) -> None:
     from pdserve_cli.ray_scaler import RayScaler
     from router.app import create_app
     from router.config import RouterConfig
+    from router.main import server_options
     from worker.config import WorkerConfig
     from worker.ray_group import WorkerGroup
 
@@ -99,7 +100,7 @@ def serve(a: argparse.Namespace) -> None:
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
         if a.admin_token:
             print(f"pdserve: dashboard at http://{a.host}:{a.port}/dashboard (admin token required)", flush=True)
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        uvicorn.run(app, host=a.host, port=a.port, **server_options(a.log_level))
     finally:
         for group in groups:
             group.stop()

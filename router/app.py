@@ -461,18 +461,7 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
         state.metrics.refused.labels(capacity.reason.split(" (")[0][:40]).inc()
         raise state.door.overloaded(capacity.reason)
     rid = ("chatcmpl-" if chat else "cmpl-") + _request_id()
-    admission = asyncio.ensure_future(state.door.admit(key, rid, body.model, len(ids), max_tokens * body.n))
-    try:
-        ticket = await asyncio.shield(admission)  # a reservation once taken is always settled
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            late = await admission
-            if admitted is not None:
-                admitted.append(late)
-            await late.close("cancelled")
-        raise
-    if admitted is not None:
-        admitted.append(ticket)
+    ticket = await _admit(state, key, rid, body.model, len(ids), max_tokens * body.n, admitted)
     fmt = Formatter(state.tokenizer, ref.model, rid, chat)
     hashes = state.dispatcher.hashes(ids)
     session = session_header or body.user
@@ -499,6 +488,27 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     cached = max(r[4] for r in results)
     _observe(state, start, completion, cached)
     return Reply(body=fmt.full([(r[0], r[1], r[2]) for r in results], usage(len(ids), completion, cached)))
+
+
+async def _admit(state: RouterState, key, rid: str, model: str, prompt_tokens: int, max_tokens: int,
+                 admitted: list | None) -> Ticket:
+    """A reservation once taken is always settled, even if the client leaves while it is being taken."""
+    if state.door.local:  # in memory: admit never suspends, so it cannot be cancelled half-way (no task)
+        ticket = await state.door.admit(key, rid, model, prompt_tokens, max_tokens)
+    else:
+        admission = asyncio.ensure_future(state.door.admit(key, rid, model, prompt_tokens, max_tokens))
+        try:
+            ticket = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                late = await admission
+                if admitted is not None:
+                    admitted.append(late)
+                await late.close("cancelled")
+            raise
+    if admitted is not None:
+        admitted.append(ticket)
+    return ticket
 
 
 async def _collect(stream: AsyncIterator[GenerateChunk], ticket: Ticket

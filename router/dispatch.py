@@ -107,7 +107,7 @@ class Dispatcher:
         finally:
             d.inflight -= 1
             d.inflight_tokens -= d_tokens
-            self._background(self.state.add_load(d.url, -1, -d_tokens))
+            self._add_load(d.url, -1, -d_tokens)
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 self._background(self._abort(p, rid))  # frees the KV the prefill worker holds for it
@@ -122,7 +122,14 @@ class Dispatcher:
     def _release(self, p: Worker, num_tokens: int, computed: int) -> None:
         p.inflight -= 1
         p.inflight_tokens -= computed
-        self._background(self.state.add_load(p.url, -1, -num_tokens))
+        self._add_load(p.url, -1, -num_tokens)
+
+    def _add_load(self, url: str, requests: int, tokens: int) -> None:
+        """From code that cannot wait (a finally, a callback): in memory at once, or to Redis in a task."""
+        if isinstance(self.state, LocalState):
+            self.state.add_load_now(url, requests, tokens)
+        else:
+            self._background(self.state.add_load(url, requests, tokens))
 
     def _background(self, coro) -> None:
         """Fire and forget, keeping a reference until done (the loop holds tasks only weakly)."""

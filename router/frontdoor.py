@@ -75,6 +75,7 @@ class FrontDoor:
         self.config = config
         self.metrics = metrics
         ns = config.redis_namespace
+        self.local = redis is None  # admission and settling never wait on I/O: nothing to cancel half-way
         if redis is not None:
             self.keys, self.limiter, self.usage = RedisKeyStore(redis, ns), RedisLimiter(redis, ns), RedisUsage(redis, ns)
         else:

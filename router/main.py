@@ -69,12 +69,18 @@ def main() -> None:
             ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
         os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
         uvicorn.run("router.main:app_from_env", factory=True, workers=a.processes, host=a.host, port=a.port,
-                    log_level=a.log_level)
+                    **server_options(a.log_level))
     else:
-        uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=a.log_level)
+        uvicorn.run(create_app(config), host=a.host, port=a.port, **server_options(a.log_level))
 
 
 _CONFIG_ENV = "PDSERVE_ROUTER_CONFIG_JSON"
+
+
+def server_options(log_level: str) -> dict:
+    """uvicorn's options for the router: no proxy-headers middleware (the router never reads the client's
+    address) and no access log unless it would be shown (uvicorn builds each line before the logger drops it)."""
+    return {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("debug", "info")}
 
 
 def _flag(value: str | bool) -> bool:

@@ -54,6 +54,9 @@ class LocalState:
                 del self.recent[old]
 
     async def add_load(self, url: str, requests: int, tokens: int) -> None:
+        self.add_load_now(url, requests, tokens)
+
+    def add_load_now(self, url: str, requests: int, tokens: int) -> None:
         entry = self.load.setdefault(url, [0, 0])
         entry[0] += requests
         entry[1] += tokens
