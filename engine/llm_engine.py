@@ -122,10 +122,11 @@ class LLMEngine:
             else:
                 log.warning("FlashInfer's fused kernels did not build (%s); using PyTorch ops", error)
         graphs = None
-        # Expert parallelism: no graphs yet. Its decode steps exchange fixed-size buffers (no host sync, see
-        # engine/moe.py), but NCCL all-to-all inside a captured graph has not been tried on a GPU here.
+        # Expert parallelism: graphs only when asked (config.ep_cuda_graphs). Its decode steps exchange
+        # fixed-size buffers (no host sync, see engine/moe.py), but NCCL all-to-all inside a captured graph has
+        # not yet run on GPUs here.
         if (self.device.type == "cuda" and not config.enforce_eager and hasattr(self.attention, "decode")
-                and parallel.ep_size == 1):
+                and (parallel.ep_size == 1 or config.ep_cuda_graphs)):
             from engine.cuda_graphs import CudaGraphDecoder
 
             graphs = CudaGraphDecoder(self.model, self.attention, config.max_num_seqs,
