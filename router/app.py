@@ -300,9 +300,8 @@ def _declared_over(scope: dict, max_bytes: int) -> bool:
 
 
 async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
-    too_big = _too_large(max_bytes)
     if _declared_over(scope, max_bytes):
-        raise too_big
+        raise _too_large(max_bytes)
     parts, size = [], 0
     while True:
         message = await receive()
@@ -311,7 +310,7 @@ async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise too_big
+            raise _too_large(max_bytes)
         parts.append(chunk)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)

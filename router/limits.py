@@ -11,6 +11,7 @@ Usage: per key and model, per hour: requests, prompt, cached and completion toke
 counted once per request whatever its end (done, failed, cancelled).
 """
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -132,8 +133,14 @@ class LocalLimiter:
 USAGE_FIELDS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "errors", "cancelled")
 
 
+@functools.lru_cache(maxsize=4)
+def _hour_of(hour: int) -> str:
+    return time.strftime("%Y%m%d%H", time.gmtime(hour * 3600))
+
+
 def _hour(now: float | None = None) -> str:
-    return time.strftime("%Y%m%d%H", time.gmtime(now if now is not None else time.time()))
+    """The UTC hour `now` falls in, as YYYYMMDDHH (formatted once an hour, not once a request)."""
+    return _hour_of(int((now if now is not None else time.time()) // 3600))
 
 
 class RedisUsage:
