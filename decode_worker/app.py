@@ -27,7 +27,8 @@ log = logging.getLogger("pdserve.decode")
 
 
 def _chunk(out: RequestOutput) -> str:
-    return GenerateChunk(
+    # model_construct: the engine's own values, not input to validate (this runs once a token a request)
+    return GenerateChunk.model_construct(
         token_ids=out.new_token_ids, text=out.text_delta, finished=out.finished,
         finish_reason=out.finish_reason.value if out.finish_reason else None,
         logprobs=[TokenLogprobWire(token_id=lp.token_id, logprob=lp.logprob, top=list(lp.top)) for lp in out.logprobs],
@@ -83,11 +84,13 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
                     raise
             if remote is not None:
                 token, lps = remote
-                outputs = rt.engine.stream(req.request_id, lambda e: e.start_remote(req.request_id, token, lps))
+                batches = rt.engine.stream_batches(req.request_id,
+                                                   lambda e: e.start_remote(req.request_id, token, lps))
             else:
-                outputs = rt.engine.generate(req.request_id, req.prompt_token_ids, to_sampling_params(req.params))
-            async for out in outputs:
-                yield _chunk(out)
+                batches = rt.engine.generate_batches(req.request_id, req.prompt_token_ids,
+                                                     to_sampling_params(req.params))
+            async for batch in batches:  # what arrived while the last write went out: one write
+                yield "".join(_chunk(out) for out in batch)
         except RemotePrefillError as e:
             yield _error(str(e), "prefill_failed", "prefill_failed")
         except KVCacheFullError as e:

@@ -41,14 +41,24 @@ class AsyncEngine:
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early (or being cancelled) aborts it."""
-        def start(engine: LLMEngine) -> None:
-            engine.add_request(request_id, prompt_token_ids, params, hold_kv)
+        return self.stream(request_id, _adder(request_id, prompt_token_ids, params, hold_kv))
 
-        return self.stream(request_id, start)
+    def generate_batches(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                         ) -> AsyncIterator[list[RequestOutput]]:
+        """generate, as lists of the outputs that arrived together (see stream_batches)."""
+        return self.stream_batches(request_id, _adder(request_id, prompt_token_ids, params, False))
 
     async def stream(self, request_id: str, start: Callable[[LLMEngine], RequestOutput | None]
                      ) -> AsyncIterator[RequestOutput]:
         """Run start(engine) on the engine thread, then stream the request's outputs (start's first)."""
+        async for batch in self.stream_batches(request_id, start):
+            for out in batch:
+                yield out
+
+    async def stream_batches(self, request_id: str, start: Callable[[LLMEngine], RequestOutput | None]
+                             ) -> AsyncIterator[list[RequestOutput]]:
+        """The same, as lists: every output that arrived while the consumer was busy comes in one list (one
+        write for a server that streams them; under load, fewer and larger writes)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
@@ -56,18 +66,24 @@ class AsyncEngine:
         try:
             first = await self.call(start)
             if first is not None:
-                yield first
+                yield [first]
                 if first.finished:
                     finished = True
                     return
             while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+                batch = [await outputs.get()]
+                while not outputs.empty():
+                    batch.append(outputs.get_nowait())
+                for i, item in enumerate(batch):
+                    if isinstance(item, BaseException):
+                        if i:
+                            yield batch[:i]
+                        raise item
+                    if item.finished:
+                        finished = True
+                        yield batch[: i + 1]
+                        return
+                yield batch
         finally:
             self._streams.pop(request_id, None)
             if not finished:
@@ -119,8 +135,7 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
+                    self._deliver_all(self.engine.step())
                     if self.after_step is not None:
                         self.after_step(self.engine)
         except BaseException as e:
@@ -147,3 +162,28 @@ class AsyncEngine:
         if stream is not None:
             loop, q = stream
             loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one hand-off per event loop (not one a request: each wakes the loop through a
+        pipe, and with hundreds of requests a step those writes and wake-ups cost more than the step's own
+        host work)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _adder(request_id: str, prompt_token_ids: list[int], params: SamplingParams, hold_kv: bool
+           ) -> Callable[[LLMEngine], None]:
+    def start(engine: LLMEngine) -> None:
+        engine.add_request(request_id, prompt_token_ids, params, hold_kv)
+
+    return start
