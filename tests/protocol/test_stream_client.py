@@ -25,6 +25,15 @@ class Server:
                 body = await reader.readexactly(length)
                 self.requests.append(body)
                 path = head.split(b" ")[1]
+                if path == b"/packed":  # a decode worker's batch: lines packed in a chunk, a line split over two
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for part in (b'{"i": 0}\n{"i": 1}\n{"i"', b': 2}\n{"i": 3}\n'):
+                        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                        await writer.drain()
+                        await asyncio.sleep(0.01)
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                    continue
                 if path == b"/close":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
                     await writer.drain()
@@ -66,6 +75,14 @@ async def test_lines_stream_as_they_arrive_and_connections_are_reused(server):
         assert lines == [b'{"i": 0}', b'{"i": 1}', b'{"i": 2}']
         assert arrivals[1] - arrivals[0] > 0.05  # streamed, not buffered to the end
     assert server.connections == 1
+    await client.close()
+
+
+async def test_lines_packed_in_one_chunk_or_split_over_two_come_out_whole(server):
+    client = StreamClient(timeout_s=5)
+    async with client.post(f"{server.url}/packed", b"{}") as resp:
+        lines = [line async for line in resp.lines()]
+    assert lines == [b'{"i": 0}', b'{"i": 1}', b'{"i": 2}', b'{"i": 3}']
     await client.close()
 
 
