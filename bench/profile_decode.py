@@ -110,6 +110,9 @@ def main() -> None:
                     help="also run with FlashInfer's rotary and an indexed KV copy instead of the one Triton kernel")
     ap.add_argument("--compare-decode-kernel", action="store_true",
                     help="also run with the other FlashInfer decode kernel (tensor cores or not) than the default")
+    ap.add_argument("--compare-blas", action="store_true",
+                    help="also run with cuBLASLt preferred for the matmuls (batch-1 o_proj gets a split-K reduce "
+                         "kernel from cuBLAS's heuristics)")
     args = ap.parse_args()
     bw = read_bandwidth()
     base = profile(args, True, bw)
@@ -129,6 +132,11 @@ def main() -> None:
         compare(base, profile(args, True, bw, "other decode kernel"), "default_decode_kernel",
                 "the other FlashInfer decode kernel (use_tensor_cores flipped)")
         FlashInferAttention.use_tensor_cores = default
+    if args.compare_blas:
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        compare(base, profile(args, True, bw, "cublaslt"), "default_blas", "cuBLASLt preferred")
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def compare(base: dict[int, float], other: dict[int, float], name: str, baseline: str) -> None:
