@@ -110,6 +110,8 @@ def main() -> None:
                     help="also run with FlashInfer's rotary and an indexed KV copy instead of the one Triton kernel")
     ap.add_argument("--compare-decode-kernel", action="store_true",
                     help="also run with the other FlashInfer decode kernel (tensor cores or not) than the default")
+    ap.add_argument("--compare-act", action="store_true",
+                    help="also run with the Triton SiLU-and-mul for batches up to 64 (fused.WIDE_ACT_MAX_TOKENS)")
     ap.add_argument("--compare-blas", action="store_true",
                     help="also run with cuBLASLt preferred for the matmuls (batch-1 o_proj gets a split-K reduce "
                          "kernel from cuBLAS's heuristics)")
@@ -132,6 +134,12 @@ def main() -> None:
         compare(base, profile(args, True, bw, "other decode kernel"), "default_decode_kernel",
                 "the other FlashInfer decode kernel (use_tensor_cores flipped)")
         FlashInferAttention.use_tensor_cores = default
+    if args.compare_act:
+        from engine import fused
+
+        fused.WIDE_ACT_MAX_TOKENS = 64
+        compare(base, profile(args, True, bw, "triton silu_and_mul"), "flashinfer_act", "Triton SiLU-and-mul")
+        fused.WIDE_ACT_MAX_TOKENS = 0
     if args.compare_blas:
         before = torch.backends.cuda.preferred_blas_library()
         torch.backends.cuda.preferred_blas_library("cublaslt")
