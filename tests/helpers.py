@@ -1,5 +1,9 @@
-"""Test helpers: the demo model's path, tiny random Hugging Face models, and transformers references."""
+"""Test helpers: the demo model's path, tiny random Hugging Face models, transformers references, and Triton
+kernels run on the CPU through Triton's interpreter."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from pdserve_cli.main import demo_model
@@ -82,3 +86,15 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = 300) -> None:
     tok.save(str(folder / "tokenizer.json"))
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>", "chat_template": template}))
+
+
+def run_in_triton_interpreter(code: str) -> None:
+    """Run `code` in a fresh Python with TRITON_INTERPRET=1 (set before triton is imported), so that CI runs a
+    kernel's logic on the CPU; fails with the child's stderr. Skips without triton unless CI=true."""
+    import pytest
+
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("triton", reason="triton (the test extra) runs the kernel on the CPU")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

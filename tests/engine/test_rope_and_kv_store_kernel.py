@@ -2,15 +2,12 @@
 followed by an indexed K/V copy, into a strided layer view of a block-major pool at scattered slots: on the
 GPU, and on the CPU through Triton's interpreter (so CI runs the kernel's logic too)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from engine import fused
 from engine.layers import RotaryEmbedding
+from tests.helpers import run_in_triton_interpreter
 
 
 def check(device: str, head_dim: int) -> None:
@@ -45,9 +42,5 @@ def test_rotary_fused_with_the_kv_write_matches_rotary_then_write_on_gpu(head_di
 
 
 def test_rotary_fused_with_the_kv_write_matches_rotary_then_write_in_the_triton_interpreter():
-    if os.environ.get("CI") != "true":
-        pytest.importorskip("triton", reason="triton (the test extra) runs the kernel on the CPU")
-    code = "from tests.engine.test_rope_and_kv_store_kernel import check\nfor d in (128, 80): check('cpu', d)"
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_triton_interpreter("from tests.engine.test_rope_and_kv_store_kernel import check\n"
+                              "for d in (128, 80): check('cpu', d)")

@@ -1,14 +1,11 @@
 """engine.fused.silu_and_mul_wide (Triton, spread over column blocks) against PyTorch's silu(gate) * up in
 float32: on the GPU, and on the CPU through Triton's interpreter (so CI runs the kernel's logic too)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from engine import fused
+from tests.helpers import run_in_triton_interpreter
 
 
 def check(device: str) -> None:
@@ -27,9 +24,4 @@ def test_wide_silu_and_mul_matches_pytorch_on_gpu():
 
 
 def test_wide_silu_and_mul_matches_pytorch_in_the_triton_interpreter():
-    if os.environ.get("CI") != "true":
-        pytest.importorskip("triton", reason="triton (the test extra) runs the kernel on the CPU")
-    code = "from tests.engine.test_silu_and_mul_kernel import check\ncheck('cpu')"
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_in_triton_interpreter("from tests.engine.test_silu_and_mul_kernel import check\ncheck('cpu')")
