@@ -69,24 +69,25 @@ async def _run(engine: AsyncEngine, requests: int, batched: bool) -> tuple[float
     tokens = 0
 
     async def one(i: int) -> None:
-        nonlocal tokens
         last = None
+
+        def wrote(n: int) -> None:  # n tokens went out in one write
+            nonlocal last, tokens
+            now = time.perf_counter()
+            if last is not None:
+                gaps.extend([(now - last) / n] * n)
+            last, tokens = now, tokens + n
+
         if batched:
             async for batch in engine.generate_batches(f"r{i}", [1, 2, 3], None):
-                data = "".join(_chunk(o) for o in batch)
+                "".join(_chunk(o) for o in batch)  # what the decode worker writes
                 await asyncio.sleep(0)  # the write: a trip through the loop, as a server's send is
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.extend([(now - last) / len(batch)] * len(batch))
-                last, tokens = now, tokens + len(batch) + 0 * len(data)
+                wrote(len(batch))
         else:
             async for out in engine.generate(f"r{i}", [1, 2, 3], None):
-                data = _chunk(out)
+                _chunk(out)
                 await asyncio.sleep(0)
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.append(now - last)
-                last, tokens = now, tokens + 1 + 0 * len(data)
+                wrote(1)
 
     t = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(requests)))
