@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from pdserve_cli.main import free_port
 
@@ -95,6 +96,21 @@ class LocalCluster:
 
     def load(self, url: str) -> dict:
         return httpx.get(f"{url}/load", timeout=5, headers=self.headers).json()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each router and worker process has used so far, its children included."""
+        named = [(f"router{i}", p) for i, (_, p) in enumerate(self.routers)]
+        named += [(f"prefill{i}", self.worker_procs[u]) for i, u in enumerate(self.prefill_urls)]
+        named += [(f"decode{i}", self.worker_procs[u]) for i, u in enumerate(self.decode_urls)]
+        out = {}
+        for name, proc in named:
+            try:
+                ps = psutil.Process(proc.pid)
+                times = [ps.cpu_times(), *(c.cpu_times() for c in ps.children(recursive=True))]
+            except psutil.Error:  # gone
+                continue
+            out[name] = sum(t.user + t.system for t in times)
+        return out
 
     def close(self) -> None:
         for proc in self.procs:

@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from bench.cluster import LocalCluster
@@ -82,11 +83,12 @@ def main() -> None:
                 run_once(run_args, None, sessions[:8])  # warm-up: kernels, allocator caches
                 best = 0.0
                 for rate in rates:
+                    before = host_counters(cluster)
                     row = run_once(run_args, rate, sessions)
                     emit("goodput_multigpu", "slo_attainment", row["slo_attainment"], "share", "required",
                          a.attainment, layout=layout, workload=Path(path).stem, rate=rate,
                          ttft_p90_ms=row.get("ttft_p90_ms"), itl_p90_ms=row.get("itl_p90_ms"), req_per_s=row.get("req_per_s"),
-                         errors=row.get("errors"))
+                         errors=row.get("errors"), **host_use(before, host_counters(cluster)))
                     if row["slo_attainment"] >= a.attainment:
                         best = rate
                     else:
@@ -98,6 +100,24 @@ def main() -> None:
             cluster.close()
     if len(a.layouts.split(",")) == len(LAYOUTS):
         report(goodput, a)
+
+
+def host_counters(cluster: LocalCluster) -> dict:
+    return {"t": time.perf_counter(), "cpu": cluster.cpu_seconds(),
+            "load": {u: cluster.load(u) for u in cluster.decode_urls}}
+
+
+def host_use(before: dict, after: dict) -> dict:
+    """Where the host time went during a rate: each process's CPU in cores (a Python process's GIL caps its
+    event loop and engine thread together near 1), and each decode worker's steps/s and tokens a step."""
+    dt = after["t"] - before["t"]
+    cpu = {k: round((v - before["cpu"].get(k, 0.0)) / dt, 2) for k, v in after["cpu"].items()}
+    steps = {}
+    for i, (u, b) in enumerate(before["load"].items()):
+        n = after["load"][u]["steps"] - b["steps"]
+        toks = after["load"][u]["tokens_computed"] - b["tokens_computed"]
+        steps[f"decode{i}"] = {"steps_per_s": round(n / dt, 1), "tokens_per_step": round(toks / max(n, 1), 1)}
+    return {"cpu_cores": cpu, "decode_steps": steps}
 
 
 def concurrent(a: argparse.Namespace) -> None:

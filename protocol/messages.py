@@ -91,3 +91,4 @@ class WorkerLoad(BaseModel):
     prompt_tokens_cached: int
     prompt_tokens: int = 0  # of the requests it admitted (hit ratio = prompt_tokens_cached / prompt_tokens)
     kv_bytes_sent: int = 0  # KV it wrote to decode workers (a prefill worker's transfer volume)
+    steps: int = 0  # engine steps run (tokens_computed / steps: the mean batch)

@@ -84,7 +84,7 @@ class WorkerRuntime:
                           waiting=len(e.scheduler.waiting), free_blocks=e.block_pool.num_free_blocks,
                           total_blocks=e.block_pool.num_blocks, tokens_computed=e.stats.num_tokens_computed,
                           prompt_tokens_cached=e.kv_manager.num_hit_tokens, prompt_tokens=e.stats.num_prompt_tokens,
-                          kv_bytes_sent=self.kv_bytes_sent)
+                          kv_bytes_sent=self.kv_bytes_sent, steps=e.stats.num_steps)
 
     async def snapshot(self) -> tuple[int, list[int]]:
         """(event seq, every cached block hash), taken together on the engine thread."""
