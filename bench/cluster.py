@@ -30,7 +30,7 @@ def wait_http(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None 
 
 
 class LocalCluster:
-    def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int = 64 << 20,
+    def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int | None = 64 << 20,
                  worker_args: tuple[str, ...] = (), start_timeout_s: float = 120.0, gpus: list[int] | None = None):
         """gpus: the GPU of each worker, prefill workers first (CUDA_VISIBLE_DEVICES); None: all see all."""
         self.model = model
@@ -47,8 +47,9 @@ class LocalCluster:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 env = {} if gpus is None else {"CUDA_VISIBLE_DEVICES": str(gpus[len(self.worker_procs)])}
+                kv = ["--kv-cache-bytes", str(kv_cache_bytes)] if kv_cache_bytes else []  # None: sized by the worker
                 proc = self._spawn(["-m", "worker.serve", "--role", role, "--model", model, "--port", str(port),
-                                    "--kv-cache-bytes", str(kv_cache_bytes), *worker_args], env)
+                                    *kv, *worker_args], env)
                 (self.prefill_urls if role == "prefill" else self.decode_urls).append(url)
                 self.worker_procs[url] = proc
         try:

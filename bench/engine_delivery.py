@@ -80,7 +80,7 @@ async def _run(engine: AsyncEngine, requests: int, batched: bool) -> tuple[float
 
         if batched:
             async for batch in engine.generate_batches(f"r{i}", [1, 2, 3], None):
-                "".join(_chunk(o) for o in batch)  # what the decode worker writes
+                b"".join([_chunk(o) for o in batch])  # what the decode worker writes
                 await asyncio.sleep(0)  # the write: a trip through the loop, as a server's send is
                 wrote(len(batch))
         else:

@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--workloads", required=True, help="comma-separated saved workloads (.jsonl)")
     ap.add_argument("--rates", default="4,8,16,24,32,48,64")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals a rate")
-    ap.add_argument("--kv-gib", type=int, default=40)
+    ap.add_argument("--kv-gib", type=int, default=0,
+                    help="KV pool a worker; 0: what the worker sizes from its GPU's free memory, as deployed (two "
+                         "workers sharing one GPU need a number)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--attainment", type=float, default=0.9)
     ap.add_argument("--load-procs", type=int, default=4, help="load-generator processes a layout")
@@ -63,7 +65,7 @@ def main() -> None:
     else:
         # The demo tokenizer's vocabulary, so that every id it makes is a row of the embedding.
         folder = dummy_model(Path(a.tokenizer_dir), LLAMA3_8B | {"vocab_size": 49152})
-        gpus, kv = [int(g) for g in a.gpus.split(",")], a.kv_gib << 30
+        gpus, kv = [int(g) for g in a.gpus.split(",")], (a.kv_gib << 30) or None
         worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", str(a.max_num_seqs))
     rates = sorted(float(r) for r in a.rates.split(","))
     goodput: dict[tuple[str, str], float] = {}

@@ -1,6 +1,8 @@
 """Incremental detokenization with stop strings: text deltas as tokens arrive, holding back what may
 still turn into a stop string, so that streamed deltas add up to the non-streamed text."""
 
+from tokenizers.decoders import DecodeStream
+
 from protocol.tokenizer import ChatTokenizer
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with the first outputs, for tokenizers that merge spaces
@@ -9,28 +11,25 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded with the first outputs, for tokeniz
 class Detokenizer:
     def __init__(self, tokenizer: ChatTokenizer, prompt_ids: list[int], stop: tuple[str, ...],
                  skip_special_tokens: bool, include_stop: bool):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        # tokenizers' own incremental decoder (one call a token, in Rust; it holds back incomplete UTF-8),
+        # primed with the prompt's last tokens for tokenizers that merge spaces.
+        self.tokenizer = tokenizer.tokenizer
+        self.stream = DecodeStream(ids=list(prompt_ids[-_CONTEXT_TOKENS:]), skip_special_tokens=skip_special_tokens)
         self.stop = stop
-        self.skip = skip_special_tokens
+        self.longest_stop = max((len(s) for s in stop), default=0)
         self.include_stop = include_stop
-        self.text = ""
-        self.emitted = 0
+        self.text = ""  # the text not yet emitted, after at most the last longest_stop emitted characters
+        self.emitted = 0  # how much of self.text was emitted
 
     def add(self, token_id: int) -> bool:
         """Append a token; True when a stop string was found (text is then cut at it)."""
-        self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-            return False
-        new = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        new = self.stream.step(self.tokenizer, token_id)
         if not new:
             return False
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        if self.emitted > 256 + self.longest_stop:  # keep only what a stop string could still reach back into
+            cut = self.emitted - self.longest_stop
+            self.text, self.emitted = self.text[cut:], self.emitted - cut
+        search_from = max(0, len(self.text) - self.longest_stop)
         self.text += new
         for s in self.stop:
             idx = self.text.find(s, search_from)
