@@ -80,7 +80,7 @@ def moe_kernel(tokens: list[int], bw: float) -> None:
 
 
 def _engine(shapes: dict, batches: list[int], parallel=None, kv_bytes: int = 16 << 30, attention: str = "auto",
-            ep_cuda_graphs: bool = False):
+            ep_cuda_graphs: bool = True):
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.parallel import SINGLE
@@ -117,10 +117,10 @@ def _rank_main(rank: int, world: int, tp: int, ep: int, shapes: dict, args, port
     par = init_parallel(ParallelConfig(tp, ep), rank, f"tcp://127.0.0.1:{port}", torch.device("cuda", rank))
     batches = [int(b) for b in args.batches.split(",")]
     engine = _engine(shapes, batches, par, kv_bytes=args.kv_gib << 30, attention=args.attention,
-                     ep_cuda_graphs=args.ep_graphs)
+                     ep_cuda_graphs=not args.ep_eager)
     if rank == 0:
         bw = read_bandwidth()
-        graphs = "_graphs" if args.ep_graphs and ep > 1 else ""
+        graphs = "_eager" if args.ep_eager and ep > 1 else ""
         label = f"{shapes['model_type']}{shapes['num_hidden_layers']}l_tp{tp}_ep{ep}_{args.attention}{graphs}"
         base = results.get("base")
         times = decode_rows(engine, batches, args.ctx, args.steps, bw, world, label,
@@ -200,8 +200,8 @@ def main() -> None:
     ap.add_argument("--ep", default="", help="e.g. 2,4: multi-GPU decode of the MoE per EP size (with --tp 1 first)")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--run-timeout-s", type=float, default=240.0, help="per TP/EP size: stop its ranks after this")
-    ap.add_argument("--ep-graphs", action="store_true", help="expert-parallel decode in CUDA graphs (EngineConfig."
-                    "ep_cuda_graphs; eager otherwise)")
+    ap.add_argument("--ep-eager", action="store_true", help="expert-parallel decode without CUDA graphs "
+                    "(EngineConfig.ep_cuda_graphs off)")
     ap.add_argument("--profile", action="store_true", help="rank 0 profiles decode steps of the first batch size")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model (faster runs)")
     ap.add_argument("--attention", default="auto", choices=["auto", "torch", "flashinfer"],

@@ -19,9 +19,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | flashinfer
     enforce_eager: bool = False  # True: no CUDA graphs for decode
-    # Expert parallelism's decode steps in CUDA graphs too (NCCL all-to-all captured). Off until measured on
-    # several GPUs: eager EP decode measured ~110 ms a step for Qwen3-30B-A3B's shapes on 2-4 H200s.
-    ep_cuda_graphs: bool = False
+    # Expert parallelism's decode steps in CUDA graphs too (NCCL all-to-all captured): on two H200s, Qwen3-30B-A3B's
+    # shapes decode in 13-27 ms a step (batch 1-64) against 92-127 ms eagerly, with the same greedy tokens.
+    ep_cuda_graphs: bool = True
     async_scheduling: bool = True  # build and queue step N+1 before reading step N's tokens
     fused_kernels: bool = True  # with the FlashInfer backend: its one-kernel norm, rotary and SwiGLU (engine/fused.py)
     load_format: str = "auto"  # auto: read the weights; dummy: random weights of the config's shapes (benchmarks)
