@@ -107,12 +107,17 @@ def measure(cls: type, requests: int, step_s: float, tokens: int, batched: bool)
             "gap_p90_ms": float(np.percentile(gaps, 90)) * 1e3}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def stub_args(doc: str) -> argparse.Namespace:
+    """The stub-engine benches' options: how many streams, the stub's step time, tokens a stream."""
+    ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=5.0)
     ap.add_argument("--tokens", type=int, default=100)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = stub_args(__doc__)
     step_s = a.step_ms / 1e3
     old = measure(PerTokenAsyncEngine, a.requests, step_s, a.tokens, batched=False)
     new = measure(AsyncEngine, a.requests, step_s, a.tokens, batched=True)

@@ -9,17 +9,20 @@ instead of being refused (the pool is momentarily full, not too small).
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import msgspec
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from engine.async_engine import EngineDeadError
 from engine.errors import KVCacheFullError, RequestError
 from engine.outputs import RequestOutput, TokenLogprob
+from protocol.asgi import send_bytes, send_stream, until_disconnect
 from protocol.http_client import TOKEN_HEADER, internal_client
+from protocol.internal_auth import holds_token, refuse
 from protocol.messages import GenerateChunk, GenerateRequest, SendRequest, SendResult
 from protocol.stream_client import StreamClient, StreamClientError
 from worker.common_routes import common_routes
@@ -48,7 +51,7 @@ def _error(message: str, kind: str, code: str) -> bytes:
                          error={"message": message, "type": kind, "code": code}).model_dump_json().encode() + b"\n"
 
 
-def create_app(rt: WorkerRuntime) -> FastAPI:
+def create_app(rt: WorkerRuntime) -> "DecodeApp":
     app = FastAPI(title=f"pdserve decode worker {rt.config.name}")
     app.include_router(common_routes(rt))
     client = internal_client(httpx.Timeout(rt.config.transfer_timeout_s + 5), token=rt.config.internal_token)
@@ -114,7 +117,7 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
 
     @app.post("/generate")
     async def generate(req: GenerateRequest) -> StreamingResponse:
-        # Leaving the stream (client gone) closes the generator, which aborts the request and frees its blocks.
+        """Documents the route for the schema; DecodeApp answers it (the same stream)."""
         return StreamingResponse(stream(req), media_type="application/x-ndjson")
 
     @app.post("/abort/{request_id}")
@@ -122,7 +125,49 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
         rt.engine.abort(request_id)
         return {"ok": True}
 
-    return app
+    return DecodeApp(app, stream, rt.config.internal_token)
+
+
+class DecodeApp:
+    """The decode worker's ASGI app: POST /generate is answered here, in plain ASGI (its streams are most of the
+    worker's writes, one a request a step, and FastAPI's middleware and StreamingResponse layers cost on each
+    write); everything else goes to the FastAPI app, whose `state`, `router` and `add_middleware` this passes
+    through. Leaving a stream (the router gone) closes its generator, which aborts the request and frees its
+    blocks."""
+
+    def __init__(self, api: FastAPI, stream: Callable[[GenerateRequest], AsyncIterator[bytes]], token: str | None):
+        self.api, self._stream = api, stream
+        self._token = token.encode() if token else None
+        self.state, self.router = api.state, api.router
+
+    def add_middleware(self, cls: type, **options) -> None:
+        self.api.add_middleware(cls, **options)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/generate":
+            return await self._generate(scope, receive, send)
+        return await self.api(scope, receive, send)
+
+    async def _generate(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self._token is not None and not holds_token(scope, self._token):
+            return await refuse(send)
+        parts = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            req = GenerateRequest.model_validate_json(b"".join(parts))
+        except ValidationError as e:
+            detail = msgspec.json.encode({"detail": e.errors(include_url=False, include_context=False)})
+            return await send_bytes(send, 422, detail, [(b"content-type", b"application/json")])
+        await until_disconnect(send_stream(send, self._stream(req), _NDJSON), receive)
+
+
+_NDJSON = [(b"content-type", b"application/x-ndjson")]
 
 
 class RemotePrefillError(RuntimeError):

@@ -4,6 +4,7 @@
 import hmac
 import json
 
+from protocol.asgi import send_bytes
 from protocol.http_client import TOKEN_HEADER
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -18,14 +19,20 @@ class RequireInternalToken:
         self.token = token.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or holds_token(scope, self.token):
             return await self.app(scope, receive, send)
-        given = next((v for k, v in scope["headers"] if k == _HEADER), b"")
-        if hmac.compare_digest(given, self.token):
-            return await self.app(scope, receive, send)
-        body = json.dumps({"error": {"message": "this is a pdserve worker's internal API: a caller needs the "
-                                                "cluster's internal token", "type": "authentication_error",
-                                     "param": None, "code": "invalid_internal_token"}}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await refuse(send)
+
+
+def holds_token(scope: dict, token: bytes) -> bool:
+    given = next((v for k, v in scope["headers"] if k == _HEADER), b"")
+    return hmac.compare_digest(given, token)
+
+
+async def refuse(send) -> None:
+    await send_bytes(send, 401, _REFUSAL, [(b"content-type", b"application/json")])
+
+
+_REFUSAL = json.dumps({"error": {"message": "this is a pdserve worker's internal API: a caller needs the cluster's "
+                                            "internal token", "type": "authentication_error", "param": None,
+                                 "code": "invalid_internal_token"}}).encode()

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from protocol.asgi import send_bytes, send_stream, until_disconnect
 from protocol.http_client import TOKEN_HEADER, internal_client
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.stream_client import StreamClient
@@ -160,7 +161,7 @@ class RouterApp:
             admitted: list[Ticket] = []
             try:
                 async with asyncio.timeout(self.state.config.request_timeout_s):
-                    reply = await _until_disconnect(handle(self.state, chat, body, session, key, admitted),
+                    reply = await until_disconnect(handle(self.state, chat, body, session, key, admitted),
                                                     receive)
             except TimeoutError:
                 raise OpenAIError(504, f"the request took longer than {self.state.config.request_timeout_s:g} s",
@@ -182,7 +183,7 @@ class RouterApp:
             await _send_json(send, 200, reply.body)
         else:
             try:
-                await _until_disconnect(_send_stream(send, reply.stream), receive)
+                await until_disconnect(send_stream(send, reply.stream, _SSE_HEADERS), receive)
             finally:
                 await reply.ticket.close("cancelled")  # a no-op unless the stream never started
 
@@ -330,59 +331,9 @@ def _parse(chat: bool, raw: bytes) -> ChatCompletionRequest | CompletionRequest:
         raise validation_error(e.errors(include_url=False)) from None
 
 
-async def _until_disconnect(work: Awaitable, receive: Callable) -> Any:
-    """Await `work` unless the client disconnects first, which cancels it (freeing what it holds); None then.
-    (A done-callback cancels this task: cheaper than running `work` as a task of its own and waiting on both.)"""
-    task = asyncio.current_task()
-    left = False
-
-    def on_disconnect(w: asyncio.Future) -> None:
-        nonlocal left
-        if not w.cancelled():
-            left = True
-            task.cancel()
-
-    watch = asyncio.ensure_future(_disconnected(receive))
-    watch.add_done_callback(on_disconnect)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not left:
-            raise
-        task.uncancel()
-        return None
-    finally:
-        watch.remove_done_callback(on_disconnect)
-        watch.cancel()
-
-
-async def _disconnected(receive: Callable) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _send_json(send: Callable, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-    data = _encode(body)
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *extra]})
-    await send({"type": "http.response.body", "body": data})
-
-
-async def _send_stream(send: Callable, stream: AsyncIterator[bytes]) -> None:
-    """Headers go out with the first chunk: one wake-up of the client, not one for headers in the middle of
-    the router's work on the request and another for the chunk."""
-    try:
-        first = await anext(stream, None)
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        if first is not None:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            async for data in stream:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-    finally:
-        await stream.aclose()  # the client may have left: the stream's cleanup (metrics, workers) runs now
-    await send({"type": "http.response.body", "body": b""})
+    await send_bytes(send, status, _encode(body), [(b"content-type", b"application/json"), *extra])
 
 
 def _require_ready(state: RouterState) -> None:
