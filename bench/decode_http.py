@@ -31,7 +31,7 @@ def _serve(port: int, step_ms: float, tokens: int, plain_asgi: bool) -> None:
     from bench.engine_delivery import StubEngine
     from decode_worker.app import create_app
     from engine.async_engine import AsyncEngine
-    from router.main import server_options
+    from protocol.asgi import server_options
 
     config = SimpleNamespace(name="bench", role="decode", transfer_timeout_s=5.0, internal_token=None)
     rt = SimpleNamespace(engine=AsyncEngine(StubEngine(step_ms / 1e3, tokens)), config=config, descriptor=None,

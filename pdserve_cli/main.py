@@ -38,9 +38,9 @@ def serve(a: argparse.Namespace) -> None:
     import uvicorn
 
     from pdserve_cli.ray_scaler import RayScaler
+    from protocol.asgi import server_options
     from router.app import create_app
     from router.config import RouterConfig
-    from router.main import server_options
     from worker.config import WorkerConfig
     from worker.ray_group import WorkerGroup
 

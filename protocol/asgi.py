@@ -7,6 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 
+def server_options(log_level: str) -> dict:
+    """uvicorn's options for pdserve's servers (router and workers): no proxy-headers middleware (nothing reads
+    the client's address) and no access log unless it would be shown (uvicorn builds each line before the
+    logger drops it)."""
+    return {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("debug", "info")}
+
+
 async def until_disconnect(work: Awaitable, receive: Callable) -> Any:
     """Await `work` unless the client disconnects first, which cancels it (freeing what it holds); None then.
     (A done-callback cancels this task: cheaper than running `work` as a task of its own and waiting on both.)"""

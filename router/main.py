@@ -11,6 +11,7 @@ import os
 
 import uvicorn
 
+from protocol.asgi import server_options
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
 from router.config import RouterConfig
@@ -75,12 +76,6 @@ def main() -> None:
 
 
 _CONFIG_ENV = "PDSERVE_ROUTER_CONFIG_JSON"
-
-
-def server_options(log_level: str) -> dict:
-    """uvicorn's options for the router: no proxy-headers middleware (the router never reads the client's
-    address) and no access log unless it would be shown (uvicorn builds each line before the logger drops it)."""
-    return {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("debug", "info")}
 
 
 def _flag(value: str | bool) -> bool:

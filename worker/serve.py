@@ -8,6 +8,7 @@ import uvicorn
 
 from engine.errors import ModelLoadError
 from engine.parallel import SINGLE, Parallel
+from protocol.asgi import server_options
 from protocol.env_args import EnvDefaultsParser
 from worker.config import WorkerConfig
 from worker.runtime import WorkerRuntime
@@ -35,7 +36,7 @@ def build_server(config: WorkerConfig, parallel: Parallel = SINGLE, log_level: s
     """The worker's HTTP server (not started): on shutdown it stops accepting connections and lets in-flight
     streams finish, up to drain_timeout_s. `server.config.app.state.runtime` is the worker's runtime."""
     return uvicorn.Server(uvicorn.Config(build_app(config, parallel), host=config.host, port=config.port,
-                                         log_level=log_level, timeout_graceful_shutdown=drain_timeout_s))
+                                         timeout_graceful_shutdown=drain_timeout_s, **server_options(log_level)))
 
 
 def run(config: WorkerConfig, log_level: str = "warning", drain_timeout_s: float = 5.0) -> None:
