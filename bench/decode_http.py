@@ -21,7 +21,7 @@ import psutil
 
 from bench.cluster import wait_http
 from bench.common import emit
-from bench.engine_delivery import stub_args
+from bench.engine_delivery import TokenGaps, stub_args
 from pdserve_cli.main import free_port
 
 
@@ -41,30 +41,24 @@ def _serve(port: int, step_ms: float, tokens: int, plain_asgi: bool) -> None:
 
 
 async def _streams(port: int, requests: int, tokens: int) -> tuple[int, list[float]]:
-    gaps: list[float] = []
-    total = 0
+    seen = TokenGaps()
 
     async def one(i: int) -> None:
-        nonlocal total
+        arrived = seen.stream()
         body = json.dumps({"request_id": f"r{i}", "prompt_token_ids": [1, 2, 3],
                            "params": {"max_tokens": tokens}}).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /generate HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n" % len(body) + body)
-        last = None
         while data := await reader.read(65536):
-            n = data.count(b'"token_ids"')
-            now = time.perf_counter()
-            if n:
-                if last is not None:
-                    gaps.extend([(now - last) / n] * n)
-                last, total = now, total + n
+            if n := data.count(b'"token_ids"'):
+                arrived(n)
             if b'"finished":true' in data:
                 break
         writer.close()
 
     await asyncio.gather(*(one(i) for i in range(requests)))
-    return total, gaps
+    return seen.tokens, seen.gaps
 
 
 def measure(plain_asgi: bool, requests: int, step_ms: float, tokens: int) -> dict:

@@ -14,6 +14,7 @@ and the gap between a request's tokens (p50, p90).
 import argparse
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -64,20 +65,33 @@ class PerTokenAsyncEngine(AsyncEngine):
             self._deliver(out.request_id, out)
 
 
-async def _run(engine: AsyncEngine, requests: int, batched: bool) -> tuple[float, list[float]]:
-    gaps: list[float] = []
-    tokens = 0
+class TokenGaps:
+    """The gaps between each stream's tokens, over many streams; n tokens that arrive at once share the wait
+    since that stream's last arrival (n gaps of a 1/n each)."""
 
-    async def one(i: int) -> None:
+    def __init__(self):
+        self.gaps: list[float] = []
+        self.tokens = 0
+
+    def stream(self) -> Callable[[int], None]:
+        """A new stream's `arrived(n)`."""
         last = None
 
-        def wrote(n: int) -> None:  # n tokens went out in one write
-            nonlocal last, tokens
+        def arrived(n: int) -> None:
+            nonlocal last
             now = time.perf_counter()
             if last is not None:
-                gaps.extend([(now - last) / n] * n)
-            last, tokens = now, tokens + n
+                self.gaps.extend([(now - last) / n] * n)
+            last, self.tokens = now, self.tokens + n
 
+        return arrived
+
+
+async def _run(engine: AsyncEngine, requests: int, batched: bool) -> tuple[float, list[float]]:
+    seen = TokenGaps()
+
+    async def one(i: int) -> None:
+        wrote = seen.stream()  # n tokens went out in one write
         if batched:
             async for batch in engine.generate_batches(f"r{i}", [1, 2, 3], None):
                 b"".join([_chunk(o) for o in batch])  # what the decode worker writes
@@ -91,7 +105,7 @@ async def _run(engine: AsyncEngine, requests: int, batched: bool) -> tuple[float
 
     t = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(requests)))
-    return tokens / (time.perf_counter() - t), gaps
+    return seen.tokens / (time.perf_counter() - t), seen.gaps
 
 
 def measure(cls: type, requests: int, step_s: float, tokens: int, batched: bool) -> dict:

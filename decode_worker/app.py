@@ -7,6 +7,7 @@ request that finds no blocks free to receive its KV is prefilled locally too, qu
 instead of being refused (the pool is momentarily full, not too small).
 """
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from engine.async_engine import EngineDeadError
 from engine.errors import KVCacheFullError, RequestError
 from engine.outputs import RequestOutput, TokenLogprob
-from protocol.asgi import send_bytes, send_stream, until_disconnect
+from protocol.asgi import read_body, send_bytes, send_stream, until_disconnect
 from protocol.http_client import TOKEN_HEADER, internal_client
 from protocol.internal_auth import holds_token, refuse
 from protocol.messages import GenerateChunk, GenerateRequest, SendRequest, SendResult
@@ -151,16 +152,12 @@ class DecodeApp:
     async def _generate(self, scope: dict, receive: Callable, send: Callable) -> None:
         if self._token is not None and not holds_token(scope, self._token):
             return await refuse(send)
-        parts = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            parts.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
         try:
-            req = GenerateRequest.model_validate_json(b"".join(parts))
+            raw = await read_body(receive)
+        except asyncio.CancelledError:  # the router left before sending the whole body
+            return
+        try:
+            req = GenerateRequest.model_validate_json(raw)
         except ValidationError as e:
             detail = msgspec.json.encode({"detail": e.errors(include_url=False, include_context=False)})
             return await send_bytes(send, 422, detail, [(b"content-type", b"application/json")])

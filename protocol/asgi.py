@@ -45,6 +45,27 @@ async def _disconnected(receive: Callable) -> None:
         pass
 
 
+class BodyTooLarge(ValueError):
+    pass
+
+
+async def read_body(receive: Callable, max_bytes: int | None = None) -> bytes:
+    """The whole request body. Raises BodyTooLarge as soon as it passes max_bytes, and CancelledError when the
+    client leaves before sending all of it."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # the client left before sending its whole body
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise BodyTooLarge(f"the body is over {max_bytes} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 async def send_bytes(send: Callable, status: int, data: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     """A whole response with a body (headers: besides the content length)."""
     await send({"type": "http.response.start", "status": status,

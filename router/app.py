@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from protocol.asgi import send_bytes, send_stream, until_disconnect
+from protocol.asgi import BodyTooLarge, read_body, send_bytes, send_stream, until_disconnect
 from protocol.http_client import TOKEN_HEADER, internal_client
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.stream_client import StreamClient
@@ -162,7 +162,7 @@ class RouterApp:
             try:
                 async with asyncio.timeout(self.state.config.request_timeout_s):
                     reply = await until_disconnect(handle(self.state, chat, body, session, key, admitted),
-                                                    receive)
+                                                   receive)
             except TimeoutError:
                 raise OpenAIError(504, f"the request took longer than {self.state.config.request_timeout_s:g} s",
                                   code="request_timeout") from None
@@ -303,18 +303,10 @@ def _declared_over(scope: dict, max_bytes: int) -> bool:
 async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
     if _declared_over(scope, max_bytes):
         raise _too_large(max_bytes)
-    parts, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # the client left before sending its whole body
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+    try:
+        return await read_body(receive, max_bytes)
+    except BodyTooLarge:
+        raise _too_large(max_bytes) from None
 
 
 def _header(scope: dict, name: bytes) -> str | None:
