@@ -150,6 +150,19 @@ def hf_decode_step_time(folder: Path, batch: int, ctx: int, steps: int) -> float
     return result
 
 
+def emit_gemv_report(bench: str, engine) -> None:
+    """One JSON line a batch size and role: engine/gemv.py's Triton linear (norm / activation fused in) against
+    the unfused ops it replaces, as timed (in CUDA graphs, over every layer) when the engine captured its
+    graphs, and whether the engine took it."""
+    graphs = engine.runner.graphs
+    for bs, roles in (graphs.gemv_report if graphs is not None else {}).items():
+        for role, r in roles.items():
+            if r.get("best_us"):
+                emit(bench, f"gemv_{role}_speedup_batch{bs}", r["unfused_us"] / r["best_us"], "x",
+                     "norm/activation kernel + cuBLAS", r["unfused_us"], ratio=r["unfused_us"] / r["best_us"],
+                     triton_us=r["best_us"], tile=r["tile"], chosen=r["chosen"], batch=bs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8,64,256")
@@ -172,11 +185,15 @@ def main() -> None:
                                     max_num_batched_tokens=8192, enable_prefix_caching=False))
     cfg = engine.model_config
     shapes = {"model": "llama3-8b-shapes (random)", "dtype": "bfloat16", "ctx": args.ctx}
+    emit_gemv_report("engine_gpu", engine)
     for b in batches:
         step = decode_step_time(engine, b, args.ctx, args.steps)
         roofline = decode_roofline_s(engine, b, args.ctx, bw)
+        graphs = engine.runner.graphs
+        bs = next(s for s in graphs.sizes if s >= b) if graphs is not None else None
         emit("engine_gpu", f"decode_step_ms_batch{b}", step * 1e3, "ms", "memory roofline", roofline * 1e3,
-             ratio=roofline / step, batch=b, **shapes)
+             ratio=roofline / step, batch=b, blas=graphs and graphs.blas.get(bs),
+             blas_replay_ms=graphs and graphs.blas_ms.get(bs), **shapes)
     flops_per_token = touched_weight_bytes(engine, 1)  # 2 FLOPs a bf16 weight (2 bytes); dense: all are used
     for length in [int(x) for x in args.prefill.split(",")]:
         t = prefill_time(engine, length)

@@ -13,7 +13,14 @@ import time
 import torch
 
 from bench.common import emit
-from bench.engine_gpu import LLAMA3_8B, config_folder, decode_roofline_s, decode_step_time, read_bandwidth
+from bench.engine_gpu import (
+    LLAMA3_8B,
+    config_folder,
+    decode_roofline_s,
+    decode_step_time,
+    emit_gemv_report,
+    read_bandwidth,
+)
 
 
 def replay_time(graphs, bs: int, reps: int = 50) -> float:
@@ -72,6 +79,8 @@ def profile(args, fused: bool, bw: float, variant: str = "default") -> dict[int,
                                     kv_cache_bytes=args.kv_gib << 30, max_num_seqs=args.max_num_seqs or max(batches),
                                     enable_prefix_caching=False, fused_kernels=fused))
     graphs = engine.runner.graphs
+    if variant == "default":
+        emit_gemv_report("profile_decode", engine)
     steps = {}
     for b in batches:
         steps[b] = step = decode_step_time(engine, b, args.ctx, args.steps)
@@ -83,7 +92,7 @@ def profile(args, fused: bool, bw: float, variant: str = "default") -> dict[int,
              ratio=roofline / step, replay_ms=replay * 1e3, replay_ratio=roofline / replay,
              host_exposed_ms=(step - replay) * 1e3, kernels_per_step=n_kernels, kernel_sum_ms=kernel_s * 1e3,
              batch=b, fused_kernels=fused, variant=variant, max_num_seqs=engine.config.max_num_seqs,
-             kv_gib=args.kv_gib)
+             kv_gib=args.kv_gib, blas=graphs.blas.get(bs), blas_replay_ms=graphs.blas_ms.get(bs))
         print(f"# batch {b}, fused {fused}, {variant}: {n_kernels} kernels, {kernel_s * 1e3:.2f} ms summed; top {args.top}:")
         for name, count, t in table:
             print(f"#   {t * 1e3:8.3f} ms  {count:5d}x  {name}")
@@ -112,9 +121,11 @@ def main() -> None:
                     help="also run with the other FlashInfer decode kernel (tensor cores or not) than the default")
     ap.add_argument("--compare-act", action="store_true",
                     help="also run with the Triton SiLU-and-mul for batches up to 64 (fused.WIDE_ACT_MAX_TOKENS)")
+    ap.add_argument("--compare-gemv", action="store_true",
+                    help="also run without engine/gemv.py's Triton linears (norm and SiLU fused into them)")
     ap.add_argument("--compare-blas", action="store_true",
-                    help="also run with cuBLASLt preferred for the matmuls (batch-1 o_proj gets a split-K reduce "
-                         "kernel from cuBLAS's heuristics)")
+                    help="also run with cuBLAS for every batch size (by default each size's graph is captured "
+                         "with cuBLAS and with cuBLASLt and the faster kept)")
     args = ap.parse_args()
     bw = read_bandwidth()
     base = profile(args, True, bw)
@@ -140,11 +151,21 @@ def main() -> None:
         fused.WIDE_ACT_MAX_TOKENS = 64
         compare(base, profile(args, True, bw, "triton silu_and_mul"), "flashinfer_act", "Triton SiLU-and-mul")
         fused.WIDE_ACT_MAX_TOKENS = 0
+    if args.compare_gemv:
+        from engine import gemv
+
+        gemv.ENABLED = False
+        compare(base, profile(args, True, bw, "no gemv kernels"), "gemv",
+                "FlashInfer norm/activation kernels + cuBLAS (engine/gemv.py off)")
+        gemv.ENABLED = True
     if args.compare_blas:
-        before = torch.backends.cuda.preferred_blas_library()
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        compare(base, profile(args, True, bw, "cublaslt"), "default_blas", "cuBLASLt preferred")
-        torch.backends.cuda.preferred_blas_library(before)
+        from engine import cuda_graphs
+
+        libraries = cuda_graphs.BLAS_LIBRARIES
+        cuda_graphs.BLAS_LIBRARIES = ("cublas",)
+        compare(base, profile(args, True, bw, "cublas only"), "blas_choice",
+                "cuBLAS for every size (no per-size cuBLASLt choice)")
+        cuda_graphs.BLAS_LIBRARIES = libraries
 
 
 def compare(base: dict[int, float], other: dict[int, float], name: str, baseline: str) -> None:

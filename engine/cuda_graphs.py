@@ -1,7 +1,8 @@
 """Decode steps as captured CUDA graphs, one per batch size, over static input buffers.
 
 A batch is padded to the next captured size; padded rows attend to one token of the KV cache's scratch
-block and write their KV there. FlashInfer's decode plan runs on the host before each replay, filling the
+block and write their KV there. Before capturing, batch 1's linears are tuned (engine/gemv.py), and a
+single-rank engine captures each size once with cuBLAS and once with cuBLASLt, keeping the faster replay. FlashInfer's decode plan runs on the host before each replay, filling the
 graph's fixed index buffers.
 """
 
@@ -10,12 +11,31 @@ import logging
 import numpy as np
 import torch
 
+from engine import gemv
 from engine.attention.flashinfer_backend import FlashInferAttention
 from engine.attention.metadata import BatchMetadata
 from engine.device import pinned, to_device
 from engine.model import CausalLM
 
 log = logging.getLogger("pdserve.engine")
+
+
+# The BLAS libraries a single-rank engine captures each batch size's graph with, keeping the faster.
+BLAS_LIBRARIES: tuple[str | None, ...] = ("cublas", "cublaslt")
+
+
+def replay_seconds(graph: torch.cuda.CUDAGraph, reps: int = 10) -> float:
+    """GPU seconds a replay, back to back, best of reps."""
+    graph.replay()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -42,6 +62,9 @@ class CudaGraphDecoder:
         self.logits = torch.zeros(n, model.config.vocab_size, dtype=torch.float32, device=device)
         self.wrappers: dict[int, object] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.gemv_report: dict[int, dict[str, dict]] = {}
+        self.blas: dict[int, str] = {}  # the BLAS library each size's graph was captured with
+        self.blas_ms: dict[int, dict[str, float]] = {}  # {size: {library: replay ms}}, when timed
         self._capture_all()
 
     def fits(self, batch: int) -> bool:
@@ -62,6 +85,12 @@ class CudaGraphDecoder:
     def _capture_all(self) -> None:
         fi = self.attention.flashinfer
         pool = torch.cuda.graph_pool_handle()
+        # Triton linears with the norm / activation fused in, or the unfused ops: timed a batch size at a time
+        self.gemv_report = gemv.tune(self.model, self.sizes)
+        # A single-rank engine captures each size with each BLAS library and keeps the faster replay (cuBLASLt's
+        # heuristics pick other kernels for the skinny matmuls of some batch sizes); ranks of a tensor- or
+        # expert-parallel engine capture with the default, so that they all replay the same collectives.
+        libraries = BLAS_LIBRARIES if self.model.par.world_size == 1 else (None,)
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.attention.workspace, "NHD", use_cuda_graph=True,
@@ -69,14 +98,31 @@ class CudaGraphDecoder:
                 paged_kv_indptr_buffer=self.indptr[: bs + 1], paged_kv_indices_buffer=self.indices,
                 paged_kv_last_page_len_buffer=self.last_page_len[:bs])
             self.attention.plan(self._dummy_meta(bs), wrapper)
+            best = None
+            for library in libraries:
+                graph = self._capture(bs, pool, library)
+                seconds = replay_seconds(graph) if len(libraries) > 1 else 0.0
+                self.blas_ms.setdefault(bs, {})[library or "default"] = seconds * 1e3
+                if best is None or seconds < best[0]:
+                    best = (seconds, graph, library)
+                del graph
+            self.wrappers[bs], self.graphs[bs], self.blas[bs] = wrapper, best[1], best[2] or "default"
+        log.info("captured CUDA graphs for decode batch sizes %s (BLAS library a size: %s)", self.sizes, self.blas)
+
+    def _capture(self, bs: int, pool, library: str | None) -> torch.cuda.CUDAGraph:
+        before = torch.backends.cuda.preferred_blas_library()
+        if library is not None:
+            torch.backends.cuda.preferred_blas_library(library)
+        try:
             for _ in range(2):  # warm up outside the graph (kernel selection, allocations)
                 self._forward(bs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._forward(bs)
-            self.wrappers[bs], self.graphs[bs] = wrapper, graph
-        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+            return graph
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
 
     def _forward(self, bs: int) -> None:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.attention)

@@ -99,7 +99,8 @@ def _rope_store_kernel():
         import triton.language as tl
 
         @triton.jit
-        def kernel(qkv, qkv_stride, pos, cos_sin, cache, s_block, s_kv, s_tok, s_head, slot_blocks, slot_offsets,
+        def kernel(qkv, qkv_stride, q_out, q_stride, pos, cos_sin, cache, s_block, s_kv, s_tok, s_head, slot_blocks,
+                   slot_offsets,
                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                    BLOCK: tl.constexpr):
             t = tl.program_id(0)
@@ -115,8 +116,9 @@ def _rope_store_kernel():
             y1 = (x1 * cos - x2 * sin).to(qkv.dtype.element_ty)
             y2 = (x2 * cos + x1 * sin).to(qkv.dtype.element_ty)
             if h < HEADS:
-                tl.store(row + i, y1, mask=m)
-                tl.store(row + HALF + i, y2, mask=m)
+                q = q_out + t * q_stride + h * D
+                tl.store(q + i, y1, mask=m)
+                tl.store(q + HALF + i, y2, mask=m)
             else:
                 dst = (cache + tl.load(slot_blocks + t) * s_block + tl.load(slot_offsets + t) * s_tok
                        + (h - HEADS) * s_head)
@@ -132,16 +134,20 @@ def _rope_store_kernel():
 
 def rotate_and_store_(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor,
                       slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, heads: int, kv_heads: int,
-                      head_dim: int) -> None:
-    """One kernel: rotate the query heads of qkv [T, (heads + 2 kv_heads) * head_dim] in place, and write each
+                      head_dim: int, q_out: torch.Tensor | None = None) -> None:
+    """One kernel: rotate the query heads of qkv [T, (heads + 2 kv_heads) * head_dim] (in place, or into q_out
+    [T, heads, head_dim] when given: the contiguous query attention reads, with no copy), and write each
     token's rotated k and its v into one layer's cache view [blocks, 2, block_size, kv_heads, head_dim] at
     (slot_blocks[t], slot_offsets[t]). Same math as rotate_ (float32, NeoX halves, rounded once)."""
     kernel, pow2 = _rope_store_kernel()
     if qkv.stride(1) != 1 or cache.stride(4) != 1 or cos_sin.stride(0) != head_dim:
         raise ValueError("rotate_and_store_ needs rows of contiguous heads")
+    if q_out is not None and (q_out.stride(2) != 1 or q_out.stride(1) != head_dim):
+        raise ValueError("rotate_and_store_'s q_out needs contiguous heads")
+    q, q_stride = (qkv, qkv.stride(0)) if q_out is None else (q_out, q_out.stride(0))
     half = head_dim // 2
     kernel[(qkv.shape[0], heads + kv_heads)](
-        qkv, qkv.stride(0), positions, cos_sin, cache, cache.stride(0), cache.stride(1), cache.stride(2),
+        qkv, qkv.stride(0), q, q_stride, positions, cos_sin, cache, cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), slot_blocks, slot_offsets, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, HALF=half,
         BLOCK=pow2(half))
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import fused
+from engine import fused, gemv
 from engine.attention.backend import AttentionBackend
 from engine.errors import ModelLoadError
 from engine.layers import MLP, RMSNorm, RotaryEmbedding
@@ -37,28 +37,32 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend) -> torch.Tensor:
-        num_tokens, heads, kv_heads, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
+        return self.attend(self.qkv_proj(x), positions, rotary, attn)
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+               attn: AttentionBackend) -> torch.Tensor:
+        """Everything after the qkv projection: rotary, the KV write, attention and o_proj."""
+        num_tokens, heads, kv_heads, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, d)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, heads, d))
             k = self.k_norm(k.reshape(num_tokens, kv_heads, d))
         elif self.use_fused and fused.ROPE_AND_STORE:  # rotary + KV write: one kernel, then attention
-            return self.o_proj(attn.forward_rotating(self.layer, qkv, positions, rotary.cos_sin())
-                               .reshape(num_tokens, self.q_size))
+            return gemv.linear(attn.forward_rotating(self.layer, qkv, positions, rotary.cos_sin())
+                               .reshape(num_tokens, self.q_size), self.o_proj)
         if self.use_fused:  # in place, one kernel; q and k stay views into qkv (k beside v: one KV write)
             fused.rotate_(positions, q, k, d, rotary.cos_sin())
             q, k = q.view(num_tokens, heads, d), k.view(num_tokens, kv_heads, d)
         elif self.q_norm is None:  # q and k are adjacent in qkv: rotated together, one set of kernels
             qk = rotary.rotate(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, d),
-                               rotary.lookup(positions, x.dtype))
+                               rotary.lookup(positions, qkv.dtype))
             q, k = qk[:, :heads], qk[:, heads:]
         else:
-            cos_sin = rotary.lookup(positions, x.dtype)
+            cos_sin = rotary.lookup(positions, qkv.dtype)
             q, k = rotary.rotate(q, cos_sin), rotary.rotate(k, cos_sin)
         out = attn.forward(self.layer, q, k, v)  # [num_tokens, heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return gemv.linear(out.reshape(num_tokens, self.q_size), self.o_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -75,6 +79,11 @@ class DecoderLayer(nn.Module):
                 rotary: RotaryEmbedding, attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """(the layer's output, the residual stream before it): the residual add is left to the next norm,
         so that add and norm are one kernel on the fused path."""
+        if self.gemv_path and x.shape[0] <= gemv.MAX_TOKENS:  # norms and SiLU inside the GEMVs (engine/gemv.py)
+            qkv, residual = gemv.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
+            x = self.par.tp_all_reduce(self.self_attn.attend(qkv, positions, rotary, attn))
+            h, residual = gemv.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+            return self.par.tp_all_reduce(gemv.act_linear(h, self.mlp.down_proj, fused.silu_and_mul)), residual
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -82,6 +91,11 @@ class DecoderLayer(nn.Module):
         x = self.par.tp_all_reduce(self.self_attn(x, positions, rotary, attn))
         x, residual = self.post_attention_layernorm(x, residual)
         return self.par.tp_all_reduce(self.mlp(x)), residual
+
+    @property
+    def gemv_path(self) -> bool:
+        """Fused kernels, a dense MLP: the one-token path may take engine/gemv.py's kernels (where tuned)."""
+        return isinstance(self.mlp, MLP) and self.mlp.use_fused
 
 
 class VocabParallelEmbedding(nn.Module):

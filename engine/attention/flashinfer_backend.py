@@ -68,14 +68,15 @@ class FlashInferAttention:
     def forward_rotating(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor,
                          cos_sin: torch.Tensor) -> torch.Tensor:
         """forward() from the unrotated qkv projection [T, (heads + 2 kv_heads) * head_dim]: rotary and the KV
-        write in one kernel (engine.fused.rotate_and_store_), then attention."""
+        write in one kernel (engine.fused.rotate_and_store_, which writes the rotated query out contiguous), then
+        attention."""
         from engine import fused
 
         meta, h, kvh, d = self._meta, self.num_heads, self.num_kv_heads, self.head_dim
         cache = self.kv_cache.tensor[:, layer]
-        fused.rotate_and_store_(qkv, positions, cos_sin, cache, meta.slot_blocks, meta.slot_offsets, h, kvh, d)
-        q = qkv[:, : h * d].view(qkv.shape[0], h, d)
-        return self._wrapper.run(q.contiguous(), cache)
+        q = qkv.new_empty(qkv.shape[0], h, d)
+        fused.rotate_and_store_(qkv, positions, cos_sin, cache, meta.slot_blocks, meta.slot_offsets, h, kvh, d, q)
+        return self._wrapper.run(q, cache)
 
 
 def _side_by_side(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

@@ -164,3 +164,34 @@ def test_overlapped_scheduling_on_gpu_matches_one_step_at_a_time(one_b_dir):
     for ref, out in zip(runs[False], runs[True], strict=True):
         assert len(out.token_ids) == len(ref.token_ids)
         _assert_same_greedy_or_near_tie(ref, out)
+
+
+def test_batch_one_decode_through_the_triton_gemvs_matches_the_unfused_ops(one_b_dir, monkeypatch):
+    """engine/gemv.py's fused linears in the batch-1 decode graph (forced: timing may keep cuBLAS on this small
+    model) give the greedy tokens of the norm/activation kernels + cuBLAS, batch-4 graphs unchanged beside
+    them; and unforced, tuning times every role."""
+    from engine import gemv
+
+    greedy = SamplingParams(max_tokens=16, temperature=0, logprobs=5, ignore_eos=True)
+    prompts = _prompts(3, ONE_B["vocab_size"])
+    runs = {}
+    for forced in (False, True):
+        monkeypatch.setattr(gemv, "FORCE", {1: gemv.Tile(4, 512, 4)} if forced else None)
+        monkeypatch.setattr(gemv, "ENABLED", forced)
+        engine = _engine(one_b_dir, load_format="dummy")
+        tiles = [getattr(layer.mlp.down_proj, "gemv_tiles", {}) for layer in engine.model.layers]
+        assert all(set(t) == {1} for t in tiles) if forced else not any(tiles)
+        alone = [engine.generate([p], greedy)[0] for p in prompts]  # one at a time: batch-1 steps
+        runs[forced] = alone + engine.generate(prompts, greedy)  # three together: the batch-4 graph
+        del engine
+        torch.cuda.empty_cache()
+    for ref, out in zip(runs[False], runs[True], strict=True):
+        _assert_same_greedy_or_near_tie(ref, out)
+    monkeypatch.setattr(gemv, "ENABLED", True)
+    monkeypatch.setattr(gemv, "FORCE", None)
+    engine = _engine(one_b_dir, load_format="dummy")
+    report = engine.runner.graphs.gemv_report
+    assert set(report) == {s for s in engine.runner.graphs.sizes if s <= gemv.MAX_TOKENS}
+    for roles in report.values():
+        assert set(roles) == set(gemv.ROLES)
+        assert all(r["unfused_us"] > 0 and r["best_us"] > 0 for r in roles.values()), roles

@@ -33,6 +33,13 @@ def check(device: str, head_dim: int) -> None:
     assert torch.equal(pool[:, 1, 1], want_pool[:, 1, 1])  # v copied bit for bit
     assert torch.equal(got[:, heads * d :], qkv[:, heads * d :])  # k and v in qkv untouched
     assert torch.count_nonzero(pool[:, [0, 2]]) == 0
+    # The query written out of place (contiguous, as attention reads it): qkv left as it was.
+    q_out, again = torch.zeros(rows, heads, d, dtype=bf16, device=device), torch.zeros_like(pool)
+    unrotated = qkv.clone()
+    fused.rotate_and_store_(unrotated, positions, rotary.cos_sin(), again[:, 1], slot_blocks, slot_offsets, heads,
+                            kv_heads, d, q_out)
+    assert torch.equal(q_out, got[:, : heads * d].view(rows, heads, d))
+    assert torch.equal(unrotated, qkv) and torch.equal(again, pool)
 
 
 @pytest.mark.gpu
