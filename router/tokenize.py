@@ -3,9 +3,10 @@
 `tokenizers`' plain `encode` holds the GIL (~0.6 ms for a 1.6 KB prompt on the CI machine, half the
 router's time a request); `encode_batch_fast` releases it and spreads a batch over the cores. Byte-level
 BPE tokenizers go through tiktoken instead where it gives the same ids (`ChatTokenizer.fast_bpe`, built and
-checked when the encoder starts), 4-5x faster; it releases the GIL too. Prompts that
-arrive while a batch is being tokenized wait for the next batch, so under load the loop keeps serving
-while another core tokenizes. A thread hand-off costs more than it saves when requests come one at a time
+checked when the encoder starts), 4-5x faster, but tiktoken holds the GIL while it encodes (tiktoken 0.14:
+two threads tokenize no faster than one), so with it the batch thread overlaps no work with the loop; it
+does with `tokenizers`. Prompts that arrive while a batch is being tokenized wait for the next batch, so
+under load the loop keeps serving while another core tokenizes. A thread hand-off costs more than it saves when requests come one at a time
 (~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on the CI machine), so short texts, and any
 text that arrives while the router is quiet (nothing queued, none in the last QUIET_S), are tokenized
 inline.
