@@ -1,9 +1,9 @@
 """Decode steps as captured CUDA graphs, one per batch size, over static input buffers.
 
 A batch is padded to the next captured size; padded rows attend to one token of the KV cache's scratch
-block and write their KV there. Before capturing, batch 1's linears are tuned (engine/gemv.py), and a
-single-rank engine captures each size once with cuBLAS and once with cuBLASLt, keeping the faster replay. FlashInfer's decode plan runs on the host before each replay, filling the
-graph's fixed index buffers.
+block and write their KV there. FlashInfer's decode plan runs on the host before each replay, filling the
+graph's fixed index buffers. Before capturing, batch 1's linears are tuned (engine/gemv.py); a single-rank
+engine captures each size once with cuBLAS and once with cuBLASLt and keeps the faster replay.
 """
 
 import logging

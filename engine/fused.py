@@ -100,8 +100,7 @@ def _rope_store_kernel():
 
         @triton.jit
         def kernel(qkv, qkv_stride, q_out, q_stride, pos, cos_sin, cache, s_block, s_kv, s_tok, s_head, slot_blocks,
-                   slot_offsets,
-                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                   slot_offsets, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                    BLOCK: tl.constexpr):
             t = tl.program_id(0)
             h = tl.program_id(1)  # a query head, or (h >= HEADS) a KV head

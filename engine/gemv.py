@@ -1,4 +1,4 @@
-"""Decode-step linear layers as Triton kernels with the small op before them fused in (GPU, CUDA-graph decode).
+"""Batch-1 decode linears as Triton GEMVs with the small op before them fused in (GPU, CUDA-graph decode).
 
 At batch 1 a decode step of an 8B model is a chain of matrix-vector products (each reads its weight once) with
 small kernels between them: residual add + RMSNorm before qkv_proj and gate_up_proj, SiLU-and-mul before
@@ -9,16 +9,16 @@ replaces two. `linear` (o_proj) is the plain product (no split-K reduce kernel a
 
 One token only: with T tokens every program would recompute the prologue on T rows, T/BLOCK_N times the
 weight's bytes in input reads; a tl.dot version of this kernel measured 0.14-0.95x the unfused path at batch
-2-64 on an H200 (session 8), so larger batches keep FlashInfer's kernels and cuBLAS.
+2-64 on an H200, so larger batches keep FlashInfer's kernels and cuBLAS.
 
-Each role (qkv, o, gate_up, down) is timed at start-up, for each captured batch size, against the path it
-replaces (FlashInfer's norm or activation, then cuBLAS), over every layer's weights in turn (as a step reads
-them, not from L2) in a CUDA graph, for a few tile shapes; a role takes the Triton kernel at a batch size only
-where it won (`tune`). Without tuning, every call takes the
-old path. Numerics: float32 inside, the output rounded once. SiLU-and-mul's output is rounded to the weight
-dtype before the product, as FlashInfer's kernel rounds it; RMSNorm's is not: its 1/rms, one number a token,
-scales the finished sums (sum_k W[n,k] x[k] w[k] / rms), so the kernel reads x once, in the same pass that
-sums its squares (rounding apart, the same value; the new residual stream is rounded as FlashInfer's).
+Each role (qkv, o, gate_up, down) is timed at graph capture against the path it replaces (FlashInfer's norm
+or activation, then cuBLAS), over every layer's weights in turn (as a step reads them, not from L2) in a CUDA
+graph, for ten tile shapes; a role takes the Triton kernel only where it won (`tune`). Without tuning, every
+call takes the unfused path. Numerics: float32 inside, the output rounded once. SiLU-and-mul's output is
+rounded to the weight dtype before the product, as FlashInfer's kernel rounds it; RMSNorm's is not: its
+1/rms, one number a token, scales the finished sums (sum_k W[n,k] x[k] w[k] / rms), so the kernel reads x
+once, in the same pass that sums its squares (rounding apart, the same value; the new residual stream is
+rounded as FlashInfer's).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def _build():
         import triton.language as tl
 
         @triton.jit
-        def kernel(w, w_stride, x, res, res_out, norm_w, bias, out, N, K, eps,
-                   NORMED: tl.constexpr, ADD: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+        def kernel(w, w_stride, x, res, res_out, norm_w, bias, out, N, K, eps, NORMED: tl.constexpr,
+                   ADD: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
             pid = tl.program_id(0)
             rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)

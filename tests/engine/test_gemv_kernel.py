@@ -1,5 +1,5 @@
-"""engine.gemv's one-token GEMV with its fused prologues (residual add + RMSNorm, RMSNorm,
-SiLU-and-mul, none) against the unfused ops they replace (engine.layers' PyTorch RMSNorm and SwiGLU, then F.linear): on the GPU,
+"""engine.gemv's one-token GEMV with its fused prologues (residual add + RMSNorm, RMSNorm, SiLU-and-mul, none)
+against the unfused ops they replace (engine.layers' PyTorch RMSNorm and SwiGLU, then F.linear): on the GPU,
 and on the CPU through Triton's interpreter (so CI runs the kernel's logic too)."""
 
 import pytest
