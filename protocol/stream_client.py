@@ -25,6 +25,11 @@ class StreamClientError(ConnectionError):
     """The worker could not be reached, or the connection broke before the answer was complete."""
 
 
+def _expire(waiter: asyncio.Future, timeout_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(f"the worker sent nothing for {timeout_s:g} s"))
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -81,13 +86,14 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(None)
 
     async def wait(self, timeout_s: float) -> None:
-        self.waiter = self.loop.create_future()
+        """Until bytes arrive or the connection ends; TimeoutError after timeout_s without either. A timer
+        handle on the waiter rather than asyncio.timeout: ~1 against ~10 us, and a request waits a few times."""
+        waiter = self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout_s, _expire, waiter, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                await self.waiter
-        except TimeoutError:
-            raise TimeoutError(f"the worker sent nothing for {timeout_s:g} s") from None
+            await waiter
         finally:
+            timer.cancel()
             self.waiter = None
 
     def reset(self) -> None:

@@ -159,13 +159,15 @@ class RouterApp:
             body = _parse(chat, raw)
             session = _header(scope, self.state.config.session_header.encode())
             admitted: list[Ticket] = []
-            try:
-                async with asyncio.timeout(self.state.config.request_timeout_s):
-                    reply = await until_disconnect(handle(self.state, chat, body, session, key, admitted),
-                                                   receive)
-            except TimeoutError:
-                raise OpenAIError(504, f"the request took longer than {self.state.config.request_timeout_s:g} s",
-                                  code="request_timeout") from None
+            limit = self.state.config.request_timeout_s
+            with _Deadline(limit) as deadline:
+                try:
+                    reply = await until_disconnect(handle(self.state, chat, body, session, key, admitted), receive)
+                except asyncio.CancelledError:
+                    if not deadline.expired():
+                        raise
+                    raise OpenAIError(504, f"the request took longer than {limit:g} s",
+                                      code="request_timeout") from None
         except OpenAIError as e:
             count(endpoint, str(e.status), error=e)
             return await _send_json(send, e.status, e.body(), e.headers)
@@ -186,6 +188,33 @@ class RouterApp:
                 await until_disconnect(send_stream(send, reply.stream, _SSE_HEADERS), receive)
             finally:
                 await reply.ticket.close("cancelled")  # a no-op unless the stream never started
+
+
+class _Deadline:
+    """Cancel the current task after `seconds`: asyncio.timeout's job, with a bare timer handle (~1 against
+    ~10 us a request). In the task's `except CancelledError`, `expired()` tells the deadline's cancellation
+    from any other; leaving the block takes the deadline's cancellation back, as asyncio.timeout does."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._fired = False
+
+    def __enter__(self) -> "_Deadline":
+        self._task = asyncio.current_task()
+        self._timer = asyncio.get_running_loop().call_later(self.seconds, self._fire)
+        return self
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        return self._fired
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        if self._fired:
+            self._task.uncancel()
 
 
 def create_app(config: RouterConfig) -> RouterApp:

@@ -117,7 +117,10 @@ async def test_unreachable_worker_and_silent_worker_give_clean_errors(server):
     with pytest.raises(StreamClientError):
         async with client.post("http://127.0.0.1:1/generate", b"{}"):
             pass
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match="sent nothing for 0.2 s"):
         async with client.post(f"{server.url}/lines", b"2,1000") as resp:
             await resp.read()
+    # The limit is on silence, not on the whole answer: 6 lines 0.1 s apart take longer than 0.2 s.
+    async with client.post(f"{server.url}/lines", b"6,100") as resp:
+        assert len([line async for line in resp.lines()]) == 6
     await client.close()

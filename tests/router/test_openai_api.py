@@ -104,3 +104,23 @@ def test_client_leaving_stops_the_worker(fake_cluster, stream):
     time.sleep(0.3)
     assert _running(fake_cluster) == 0
     assert 0 < _tokens_sent(fake_cluster) - before < 100  # 500 at 20 ms each: the router closed the stream
+
+
+def test_request_over_the_time_limit_gets_504_and_stops_the_worker(routers, fake_urls):
+    router = routers("--request-timeout-s", "0.5")
+    cluster = LocalCluster.in_front_of(fake_urls)
+    body = {"model": "fake", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 500,
+            "ignore_eos": True}  # 500 tokens 20 ms apart: 10 s
+    before = _tokens_sent(cluster)
+    start = time.monotonic()
+    r = httpx.post(f"{router}/v1/chat/completions", json=body, timeout=10)
+    took = time.monotonic() - start
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+    assert 0.4 < took < 3
+    deadline = time.monotonic() + 5
+    while _running(cluster) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _running(cluster) == 0
+    assert _tokens_sent(cluster) - before < 150  # the worker's stream was closed, not run to its end
+    ok = httpx.post(f"{router}/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=10)
+    assert ok.status_code == 200  # the router serves on after a timed-out request
