@@ -192,8 +192,9 @@ class RouterApp:
 
 class _Deadline:
     """Cancel the current task after `seconds`: asyncio.timeout's job, with a bare timer handle (~1 against
-    ~6 us of overhead on the CI machine). In the task's `except CancelledError`, `expired()` tells the deadline's cancellation
-    from any other; leaving the block takes the deadline's cancellation back, as asyncio.timeout does."""
+    ~6 us of overhead on the CI machine). In the task's `except CancelledError`, `expired()` tells the
+    deadline's cancellation from any other; leaving the block takes the deadline's cancellation back, as
+    asyncio.timeout does."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds

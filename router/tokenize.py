@@ -6,10 +6,10 @@ BPE tokenizers go through tiktoken instead where it gives the same ids (`ChatTok
 checked when the encoder starts), 4-5x faster, but tiktoken holds the GIL while it encodes (tiktoken 0.14:
 two threads tokenize no faster than one), so with it the batch thread overlaps no work with the loop; it
 does with `tokenizers`. Prompts that arrive while a batch is being tokenized wait for the next batch, so
-under load the loop keeps serving while another core tokenizes. A thread hand-off costs more than it saves when requests come one at a time
-(~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on the CI machine), so short texts, and any
-text that arrives while the router is quiet (nothing queued, none in the last QUIET_S), are tokenized
-inline.
+under load the loop keeps serving while another core tokenizes. A thread hand-off costs more than it saves
+when requests come one at a time (~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on the CI
+machine), so short texts, and any text that arrives while the router is quiet (nothing queued, none in the
+last QUIET_S), are tokenized inline.
 
 A chat resends its earlier messages and tenants share long system prompts: where the tokenizer allows it
 (ChatTokenizer.splits_exactly), a prompt is split at its special tokens and the parts are cached (LRU,

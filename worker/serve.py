@@ -67,7 +67,8 @@ def main() -> None:
                     help="host: shared memory (CPU) or CUDA IPC (GPU) on one host; nixl: NIXL/UCX (GPU, any host)")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a GPU, else torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: 1 on a GPU, else torch's choice)")
     ap.add_argument("--drain-timeout-s", type=float, default=5.0, help="on SIGTERM, let requests finish this long")
     ap.add_argument("--internal-token", default=None,
                     help="answer only callers holding this token (default $PDSERVE_INTERNAL_TOKEN; unset: open)")
