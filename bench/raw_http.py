@@ -120,11 +120,12 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 class ConnectionPool:
-    """`size` keep-alive connections (made on first use): at most `size` requests in flight."""
+    """`size` keep-alive connections (made on first use): at most `size` requests in flight. The connection
+    used last is used next (as an HTTP client's pool does), so a light load keeps reusing a few."""
 
     def __init__(self, host: str, port: int, size: int):
         self.conns = [RawConnection(host, port) for _ in range(size)]
-        self.idle: asyncio.Queue[RawConnection] = asyncio.Queue()
+        self.idle: asyncio.Queue[RawConnection] = asyncio.LifoQueue()
         for conn in self.conns:
             self.idle.put_nowait(conn)
 

@@ -37,19 +37,24 @@ def _body(rng: random.Random, stream: bool, max_tokens: int, prompt_chars: int) 
 
 
 async def _open_loop(port: int, rate: float, duration_s: float, stream: bool, max_tokens: int,
-                     prompt_chars: int) -> list:
+                     prompt_chars: int, warmup_s: float = 0.5) -> list:
+    """Requests sent at a fixed rate, each when its time comes; those of the first `warmup_s` are not counted
+    (the connections they open are reused later, as a real client's are)."""
     pool = ConnectionPool("127.0.0.1", port, 256)
     rng = random.Random(2 if stream else 0)  # the streamed prompts are not the plain ones (the router caches)
-    n = int(rate * duration_s)
+    warm = int(rate * warmup_s)
+    n = warm + int(rate * duration_s)
     bodies = [_body(rng, stream, max_tokens, prompt_chars) for _ in range(n)]  # made before the clock starts
+    tasks = []
     t0 = time.perf_counter()
-
-    async def one(i: int):
-        await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-        return await pool.post_json("/v1/chat/completions", bodies[i])
-
-    return [r for r in await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
-            if not isinstance(r, BaseException) and r.status == 200]
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(pool.post_json("/v1/chat/completions", bodies[i])))
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    pool.close()
+    return [r for r in done[warm:] if not isinstance(r, BaseException) and r.status == 200]
 
 
 async def _closed_loop(port: int, concurrency: int, duration_s: float, prompt_chars: int) -> float:

@@ -124,10 +124,13 @@ class ChatTokenizer:
         # transformers renders, then encodes without adding special tokens: the template places them.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True, parallel: bool = False
+                     ) -> list[list[int]]:
         """Several texts at once (no offsets computed): through fast_bpe where it exists (without the
-        post-processor's special tokens), else `tokenizers`, releasing the GIL and spreading over cores."""
-        if not add_special_tokens and self.fast_bpe is not None:
+        post-processor's special tokens), else `tokenizers`, releasing the GIL and spreading over cores.
+        parallel: `tokenizers` even where fast_bpe exists (fast_bpe is faster on one core but holds the GIL;
+        `tokenizers` lets the calling process's other threads run meanwhile)."""
+        if not add_special_tokens and self.fast_bpe is not None and not parallel:
             return [self._encode_fast(self.fast_bpe, t) for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -31,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from protocol.asgi import BodyTooLarge, read_body, send_bytes, send_stream, until_disconnect
-from protocol.http_client import TOKEN_HEADER, internal_client
+from protocol.http_client import TOKEN_HEADER
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
@@ -59,9 +58,8 @@ class RouterState:
     def __init__(self, config: RouterConfig):
         self.config = config
         token = config.internal_token
-        self.client = internal_client(httpx.Timeout(10.0, connect=5.0), token=token)  # control plane
-        self.stream_client = StreamClient(config.request_timeout_s,  # data plane: token streams
-                                          headers={TOKEN_HEADER: token} if token else None)
+        # To the workers: token streams (the data plane) and the health, load and KV-event polls.
+        self.stream_client = StreamClient(config.request_timeout_s, headers={TOKEN_HEADER: token} if token else None)
         if config.redis_url:
             self.state = RedisState(config.redis_url, config.redis_namespace, config.max_index_blocks_per_worker,
                                     router_id=uuid.uuid4().hex)
@@ -72,7 +70,7 @@ class RouterState:
                                             config.k8s_decode_selector, config.worker_port)
         else:
             discovery = StaticDiscovery(config.prefill_urls, config.decode_urls)
-        self.pool = WorkerPool(discovery, self.client, self.state, config.health_interval_s)
+        self.pool = WorkerPool(discovery, self.stream_client, self.state, config.health_interval_s)
         self.metrics = RouterMetrics()
         self.door = FrontDoor(config, getattr(self.state, "redis", None), self.metrics)
         self.telemetry = Telemetry()
@@ -103,7 +101,7 @@ class RouterState:
         """The tokenizer and routing come from the first registered worker (which may come later)."""
         if self.dispatcher is None and self.pool.reference is not None:
             self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
-            self.encoder = BatchEncoder(self.tokenizer)
+            self.encoder = BatchEncoder(self.tokenizer, parallel=self.config.tokenize_parallel)
             self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
                                  self.config.local_prefill_tokens)
             self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.metrics)
@@ -111,7 +109,6 @@ class RouterState:
 
     async def stop(self) -> None:
         await self.pool.stop()
-        await self.client.aclose()
         await self.stream_client.close()
         await self.state.close()
         if self.encoder is not None:

@@ -14,6 +14,7 @@ class RouterConfig:
     load_weight: float = 1.0  # tokens of queued work that weigh as much as one token to recompute
     local_prefill_tokens: int = 64  # prompts with at most this many uncached tokens prefill on the decode worker
     health_interval_s: float = 1.0
+    tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto
     request_timeout_s: float = 600.0
     max_body_bytes: int = 4 << 20
     max_index_blocks_per_worker: int = 200_000

@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--max-queued-prefill-tokens", type=int, default=2_000_000)
     ap.add_argument("--ttft-slo-s", type=float, default=None)
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
+    ap.add_argument("--health-interval-s", type=float, default=1.0,
+                    help="how often each worker's health, load and KV events are polled")
+    ap.add_argument("--tokenize-parallel", choices=["auto", "on", "off"], default="auto",
+                    help="tokenize batches with `tokenizers` off the GIL, over the cores (auto: with 4 or more)")
     ap.add_argument("--processes", type=int, default=1, help="router processes sharing the port (needs --redis-url)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
@@ -64,7 +68,8 @@ def main() -> None:
                           max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
                           max_waiting_per_worker=a.max_waiting_per_worker, min_free_kv_ratio=a.min_free_kv_ratio,
                           max_queued_prefill_tokens=a.max_queued_prefill_tokens, ttft_slo_s=a.ttft_slo_s,
-                          request_timeout_s=a.request_timeout_s)
+                          request_timeout_s=a.request_timeout_s, health_interval_s=a.health_interval_s,
+                          tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel])
     if a.processes > 1:
         if not config.redis_url:
             ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")

@@ -1,15 +1,17 @@
 """Tokenizing off the event loop, in batches.
 
-`tokenizers`' plain `encode` holds the GIL (~0.6 ms for a 1.6 KB prompt on the CI machine, half the
-router's time a request); `encode_batch_fast` releases it and spreads a batch over the cores. Byte-level
-BPE tokenizers go through tiktoken instead where it gives the same ids (`ChatTokenizer.fast_bpe`, built and
-checked when the encoder starts), 4-5x faster, but tiktoken holds the GIL while it encodes (tiktoken 0.14:
-two threads tokenize no faster than one), so with it the batch thread overlaps no work with the loop; it
-does with `tokenizers`. Prompts that arrive while a batch is being tokenized wait for the next batch, so
-under load the loop keeps serving while another core tokenizes. A thread hand-off costs more than it saves
-when requests come one at a time (~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on the CI
-machine), so short texts, and any text that arrives while the router is quiet (nothing queued, none in the
-last QUIET_S), are tokenized inline.
+Tokenizing a 1.6 KB prompt is the largest single part of the router's work a request. Two tokenizers give
+the same ids (ChatTokenizer checks it when it builds the fast one):
+- tiktoken (`ChatTokenizer.fast_bpe`, byte-level BPE models): ~4x faster on one core, but it holds the GIL
+  while it encodes (tiktoken 0.14: two threads tokenize no faster than one), so it overlaps no work with
+  the event loop, in a thread or not;
+- `tokenizers`' `encode_batch_fast`: slower a prompt, but it releases the GIL and spreads a batch over the
+  cores, so the loop keeps serving while other cores tokenize.
+Prompts that arrive while the router is quiet (nothing queued, none in the last QUIET_S) or that are
+short are tokenized inline on the loop, with the fastest tokenizer: a thread hand-off costs more than it
+saves when requests come one at a time (~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on
+the CI machine). Under load, prompts queue for the thread's next batch, which goes through `tokenizers`
+where the process has cores to spare (`parallel`: PARALLEL_MIN_CPUS or more), else through tiktoken.
 
 A chat resends its earlier messages and tenants share long system prompts: where the tokenizer allows it
 (ChatTokenizer.splits_exactly), a prompt is split at its special tokens and the parts are cached (LRU,
@@ -17,6 +19,7 @@ CACHE_CHARS of text), so only the parts not seen before are tokenized, with the 
 """
 
 import asyncio
+import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,12 +28,20 @@ from protocol.tokenizer import ChatTokenizer
 INLINE_CHARS = 256  # below this, a thread hand-off costs more than tokenizing on the loop
 QUIET_S = 0.001  # a prompt arriving this long after the previous one finds the loop idle: tokenized inline
 CACHE_CHARS = 4 << 20  # text held by the cache of prompt parts (~10x that in memory with the ids)
+PARALLEL_MIN_CPUS = 4  # with fewer, the batch thread's tokenizing competes with the loop for the same cores
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class BatchEncoder:
-    def __init__(self, tokenizer: ChatTokenizer, max_batch: int = 64, cache_chars: int = CACHE_CHARS):
+    def __init__(self, tokenizer: ChatTokenizer, max_batch: int = 64, cache_chars: int = CACHE_CHARS,
+                 parallel: bool | None = None):
+        """parallel: batches through `tokenizers`, off the GIL (None: where PARALLEL_MIN_CPUS are usable)."""
         self.tokenizer = tokenizer
         self.fast = tokenizer.fast_bpe is not None  # built (and checked against tokenizers) now, not on a request
+        self.parallel = _usable_cpus() >= PARALLEL_MIN_CPUS if parallel is None else parallel
         self.max_batch = max_batch
         self.cache_chars = cache_chars if tokenizer.splits_exactly else 0
         self._parts: OrderedDict[str, list[int]] = OrderedDict()
@@ -89,6 +100,8 @@ class BatchEncoder:
         if not self._draining:
             self._draining = True
             loop.create_task(self._drain())
+        if len(futures) == 1:  # the common case: no gather (a task's cancellation cancels what it awaits)
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
     async def _drain(self) -> None:
@@ -98,7 +111,7 @@ class BatchEncoder:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 try:
                     results = await loop.run_in_executor(self._executor, self.tokenizer.encode_batch,
-                                                         [t for t, _ in batch], False)
+                                                         [t for t, _ in batch], False, self.parallel)
                 except Exception as e:  # noqa: BLE001 - every waiter gets the error
                     for _, f in batch:
                         if not f.done():

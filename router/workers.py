@@ -5,14 +5,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-import httpx
-
 from protocol.kv_events import KVEvent
 from protocol.messages import WorkerInfo, WorkerLoad
+from protocol.stream_client import StatusError, StreamClient, StreamClientError
 from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.state import LocalState, RedisState
 
 log = logging.getLogger("pdserve.router")
+POLL_TIMEOUT_S = 2.0  # a worker silent this long in a health poll is unhealthy
+REGISTER_TIMEOUT_S = 10.0
 
 
 class RegistrationError(RuntimeError):
@@ -37,7 +38,7 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, discovery: "StaticDiscovery | KubernetesDiscovery", client: httpx.AsyncClient,
+    def __init__(self, discovery: "StaticDiscovery | KubernetesDiscovery", client: StreamClient,
                  state: "LocalState | RedisState", health_interval_s: float = 1.0):
         self.discovery = discovery
         self.workers: list[Worker] = []
@@ -96,16 +97,17 @@ class WorkerPool:
             await asyncio.gather(*(self._refresh(w) for w in self.workers), return_exceptions=True)
 
     async def _register(self, w: Worker) -> None:
-        resp = await self.client.get(f"{w.url}/info")
-        if resp.status_code == 401:
-            raise RegistrationError(f"{w.url} refused this router's internal token")
-        resp.raise_for_status()
-        info = WorkerInfo.model_validate(resp.json())
+        try:
+            info = WorkerInfo.model_validate(await self.client.get_json(f"{w.url}/info", REGISTER_TIMEOUT_S))
+        except StatusError as e:
+            if e.status == 401:
+                raise RegistrationError(f"{w.url} refused this router's internal token") from None
+            raise
         if info.role != w.role:
             raise RegistrationError(f"{w.url} is a {info.role} worker, configured as {w.role}")
         if self.reference is None:
             self.reference = info
-            self.tokenizer_files = (await self.client.get(f"{w.url}/tokenizer")).json()
+            self.tokenizer_files = await self.client.get_json(f"{w.url}/tokenizer", REGISTER_TIMEOUT_S)
         ref = self.reference
         for name in ("model", "block_size", "root_hash", "tokenizer_hash"):
             if getattr(info, name) != getattr(ref, name):
@@ -117,9 +119,7 @@ class WorkerPool:
         try:
             if w.info is None:
                 await self._register(w)
-            resp = await self.client.get(f"{w.url}/load", timeout=2.0)
-            resp.raise_for_status()
-            w.load = WorkerLoad.model_validate(resp.json())
+            w.load = WorkerLoad.model_validate(await self.client.get_json(f"{w.url}/load", POLL_TIMEOUT_S))
             self._measure_rate(w)
             await self._pull_events(w)
             if not w.healthy:
@@ -128,7 +128,7 @@ class WorkerPool:
         except RegistrationError as e:
             log.error("refusing worker: %s", e)
             w.healthy = False
-        except (httpx.HTTPError, ValueError) as e:
+        except (StreamClientError, TimeoutError, ValueError) as e:
             if w.healthy:
                 log.warning("worker %s is unhealthy: %r", w.url, e)
             w.healthy = False
@@ -137,7 +137,7 @@ class WorkerPool:
         if not await self.state.owns_events(w.url):
             w.events_seq = 0  # another router ingests them; start over if this one takes over later
             return
-        body = (await self.client.get(f"{w.url}/kv_events", params={"since": w.events_seq}, timeout=2.0)).json()
+        body = await self.client.get_json(f"{w.url}/kv_events?since={w.events_seq}", POLL_TIMEOUT_S)
         if body["resync"]:
             await self.state.reset(w.url, body["block_hashes"])
         await self.state.apply_events(w.url, [KVEvent.from_dict(e) for e in body["events"]])

@@ -5,6 +5,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from protocol.stream_client import StreamClient
 from router.discovery import StaticDiscovery
 from router.state import LocalState
 from router.workers import WorkerPool
@@ -34,12 +35,12 @@ def test_internal_api_needs_the_token_and_probes_stay_open(guarded):
 
 
 async def test_a_router_without_the_token_cannot_register_the_workers(guarded):
-    for client, healthy in ((httpx.AsyncClient(), False), (httpx.AsyncClient(headers={"x-pdserve-token": TOKEN}), True)):
+    for client, healthy in ((StreamClient(), False), (StreamClient(headers={"x-pdserve-token": TOKEN}), True)):
         pool = WorkerPool(StaticDiscovery([], guarded.decode_urls), client, LocalState(1000))
         await pool.sync()
         await pool._refresh(pool.workers[0])
         assert pool.workers[0].healthy is healthy and (pool.workers[0].info is not None) is healthy
-        await client.aclose()
+        await client.close()
 
 
 def test_router_with_the_token_serves_through_both_workers(guarded, demo_model_name):

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from protocol.stream_client import StreamClient, StreamClientError
+from protocol.stream_client import StatusError, StreamClient, StreamClientError
 
 
 class Server:
@@ -20,6 +20,15 @@ class Server:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET "):  # a poll: JSON of what it asked, or 404 for /missing
+                    self.requests.append(head)
+                    target = head.split(b" ")[1]
+                    token = next((h.split(b":", 1)[1].strip() for h in head.split(b"\r\n")
+                                  if h.lower().startswith(b"x-token:")), b"")
+                    status, body = ((b"404 Not Found", b"no such thing") if target == b"/missing" else
+                                    (b"200 OK", b'{"target": "%s", "token": "%s"}' % (target, token)))
+                    writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n%s" % (status, len(body), body))
+                    continue
                 length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
                              .split(b":")[1])
                 body = await reader.readexactly(length)
@@ -123,4 +132,17 @@ async def test_unreachable_worker_and_silent_worker_give_clean_errors(server):
     # The limit is on silence, not on the whole answer: 6 lines 0.1 s apart take longer than 0.2 s.
     async with client.post(f"{server.url}/lines", b"6,100") as resp:
         assert len([line async for line in resp.lines()]) == 6
+    await client.close()
+
+
+async def test_get_json_sends_the_headers_decodes_the_answer_and_raises_on_other_statuses(server):
+    client = StreamClient(timeout_s=5, headers={"x-token": "secret"})
+    assert await client.get_json(f"{server.url}/kv_events?since=7") == {"target": "/kv_events?since=7",
+                                                                         "token": "secret"}
+    with pytest.raises(StatusError) as e:
+        await client.get_json(f"{server.url}/missing")
+    assert e.value.status == 404
+    async with client.post(f"{server.url}/lines", b"1,0") as resp:  # polls and streams share connections
+        assert await resp.read() == b'{"i": 0}\n'
+    assert server.connections == 1
     await client.close()

@@ -2,9 +2,9 @@
 
 from datetime import UTC, datetime
 
-import httpx
 from kubernetes.client import V1ObjectMeta, V1Pod, V1PodCondition, V1PodList, V1PodStatus
 
+from protocol.stream_client import StreamClient
 from router.discovery import KubernetesDiscovery
 from router.state import LocalState
 from router.workers import WorkerPool
@@ -34,7 +34,7 @@ async def test_ready_pods_of_each_pool_become_workers_and_leave_when_gone():
     api.pods["component=decode"] = [_pod("d0", "10.0.1.1", True), _pod("d1", None, False),
                                     _pod("d2", "10.0.1.3", True, terminating=True)]
     discovery = KubernetesDiscovery("serving", "component=prefill", "component=decode", 8100, api=api)
-    pool = WorkerPool(discovery, httpx.AsyncClient(), LocalState(100))
+    pool = WorkerPool(discovery, StreamClient(), LocalState(100))
     await pool.sync()
     assert sorted((w.role, w.url) for w in pool.workers) == [("decode", "http://10.0.1.1:8100"),
                                                             ("prefill", "http://10.0.0.1:8100")]

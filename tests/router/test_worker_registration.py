@@ -1,8 +1,8 @@
 """Workers that disagree with the pool are refused; KV events feed the index, with resync."""
 
-import httpx
 import pytest
 
+from protocol.stream_client import StatusError
 from router.discovery import StaticDiscovery
 from router.state import LocalState
 from router.workers import WorkerPool
@@ -11,14 +11,23 @@ INFO = {"role": "decode", "name": "d", "model": "m", "block_size": 16, "root_has
         "tokenizer_hash": "t"}
 
 
-async def _pool(handlers: dict) -> tuple[WorkerPool, LocalState]:
-    def handle(request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        return httpx.Response(200, json=handlers[host](request))
+class FakeClient:
+    """The pool's client (StreamClient.get_json), answering from handlers: host -> (path -> JSON)."""
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    def __init__(self, handlers: dict):
+        self.handlers = handlers
+
+    async def get_json(self, url: str, timeout_s: float | None = None):
+        host, _, path = url.removeprefix("http://").partition("/")
+        answer = self.handlers[host]("/" + path.partition("?")[0])
+        if isinstance(answer, int):
+            raise StatusError(url, answer, b"refused")
+        return answer
+
+
+async def _pool(handlers: dict) -> tuple[WorkerPool, LocalState]:
     state = LocalState(1000)
-    pool = WorkerPool(StaticDiscovery([], ["http://a", "http://b"]), client, state)
+    pool = WorkerPool(StaticDiscovery([], ["http://a", "http://b"]), FakeClient(handlers), state)
     await pool.sync()
     return pool, state
 
@@ -27,9 +36,8 @@ def _worker(info: dict, events: dict):
     load = {"running": 0, "waiting": 0, "free_blocks": 1, "total_blocks": 1, "tokens_computed": 0,
             "prompt_tokens_cached": 0}
 
-    def handler(request: httpx.Request) -> dict:
-        return {"/info": info, "/tokenizer": {"tokenizer.json": "{}"}, "/load": load,
-                "/kv_events": events}[request.url.path]
+    def handler(path: str):
+        return {"/info": info, "/tokenizer": {"tokenizer.json": "{}"}, "/load": load, "/kv_events": events}[path]
 
     return handler
 
@@ -64,3 +72,23 @@ async def test_worker_with_another_model_or_tokenizer_is_refused(field):
     for w in pool.workers:
         await pool._refresh(w)
     assert not pool.workers[1].healthy
+
+
+async def test_a_worker_whose_load_poll_fails_leaves_the_pool_until_it_answers_again():
+    events = {"seq": 0, "resync": False, "events": []}
+    answers = {}
+    good = _worker(INFO, events)
+
+    def flaky(path: str):
+        return answers.get(path) or good(path)
+
+    pool, _ = await _pool({"a": flaky, "b": good})
+    a = pool.workers[0]
+    await pool._refresh(a)
+    assert a.healthy and pool.pool("decode")[0] is a
+    answers["/load"] = 503
+    await pool._refresh(a)
+    assert not a.healthy and a not in pool.pool("decode")
+    del answers["/load"]
+    await pool._refresh(a)
+    assert a.healthy and a in pool.pool("decode")
