@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer for the mocks (default: the demo model's)")
     ap.add_argument("--sglang-python", default=None, help="a python with sglang-router installed")
     ap.add_argument("--vllm-router", default=None, help="the vllm-router binary")
+    ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--tokenize-parallel off'")
     a = ap.parse_args()
     if a.quick:
         a.duration, a.rate, a.stream_rate = 2.0, 100.0, 25.0
@@ -131,6 +133,7 @@ def main() -> None:
         args = [sys.executable, "-m", "router.main", "--port", str(port), "--policy", "cache_aware"]
         for u in urls:
             args += ["--decode", u]
+        args += shlex.split(a.router_args)
         procs.append(_start(args, f"http://127.0.0.1:{port}/health"))
         targets["pdserve"] = port
         if a.sglang_python:

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from protocol.block_hash import hash_blocks
-from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, WireSamplingParams
+from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, WireSamplingParams, wire_json
 from protocol.stream_client import StreamClient, StreamClientError
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
@@ -79,8 +79,8 @@ class Dispatcher:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
             await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
             if p is not None:
-                body = PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
-                                                      params=params).model_dump_json()
+                body = wire_json(PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
+                                                                params=params))
                 p.inflight += 1
                 p.inflight_tokens += computed
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
@@ -90,7 +90,7 @@ class Dispatcher:
             # Built from validated parts: model_construct skips validating the prompt's ids again.
             req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
                                                   prefill_url=p.url if p else None)
-            async with self.client.post(f"{d.url}/generate", req.model_dump_json().encode()) as resp:
+            async with self.client.post(f"{d.url}/generate", wire_json(req)) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")[:300]
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
@@ -112,9 +112,9 @@ class Dispatcher:
                 prefill_task.cancel()
                 self._background(self._abort(p, rid))  # frees the KV the prefill worker holds for it
 
-    async def _post_prefill(self, p: Worker, body: str) -> None:
+    async def _post_prefill(self, p: Worker, body: bytes) -> None:
         try:
-            async with self.client.post(f"{p.url}/prefill", body.encode()) as resp:
+            async with self.client.post(f"{p.url}/prefill", body) as resp:
                 await resp.read()
         except (StreamClientError, TimeoutError):
             self.pool.mark_failed(p)  # the decode worker's /send fails too, and the request is retried

@@ -3,21 +3,34 @@
 import asyncio
 import random
 
+import pytest
+
 from protocol.tokenizer import ChatTokenizer
 from router.tokenize import BatchEncoder
 
 
-async def test_batched_ids_equal_plain_encode_for_concurrent_prompts(demo_gguf):
+@pytest.mark.parametrize("parallel", [False, True], ids=["batches_through_tiktoken", "batches_off_the_gil"])
+async def test_batched_ids_equal_plain_encode_for_concurrent_prompts(demo_gguf, parallel):
     from engine.tokenizer_files import tokenizer_dir
 
     tok = ChatTokenizer.from_dir(tokenizer_dir(demo_gguf))
-    enc = BatchEncoder(tok, max_batch=8)
+    assert tok.fast_bpe is not None
+    batches = []
+    encode_batch = tok.encode_batch
+
+    def spy(texts, add_special_tokens=True, parallel=False):
+        batches.append(parallel)
+        return encode_batch(texts, add_special_tokens, parallel)
+
+    tok.encode_batch = spy
+    enc = BatchEncoder(tok, max_batch=8, parallel=parallel)
     rng = random.Random(0)
     words = ["héllo", "world", "<|im_start|>", "\n", "  ", "12345", "naïve", "🙂", "the", "token", "<|im_end|>"]
     texts = [tok.render_chat([{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 400)))}])
              for _ in range(40)]
     got = await asyncio.gather(*(enc.encode(t) for t in texts))  # several batches, some texts inline
     assert got == [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert (True in batches) is parallel and len(batches) > 2  # inline calls, then batches in the thread
     enc.close()
 
 
