@@ -35,12 +35,11 @@ def free_port() -> int:
 
 def serve(a: argparse.Namespace) -> None:
     import ray
-    import uvicorn
 
     from pdserve_cli.ray_scaler import RayScaler
-    from protocol.asgi import server_options
     from router.app import create_app
     from router.config import RouterConfig
+    from router.server import serve as serve_router
     from worker.config import WorkerConfig
     from worker.ray_group import WorkerGroup
 
@@ -100,7 +99,7 @@ def serve(a: argparse.Namespace) -> None:
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
         if a.admin_token:
             print(f"pdserve: dashboard at http://{a.host}:{a.port}/dashboard (admin token required)", flush=True)
-        uvicorn.run(app, host=a.host, port=a.port, **server_options(a.log_level))
+        serve_router(lambda: app, a.host, a.port)
     finally:
         for group in groups:
             group.stop()

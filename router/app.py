@@ -1,15 +1,17 @@
 """The router's HTTP app: OpenAI-compatible endpoints, /health and /metrics.
 
-`RouterApp` is the ASGI app uvicorn serves. It answers the two hot endpoints (POST /v1/chat/completions
-and /v1/completions) itself: read the body, validate it, tokenize, route, answer or stream, without a web
+`RouterApp.hot` answers the two generation endpoints (POST /v1/chat/completions and /v1/completions) for
+router.server, which hands it each request whole: validate, tokenize, route, answer or stream, without a web
 framework's per-request layers (middleware stack, dependency resolution, response classes: ~0.6 ms a
-request on the CI machine, as much as everything else together). The rest (health, metrics, models and the
-OpenAPI schema) is a FastAPI app behind it, which declares the hot endpoints too and serves them with the
-same handler, so the schema documents them and both paths behave the same.
+request on the CI machine, as much as everything else together) or ASGI's. The rest (health, metrics,
+models, the admin API, the dashboard and the OpenAPI schema) is a FastAPI app (`RouterApp.api`), which
+declares the generation endpoints too and serves them with the same `handle`, so the schema documents them
+and the router still runs under any ASGI server.
 """
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -29,7 +31,6 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from protocol.asgi import BodyTooLarge, read_body, send_bytes, send_stream, until_disconnect
 from protocol.http_client import TOKEN_HEADER
 from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
 from protocol.stream_client import StreamClient
@@ -44,6 +45,8 @@ from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
 from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.server import Answer
+from router.server import Request as HttpRequest
 from router.state import LocalState, RedisState
 from router.telemetry import Telemetry
 from router.tokenize import BatchEncoder
@@ -129,37 +132,40 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 
 
 class RouterApp:
-    """The ASGI app: hot endpoints here, everything else through `self.api` (FastAPI)."""
+    """The router: its two generation endpoints answered natively by router.server (`native`: path ->
+    handler), and as an ASGI app everything through `self.api` (FastAPI), which declares and serves the
+    generation endpoints too (with the same `handle`), so the schema documents them and any ASGI server
+    can run the router."""
 
     def __init__(self, config: RouterConfig):
         self.state = RouterState(config)
         self.api = _api(self.state)
-        self.hot = {"/v1/chat/completions": True, "/v1/completions": False}  # path -> chat?
+        self.native = {b"/v1/chat/completions": functools.partial(self.hot, True),
+                       b"/v1/completions": functools.partial(self.hot, False)}
+        self._session_header = config.session_header.lower().encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.hot:
-            return await self._hot(self.hot[scope["path"]], scope, receive, send)
         return await self.api(scope, receive, send)
 
-    async def _hot(self, chat: bool, scope: dict, receive: Callable, send: Callable) -> None:
-        """Streams count their own outcome (in `_sse`); the rest is counted here."""
+    @staticmethod
+    def too_large(max_bytes: int) -> OpenAIError:
+        return _too_large(max_bytes)
+
+    async def hot(self, chat: bool, req: HttpRequest, raw: bytes) -> Answer:
+        """One generation request, whole (headers and body): the answer, or the error answer. A client that
+        leaves cancels the task running this (counted as 499, its usage settled). Streams count their own
+        outcome (in `_sse`); the rest is counted here."""
         count = self.state.count
         endpoint = "chat" if chat else "completions"
+        key = body = None
+        admitted: list[Ticket] = []
         try:
-            key = await self.state.door.authenticate(_header(scope, b"authorization"))
-            try:
-                raw = await _read_body(scope, receive, self.state.config.max_body_bytes)
-            except asyncio.CancelledError:
-                count(endpoint, "499")
-                await self.state.door.usage.add(key.id, "-", {"requests": 1, "cancelled": 1})
-                return
+            key = await self.state.door.authenticate(req.header(b"authorization"))
             body = _parse(chat, raw)
-            session = _header(scope, self.state.config.session_header.encode())
-            admitted: list[Ticket] = []
             limit = self.state.config.request_timeout_s
             with _Deadline(limit) as deadline:
                 try:
-                    reply = await until_disconnect(handle(self.state, chat, body, session, key, admitted), receive)
+                    reply = await handle(self.state, chat, body, req.header(self._session_header), key, admitted)
                 except asyncio.CancelledError:
                     if not deadline.expired():
                         raise
@@ -167,24 +173,26 @@ class RouterApp:
                                       code="request_timeout") from None
         except OpenAIError as e:
             count(endpoint, str(e.status), error=e)
-            return await _send_json(send, e.status, e.body(), e.headers)
+            extra = [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
+            return Answer(e.status, _encode(e.body()), [_JSON, *extra])
+        except asyncio.CancelledError:  # the client left; handle() freed what it held
+            count(endpoint, "499")
+            if key is not None and not admitted:  # before admission: still one request on its bill, no tokens
+                await self.state.door.usage.add(key.id, body.model if body else "-", {"requests": 1, "cancelled": 1})
+            raise
         except Exception as e:  # noqa: BLE001 - a bug must still answer OpenAI-shaped
             log.error("unexpected error", exc_info=e)
             error = OpenAIError(500, f"internal error: {type(e).__name__}")
             count(endpoint, "500", error=error)
-            return await _send_json(send, 500, error.body())
-        if reply is None:
-            count(endpoint, "499")  # the client left; handle() was cancelled and freed what it held
-            if not admitted:  # it left before admission: still one request on its bill, with no tokens
-                await self.state.door.usage.add(key.id, body.model, {"requests": 1, "cancelled": 1})
-        elif reply.stream is None:
+            return Answer(500, _encode(error.body()), [_JSON])
+        if reply.stream is None:
             count(endpoint, "200", reply.body["usage"]["completion_tokens"])
-            await _send_json(send, 200, reply.body)
-        else:
-            try:
-                await until_disconnect(send_stream(send, reply.stream, _SSE_HEADERS), receive)
-            finally:
-                await reply.ticket.close("cancelled")  # a no-op unless the stream never started
+            return Answer(200, _encode(reply.body), [_JSON])
+        return Answer(200, headers=_SSE_HEADERS, stream=reply.stream,
+                      on_close=functools.partial(reply.ticket.close, "cancelled"))  # a no-op unless never started
+
+
+_JSON = (b"content-type", b"application/json")
 
 
 class _Deadline:
@@ -321,21 +329,6 @@ def _too_large(max_bytes: int) -> OpenAIError:
     return OpenAIError(400, f"the request body is over {max_bytes} bytes", code="request_too_large")
 
 
-def _declared_over(scope: dict, max_bytes: int) -> bool:
-    """The request says (Content-Length) that its body is over the limit: refuse before reading it."""
-    length = _header(scope, b"content-length")
-    return length is not None and length.isdigit() and int(length) > max_bytes
-
-
-async def _read_body(scope: dict, receive: Callable, max_bytes: int) -> bytes:
-    if _declared_over(scope, max_bytes):
-        raise _too_large(max_bytes)
-    try:
-        return await read_body(receive, max_bytes)
-    except BodyTooLarge:
-        raise _too_large(max_bytes) from None
-
-
 def _header(scope: dict, name: bytes) -> str | None:
     for k, v in scope["headers"]:
         if k == name:
@@ -343,16 +336,17 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
+def _declared_over(scope: dict, max_bytes: int) -> bool:
+    """The request says (Content-Length) that its body is over the limit: refuse before reading it."""
+    length = _header(scope, b"content-length")
+    return length is not None and length.isdigit() and int(length) > max_bytes
+
+
 def _parse(chat: bool, raw: bytes) -> ChatCompletionRequest | CompletionRequest:
     try:
         return (ChatCompletionRequest if chat else CompletionRequest).model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e.errors(include_url=False)) from None
-
-
-async def _send_json(send: Callable, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send_bytes(send, status, _encode(body), [(b"content-type", b"application/json"), *extra])
 
 
 def _require_ready(state: RouterState) -> None:

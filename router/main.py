@@ -2,19 +2,16 @@
 
 `--processes N` runs N router processes on one port (they share the listening socket; the kernel spreads
 connections); their prefix index and load live in Redis (`--redis-url`, required then), so they route as one.
+The server is router/server.py (the generation endpoints straight from the socket, the rest through ASGI).
 """
 
-import dataclasses
-import json
+import functools
 import logging
-import os
 
-import uvicorn
-
-from protocol.asgi import server_options
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
 from router.config import RouterConfig
+from router.server import serve
 
 
 def main() -> None:
@@ -70,17 +67,9 @@ def main() -> None:
                           max_queued_prefill_tokens=a.max_queued_prefill_tokens, ttft_slo_s=a.ttft_slo_s,
                           request_timeout_s=a.request_timeout_s, health_interval_s=a.health_interval_s,
                           tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel])
-    if a.processes > 1:
-        if not config.redis_url:
-            ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
-        os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-        uvicorn.run("router.main:app_from_env", factory=True, workers=a.processes, host=a.host, port=a.port,
-                    **server_options(a.log_level))
-    else:
-        uvicorn.run(create_app(config), host=a.host, port=a.port, **server_options(a.log_level))
-
-
-_CONFIG_ENV = "PDSERVE_ROUTER_CONFIG_JSON"
+    if a.processes > 1 and not config.redis_url:
+        ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
+    serve(functools.partial(create_app, config), a.host, a.port, processes=a.processes)
 
 
 def _flag(value: str | bool) -> bool:
@@ -91,12 +80,6 @@ def _flag(value: str | bool) -> bool:
     if value.lower() in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean: {value!r}")
-
-
-def app_from_env():
-    """The app of one of several router processes (uvicorn imports this in each)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return create_app(RouterConfig(**json.loads(os.environ[_CONFIG_ENV])))
 
 
 if __name__ == "__main__":
