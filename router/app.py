@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from protocol.http_client import TOKEN_HEADER
-from protocol.messages import GenerateChunk, TokenLogprobWire, WireSamplingParams
+from protocol.messages import ChunkView, LogprobView, WireSamplingParams
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
 from router.admin import admin_routes, advice, pool_view
@@ -474,8 +474,8 @@ async def _admit(state: RouterState, key, rid: str, model: str, prompt_tokens: i
     return ticket
 
 
-async def _collect(stream: AsyncIterator[GenerateChunk], ticket: Ticket
-                   ) -> tuple[str, str | None, list[TokenLogprobWire], int, int]:
+async def _collect(stream: AsyncIterator[ChunkView], ticket: Ticket
+                   ) -> tuple[str, str | None, list[LogprobView], int, int]:
     text, lps, reason, completion, cached = [], [], None, 0, 0
     async for c in stream:
         if c.error:
@@ -488,7 +488,7 @@ async def _collect(stream: AsyncIterator[GenerateChunk], ticket: Ticket
     return "".join(text), reason, lps, completion, cached
 
 
-def _worker_error(c: GenerateChunk) -> OpenAIError:
+def _worker_error(c: ChunkView) -> OpenAIError:
     code = c.error.get("code")
     status = {"invalid_request": 400, "kv_cache_full": 503}.get(code, 502)
     return OpenAIError(status, c.error.get("message", "worker error"), code=code)
@@ -500,7 +500,7 @@ def _observe(state: RouterState, start: float, completion: int, cached: int) -> 
     state.metrics.cached_tokens.inc(cached)
 
 
-async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[tuple[int, Any]]:
+async def _merge(streams: list[AsyncIterator[ChunkView]]) -> AsyncIterator[tuple[int, Any]]:
     """(choice index, chunk or OpenAIError) from the n choices' streams as they come. One stream (the common
     case) is read in place: no task and no queue between the worker's line and the client's chunk."""
     if len(streams) == 1:
@@ -515,7 +515,7 @@ async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[t
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, s: AsyncIterator[GenerateChunk]) -> None:
+    async def pump(i: int, s: AsyncIterator[ChunkView]) -> None:
         try:
             async for c in s:
                 await queue.put((i, c))
@@ -538,7 +538,7 @@ async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[t
             t.cancel()
 
 
-async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[GenerateChunk]], prompt_len: int,
+async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[ChunkView]], prompt_len: int,
                include_usage: bool, ticket: Ticket) -> AsyncIterator[bytes]:
     """Merge the n choices' streams into one SSE stream; leaving early closes every worker stream."""
     merged = _merge(streams)

@@ -8,7 +8,14 @@ import time
 from collections.abc import AsyncIterator
 
 from protocol.block_hash import hash_blocks
-from protocol.messages import GenerateChunk, GenerateRequest, PrefillRequest, WireSamplingParams, wire_json
+from protocol.messages import (
+    ChunkView,
+    GenerateRequest,
+    PrefillRequest,
+    WireSamplingParams,
+    decode_chunk,
+    wire_json,
+)
 from protocol.stream_client import StreamClient, StreamClientError
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
@@ -35,7 +42,7 @@ class Dispatcher:
         return hash_blocks(prompt_ids, ref.block_size, ref.root_hash)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: WireSamplingParams,
-                       hashes: list[int], session: str | None = None) -> AsyncIterator[GenerateChunk]:
+                       hashes: list[int], session: str | None = None) -> AsyncIterator[ChunkView]:
         bad: set[str] = set()  # workers that failed this request before its first token
         for attempt in range(2):
             decode = [w for w in self.pool.pool("decode") if w.url not in bad]
@@ -65,7 +72,7 @@ class Dispatcher:
             self.metrics.retries.inc()
 
     async def _run(self, rid: str, prompt_ids: list[int], params: WireSamplingParams, hashes: list[int],
-                   route) -> AsyncIterator[GenerateChunk]:
+                   route) -> AsyncIterator[ChunkView]:
         d, p = route.decode, route.prefill
         # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
         computed = len(prompt_ids) - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
@@ -96,7 +103,11 @@ class Dispatcher:
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
                     return
                 async for line in resp.lines():  # one NDJSON line a chunk
-                    chunk = GenerateChunk.model_validate_json(line)
+                    try:
+                        chunk = decode_chunk(line)
+                    except ValueError as e:
+                        yield _failed(f"the decode worker sent a line that is not a chunk: {e}", "engine_failed")
+                        return
                     finished = chunk.finished
                     yield chunk
             if not finished:
@@ -143,6 +154,6 @@ class Dispatcher:
                 await resp.read()
 
 
-def _failed(message: str, code: str) -> GenerateChunk:
-    return GenerateChunk(finished=True, finish_reason="error",
+def _failed(message: str, code: str) -> ChunkView:
+    return ChunkView(finished=True, finish_reason="error",
                          error={"message": message, "type": "server_error", "code": code})

@@ -3,7 +3,7 @@
 import time
 from typing import Any
 
-from protocol.messages import GenerateChunk, TokenLogprobWire
+from protocol.messages import ChunkView, LogprobView
 from protocol.tokenizer import ChatTokenizer
 
 
@@ -24,7 +24,7 @@ class Formatter:
     def _token(self, token_id: int) -> str:
         return self.tok.decode([token_id], skip_special_tokens=False)
 
-    def logprobs(self, lps: list[TokenLogprobWire], offset: int = 0) -> dict[str, Any] | None:
+    def logprobs(self, lps: list[LogprobView], offset: int = 0) -> dict[str, Any] | None:
         if not lps:
             return None
         if self.chat:
@@ -42,7 +42,7 @@ class Formatter:
         return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
                 "top_logprobs": [{self._token(t): v for t, v in x.top} for x in lps], "text_offset": offsets}
 
-    def chunk(self, index: int, c: GenerateChunk, first: bool, text_offset: int) -> dict[str, Any]:
+    def chunk(self, index: int, c: ChunkView, first: bool, text_offset: int) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": c.text} if first else {"content": c.text}
             choice = {"index": index, "delta": delta}
@@ -57,7 +57,7 @@ class Formatter:
         return {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
                 "model": self.model, "choices": [], "usage": u}
 
-    def full(self, choices: list[tuple[str, str | None, list[TokenLogprobWire]]], u: dict[str, Any]) -> dict:
+    def full(self, choices: list[tuple[str, str | None, list[LogprobView]]], u: dict[str, Any]) -> dict:
         out = []
         for i, (text, reason, lps) in enumerate(choices):
             if self.chat:

@@ -1,13 +1,20 @@
-"""The router writes worker requests through msgspec (`wire_json`): the same documents as pydantic's."""
+"""The router writes worker requests and reads their chunks through msgspec (`wire_json`, `decode_chunk`): the
+same documents as pydantic's."""
 
 import json
 
+import msgspec
+import pytest
+
 from protocol.messages import (
+    ChunkView,
     GenerateChunk,
     GenerateRequest,
+    LogprobView,
     PrefillRequest,
     TokenLogprobWire,
     WireSamplingParams,
+    decode_chunk,
     wire_json,
 )
 
@@ -26,3 +33,17 @@ def test_wire_json_writes_the_document_model_dump_json_writes():
     for m in messages:
         assert json.loads(wire_json(m)) == json.loads(m.model_dump_json())
         assert type(m).model_validate_json(wire_json(m)) == m
+
+
+def test_the_routers_chunk_view_reads_every_generate_chunk_field_with_the_same_defaults():
+    assert ChunkView.__struct_fields__ == tuple(GenerateChunk.model_fields)
+    assert LogprobView.__struct_fields__ == tuple(TokenLogprobWire.model_fields)
+    assert msgspec.structs.asdict(decode_chunk(b"{}")) == GenerateChunk().model_dump()
+    chunk = GenerateChunk(token_ids=[9, 10], text="a\u00e9", finished=True, finish_reason="length", prompt_tokens=3,
+                          cached_tokens=2, completion_tokens=5, error={"code": "x"},
+                          logprobs=[TokenLogprobWire(token_id=9, logprob=-0.5, top=[(9, -0.5)])])
+    view = decode_chunk(chunk.model_dump_json().encode())
+    assert json.loads(msgspec.json.encode(view)) == json.loads(chunk.model_dump_json())
+    for bad in (b'{"token_ids": "x"}', b"not json", b'{"finished": 1.5}'):
+        with pytest.raises(ValueError):
+            decode_chunk(bad)
