@@ -19,6 +19,7 @@ due at once each second, requests arriving meanwhile waited for them (the router
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -161,9 +162,10 @@ class Response:
 
 
 class _Request:
-    def __init__(self, client: "StreamClient", url: str, body: bytes | None, timeout_s: float | None):
-        """body None: a GET."""
-        self.client, self.body = client, body or b""
+    def __init__(self, client: "StreamClient", url: str, body: bytes | None, timeout_s: float | None,
+                 sent: Callable[[], None] | None = None):
+        """body None: a GET. sent: called once the request is written (before its answer is awaited)."""
+        self.client, self.body, self.sent = client, body or b"", sent
         parts = urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
         self.key = (self.host, self.port)
@@ -182,6 +184,9 @@ class _Request:
             conn, reused = await self.client._acquire(self.key)
             try:
                 conn.transport.write(self.head + self.body)
+                if self.sent is not None:
+                    sent, self.sent = self.sent, None
+                    sent()
                 while not conn.headers_done and conn.lost is None:
                     await conn.wait(self.timeout_s)
             except BaseException:  # timeout or cancelled: this connection's answer will never be read
@@ -219,8 +224,10 @@ class StreamClient:
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
 
-    def post(self, url: str, body: bytes, timeout_s: float | None = None) -> _Request:
-        return _Request(self, url, body, timeout_s)
+    def post(self, url: str, body: bytes, timeout_s: float | None = None,
+             sent: Callable[[], None] | None = None) -> _Request:
+        """sent: called once the request is written (the caller's bookkeeping, off the path to the worker)."""
+        return _Request(self, url, body, timeout_s, sent)
 
     def get(self, url: str, timeout_s: float | None = None) -> _Request:
         return _Request(self, url, None, timeout_s)

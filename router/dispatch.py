@@ -82,9 +82,18 @@ class Dispatcher:
         d.inflight_tokens += d_tokens
         prefill_task = None
         finished = False
+        recorded = False
+
+        def record() -> None:  # in memory: once the request is written, off the path to the worker
+            nonlocal recorded
+            recorded = True
+            self.state.record_route_now(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
+
         try:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
-            await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
+            if not isinstance(self.state, LocalState):
+                await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
+                recorded = True
             if p is not None:
                 body = wire_json(PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
                                                                 params=params))
@@ -97,7 +106,7 @@ class Dispatcher:
             # Built from validated parts: model_construct skips validating the prompt's ids again.
             req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
                                                   prefill_url=p.url if p else None)
-            async with self.client.post(f"{d.url}/generate", wire_json(req)) as resp:
+            async with self.client.post(f"{d.url}/generate", wire_json(req), sent=None if recorded else record) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")[:300]
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
@@ -118,7 +127,8 @@ class Dispatcher:
         finally:
             d.inflight -= 1
             d.inflight_tokens -= d_tokens
-            self._add_load(d.url, -1, -d_tokens)
+            if recorded:
+                self._add_load(d.url, -1, -d_tokens)
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 self._background(self._abort(p, rid))  # frees the KV the prefill worker holds for it

@@ -43,9 +43,14 @@ class LocalState:
                            tokens: int = 0) -> None:
         """The worker will hold these blocks; it computes `computed_tokens` of them; and (optionally) its
         in-flight load grows by `requests` and `tokens`: one call (one Redis round trip) a routing decision."""
+        self.record_route_now(url, hashes, computed_tokens, requests, tokens)
+
+    def record_route_now(self, url: str, hashes: list[int], computed_tokens: int = 0, requests: int = 0,
+                         tokens: int = 0) -> None:
+        """record_route without waiting (in memory): the router calls it once the request is on its way."""
         self.index.add(url, hashes)
         if requests or tokens:
-            await self.add_load(url, requests, tokens)
+            self.add_load_now(url, requests, tokens)
         if computed_tokens:
             now = _bucket()
             bucket = self.recent.setdefault(now, {})

@@ -146,3 +146,16 @@ async def test_get_json_sends_the_headers_decodes_the_answer_and_raises_on_other
         assert await resp.read() == b'{"i": 0}\n'
     assert server.connections == 1
     await client.close()
+
+
+async def test_sent_is_called_once_when_the_request_is_written_and_not_when_it_cannot_be(server):
+    client = StreamClient(timeout_s=5, connect_timeout_s=1)
+    calls = []
+    async with client.post(f"{server.url}/lines", b"2,50", sent=lambda: calls.append(len(server.requests))) as resp:
+        assert calls == [0]  # written, and called before the worker had even read it
+        await resp.read()
+    with pytest.raises(StreamClientError):
+        async with client.post("http://127.0.0.1:1/generate", b"{}", sent=lambda: calls.append("unreachable")):
+            pass
+    assert calls == [0]
+    await client.close()
