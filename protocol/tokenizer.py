@@ -134,37 +134,6 @@ class ChatTokenizer:
             return [self._encode_fast(self.fast_bpe, t) for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
-    def encode_split(self, texts: list[str], piece_chars: int) -> list[list[int]]:
-        """Each text's ids (no special tokens added), its long stretches cut into pieces of ~piece_chars at
-        word starts (splits_at_words) and all pieces encoded in one `tokenizers` batch: off the GIL and over
-        the cores, so one long prompt takes a fraction of one core's time. Needs splits_at_words."""
-        pieces, owners = [], []
-        for k, text in enumerate(texts):
-            cuts = _word_starts(text, piece_chars)
-            for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
-                pieces.append(text[a:b])
-                owners.append(k)
-        out: list[list[int]] = [[] for _ in texts]
-        for k, e in zip(owners, self.tokenizer.encode_batch_fast(pieces, add_special_tokens=False), strict=True):
-            out[k] += e.ids
-        return out
-
-    @functools.cached_property
-    def splits_at_words(self) -> bool:
-        """Whether a text cut just before " word" (a space after a non-space, then a letter) tokenizes as its
-        two halves do, checked at cuts through every probe text (a chat through the template among them): true
-        where the pre-tokenizer starts a word at its leading space and no pre-token spans one (byte-level BPE:
-        GPT-2's, Llama 3's and Qwen's patterns). Checked only where fast_bpe was built, i.e. for those."""
-        if self.fast_bpe is None:
-            return False
-        for text in self._probe_texts():
-            cuts = _word_starts(text, 1)
-            whole = self.encode(text, add_special_tokens=False)
-            for cut in cuts[:: max(1, len(cuts) // 20)]:
-                if self.encode(text[:cut], False) + self.encode(text[cut:], False) != whole:
-                    return False
-        return True
-
     def _encode_fast(self, fast: tuple, text: str) -> list[int]:
         enc, rank_to_id, unmapped = fast
         parts = self._split(text) if self._splitter is not None else [text]
@@ -265,21 +234,6 @@ class ChatTokenizer:
             if got != self.encode(text, add_special_tokens=False):
                 return False
         return True
-
-
-def _word_starts(text: str, every: int) -> list[int]:
-    """Positions, about `every` characters apart, where " word" starts after a non-space: a space, then a
-    letter (str.isalpha), with no space before it."""
-    cuts, pos = [], every
-    while pos < len(text):
-        p = text.find(" ", pos)
-        while p != -1 and not (p + 1 < len(text) and text[p + 1].isalpha() and not text[p - 1].isspace()):
-            p = text.find(" ", p + 1)
-        if p == -1:
-            break
-        cuts.append(p)
-        pos = p + every
-    return cuts
 
 
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

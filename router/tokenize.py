@@ -12,9 +12,8 @@ short are tokenized inline on the loop, with the fastest tokenizer: a thread han
 saves when requests come one at a time (~0.5 ms of wake-ups against ~0.35 ms of tokenizing, measured on
 the CI machine). Under load, prompts queue for the thread's next batch, which goes through `tokenizers`
 where the process has cores to spare (`parallel`: PARALLEL_MIN_CPUS or more), else through tiktoken.
-With cores to spare, a long prompt tokenized inline is cut into pieces at word starts (where the tokenizer
-gives the same ids either way: ChatTokenizer.splits_at_words) that `tokenizers` encodes at once over the
-cores: a request's wait for its tokens, where the router is quiet, is a fraction of one core's time.
+(Tried and dropped: cutting a quiet router's long prompt at word starts and encoding the pieces with
+`tokenizers` over the cores took 2x tiktoken's time on the GPU host's 16 cores, waking the idle workers.)
 
 A chat resends its earlier messages and tenants share long system prompts: where the tokenizer allows it
 (ChatTokenizer.splits_exactly), a prompt is split at its special tokens and the parts are cached (LRU,
@@ -32,8 +31,6 @@ INLINE_CHARS = 256  # below this, a thread hand-off costs more than tokenizing o
 QUIET_S = 0.001  # a prompt arriving this long after the previous one finds the loop idle: tokenized inline
 CACHE_CHARS = 4 << 20  # text held by the cache of prompt parts (~10x that in memory with the ids)
 PARALLEL_MIN_CPUS = 4  # with fewer, the batch thread's tokenizing competes with the loop for the same cores
-SPLIT_CHARS = 256  # parallel: a quiet router cuts prompts into pieces of about this many characters ...
-SPLIT_MIN_CHARS = 1024  # ... when they are at least this long
 
 
 def _usable_cpus() -> int:
@@ -47,7 +44,6 @@ class BatchEncoder:
         self.tokenizer = tokenizer
         self.fast = tokenizer.fast_bpe is not None  # built (and checked against tokenizers) now, not on a request
         self.parallel = _usable_cpus() >= PARALLEL_MIN_CPUS if parallel is None else parallel
-        self.split = self.parallel and tokenizer.splits_at_words  # long prompts in pieces over the cores
         self.max_batch = max_batch
         self.cache_chars = cache_chars if tokenizer.splits_exactly else 0
         self._parts: OrderedDict[str, list[int]] = OrderedDict()
@@ -99,11 +95,8 @@ class BatchEncoder:
         now = loop.time()
         quiet = now - self._last_arrival > QUIET_S and not self._draining
         self._last_arrival = now
-        chars = sum(map(len, texts))
-        if quiet or chars < INLINE_CHARS:
-            if self.split and chars >= SPLIT_MIN_CHARS:  # one request's wait: spread it over the idle cores
-                return self.tokenizer.encode_split(texts, SPLIT_CHARS)
-            return self.tokenizer.encode_batch(texts, False)  # the batch call skips offsets: ~20% faster
+        if quiet or sum(map(len, texts)) < INLINE_CHARS:  # the batch call skips offsets: ~20% faster than encode
+            return self.tokenizer.encode_batch(texts, False)
         futures = [loop.create_future() for _ in texts]
         self._pending += zip(texts, futures, strict=True)
         if not self._draining:

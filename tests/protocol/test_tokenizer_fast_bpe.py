@@ -81,29 +81,3 @@ def test_the_fast_path_can_be_switched_off(demo_gguf, monkeypatch):
     monkeypatch.setenv("PDSERVE_FAST_TOKENIZER", "0")
     assert ChatTokenizer.from_dir(tokenizer_dir(demo_gguf)).fast_bpe is None
 
-
-def test_prompts_cut_at_word_starts_and_tokenized_in_pieces_give_the_whole_prompts_ids(demo_tokenizer):
-    tok = demo_tokenizer
-    assert tok.splits_at_words
-    rng = random.Random(2)
-    texts = [_random_text(rng, rng.randint(1, 2000)) for _ in range(200)]
-    from bench.workloads import read_sharegpt
-
-    for conv in read_sharegpt(limit=100):
-        texts.append(tok.render_chat([{"role": "user" if t.get("from") == "human" else "assistant",
-                                       "content": t.get("value") or ""} for t in conv]))
-    want = [tok.encode(t, add_special_tokens=False) for t in texts]
-    for piece_chars in (1, 17, 256):  # 1: a cut at every word start
-        assert tok.encode_split(texts, piece_chars) == want
-
-
-def test_a_tokenizer_that_starts_words_without_their_space_is_not_cut():
-    """Only byte-level BPEs (whose pre-tokenizer starts a word at its space) are checked for cutting; a
-    SentencePiece-style tokenizer (Metaspace: the first word of a text gets a prefix) is never cut."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.train_from_iterator(["Hello world, two spaces and héllo naïve text 12345"] * 50,
-                            trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
-    assert not ChatTokenizer(tok.to_str(), {}).splits_at_words

@@ -75,25 +75,3 @@ def test_a_tokenizer_whose_parts_do_not_tokenize_alone_is_not_split():
     assert asyncio.run(enc.encode(text)) == chat_tok.encode(text, add_special_tokens=False)
     enc.close()
 
-
-async def test_a_long_prompt_on_a_quiet_router_with_cores_to_spare_is_tokenized_in_pieces(demo_gguf):
-    from engine.tokenizer_files import tokenizer_dir
-
-    tok = ChatTokenizer.from_dir(tokenizer_dir(demo_gguf))
-    split = []
-    encode_split = tok.encode_split
-
-    def spy(texts, piece_chars):
-        split.append(len(texts))
-        return encode_split(texts, piece_chars)
-
-    tok.encode_split = spy
-    rng = random.Random(3)
-    words = ["héllo", "world", "\n", "  ", "12345", "naïve", "🙂", "the", "token", "it's"]
-    for parallel in (False, True):
-        enc = BatchEncoder(tok, parallel=parallel, cache_chars=0)
-        text = tok.render_chat([{"role": "user", "content": " ".join(rng.choice(words) for _ in range(600))}])
-        enc._last_arrival = float("-inf")  # quiet: tokenized inline
-        assert await enc.encode(text) == tok.encode(text, add_special_tokens=False)
-        assert bool(split) is parallel
-        enc.close()
