@@ -4,6 +4,7 @@ h_i = xxh3_64(h_{i-1}.to_bytes(8, 'little') + tokens_i as little-endian int32), 
 Only full blocks are hashed.
 """
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,13 +24,16 @@ def hash_block(parent_hash: int, block_tokens: Sequence[int] | np.ndarray) -> in
 
 def hash_blocks(token_ids: Sequence[int] | np.ndarray, block_size: int, parent_hash: int) -> list[int]:
     """Hashes of every full block of token_ids, chained from parent_hash (the root, or the last block's)."""
-    tokens = np.asarray(token_ids, dtype="<i4")
-    num_full = len(tokens) // block_size
+    n = len(token_ids) // block_size * block_size
+    if isinstance(token_ids, list):  # the router's prompts: struct packs a list ~1.6x faster than numpy converts it
+        raw = struct.pack(f"<{n}i", *token_ids[:n])
+    else:
+        raw = np.asarray(token_ids[:n], dtype="<i4").tobytes()
+    step = block_size * 4
+    digest = xxhash.xxh3_64_intdigest
     parent = parent_hash
     hashes: list[int] = []
-    raw = tokens[: num_full * block_size].tobytes()
-    step = block_size * 4
-    for i in range(num_full):
-        parent = xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + raw[i * step : (i + 1) * step])
+    for i in range(0, n * 4, step):
+        parent = digest(parent.to_bytes(8, "little") + raw[i : i + step])
         hashes.append(parent)
     return hashes
