@@ -157,10 +157,15 @@ class RouterApp:
         outcome (in `_sse`); the rest is counted here."""
         count = self.state.count
         endpoint = "chat" if chat else "completions"
-        key = body = None
+        door = self.state.door
+        key = body = lookup = None
         admitted: list[Ticket] = []
         try:
-            key = await self.state.door.authenticate(req.header(b"authorization"))
+            if door.local:  # in memory: never suspends, so a client leaving cannot interrupt it
+                key = await door.authenticate(req.header(b"authorization"))
+            else:  # in Redis: finished even if the client leaves meanwhile, to know whose bill the request is on
+                lookup = asyncio.ensure_future(door.authenticate(req.header(b"authorization")))
+                key = await asyncio.shield(lookup)
             body = _parse(chat, raw)
             limit = self.state.config.request_timeout_s
             with _Deadline(limit) as deadline:
@@ -177,8 +182,11 @@ class RouterApp:
             return Answer(e.status, _encode(e.body()), [_JSON, *extra])
         except asyncio.CancelledError:  # the client left; handle() freed what it held
             count(endpoint, "499")
+            if key is None and lookup is not None:
+                with contextlib.suppress(Exception):  # a refused key: nobody's bill
+                    key = await lookup
             if key is not None and not admitted:  # before admission: still one request on its bill, no tokens
-                await self.state.door.usage.add(key.id, body.model if body else "-", {"requests": 1, "cancelled": 1})
+                await door.usage.add(key.id, body.model if body else "-", {"requests": 1, "cancelled": 1})
             raise
         except Exception as e:  # noqa: BLE001 - a bug must still answer OpenAI-shaped
             log.error("unexpected error", exc_info=e)
@@ -188,8 +196,14 @@ class RouterApp:
         if reply.stream is None:
             count(endpoint, "200", reply.body["usage"]["completion_tokens"])
             return Answer(200, _encode(reply.body), [_JSON])
-        return Answer(200, headers=_SSE_HEADERS, stream=reply.stream,
-                      on_close=functools.partial(reply.ticket.close, "cancelled"))  # a no-op unless never started
+        ticket = reply.ticket
+
+        async def unstarted() -> None:  # the client left before the stream began: what `_sse` would have done
+            if not ticket.closed:
+                count(endpoint, "499")
+                await ticket.close("cancelled")
+
+        return Answer(200, headers=_SSE_HEADERS, stream=reply.stream, on_close=unstarted)
 
 
 _JSON = (b"content-type", b"application/json")
