@@ -1,6 +1,6 @@
-"""Plain-ASGI helpers for the few endpoints that skip the web framework's per-request layers (the router's
-OpenAI endpoints, a decode worker's /generate): their streams are most of those processes' writes, and each
-middleware layer and response class costs on every chunk."""
+"""Plain-ASGI helpers for the endpoints that skip the web framework's per-request layers (a decode worker's
+/generate; the router has its own server, router/server.py): their streams are most of those processes'
+writes, and each middleware layer and response class costs on every chunk."""
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -8,9 +8,9 @@ from typing import Any
 
 
 def server_options(log_level: str) -> dict:
-    """uvicorn's options for pdserve's servers (router and workers): no proxy-headers middleware (nothing reads
-    the client's address) and no access log unless it would be shown (uvicorn builds each line before the
-    logger drops it)."""
+    """uvicorn's options for pdserve's workers: no proxy-headers middleware (nothing reads the client's
+    address) and no access log unless it would be shown (uvicorn builds each line before the logger drops
+    it)."""
     return {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("debug", "info")}
 
 
@@ -45,23 +45,14 @@ async def _disconnected(receive: Callable) -> None:
         pass
 
 
-class BodyTooLarge(ValueError):
-    pass
-
-
-async def read_body(receive: Callable, max_bytes: int | None = None) -> bytes:
-    """The whole request body. Raises BodyTooLarge as soon as it passes max_bytes, and CancelledError when the
-    client leaves before sending all of it."""
-    parts, size = [], 0
+async def read_body(receive: Callable) -> bytes:
+    """The whole request body. Raises CancelledError when the client leaves before sending all of it."""
+    parts = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise asyncio.CancelledError  # the client left before sending its whole body
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if max_bytes is not None and size > max_bytes:
-            raise BodyTooLarge(f"the body is over {max_bytes} bytes")
-        parts.append(chunk)
+        parts.append(message.get("body", b""))
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
 

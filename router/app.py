@@ -45,7 +45,7 @@ from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
 from router.schemas import ChatCompletionRequest, CompletionRequest
-from router.server import Answer
+from router.server import Answer, header
 from router.server import Request as HttpRequest
 from router.state import LocalState, RedisState
 from router.telemetry import Telemetry
@@ -343,16 +343,9 @@ def _too_large(max_bytes: int) -> OpenAIError:
     return OpenAIError(400, f"the request body is over {max_bytes} bytes", code="request_too_large")
 
 
-def _header(scope: dict, name: bytes) -> str | None:
-    for k, v in scope["headers"]:
-        if k == name:
-            return v.decode("latin-1")
-    return None
-
-
 def _declared_over(scope: dict, max_bytes: int) -> bool:
     """The request says (Content-Length) that its body is over the limit: refuse before reading it."""
-    length = _header(scope, b"content-length")
+    length = header(scope["headers"], b"content-length")
     return length is not None and length.isdigit() and int(length) > max_bytes
 
 

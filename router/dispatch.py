@@ -35,6 +35,7 @@ class Dispatcher:
         self.state = state
         self.client = client  # the data plane: token streams to and from workers
         self.metrics = metrics
+        self.local = isinstance(state, LocalState)  # in memory: bookkeeping never waits, so it needs no task
         self._tasks: set[asyncio.Future] = set()
 
     def hashes(self, prompt_ids: list[int]) -> list[int]:
@@ -91,7 +92,7 @@ class Dispatcher:
 
         try:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
-            if not isinstance(self.state, LocalState):
+            if not self.local:
                 await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
                 recorded = True
             if p is not None:
@@ -147,7 +148,7 @@ class Dispatcher:
 
     def _add_load(self, url: str, requests: int, tokens: int) -> None:
         """From code that cannot wait (a finally, a callback): in memory at once, or to Redis in a task."""
-        if isinstance(self.state, LocalState):
+        if self.local:
             self.state.add_load_now(url, requests, tokens)
         else:
             self._background(self.state.add_load(url, requests, tokens))

@@ -71,15 +71,21 @@ class Request:
     version: str = "1.1"
 
     def header(self, name: bytes) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return v.decode("latin-1")
-        return None
+        return header(self.headers, name)
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The value of the (lower-case) header `name` in ASGI-style (name, value) pairs, or None."""
+    for k, v in headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
 
 
 class HttpServer:
-    """`app` is a RouterApp: `native` (path -> handler), `hot(...)`, `api` (the ASGI app for the rest),
-    `state.start()` / `state.stop()`, and `too_large(max_bytes)`, the OpenAI-shaped refusal of a big body."""
+    """`app` is a RouterApp: `native` (path -> handler(request, body) -> Answer), `api` (the ASGI app for the
+    rest), `state.start()` / `state.stop()`, and `too_large(max_bytes)`, the OpenAI-shaped refusal of a big
+    body."""
 
     def __init__(self, app: Any, max_body_bytes: int, keep_alive_s: float = KEEP_ALIVE_S):
         self.app = app
@@ -289,9 +295,7 @@ class _Connection(asyncio.Protocol):
                     return
                 self._write(b"".join([*head, b"%x\r\n" % len(first), first, b"\r\n"]))
                 async for data in stream:
-                    if self.write_paused is not None and not self.write_paused.done():
-                        await self.write_paused  # the client reads slower than the stream comes
-                    self._write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await self._write_body(data)
                 self._write(b"0\r\n\r\n")
             finally:
                 await stream.aclose()  # the client may have left: the stream's cleanup runs now
@@ -308,22 +312,26 @@ class _Connection(asyncio.Protocol):
             raise asyncio.CancelledError  # the client is gone (connection_lost cancels the task too)
         self.transport.write(data)
 
-    def _refuse(self, status: int, message: bytes) -> None:
-        """Answer a request that cannot be served, and close (the rest of it is not read)."""
-        if self.transport is not None and self.task is None:
-            self.transport.write(b"".join([status_line(status), b"content-type: text/plain\r\ncontent-length: %d\r\n"
-                                           b"connection: close\r\n\r\n" % len(message), message]))
-        if self.transport is not None:
-            self.transport.close()
+    async def _write_body(self, data: bytes, chunked: bool = True) -> None:
+        """A part of a body (a chunk of a chunked one), once the client has read what was written before
+        (backpressure: the transport paused writing)."""
+        if self.write_paused is not None and not self.write_paused.done():
+            await self.write_paused
+        self._write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+
+    def _refuse(self, status: int, message: bytes, content_type: bytes = b"text/plain") -> None:
+        """Answer a request that cannot be served, and close (the rest of it is not read). Nothing is written
+        while an earlier request on the connection is being answered (it would land inside that answer)."""
+        if self.transport is None:
+            return
+        if self.task is None:
+            self.transport.write(b"".join([status_line(status), b"content-type: %s\r\ncontent-length: %d\r\n"
+                                           b"connection: close\r\n\r\n" % (content_type, len(message)), message]))
+        self.transport.close()
 
     def _refuse_too_large(self) -> None:
         error = self.app.too_large(self.server.max_body_bytes)
-        body = msgspec.json.encode(error.body())
-        if self.transport is not None and self.task is None:
-            self.transport.write(b"".join([status_line(error.status), b"content-type: application/json\r\n"
-                                           b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body]))
-        if self.transport is not None:
-            self.transport.close()
+        self._refuse(error.status, msgspec.json.encode(error.body()), b"application/json")
 
     # --- everything else: ASGI ---
 
@@ -371,9 +379,7 @@ class _Connection(asyncio.Protocol):
                     headers = [*headers, (b"transfer-encoding", b"chunked")]
                 self._write(b"".join(self._head(req, response["status"], headers)))
             if req.method != "HEAD" and data:
-                if self.write_paused is not None and not self.write_paused.done():
-                    await self.write_paused
-                self._write(b"%x\r\n%s\r\n" % (len(data), data) if response["chunked"] else data)
+                await self._write_body(data, response["chunked"])
             if not more:
                 if response["chunked"]:
                     self._write(b"0\r\n\r\n")
