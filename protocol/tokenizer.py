@@ -12,6 +12,7 @@ stays on `tokenizers`.
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -295,6 +296,14 @@ def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
         ranks.setdefault(merged, 256 + k)
     if model.get("unk_token") is not None and missing:
         return None  # unknown bytes would become the unk token
+    # Where the merged tokens' ids grow in merge order (GPT-2's family, SmolLM2), the ids themselves can be the
+    # ranks: tiktoken then gives ids, with no mapping a token (~3.5 us a 1.6 KB prompt). Single bytes are never
+    # compared by rank (only pairs are merged by it), so theirs are their ids, or free numbers where missing.
+    merged_ids = [by_bytes[b] for b, r in sorted(ranks.items(), key=lambda x: x[1]) if r >= 256]
+    if all(a < b for a, b in zip(merged_ids, merged_ids[1:], strict=False)):
+        free = itertools.count(max(by_bytes.values()) + 1)
+        as_ids = {b: by_bytes[b] if b in by_bytes else next(free) for b in ranks}
+        return pattern, as_ids, None, unmapped
     rank_to_id = [-1] * (max(ranks.values()) + 1)
     for b, r in ranks.items():
         rank_to_id[r] = by_bytes.get(b, -1)

@@ -44,7 +44,7 @@ from router.frontdoor import FrontDoor, Ticket
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
-from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.schemas import ChatCompletionRequest, CompletionRequest, parse
 from router.server import Answer, header
 from router.server import Request as HttpRequest
 from router.state import LocalState, RedisState
@@ -349,9 +349,9 @@ def _declared_over(scope: dict, max_bytes: int) -> bool:
     return length is not None and length.isdigit() and int(length) > max_bytes
 
 
-def _parse(chat: bool, raw: bytes) -> ChatCompletionRequest | CompletionRequest:
+def _parse(chat: bool, raw: bytes) -> Any:
     try:
-        return (ChatCompletionRequest if chat else CompletionRequest).model_validate_json(raw)
+        return parse(chat, raw)
     except ValidationError as e:
         raise validation_error(e.errors(include_url=False)) from None
 

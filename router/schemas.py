@@ -1,7 +1,17 @@
-"""The OpenAI request bodies the router accepts, validated before anything reaches a worker."""
+"""The OpenAI request bodies the router accepts, validated before anything reaches a worker.
 
-from typing import Any, Literal
+The pydantic models are the schema (the OpenAPI document, the FastAPI routes) and give the error messages.
+The generation endpoints' hot path decodes a body with msgspec first (`parse`): structs that accept a
+subset of what the models accept, with the same values, ~4x less CPU (~14 against ~38 us a 1.6 KB chat
+request, cold, on the CI machine). A body they refuse, or one that needs what they do not model (extra
+fields on a message, which the chat template sees), goes to the pydantic model, which accepts it or says
+why not. tests/router/test_schemas.py holds the two to the same fields, defaults and values.
+"""
 
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -32,16 +42,7 @@ class _Sampling(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
-        if v is not None and not isinstance(v, str | list):
-            raise ValueError("stop must be a string or a list of strings")
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if any(not isinstance(s, str) for s in stops):
-            raise ValueError("stop must be a string or a list of strings")
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
+        return _stop_list(v)
 
 
 class ChatMessage(BaseModel):
@@ -59,14 +60,31 @@ class ChatMessage(BaseModel):
         return fields
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text is supported
-            parts = []
-            for p in self.content:
-                if p.get("type") != "text":
-                    raise ValueError(f"content part type {p.get('type')!r} is not supported (text only)")
-                parts.append(str(p.get("text", "")))
-            return "".join(parts)
-        return self.content or ""
+        return _text(self.content)
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if isinstance(content, list):  # content parts: only text is supported
+        parts = []
+        for p in content:
+            if p.get("type") != "text":
+                raise ValueError(f"content part type {p.get('type')!r} is not supported (text only)")
+            parts.append(str(p.get("text", "")))
+        return "".join(parts)
+    return content or ""
+
+
+def _stop_list(v: Any) -> list[str]:
+    if v is not None and not isinstance(v, str | list):
+        raise ValueError("stop must be a string or a list of strings")
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if any(not isinstance(s, str) for s in stops):
+        raise ValueError("stop must be a string or a list of strings")
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must be non-empty")
+    return stops
 
 
 class ChatCompletionRequest(_Sampling):
@@ -105,3 +123,95 @@ class CompletionRequest(_Sampling):
 
     def output_limit(self) -> int | None:
         return self.max_tokens
+
+
+# --- the hot path's decoding: msgspec structs for the common case, the models above for the rest ---
+
+_Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+_Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+_Positive = Annotated[int, Meta(ge=1)]
+
+
+class _FastStreamOptions(Struct):
+    include_usage: bool = False
+
+
+class _FastMessage(Struct, forbid_unknown_fields=True):  # a field more: the model keeps it for the template
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": _text(self.content)}
+
+
+class _FastSampling(Struct, kw_only=True):
+    model: str
+    max_tokens: _Positive | None = None
+    temperature: _Temperature = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0)] = 0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    n: Annotated[int, Meta(ge=1, le=16)] = 1
+    stop: Any = None  # normalized to a list (as the model's validator does)
+    seed: int | None = None
+    presence_penalty: _Penalty = 0.0
+    frequency_penalty: _Penalty = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] = 1.0
+    stream: bool = False
+    stream_options: _FastStreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.stop = _stop_list(self.stop)
+
+
+class FastChatRequest(_FastSampling, kw_only=True):
+    messages: Annotated[list[_FastMessage], Meta(min_length=1)]
+    max_completion_tokens: _Positive | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class FastCompletionRequest(_FastSampling, kw_only=True):
+    prompt: str | list[int]
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompt or self.echo:
+            raise ValueError("an empty prompt or echo: the model says which")
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+_DECODERS = {True: msgspec.json.Decoder(FastChatRequest), False: msgspec.json.Decoder(FastCompletionRequest)}
+_MODELS = {True: ChatCompletionRequest, False: CompletionRequest}
+
+
+def parse(chat: bool, raw: bytes
+          ) -> FastChatRequest | FastCompletionRequest | ChatCompletionRequest | CompletionRequest:
+    """A chat (or completion) request body, validated: the fast struct where it takes the body, else the
+    pydantic model; pydantic's ValidationError where the body is invalid."""
+    try:
+        return _DECODERS[chat].decode(raw)
+    except msgspec.MsgspecError:
+        pass
+    return _MODELS[chat].model_validate_json(raw)
+

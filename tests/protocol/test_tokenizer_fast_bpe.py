@@ -30,6 +30,7 @@ def _random_text(rng: random.Random, n: int) -> str:
 def test_fast_bpe_gives_tokenizers_ids_on_random_and_real_text(demo_tokenizer):
     tok = demo_tokenizer
     assert tok.fast_bpe is not None  # SmolLM2: byte-level BPE (with bytes its vocabulary lacks)
+    assert tok.fast_bpe[1] is None  # its ids grow in merge order: tiktoken's ranks are its ids, no mapping
     rng = random.Random(0)
     texts = [_random_text(rng, rng.randint(1, 600)) for _ in range(300)]
     from bench.workloads import read_sharegpt
@@ -70,6 +71,27 @@ def test_a_plain_byte_level_bpe_is_mirrored_exactly():
     inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = ChatTokenizer(inner.to_str(), {})
     assert tok.fast_bpe is not None
+    texts = [_random_text(rng, 300) for _ in range(100)]
+    assert tok.encode_batch(texts, False) == [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_ids_out_of_merge_order_are_mapped_from_ranks():
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    inner = Tokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rng = random.Random(4)
+    corpus = [_random_text(rng, 200) for _ in range(200)]
+    inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(inner.to_str())
+    vocab = spec["model"]["vocab"]
+    shuffled = list(vocab.values())
+    rng.shuffle(shuffled)  # the same tokens and merges, ids in no order
+    spec["model"]["vocab"] = dict(zip(vocab, shuffled, strict=True))
+    tok = ChatTokenizer(json.dumps(spec), {})
+    assert tok.fast_bpe is not None and tok.fast_bpe[1] is not None
     texts = [_random_text(rng, 300) for _ in range(100)]
     assert tok.encode_batch(texts, False) == [tok.encode(t, add_special_tokens=False) for t in texts]
 
