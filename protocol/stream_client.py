@@ -17,6 +17,7 @@ due at once each second, requests arriving meanwhile waited for them (the router
 """
 
 import asyncio
+import functools
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -161,19 +162,23 @@ class Response:
         return b"".join([d async for d in self.chunks()])
 
 
+@functools.lru_cache(maxsize=1024)  # a router posts to a few URLs (each worker's /generate, /prefill) again and again
+def _split(url: str) -> tuple[tuple[str, int], str, str]:
+    """((host, port), host:port as written, path?query) of an http URL."""
+    parts = urlsplit(url)
+    return (parts.hostname, parts.port or 80), parts.netloc, f"{parts.path or '/'}{'?' + parts.query if parts.query else ''}"
+
+
 class _Request:
     def __init__(self, client: "StreamClient", url: str, body: bytes | None, timeout_s: float | None,
                  sent: Callable[[], None] | None = None):
         """body None: a GET. sent: called once the request is written (before its answer is awaited)."""
         self.client, self.body, self.sent = client, body or b"", sent
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 80
-        self.key = (self.host, self.port)
-        target = f"{parts.path or '/'}{'?' + parts.query if parts.query else ''}"
+        self.key, netloc, target = _split(url)
         if body is None:
-            head = f"GET {target} HTTP/1.1\r\nhost: {parts.netloc}\r\n{client.extra_headers}\r\n"
+            head = f"GET {target} HTTP/1.1\r\nhost: {netloc}\r\n{client.extra_headers}\r\n"
         else:
-            head = (f"POST {target} HTTP/1.1\r\nhost: {parts.netloc}\r\ncontent-type: application/json\r\n"
+            head = (f"POST {target} HTTP/1.1\r\nhost: {netloc}\r\ncontent-type: application/json\r\n"
                     f"{client.extra_headers}content-length: {len(body)}\r\n\r\n")
         self.head = head.encode()
         self.timeout_s = timeout_s or client.timeout_s

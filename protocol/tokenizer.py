@@ -125,24 +125,25 @@ class ChatTokenizer:
         # transformers renders, then encodes without adding special tokens: the template places them.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True, parallel: bool = False
-                     ) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True, parallel: bool = False,
+                     plain: bool = False) -> list[list[int]]:
         """Several texts at once (no offsets computed): through fast_bpe where it exists (without the
         post-processor's special tokens), else `tokenizers`, releasing the GIL and spreading over cores.
         parallel: `tokenizers` even where fast_bpe exists (fast_bpe is faster on one core but holds the GIL;
-        `tokenizers` lets the calling process's other threads run meanwhile)."""
+        `tokenizers` lets the calling process's other threads run meanwhile). plain: the texts hold no added
+        token (they are parts from split_special), so fast_bpe need not look for them."""
         if not add_special_tokens and self.fast_bpe is not None and not parallel:
-            return [self._encode_fast(self.fast_bpe, t) for t in texts]
+            return [self._encode_fast(self.fast_bpe, t, plain) for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
-    def _encode_fast(self, fast: tuple, text: str) -> list[int]:
+    def _encode_fast(self, fast: tuple, text: str, plain: bool = False) -> list[int]:
         enc, rank_to_id, unmapped = fast
-        parts = self._split(text) if self._splitter is not None else [text]
+        parts = self._split(text) if self._splitter is not None and not plain else [text]
         out: list[int] = []
         for part in parts:
             if isinstance(part, int):
                 out.append(part)
-            elif unmapped is not None and unmapped.search(part.encode("utf-8", "surrogatepass")):
+            elif unmapped is not None and unmapped.search(part):
                 out += self.tokenizer.encode(part, add_special_tokens=False).ids  # a byte it lacks: dropped there
             elif rank_to_id is None:
                 out += enc.encode_ordinary(part)
@@ -252,11 +253,48 @@ def _byte_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
+def _chars_with_bytes(missing: bytes) -> re.Pattern:
+    """A regex of the characters whose UTF-8 encoding (surrogates passed through) holds one of these bytes. A
+    character's bytes are its lead byte and continuation bytes (0x80-0xBF); where none of the latter is
+    missing, a lead byte stands for a range of characters, searched in the text itself, not its encoding
+    (~1 against ~4 us a 1.6 KB prompt). Else any non-ASCII character may hold one: those go to the search of
+    the encoding (`_EncodedSearch`)."""
+    if any(0x80 <= b <= 0xBF for b in missing):
+        return _EncodedSearch(re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]"))
+    ranges = []
+    for b in missing:
+        if b < 0x80:
+            lo = hi = b
+        elif 0xC2 <= b <= 0xDF:  # two bytes: 5 bits from the lead, 6 from the continuation
+            lo = (b & 0x1F) << 6
+            hi = lo + 0x3F
+        elif 0xE0 <= b <= 0xEF:  # three bytes (0xE0's shortest is U+0800)
+            lo = max((b & 0x0F) << 12, 0x800)
+            hi = ((b & 0x0F) << 12) + 0xFFF
+        elif 0xF0 <= b <= 0xF4:  # four bytes (0xF0's shortest is U+10000; 0xF4 ends at U+10FFFF)
+            lo = max((b & 0x07) << 18, 0x10000)
+            hi = min(((b & 0x07) << 18) + 0x3FFFF, 0x10FFFF)
+        else:  # 0xC0, 0xC1, 0xF5-0xFF: in no encoding
+            continue
+        ranges.append(re.escape(chr(lo)) + ("" if lo == hi else "-" + re.escape(chr(hi))))
+    return re.compile("[" + "".join(ranges) + "]") if ranges else re.compile("(?!)")
+
+
+class _EncodedSearch:
+    """`search(text)` of a bytes regex in text's UTF-8 encoding (surrogates passed through)."""
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+
+    def search(self, text: str) -> re.Match | None:
+        return self.pattern.search(text.encode("utf-8", "surrogatepass"))
+
+
 def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
-                   ) -> tuple[str, dict[bytes, int], list[int] | None, re.Pattern | None] | None:
-    """(pre-tokenizer regex, mergeable ranks, rank -> id or None, bytes the vocabulary lacks) equivalent to a
-    byte-level BPE tokenizer.json, or None where it is not one. Ranks follow the merges' order (the merge
-    priority), single bytes first."""
+                   ) -> tuple[str, dict[bytes, int], list[int] | None, Any] | None:
+    """(pre-tokenizer regex, mergeable ranks, rank -> id or None, a search for the characters holding bytes
+    the vocabulary lacks or None) equivalent to a byte-level BPE tokenizer.json, or None where it is not one.
+    Ranks follow the merges' order (the merge priority), single bytes first."""
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if (model.get("type") != "BPE" or spec.get("normalizer") is not None or model.get("dropout")
             or model.get("byte_fallback") or model.get("continuing_subword_prefix")
@@ -287,7 +325,7 @@ def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
     # tokenizers (`unmapped`). It still gets a rank: tiktoken wants every byte.
     ranks = {bytes([b]): b for b in range(256)}
     missing = bytes(b for b in range(256) if bytes([b]) not in by_bytes)
-    unmapped = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]") if missing else None
+    unmapped = _chars_with_bytes(missing) if missing else None
     for k, m in enumerate(model.get("merges", [])):
         left, right = m.split(" ", 1) if isinstance(m, str) else m
         merged = bytes(alphabet[c] for c in left + right)

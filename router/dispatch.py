@@ -53,11 +53,11 @@ class Dispatcher:
             prefill = [w for w in self.pool.pool("prefill") if w.url not in bad]
             views = await self.state.view([w.url for w in prefill + decode], hashes)
             route = self.router.route(prefill, decode, views, len(prompt_ids), session)
-            self.metrics.route_latency.observe(time.perf_counter() - t0)
+            route_s = time.perf_counter() - t0
             sent_any = False
             retry = False
             async for chunk in self._run(f"{request_id}-{attempt}" if attempt else request_id, prompt_ids,
-                                         params, hashes, route):
+                                         params, hashes, route, route_s):
                 if chunk.error and not sent_any and chunk.error.get("code") in _RETRYABLE and attempt == 0:
                     log.warning("request %s failed before its first token (%s); retrying elsewhere",
                                 request_id, chunk.error.get("message"))
@@ -73,11 +73,10 @@ class Dispatcher:
             self.metrics.retries.inc()
 
     async def _run(self, rid: str, prompt_ids: list[int], params: WireSamplingParams, hashes: list[int],
-                   route) -> AsyncIterator[ChunkView]:
+                   route, route_s: float) -> AsyncIterator[ChunkView]:
         d, p = route.decode, route.prefill
         # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
         computed = len(prompt_ids) - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
-        self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
         d.inflight += 1
         d_tokens = 0 if p else computed
         d.inflight_tokens += d_tokens
@@ -85,10 +84,13 @@ class Dispatcher:
         finished = False
         recorded = False
 
-        def record() -> None:  # in memory: once the request is written, off the path to the worker
-            nonlocal recorded
-            recorded = True
-            self.state.record_route_now(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
+        def sent() -> None:  # once the request is written, off the path to the worker: metrics, and in memory
+            nonlocal recorded  # the routing record (with Redis, that was written before: other routers read it)
+            self.metrics.route_latency.observe(route_s)
+            self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
+            if not recorded:
+                recorded = True
+                self.state.record_route_now(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
 
         try:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
@@ -107,7 +109,7 @@ class Dispatcher:
             # Built from validated parts: model_construct skips validating the prompt's ids again.
             req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
                                                   prefill_url=p.url if p else None)
-            async with self.client.post(f"{d.url}/generate", wire_json(req), sent=None if recorded else record) as resp:
+            async with self.client.post(f"{d.url}/generate", wire_json(req), sent=sent) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")[:300]
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")

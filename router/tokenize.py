@@ -55,7 +55,8 @@ class BatchEncoder:
         self._last_arrival = float("-inf")
 
     async def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens as written in it (the chat template places them)."""
+        """Token ids of `text`, special tokens as written in it (the chat template places them). With the
+        cache, `text` is split at its added tokens here, and only the parts are tokenized (`plain`)."""
         if not self.cache_chars:
             return (await self._encode([text]))[0]
         parts = self.tokenizer.split_special(text)
@@ -96,7 +97,7 @@ class BatchEncoder:
         quiet = now - self._last_arrival > QUIET_S and not self._draining
         self._last_arrival = now
         if quiet or sum(map(len, texts)) < INLINE_CHARS:  # the batch call skips offsets: ~20% faster than encode
-            return self.tokenizer.encode_batch(texts, False)
+            return self.tokenizer.encode_batch(texts, False, plain=bool(self.cache_chars))
         futures = [loop.create_future() for _ in texts]
         self._pending += zip(texts, futures, strict=True)
         if not self._draining:
@@ -113,7 +114,8 @@ class BatchEncoder:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 try:
                     results = await loop.run_in_executor(self._executor, self.tokenizer.encode_batch,
-                                                         [t for t, _ in batch], False, self.parallel)
+                                                         [t for t, _ in batch], False, self.parallel,
+                                                         bool(self.cache_chars))
                 except Exception as e:  # noqa: BLE001 - every waiter gets the error
                     for _, f in batch:
                         if not f.done():

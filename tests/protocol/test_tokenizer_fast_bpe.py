@@ -103,3 +103,24 @@ def test_the_fast_path_can_be_switched_off(demo_gguf, monkeypatch):
     monkeypatch.setenv("PDSERVE_FAST_TOKENIZER", "0")
     assert ChatTokenizer.from_dir(tokenizer_dir(demo_gguf)).fast_bpe is None
 
+
+
+def test_the_search_for_bytes_a_vocabulary_lacks_finds_exactly_the_characters_holding_them():
+    """Every code point (surrogates too), each byte alone: the text-level search matches a character exactly
+    where the byte is in its UTF-8 encoding; with a continuation byte missing, the encoding is searched."""
+    from protocol.tokenizer import _chars_with_bytes, _EncodedSearch
+
+    every = "".join(map(chr, range(0x110000)))
+    holding: dict[int, set[str]] = {}
+    for c in every:
+        for b in c.encode("utf-8", "surrogatepass"):
+            holding.setdefault(b, set()).add(c)
+    for b in range(256):
+        search = _chars_with_bytes(bytes([b]))
+        if 0x80 <= b <= 0xBF:
+            assert isinstance(search, _EncodedSearch)
+            assert bool(search.search("é")) == (b in "é".encode())
+            continue
+        assert set(search.findall(every)) == holding.get(b, set()), hex(b)
+    several = _chars_with_bytes(b"\x04\x1d\xc0\xc1\xf1\xf5\xff")  # SmolLM2 lacks these, and more
+    assert {c for c in every if several.search(c)} == holding[0x04] | holding[0x1D] | holding[0xF1]

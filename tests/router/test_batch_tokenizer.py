@@ -18,9 +18,9 @@ async def test_batched_ids_equal_plain_encode_for_concurrent_prompts(demo_gguf, 
     batches = []
     encode_batch = tok.encode_batch
 
-    def spy(texts, add_special_tokens=True, parallel=False):
+    def spy(texts, add_special_tokens=True, parallel=False, plain=False):
         batches.append(parallel)
-        return encode_batch(texts, add_special_tokens, parallel)
+        return encode_batch(texts, add_special_tokens, parallel, plain)
 
     tok.encode_batch = spy
     enc = BatchEncoder(tok, max_batch=8, parallel=parallel)
