@@ -561,6 +561,8 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[C
                 yield b"data: " + _encode(err.body()) + b"\n\n"
                 break
             now = time.perf_counter()
+            yield b"data: " + _encode(fmt.chunk(i, item, i not in first_seen, offsets[i])) + b"\n\n"
+            # Measured before the chunk went out, recorded after (off the path of the token to the client).
             if not first_seen:
                 state.metrics.ttft.observe(now - start)
                 state.telemetry.ttft(now - start)
@@ -568,7 +570,6 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[C
                 state.metrics.itl.observe(now - last)
                 state.telemetry.itl(now - last)
             last = now
-            yield b"data: " + _encode(fmt.chunk(i, item, i not in first_seen, offsets[i])) + b"\n\n"
             first_seen.add(i)
             offsets[i] += len(item.text)
             completion[i], cached = item.completion_tokens, max(cached, item.cached_tokens)

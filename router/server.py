@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import msgspec
 
 log = logging.getLogger("pdserve.router")
 
+_EAGER = sys.version_info >= (3, 12)  # asyncio.Task(eager_start=): a request's task starts within data_received
 KEEP_ALIVE_S = 5.0  # an idle client connection is closed after this long (as uvicorn's default)
 GRACEFUL_S = 30.0  # on SIGTERM, requests in flight get this long to finish
 MAX_HEADER_BYTES = 64 << 10
@@ -218,7 +220,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req, self.req = self.req, None
         if self.task is None:
-            self._start(req)
+            self._start(req, eager=_EAGER)
         else:
             self.waiting.append(req)
             if self.transport is not None:
@@ -226,8 +228,17 @@ class _Connection(asyncio.Protocol):
 
     # --- answering ---
 
-    def _start(self, req: Request) -> None:
-        self.task = self.loop.create_task(self._answer(req))
+    def _start(self, req: Request, eager: bool = False) -> None:
+        """Answer `req` in a task. eager (Python 3.12+): the task runs at once, up to its first wait (for a
+        generation: until its request is written to the worker), not on the loop's next turn. A request
+        answered without waiting (an error) is over before this returns: no task is left to hold."""
+        if eager:
+            task = asyncio.Task(self._answer(req), loop=self.loop, eager_start=True)
+            if task.done():
+                return
+        else:
+            task = self.loop.create_task(self._answer(req))
+        self.task = task
 
     async def _answer(self, req: Request) -> None:
         body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
