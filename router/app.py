@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from protocol.http_client import TOKEN_HEADER
-from protocol.messages import ChunkView, LogprobView, WireSamplingParams
+from protocol.messages import ChunkView, LogprobView, ParamsOut
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
 from router.admin import admin_routes, advice, pool_view
@@ -385,9 +385,8 @@ async def _prompt_ids(state: RouterState, chat: bool, body: Any) -> list[int]:
     return await state.encoder.encode(body.prompt) if body.prompt else []
 
 
-def _wire_params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int, seed: int | None
-                 ) -> WireSamplingParams:
-    return WireSamplingParams(
+def _wire_params(body: Any, max_tokens: int, seed: int | None) -> ParamsOut:
+    return ParamsOut(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, seed=seed, stop=body.stop, ignore_eos=body.ignore_eos,
@@ -508,17 +507,7 @@ def _observe(state: RouterState, start: float, completion: int, cached: int) -> 
 
 
 async def _merge(streams: list[AsyncIterator[ChunkView]]) -> AsyncIterator[tuple[int, Any]]:
-    """(choice index, chunk or OpenAIError) from the n choices' streams as they come. One stream (the common
-    case) is read in place: no task and no queue between the worker's line and the client's chunk."""
-    if len(streams) == 1:
-        try:
-            async for c in streams[0]:
-                yield 0, c
-        except OpenAIError as e:
-            yield 0, e
-        finally:
-            await streams[0].aclose()
-        return
+    """(choice index, chunk or OpenAIError) from several choices' streams (n > 1) as they come."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -545,42 +534,54 @@ async def _merge(streams: list[AsyncIterator[ChunkView]]) -> AsyncIterator[tuple
             t.cancel()
 
 
+def _error_event(e: OpenAIError) -> bytes:
+    return b"data: " + _encode(e.body()) + b"\n\n"
+
+
 async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[ChunkView]], prompt_len: int,
                include_usage: bool, ticket: Ticket) -> AsyncIterator[bytes]:
-    """Merge the n choices' streams into one SSE stream; leaving early closes every worker stream."""
-    merged = _merge(streams)
+    """The n choices' streams as one SSE stream; leaving early closes every worker stream. One stream (the
+    common case) is read in place: no task, queue or generator between the worker's line and the client's
+    chunk."""
+    single = len(streams) == 1
+    source = streams[0] if single else _merge(streams)
     start = last = time.perf_counter()
     first_seen, offsets, completion, cached = set(), [0] * len(streams), [0] * len(streams), 0
     status = "499"  # until it ends one way or the other: the client left
     stream_error: OpenAIError | None = None
     try:
-        async for i, item in merged:
-            if isinstance(item, OpenAIError) or item.error:
-                err = item if isinstance(item, OpenAIError) else _worker_error(item)
-                status, stream_error = str(err.status), err
-                yield b"data: " + _encode(err.body()) + b"\n\n"
-                break
-            now = time.perf_counter()
-            yield b"data: " + _encode(fmt.chunk(i, item, i not in first_seen, offsets[i])) + b"\n\n"
-            # Measured before the chunk went out, recorded after (off the path of the token to the client).
-            if not first_seen:
-                state.metrics.ttft.observe(now - start)
-                state.telemetry.ttft(now - start)
-            elif item.token_ids:
-                state.metrics.itl.observe(now - last)
-                state.telemetry.itl(now - last)
-            last = now
-            first_seen.add(i)
-            offsets[i] += len(item.text)
-            completion[i], cached = item.completion_tokens, max(cached, item.cached_tokens)
-            ticket.completion_tokens, ticket.cached_tokens = sum(completion), cached
-        else:
-            status = "200"
-            if include_usage:
-                yield b"data: " + _encode(fmt.usage_chunk(usage(prompt_len, sum(completion), cached))) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+        try:
+            async for x in source:
+                i, item = (0, x) if single else x
+                if isinstance(item, OpenAIError) or item.error:
+                    err = item if isinstance(item, OpenAIError) else _worker_error(item)
+                    status, stream_error = str(err.status), err
+                    yield _error_event(err)
+                    break
+                now = time.perf_counter()
+                yield b"data: " + _encode(fmt.chunk(i, item, i not in first_seen, offsets[i])) + b"\n\n"
+                # Measured before the chunk went out, recorded after (off the path of the token to the client).
+                if not first_seen:
+                    state.metrics.ttft.observe(now - start)
+                    state.telemetry.ttft(now - start)
+                elif item.token_ids:
+                    state.metrics.itl.observe(now - last)
+                    state.telemetry.itl(now - last)
+                last = now
+                first_seen.add(i)
+                offsets[i] += len(item.text)
+                completion[i], cached = item.completion_tokens, max(cached, item.cached_tokens)
+                ticket.completion_tokens, ticket.cached_tokens = sum(completion), cached
+            else:
+                status = "200"
+                if include_usage:
+                    yield b"data: " + _encode(fmt.usage_chunk(usage(prompt_len, sum(completion), cached))) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+        except OpenAIError as e:  # one stream's own failure (merged streams pass theirs on as items)
+            status, stream_error = str(e.status), e
+            yield _error_event(e)
     finally:
-        await merged.aclose()
+        await source.aclose()
         _observe(state, start, sum(completion), cached)
         state.count("chat" if fmt.chat else "completions", status, sum(completion), stream_error)
         await ticket.close({"200": "ok", "499": "cancelled"}.get(status, "error"))

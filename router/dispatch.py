@@ -8,14 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from protocol.block_hash import hash_blocks
-from protocol.messages import (
-    ChunkView,
-    GenerateRequest,
-    PrefillRequest,
-    WireSamplingParams,
-    decode_chunk,
-    wire_json,
-)
+from protocol.messages import ChunkView, GenerateOut, ParamsOut, PrefillOut, decode_chunk, encode_out
 from protocol.stream_client import StreamClient, StreamClientError
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
@@ -42,7 +35,7 @@ class Dispatcher:
         ref = self.pool.reference
         return hash_blocks(prompt_ids, ref.block_size, ref.root_hash)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: WireSamplingParams,
+    async def generate(self, request_id: str, prompt_ids: list[int], params: ParamsOut,
                        hashes: list[int], session: str | None = None) -> AsyncIterator[ChunkView]:
         bad: set[str] = set()  # workers that failed this request before its first token
         for attempt in range(2):
@@ -72,7 +65,7 @@ class Dispatcher:
                 return
             self.metrics.retries.inc()
 
-    async def _run(self, rid: str, prompt_ids: list[int], params: WireSamplingParams, hashes: list[int],
+    async def _run(self, rid: str, prompt_ids: list[int], params: ParamsOut, hashes: list[int],
                    route, route_s: float) -> AsyncIterator[ChunkView]:
         d, p = route.decode, route.prefill
         # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
@@ -98,18 +91,15 @@ class Dispatcher:
                 await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
                 recorded = True
             if p is not None:
-                body = wire_json(PrefillRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids,
-                                                                params=params))
+                body = encode_out(PrefillOut(rid, prompt_ids, params))
                 p.inflight += 1
                 p.inflight_tokens += computed
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
                 # Released when the prefill ends, however it ends (even cancelled before it started).
                 prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids), computed))
                 await self.state.record_route(p.url, hashes, computed, requests=1, tokens=len(prompt_ids))
-            # Built from validated parts: model_construct skips validating the prompt's ids again.
-            req = GenerateRequest.model_construct(request_id=rid, prompt_token_ids=prompt_ids, params=params,
-                                                  prefill_url=p.url if p else None)
-            async with self.client.post(f"{d.url}/generate", wire_json(req), sent=sent) as resp:
+            body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None))
+            async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")[:300]
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")

@@ -1,5 +1,6 @@
-"""The router writes worker requests and reads their chunks through msgspec (`wire_json`, `decode_chunk`): the
-same documents as pydantic's."""
+"""The router writes worker requests and reads their chunks through msgspec structs (`ParamsOut`,
+`GenerateOut`, `PrefillOut`, `ChunkView`): the same fields, defaults and documents as the pydantic models the
+workers validate."""
 
 import json
 
@@ -9,30 +10,46 @@ import pytest
 from protocol.messages import (
     ChunkView,
     GenerateChunk,
+    GenerateOut,
     GenerateRequest,
     LogprobView,
+    ParamsOut,
+    PrefillOut,
     PrefillRequest,
     TokenLogprobWire,
     WireSamplingParams,
     decode_chunk,
-    wire_json,
+    encode_out,
 )
 
 
-def test_wire_json_writes_the_document_model_dump_json_writes():
-    params = WireSamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop=["\n\n", "é"],
-                                logprobs=2, ignore_eos=True)
-    messages = [
-        GenerateRequest(request_id="r-1", prompt_token_ids=[1, 2, 49151], params=params, prefill_url="http://p:1"),
-        GenerateRequest.model_construct(request_id="r-2", prompt_token_ids=list(range(400)),
-                                        params=WireSamplingParams(), prefill_url=None),
-        PrefillRequest(request_id="r-3", prompt_token_ids=[5], params=params),
-        GenerateChunk(token_ids=[9], text="hi \"there\"\n", finished=True, finish_reason="stop",
-                      logprobs=[TokenLogprobWire(token_id=9, logprob=-0.25, top=[(9, -0.25), (4, -2.0)])]),
+@pytest.mark.parametrize(("struct", "model"), [(ParamsOut, WireSamplingParams), (GenerateOut, GenerateRequest),
+                                               (PrefillOut, PrefillRequest)])
+def test_the_routers_request_structs_have_the_models_fields_and_defaults(struct, model):
+    assert struct.__struct_fields__ == tuple(model.model_fields)
+    for f in msgspec.structs.fields(struct):
+        info = model.model_fields[f.name]
+        assert f.required == info.is_required(), f.name
+        if not f.required:
+            default = f.default_factory() if f.default_factory is not msgspec.NODEFAULT else f.default
+            assert default == info.get_default(call_default_factory=True), f.name
+
+
+def test_the_routers_requests_are_the_documents_the_workers_validate():
+    kw = {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": ["\n\n", "é"], "logprobs": 2,
+          "ignore_eos": True}
+    pairs = [
+        (GenerateOut("r-1", [1, 2, 49151], ParamsOut(**kw), "http://p:1"),
+         GenerateRequest(request_id="r-1", prompt_token_ids=[1, 2, 49151], params=WireSamplingParams(**kw),
+                         prefill_url="http://p:1")),
+        (GenerateOut("r-2", list(range(400)), ParamsOut()),
+         GenerateRequest(request_id="r-2", prompt_token_ids=list(range(400)), params=WireSamplingParams())),
+        (PrefillOut("r-3", [5], ParamsOut(**kw)),
+         PrefillRequest(request_id="r-3", prompt_token_ids=[5], params=WireSamplingParams(**kw))),
     ]
-    for m in messages:
-        assert json.loads(wire_json(m)) == json.loads(m.model_dump_json())
-        assert type(m).model_validate_json(wire_json(m)) == m
+    for out, model in pairs:
+        assert json.loads(encode_out(out)) == json.loads(model.model_dump_json())
+        assert type(model).model_validate_json(encode_out(out)) == model
 
 
 def test_the_routers_chunk_view_reads_every_generate_chunk_field_with_the_same_defaults():
