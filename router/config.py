@@ -12,6 +12,7 @@ class RouterConfig:
     port: int = 8000
     policy: str = "cache_aware"
     load_weight: float = 1.0  # tokens of queued work that weigh as much as one token to recompute
+    balance_ratio: float = 1.1  # the load-imbalance guard (router/policy.py); inf: off
     local_prefill_tokens: int = 64  # prompts with at most this many uncached tokens prefill on the decode worker
     health_interval_s: float = 1.0
     tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto
@@ -51,3 +52,5 @@ class RouterConfig:
         object.__setattr__(self, "keys_file", str(Path(self.keys_file).expanduser()))
         if self.local_prefill_tokens < 0 or self.load_weight < 0:
             raise ValueError("local_prefill_tokens and load_weight must be >= 0")
+        if not self.balance_ratio >= 1.0:
+            raise ValueError("balance_ratio must be >= 1 (inf turns the guard off)")

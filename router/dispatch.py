@@ -83,12 +83,12 @@ class Dispatcher:
             self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
             if not recorded:
                 recorded = True
-                self.state.record_route_now(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
+                self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
 
         try:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
             if not self.local:
-                await self.state.record_route(d.url, hashes, d_tokens, requests=1, tokens=d_tokens)
+                await self.state.record_route(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
                 recorded = True
             if p is not None:
                 body = encode_out(PrefillOut(rid, prompt_ids, params))
@@ -97,7 +97,7 @@ class Dispatcher:
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
                 # Released when the prefill ends, however it ends (even cancelled before it started).
                 prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids), computed))
-                await self.state.record_route(p.url, hashes, computed, requests=1, tokens=len(prompt_ids))
+                await self.state.record_route(p.url, hashes, len(prompt_ids), requests=1, tokens=len(prompt_ids))
             body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None))
             async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
                 if resp.status != 200:

@@ -22,6 +22,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--policy", default="cache_aware")
     ap.add_argument("--local-prefill-tokens", type=int, default=64)
+    ap.add_argument("--load-weight", type=float, default=1.0,
+                    help="cache_aware: tokens of in-flight work that weigh as much as one token to recompute")
+    ap.add_argument("--balance-ratio", type=float, default=1.1,
+                    help="cache_aware's load-imbalance guard: a worker that served more than this times the pool's "
+                         "mean of recent prompt tokens gets no credit for its cache ('inf': off)")
     ap.add_argument("--redis-url", default=None, help="share routing state with other routers through Redis")
     ap.add_argument("--redis-namespace", default="pdserve")
     ap.add_argument("--discovery", default="static", choices=["static", "kubernetes"])
@@ -55,7 +60,8 @@ def main() -> None:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = RouterConfig(prefill_urls=a.prefill or env_list("prefill_urls"),
                           decode_urls=a.decode or env_list("decode_urls"), host=a.host, port=a.port, policy=a.policy,
-                          local_prefill_tokens=a.local_prefill_tokens, redis_url=a.redis_url,
+                          local_prefill_tokens=a.local_prefill_tokens, load_weight=a.load_weight,
+                          balance_ratio=a.balance_ratio, redis_url=a.redis_url,
                           redis_namespace=a.redis_namespace, discovery=a.discovery, k8s_namespace=a.k8s_namespace,
                           k8s_prefill_selector=a.k8s_prefill_selector, k8s_decode_selector=a.k8s_decode_selector,
                           worker_port=a.worker_port, internal_token=a.internal_token, auth=a.auth,

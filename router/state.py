@@ -20,7 +20,7 @@ class WorkerView:
     matched_blocks: int
     inflight: int
     inflight_tokens: int
-    recent_tokens: int = 0  # prompt tokens routed to it for computing in the last ~30 s
+    recent_tokens: int = 0  # prompt tokens sent to it in the last ~30 s (cached or not)
 
 
 def _bucket(now: float | None = None) -> int:
@@ -39,22 +39,23 @@ class LocalState:
         return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0)),
                               sum(b.get(u, 0) for b in buckets)) for u in urls}
 
-    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0, requests: int = 0,
+    async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
                            tokens: int = 0) -> None:
-        """The worker will hold these blocks; it computes `computed_tokens` of them; and (optionally) its
-        in-flight load grows by `requests` and `tokens`: one call (one Redis round trip) a routing decision."""
-        self.record_route_now(url, hashes, computed_tokens, requests, tokens)
+        """The worker will hold these blocks; it is sent a prompt of `sent_tokens` (its recent work); and
+        (optionally) its in-flight load grows by `requests` and `tokens`: one call (one Redis round trip) a
+        routing decision."""
+        self.record_route_now(url, hashes, sent_tokens, requests, tokens)
 
-    def record_route_now(self, url: str, hashes: list[int], computed_tokens: int = 0, requests: int = 0,
+    def record_route_now(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
                          tokens: int = 0) -> None:
         """record_route without waiting (in memory): the router calls it once the request is on its way."""
         self.index.add(url, hashes)
         if requests or tokens:
             self.add_load_now(url, requests, tokens)
-        if computed_tokens:
+        if sent_tokens:
             now = _bucket()
             bucket = self.recent.setdefault(now, {})
-            bucket[url] = bucket.get(url, 0) + computed_tokens
+            bucket[url] = bucket.get(url, 0) + sent_tokens
             for old in [b for b in self.recent if b <= now - RECENT_BUCKETS]:
                 del self.recent[old]
 
@@ -132,14 +133,14 @@ class RedisState:
             pipe.zadd(self._idx(url), {h: now for h in hashes})
             pipe.zremrangebyrank(self._idx(url), 0, -self.max_blocks - 1)
 
-    async def record_route(self, url: str, hashes: list[int], computed_tokens: int = 0, requests: int = 0,
+    async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
                            tokens: int = 0) -> None:
         pipe = self.redis.pipeline(transaction=False)
         await self._add(pipe, url, hashes)
         self._load(pipe, url, requests, tokens)
-        if computed_tokens:
+        if sent_tokens:
             key = f"{self.ns}:recent:{_bucket()}"
-            pipe.hincrby(key, url, computed_tokens)
+            pipe.hincrby(key, url, sent_tokens)
             pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
         await pipe.execute()
 

@@ -116,9 +116,29 @@ async def test_short_shared_prefix_does_not_pull_everything_to_one_worker_when_n
         await state.record_route(route.decode.url, [], 332 - route.decode_cached_tokens)
         counts[route.decode.url] += 1
     assert max(counts.values()) / (80 / 4) <= 1.25
-    # ... while a long shared prefix still wins over balance.
+    # ... while a long shared prefix still wins over balance (within the guard's ratio: next test).
     long_prefix = _prompt(1, 320)
     first = await _route(state, router, [], decode, long_prefix + _prompt(2000, 20))
-    await state.record_route(first.decode.url, [], 10_000)  # it has done far more recent work than the others
+    await state.record_route(first.decode.url, [], 500)  # it has done more recent work than the others
     again = await _route(state, router, [], decode, long_prefix + _prompt(2001, 20))
     assert again.decode.url == first.decode.url
+
+
+async def test_the_balance_guard_moves_a_hot_prefix_off_a_worker_far_over_the_mean():
+    # One request at a time: a tenant's long prefix lives on one worker, which has served over three times the
+    # mean of recent prompt tokens. The guard sends its next request to the least loaded worker (one miss),
+    # after which the tenant has two homes and its requests go to the lighter one.
+    state, router = LocalState(100_000), Router("cache_aware", 16, balance_ratio=1.1)
+    decode = _workers(4)
+    tenant = _prompt(3, 640)
+    home = (await _route(state, router, [], decode, tenant + _prompt(3000, 20))).decode
+    for w in decode:
+        await state.record_route(w.url, [], 20_000 if w is home else 6_000)
+    views = await state.view([w.url for w in decode], hash_blocks(tenant + _prompt(3001, 20), 16, ROOT))
+    unguarded = Router("cache_aware", 16, balance_ratio=float("inf"))
+    assert unguarded.route([], decode, views, 660).decode is home  # without the guard the prefix wins
+    moved = await _route(state, router, [], decode, tenant + _prompt(3001, 20))
+    assert moved.decode is not home and moved.decode_cached_tokens == 0
+    await state.record_route(moved.decode.url, [], 660)
+    again = await _route(state, router, [], decode, tenant + _prompt(3002, 20))
+    assert again.decode is moved.decode and again.decode_cached_tokens == 640
