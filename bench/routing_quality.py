@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--vllm-router", default=None)
     ap.add_argument("--concurrency", default="1,64", help="comma-separated client concurrencies")
     ap.add_argument("--policies", default="cache_aware,round_robin", help="pdserve policies to run")
+    ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--balance-ratio 1.2'")
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
     sessions = trace(tenants, users, turns, one_shots, seed=0)
@@ -116,6 +118,7 @@ def main() -> None:
                 if kind == "pdserve":
                     cmd = [sys.executable, "-m", "router.main", "--port", str(port), "--policy", policy,
                            "--local-prefill-tokens", "0"] + [x for u in urls for x in ("--decode", u)]
+                    cmd += shlex.split(a.router_args)
                 elif kind == "sglang":
                     cmd = [a.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
                            policy, "--port", str(port), "--log-level", "warn", "--prometheus-port", str(free_port())]
