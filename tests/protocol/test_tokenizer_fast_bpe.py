@@ -61,15 +61,21 @@ def test_tokenizers_it_cannot_mirror_keep_tokenizers():
         assert tok.encode_batch(["héllo world"], False) == [tok.encode("héllo world", add_special_tokens=False)]
 
 
-def test_a_plain_byte_level_bpe_is_mirrored_exactly():
+def _byte_level_bpe(rng: random.Random, vocab_size: int) -> str:
+    """tokenizer.json of a byte-level BPE trained on random text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     inner = Tokenizer(models.BPE())
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    rng = random.Random(3)
     corpus = [_random_text(rng, 200) for _ in range(200)]
-    inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = ChatTokenizer(inner.to_str(), {})
+    inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return inner.to_str()
+
+
+def test_a_plain_byte_level_bpe_is_mirrored_exactly():
+    rng = random.Random(3)
+    tok = ChatTokenizer(_byte_level_bpe(rng, 800), {})
     assert tok.fast_bpe is not None
     texts = [_random_text(rng, 300) for _ in range(100)]
     assert tok.encode_batch(texts, False) == [tok.encode(t, add_special_tokens=False) for t in texts]
@@ -78,14 +84,8 @@ def test_a_plain_byte_level_bpe_is_mirrored_exactly():
 def test_ids_out_of_merge_order_are_mapped_from_ranks():
     import json
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    inner = Tokenizer(models.BPE())
-    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     rng = random.Random(4)
-    corpus = [_random_text(rng, 200) for _ in range(200)]
-    inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    spec = json.loads(inner.to_str())
+    spec = json.loads(_byte_level_bpe(rng, 600))
     vocab = spec["model"]["vocab"]
     shuffled = list(vocab.values())
     rng.shuffle(shuffled)  # the same tokens and merges, ids in no order
