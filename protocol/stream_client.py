@@ -130,31 +130,48 @@ class Response:
         self._timeout_s = timeout_s
         self.status = conn.status
 
+    def _take(self) -> bytes | None:
+        """Body bytes already received, or None; reading resumes once the backlog is down to half."""
+        c = self._conn
+        if not c.chunks:
+            return None
+        data = c.chunks.popleft()
+        c.buffered -= len(data)
+        if c.paused and c.buffered < _HIGH_WATER // 2 and c.transport is not None:
+            c.paused = False
+            c.transport.resume_reading()
+        return data
+
+    async def _more(self) -> bool:
+        """Wait for more body bytes; False once the body is complete."""
+        c = self._conn
+        if c.complete:
+            return False
+        if c.lost is not None:
+            raise c.lost
+        await c.wait(self._timeout_s)
+        return True
+
     async def chunks(self):
         """Body bytes as they arrive."""
-        c = self._conn
         while True:
-            while c.chunks:
-                data = c.chunks.popleft()
-                c.buffered -= len(data)
-                if c.paused and c.buffered < _HIGH_WATER // 2 and c.transport is not None:
-                    c.paused = False
-                    c.transport.resume_reading()
+            while (data := self._take()) is not None:
                 yield data
-            if c.complete:
+            if not await self._more():
                 return
-            if c.lost is not None:
-                raise c.lost
-            await c.wait(self._timeout_s)
 
     async def lines(self):
-        """Non-empty lines of the body (NDJSON), as they arrive."""
+        """Non-empty lines of the body (NDJSON), as they arrive (read in place: no generator of chunks under
+        it, one step less a token)."""
         rest = b""
-        async for data in self.chunks():
-            *whole, rest = (rest + data).split(b"\n")
-            for line in whole:
-                if line.strip():
-                    yield line
+        while True:
+            while (data := self._take()) is not None:
+                *whole, rest = (rest + data).split(b"\n")
+                for line in whole:
+                    if line.strip():
+                        yield line
+            if not await self._more():
+                break
         if rest.strip():
             yield rest
 

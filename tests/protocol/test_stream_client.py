@@ -43,6 +43,15 @@ class Server:
                     writer.write(b"0\r\n\r\n")
                     await writer.drain()
                     continue
+                if path == b"/big":  # 4 MiB of 1 KiB lines as fast as the socket takes them
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for i in range(4096):
+                        line = b'{"i": %d, "pad": "%s"}\n' % (i, b"x" * 1000)
+                        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        await writer.drain()
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                    continue
                 if path == b"/close":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
                     await writer.drain()
@@ -159,3 +168,21 @@ async def test_sent_is_called_once_when_the_request_is_written_and_not_when_it_c
             pass
     assert calls == [0]
     await client.close()
+
+
+async def test_a_lagging_reader_pauses_the_connection_and_gets_every_line_after():
+    s = Server()
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/big"
+    client = StreamClient(timeout_s=10)
+    seen, paused = [], False
+    async with client.post(url, b"{}") as resp:
+        async for line in resp.lines():
+            seen.append(line)
+            if len(seen) == 1:
+                await asyncio.sleep(0.5)  # the worker keeps writing meanwhile: over 1 MiB piles up
+                paused = resp._conn.paused
+    assert paused and not resp._conn.paused  # reading stopped while the reader lagged, and went on after
+    assert len(seen) == 4096 and all(line.startswith(b'{"i": %d,' % i) for i, line in enumerate(seen))
+    await client.close()
+    srv.close()
