@@ -86,7 +86,8 @@ class Dispatcher:
                 self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
 
         try:
-            # A decode worker that prefills itself carries the prompt's uncached tokens as load until it ends.
+            # A decode worker that prefills itself carries the prompt's uncached tokens as load until its first
+            # token (they were carried until the request ended: a long answer kept its prompt as queued work).
             if not self.local:
                 await self.state.record_route(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
                 recorded = True
@@ -110,6 +111,11 @@ class Dispatcher:
                     except ValueError as e:
                         yield _failed(f"the decode worker sent a line that is not a chunk: {e}", "engine_failed")
                         return
+                    if d_tokens:  # the first token: the prompt is computed; what stays in flight is decoding
+                        d.inflight_tokens -= d_tokens
+                        if recorded:
+                            self._add_load(d.url, 0, -d_tokens)
+                        d_tokens = 0
                     finished = chunk.finished
                     yield chunk
             if not finished:

@@ -40,7 +40,8 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
 
     @app.post("/generate")
     async def generate(req: GenerateRequest) -> StreamingResponse:
-        """One token, the worker's name, then EOS; with ignore_eos, max_tokens tokens 20 ms apart."""
+        """One token, the worker's name, then EOS; with ignore_eos, max_tokens tokens 20 ms apart (the first
+        after 1 s with the stop string SLOW_PREFILL)."""
         app.state.requests += 1
         n = req.params.max_tokens if req.params.ignore_eos else 1
         if "FAIL" in req.params.stop:  # a test asks for a failed request
@@ -51,6 +52,8 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
         async def lines():
             app.state.running += 1
             try:
+                if "SLOW_PREFILL" in req.params.stop:  # a test asks for a prompt that takes a while to compute
+                    await asyncio.sleep(1.0)
                 for i in range(n):
                     last = i == n - 1
                     yield GenerateChunk(token_ids=[1], text=name if i == 0 else " x", finished=last,

@@ -2,6 +2,7 @@
 usage counted once per request. Routers are real processes; workers are fakes; Redis is real."""
 
 import asyncio
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -184,16 +185,22 @@ def test_saturated_cluster_refuses_new_requests_early_and_keeps_in_flight_ones(r
     _assert_openai_error(httpx.post(url, json={**CHAT, "max_tokens": 1001}), 400, "max_tokens_too_large")
     long_prompt = {"model": "fake", "messages": [{"role": "user", "content": "word " * 600}]}
     _assert_openai_error(httpx.post(url, json=long_prompt), 400, "prompt_too_long")
-    with httpx.stream("POST", url, json={**CHAT, "stream": True, "max_tokens": 40, "ignore_eos": True},
-                      timeout=10) as first:
-        chunks = first.iter_bytes()
-        next(chunks)  # in flight: its ~30 prompt tokens count as queued until it ends
+    slow = {**CHAT, "stream": True, "max_tokens": 5, "ignore_eos": True, "stop": ["SLOW_PREFILL"]}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(lambda: httpx.post(url, json=slow, timeout=10))
+        time.sleep(0.4)  # in flight before its first token: its ~30 prompt tokens wait to be computed
         refused = httpx.post(url, json=CHAT, timeout=10)
         _assert_openai_error(refused, 503, "overloaded")
         assert refused.headers["retry-after"] == "1"
-        rest = b"".join(chunks)
-    assert b"[DONE]" in rest  # the in-flight request was not dropped
+        assert b"[DONE]" in first.result().content  # the in-flight request was not dropped
     assert httpx.post(url, json=CHAT, timeout=10).status_code == 200  # and then there is room again
+    # Once a request has its first token its prompt is computed: a long answer does not hold the queue full.
+    with httpx.stream("POST", url, json={**CHAT, "stream": True, "max_tokens": 40, "ignore_eos": True},
+                      timeout=10) as decoding:
+        chunks = decoding.iter_bytes()
+        next(chunks)
+        assert httpx.post(url, json=CHAT, timeout=10).status_code == 200
+        assert b"[DONE]" in b"".join(chunks)
 
 
 def test_predicted_ttft_over_its_slo_refuses_new_work():
