@@ -44,7 +44,7 @@ from router.frontdoor import FrontDoor, Ticket
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
-from router.schemas import ChatCompletionRequest, CompletionRequest, parse
+from router.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, parse
 from router.server import Answer, header
 from router.server import Request as HttpRequest
 from router.state import LocalState, RedisState
@@ -349,7 +349,7 @@ def _declared_over(scope: dict, max_bytes: int) -> bool:
     return length is not None and length.isdigit() and int(length) > max_bytes
 
 
-def _parse(chat: bool, raw: bytes) -> Any:
+def _parse(chat: bool, raw: bytes) -> GenerationRequest:
     try:
         return parse(chat, raw)
     except ValidationError as e:
@@ -385,7 +385,7 @@ async def _prompt_ids(state: RouterState, chat: bool, body: Any) -> list[int]:
     return await state.encoder.encode(body.prompt) if body.prompt else []
 
 
-def _wire_params(body: Any, max_tokens: int, seed: int | None) -> ParamsOut:
+def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None) -> ParamsOut:
     return ParamsOut(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

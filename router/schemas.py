@@ -205,8 +205,10 @@ _DECODERS = {True: msgspec.json.Decoder(FastChatRequest), False: msgspec.json.De
 _MODELS = {True: ChatCompletionRequest, False: CompletionRequest}
 
 
-def parse(chat: bool, raw: bytes
-          ) -> FastChatRequest | FastCompletionRequest | ChatCompletionRequest | CompletionRequest:
+GenerationRequest = FastChatRequest | FastCompletionRequest | ChatCompletionRequest | CompletionRequest
+
+
+def parse(chat: bool, raw: bytes) -> GenerationRequest:
     """A chat (or completion) request body, validated: the fast struct where it takes the body, else the
     pydantic model; pydantic's ValidationError where the body is invalid."""
     try:
