@@ -253,7 +253,7 @@ def _byte_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
-def _chars_with_bytes(missing: bytes) -> re.Pattern:
+def _chars_with_bytes(missing: bytes) -> "re.Pattern | _EncodedSearch":
     """A regex of the characters whose UTF-8 encoding (surrogates passed through) holds one of these bytes. A
     character's bytes are its lead byte and continuation bytes (0x80-0xBF); where none of the latter is
     missing, a lead byte stands for a range of characters, searched in the text itself, not its encoding
@@ -291,7 +291,7 @@ class _EncodedSearch:
 
 
 def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
-                   ) -> tuple[str, dict[bytes, int], list[int] | None, Any] | None:
+                   ) -> tuple[str, dict[bytes, int], list[int] | None, "re.Pattern | _EncodedSearch | None"] | None:
     """(pre-tokenizer regex, mergeable ranks, rank -> id or None, a search for the characters holding bytes
     the vocabulary lacks or None) equivalent to a byte-level BPE tokenizer.json, or None where it is not one.
     Ranks follow the merges' order (the merge priority), single bytes first."""
@@ -345,5 +345,4 @@ def _tiktoken_spec(spec: dict[str, Any], added: dict, splitter
     rank_to_id = [-1] * (max(ranks.values()) + 1)
     for b, r in ranks.items():
         rank_to_id[r] = by_bytes.get(b, -1)
-    identity = all(rank_to_id[r] == r for r in ranks.values())
-    return pattern, ranks, None if identity else rank_to_id, unmapped
+    return pattern, ranks, rank_to_id, unmapped  # (ids equal to ranks grow in merge order: taken above)

@@ -216,4 +216,3 @@ def parse(chat: bool, raw: bytes) -> GenerationRequest:
     except msgspec.MsgspecError:
         pass
     return _MODELS[chat].model_validate_json(raw)
-
