@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 
 
 class MockServer:
@@ -58,6 +59,7 @@ class MockServer:
         static = {"/health": {"status": "ok"}, "/ready": {"status": "ok"}, "/info": self.info,
                   "/tokenizer": self.tokenizer_files, "/kv_events": {"seq": 0, "resync": False, "events": []},
                   "/stats": self.cache.stats() if self.cache else {},
+                  "/served": self.cache.served if self.cache else [],
                   "/v1/models": {"object": "list", "data": [{"id": self.model, "object": "model"}]},
                   "/load": {"running": 0, "waiting": 0, "free_blocks": 1000, "total_blocks": 1000,
                             "tokens_computed": 0, "prompt_tokens_cached": 0}}
@@ -142,6 +144,7 @@ class BlockCache:
         self.blocks: OrderedDict[int, None] = OrderedDict()
         self.events: list[dict] = []
         self.prompt_tokens = self.hit_tokens = self.requests = 0
+        self.served: list[tuple[int, int, list[int]]] = []  # (time_ns, blocks hit, block hashes) a request
 
     def serve(self, body: dict) -> None:
         from protocol.block_hash import hash_blocks
@@ -161,6 +164,7 @@ class BlockCache:
         self.requests += 1
         self.prompt_tokens += len(ids)
         self.hit_tokens += hits * 16
+        self.served.append((time.time_ns(), hits, hashes))
         new = [h for h in hashes[hits:] if h not in self.blocks]
         for h in hashes:
             self.blocks[h] = None

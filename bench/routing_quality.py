@@ -2,7 +2,9 @@
 several users a tenant in multi-turn chats, unrelated one-shots) replayed through a router to 8 mock workers
 that each keep a finite LRU cache of block hashes and count their own hits. Reports the achieved prefix hit
 rate and the load imbalance (max/mean prompt tokens per worker), against the oracle (one infinite cache),
-for pdserve's cache_aware, round-robin, and the peers' cache_aware, at low and high concurrency.
+for pdserve's cache_aware, round-robin, and the peers' cache_aware, at low and high concurrency. Each line's
+`block_shares` says why prompt blocks were recomputed: never seen before, held by another worker (routing), or
+evicted from every worker (capacity).
 
   python -m bench.routing_quality [--quick] [--sglang-python PY] [--vllm-router BIN]
 """
@@ -63,6 +65,33 @@ def oracle_hit_rate(sessions: list[list[list[dict]]], tok_dir) -> float:
                 total += len(ids)
                 seen.update(hashes)
     return hits / total
+
+
+def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
+    """Why blocks were recomputed, as shares of all prompt blocks: the worker's hits replayed in time order
+    against each worker's LRU: `first_seen` (no cache could have held it, the oracle misses it too),
+    `elsewhere` (another worker held it: a routing miss) or `evicted` (every copy was evicted: capacity)."""
+    from collections import OrderedDict
+
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in served]
+    seen: set[int] = set()
+    counts = {"hit": 0, "first_seen": 0, "elsewhere": 0, "evicted": 0}
+    for _, w, hits, hashes in sorted((t, w, hits, hashes) for w, log in enumerate(served)
+                                     for t, hits, hashes in log):
+        counts["hit"] += hits
+        for h in hashes[hits:]:
+            kind = ("first_seen" if h not in seen else
+                    "elsewhere" if any(h in c for i, c in enumerate(caches) if i != w) else "evicted")
+            counts[kind] += 1
+        cache = caches[w]
+        for h in hashes:
+            cache[h] = None
+            cache.move_to_end(h)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+        seen.update(hashes)
+    total = max(1, sum(counts.values()))
+    return {k: round(v / total, 5) for k, v in counts.items()}
 
 
 async def replay(port: int, sessions: list[list[list[dict]]], concurrency: int) -> int:
@@ -131,10 +160,12 @@ def main() -> None:
                 prompt = [s["prompt_tokens"] for s in stats]
                 hit_rate = sum(s["hit_tokens"] for s in stats) / max(1, sum(prompt))
                 imbalance = max(prompt) / (sum(prompt) / len(prompt))
+                served = [json.loads(urllib.request.urlopen(f"{u}/served").read()) for u in urls]
                 emit("routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
                      ratio=hit_rate / oracle, router=label, concurrency=concurrency, load_imbalance=imbalance,
                      requests=n_requests, requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
-                     workers=a.workers, cache_blocks=a.cache_blocks)
+                     workers=a.workers, cache_blocks=a.cache_blocks,
+                     block_shares=miss_breakdown(served, a.cache_blocks))
             finally:
                 for proc in procs:
                     proc.terminate()

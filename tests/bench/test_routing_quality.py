@@ -1,0 +1,31 @@
+"""bench.routing_quality's account of why prompt blocks were recomputed."""
+
+from bench.mock_server import BlockCache
+from bench.router_overhead import _demo_tokenizer
+from bench.routing_quality import miss_breakdown
+
+
+def test_misses_are_told_apart_as_first_seen_held_elsewhere_or_evicted_everywhere():
+    a, b, c, d, e, f, g = range(1, 8)
+    served = [  # per worker: (time, blocks hit, block hashes); each worker's LRU holds 2 blocks
+        [(1, 0, [a, b]), (3, 0, [d, e]), (5, 0, [a])],
+        [(2, 0, [a, b, c]), (4, 0, [f, g]), (6, 1, [f])],
+    ]
+    shares = miss_breakdown(served, capacity=2)
+    # t=1: a, b new. t=2: a, b on worker 0 (routing misses), c new. t=3, t=4: d, e, f, g new; worker 0 drops a, b
+    # and worker 1 (which dropped a at t=2) drops b, c. t=5: a is nowhere any more (evicted). t=6: f is a hit.
+    assert shares == {k: round(v / 11, 5) for k, v in
+                      {"hit": 1, "first_seen": 7, "elsewhere": 2, "evicted": 1}.items()}
+
+
+def test_the_mock_logs_each_request_with_the_hits_it_counted():
+    files = {f.name: f.read_text() for f in _demo_tokenizer().iterdir() if f.is_file()}
+    cache = BlockCache(capacity=100, root=7, tokenizer_files=files)
+    ids = list(range(40))  # two full blocks and a partial one
+    cache.serve({"prompt_token_ids": ids})
+    cache.serve({"prompt_token_ids": ids[:32] + [99] * 8})
+    (t1, hits1, hashes1), (t2, hits2, hashes2) = cache.served
+    assert t1 <= t2
+    assert (hits1, hits2) == (0, 2)
+    assert hashes1 == hashes2 and len(hashes1) == 2
+    assert cache.hit_tokens == 32
