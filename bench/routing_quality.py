@@ -6,7 +6,7 @@ for pdserve's cache_aware, round-robin, and the peers' cache_aware, at low and h
 `block_shares` says why prompt blocks were recomputed: never seen before, held by another worker (routing), or
 evicted from every worker (capacity).
 
-  python -m bench.routing_quality [--quick] [--sglang-python PY] [--vllm-router BIN]
+  python -m bench.routing_quality [--quick] [--sglang-python PY] [--vllm-router BIN] [--tokenizer-dir DIR]
 """
 
 import argparse
@@ -121,12 +121,13 @@ def main() -> None:
     ap.add_argument("--vllm-router", default=None)
     ap.add_argument("--concurrency", default="1,64", help="comma-separated client concurrencies")
     ap.add_argument("--policies", default="cache_aware,round_robin", help="pdserve policies to run")
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer for the mocks (default: the demo model's)")
     ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--balance-ratio 1.2'")
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
     sessions = trace(tenants, users, turns, one_shots, seed=0)
     n_requests = sum(len(s) for s in sessions)
-    tok = _demo_tokenizer()
+    tok = a.tokenizer_dir or _demo_tokenizer()
     oracle = oracle_hit_rate(sessions, tok)
     routers = [(f"pdserve {p}", "pdserve", p) for p in a.policies.split(",")]
     if a.sglang_python:
