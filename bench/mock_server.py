@@ -15,8 +15,14 @@ import time
 
 class MockServer:
     def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, model: str = "mock",
-                 tokenizer_files: dict[str, str] | None = None, cache_blocks: int | None = None):
+                 tokenizer_files: dict[str, str] | None = None, cache_blocks: int | None = None,
+                 prefill_tokens_per_s: float = 0.0):
         self.ttft_s, self.itl_s, self.model = ttft_s, itl_s, model
+        # With a prefill rate (and a cache), prompts are computed one after another at that many uncached tokens
+        # a second before their first token: queued work delays a request the way it does on a real worker.
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.prefill_busy_until = 0.0
+        self.prefill_waiting = 0
         self.tokenizer_files = tokenizer_files or {}
         self.requests = 0
         from protocol.block_hash import root_hash
@@ -61,7 +67,7 @@ class MockServer:
                   "/stats": self.cache.stats() if self.cache else {},
                   "/served": self.cache.served if self.cache else [],
                   "/v1/models": {"object": "list", "data": [{"id": self.model, "object": "model"}]},
-                  "/load": {"running": 0, "waiting": 0, "free_blocks": 1000, "total_blocks": 1000,
+                  "/load": {"running": 0, "waiting": self.prefill_waiting, "free_blocks": 1000, "total_blocks": 1000,
                             "tokens_computed": 0, "prompt_tokens_cached": 0}}
         if path in static:
             self._json(writer, static[path])
@@ -69,7 +75,9 @@ class MockServer:
             return
         self.requests += 1
         if self.cache is not None:
-            self.cache.serve(body)
+            uncached = self.cache.serve(body)
+            if self.prefill_tokens_per_s:
+                await self._prefill(uncached)
         if path == "/generate":
             await self._generate(body, writer)
             return
@@ -103,6 +111,16 @@ class MockServer:
                                                       "total_tokens": prompt_tokens + n}})
         writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
         await writer.drain()
+
+    async def _prefill(self, tokens: int) -> None:
+        """Wait for the prompts queued before this one, then for this one's `tokens` (FIFO, one at a time)."""
+        now = time.monotonic()
+        self.prefill_busy_until = max(now, self.prefill_busy_until) + tokens / self.prefill_tokens_per_s
+        self.prefill_waiting += 1
+        try:
+            await asyncio.sleep(self.prefill_busy_until - now)
+        finally:
+            self.prefill_waiting -= 1
 
     async def _generate(self, body: dict, writer: asyncio.StreamWriter) -> None:
         """pdserve's decode-worker stream: one NDJSON line a token."""
@@ -146,7 +164,8 @@ class BlockCache:
         self.prompt_tokens = self.hit_tokens = self.requests = 0
         self.served: list[tuple[int, int, list[int]]] = []  # (time_ns, blocks hit, block hashes) a request
 
-    def serve(self, body: dict) -> None:
+    def serve(self, body: dict) -> int:
+        """Count this prompt's hits and cache its blocks; returns how many of its tokens must be computed."""
         from protocol.block_hash import hash_blocks
 
         if "prompt_token_ids" in body:
@@ -176,6 +195,7 @@ class BlockCache:
             self.events.append({"kind": "stored", "block_hashes": new, "parent_hash": None})
         if removed:
             self.events.append({"kind": "removed", "block_hashes": removed, "parent_hash": None})
+        return len(ids) - hits * 16
 
     def events_since(self, seq: int) -> dict:
         out = [dict(seq=i + 1, **e) for i, e in enumerate(self.events) if i + 1 > seq]
@@ -211,6 +231,8 @@ def main() -> None:
     ap.add_argument("--model", default="mock")
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files to serve on /tokenizer")
     ap.add_argument("--cache-blocks", type=int, default=None, help="keep an LRU prefix cache of this many blocks")
+    ap.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                    help="with --cache-blocks: compute uncached prompt tokens at this rate, one prompt at a time")
     a = ap.parse_args()
     files = {}
     if a.tokenizer_dir:
@@ -219,7 +241,8 @@ def main() -> None:
         files = {f.name: f.read_text() for f in Path(a.tokenizer_dir).iterdir() if f.is_file()}
 
     async def run() -> None:
-        server = await MockServer(a.ttft, a.itl, a.model, files, a.cache_blocks).serve("127.0.0.1", a.port)
+        mock = MockServer(a.ttft, a.itl, a.model, files, a.cache_blocks, a.prefill_tokens_per_s)
+        server = await mock.serve("127.0.0.1", a.port)
         async with server:
             await server.serve_forever()
 

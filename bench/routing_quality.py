@@ -16,7 +16,10 @@ import random
 import shlex
 import subprocess
 import sys
+import time
 import urllib.request
+
+import numpy as np
 
 from bench.cluster import free_port
 from bench.common import emit
@@ -94,10 +97,12 @@ def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
     return {k: round(v / total, 5) for k, v in counts.items()}
 
 
-async def replay(port: int, sessions: list[list[list[dict]]], concurrency: int) -> int:
+async def replay(port: int, sessions: list[list[list[dict]]], concurrency: int) -> tuple[int, list[float]]:
+    """Errors, and each request's latency (one output token: its time to first token)."""
     pool = ConnectionPool("127.0.0.1", port, concurrency)
     sem = asyncio.Semaphore(concurrency)
     errors = 0
+    latencies: list[float] = []
 
     async def run(session: list[list[dict]]) -> None:
         nonlocal errors
@@ -106,10 +111,11 @@ async def replay(port: int, sessions: list[list[list[dict]]], concurrency: int) 
                 r = await pool.post_json("/v1/chat/completions", {"model": "mock", "messages": messages,
                                                                   "max_tokens": 1, "temperature": 0})
                 errors += r.status != 200
+                latencies.append(r.end - r.start)
             await asyncio.sleep(0)
 
     await asyncio.gather(*(run(s) for s in sessions))
-    return errors
+    return errors, latencies
 
 
 def main() -> None:
@@ -121,6 +127,9 @@ def main() -> None:
     ap.add_argument("--vllm-router", default=None)
     ap.add_argument("--concurrency", default="1,64", help="comma-separated client concurrencies")
     ap.add_argument("--policies", default="cache_aware,round_robin", help="pdserve policies to run")
+    ap.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                    help="mocks compute uncached prompt tokens at this rate, one prompt at a time (0: at once), so "
+                         "queued work delays a request as on a real worker: what the time to first token shows")
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer for the mocks (default: the demo model's)")
     ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--balance-ratio 1.2'")
     a = ap.parse_args()
@@ -129,7 +138,7 @@ def main() -> None:
     n_requests = sum(len(s) for s in sessions)
     tok = a.tokenizer_dir or _demo_tokenizer()
     oracle = oracle_hit_rate(sessions, tok)
-    routers = [(f"pdserve {p}", "pdserve", p) for p in a.policies.split(",")]
+    routers = [(f"pdserve {p}", "pdserve", p) for p in a.policies.split(",") if p]
     if a.sglang_python:
         routers.append(("sglang-router cache_aware", "sglang", "cache_aware"))
     if a.vllm_router:
@@ -142,7 +151,8 @@ def main() -> None:
                 for p in ports:
                     procs.append(_start([sys.executable, "-m", "bench.mock_server", "--port", str(p), "--ttft", "0",
                                          "--itl", "0", "--tokenizer-dir", str(tok), "--cache-blocks",
-                                         str(a.cache_blocks)], f"http://127.0.0.1:{p}/health"))
+                                         str(a.cache_blocks), "--prefill-tokens-per-s", str(a.prefill_tokens_per_s)],
+                                        f"http://127.0.0.1:{p}/health"))
                 urls = [f"http://127.0.0.1:{p}" for p in ports]
                 port = free_port()
                 if kind == "pdserve":
@@ -156,7 +166,9 @@ def main() -> None:
                     cmd = [a.vllm_router, "--worker-urls", *urls, "--policy", policy, "--port", str(port),
                            "--prometheus-port", str(free_port())]
                 procs.append(_start(cmd, f"http://127.0.0.1:{port}/health"))
-                errors = asyncio.run(replay(port, sessions, concurrency))
+                start = time.perf_counter()
+                errors, latencies = asyncio.run(replay(port, sessions, concurrency))
+                duration = time.perf_counter() - start
                 stats = [json.loads(urllib.request.urlopen(f"{u}/stats").read()) for u in urls]
                 prompt = [s["prompt_tokens"] for s in stats]
                 hit_rate = sum(s["hit_tokens"] for s in stats) / max(1, sum(prompt))
@@ -165,7 +177,9 @@ def main() -> None:
                 emit("routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
                      ratio=hit_rate / oracle, router=label, concurrency=concurrency, load_imbalance=imbalance,
                      requests=n_requests, requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
-                     workers=a.workers, cache_blocks=a.cache_blocks,
+                     workers=a.workers, cache_blocks=a.cache_blocks, prefill_tokens_per_s=a.prefill_tokens_per_s,
+                     ttft_p50_ms=round(float(np.percentile(latencies, 50)) * 1e3, 2),
+                     ttft_p99_ms=round(float(np.percentile(latencies, 99)) * 1e3, 2), replay_s=round(duration, 2),
                      block_shares=miss_breakdown(served, a.cache_blocks))
             finally:
                 for proc in procs:

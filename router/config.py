@@ -11,7 +11,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     policy: str = "cache_aware"
-    load_weight: float = 1.0  # tokens of queued work that weigh as much as one token to recompute
+    load_weight: float = 0.25  # per token of queued work, against 1 per token to recompute (bench.routing_quality)
     balance_ratio: float = 1.1  # the load-imbalance guard (router/policy.py); inf: off
     local_prefill_tokens: int = 64  # prompts with at most this many uncached tokens prefill on the decode worker
     health_interval_s: float = 1.0

@@ -22,8 +22,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--policy", default="cache_aware")
     ap.add_argument("--local-prefill-tokens", type=int, default=64)
-    ap.add_argument("--load-weight", type=float, default=1.0,
-                    help="cache_aware: tokens of in-flight work that weigh as much as one token to recompute")
+    ap.add_argument("--load-weight", type=float, default=0.25,
+                    help="cache_aware: what a token of in-flight work weighs against a token to recompute (the default: "
+                         "best hit rate and time to first token in bench.routing_quality with queueing workers)")
     ap.add_argument("--balance-ratio", type=float, default=1.1,
                     help="cache_aware's load-imbalance guard: a worker that served more than this times the pool's "
                          "mean of recent prompt tokens gets no credit for its cache ('inf': off)")

@@ -105,6 +105,17 @@ def test_worker_env_matches_the_worker_flags_and_probes_hit_real_endpoints():
     assert router["readinessProbe"]["httpGet"]["path"] in _router_routes()
 
 
+def test_router_env_matches_the_router_flags_and_carries_the_routing_weights():
+    from router import main as router_main
+
+    docs = render("--set-json", "router.loadWeight=0.5", "--set-json", "router.balanceRatio=1.3")
+    env = _env(_find(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
+    flags = _worker_flags(router_main)
+    for name in env:
+        assert name[len("PDSERVE_"):].lower() in flags, f"{name} matches no router flag"
+    assert env["PDSERVE_LOAD_WEIGHT"]["value"] == "0.5" and env["PDSERVE_BALANCE_RATIO"]["value"] == "1.3"
+
+
 def test_multinode_workers_become_rayclusters_with_their_ranks():
     docs = render("-f", str(MULTINODE))
     clusters = [d for d in docs if d["kind"] == "RayCluster"]

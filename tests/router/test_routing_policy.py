@@ -77,6 +77,16 @@ async def test_load_outweighs_a_small_cache_hit():
     assert (await _route(state, router, [], decode, p)).decode is decode[1]
 
 
+async def test_by_default_queued_work_moves_a_cached_prompt_only_when_four_times_what_its_cache_saves():
+    decode = _workers(2)
+    p = _prompt(11, 320)
+    for queued, expected in ((1000, 0), (1500, 1)):  # 0.25 * (queued + 3 requests * 16) against 320 tokens
+        state, router = LocalState(10_000), Router("cache_aware", 16)
+        await state.record_route(decode[0].url, hash_blocks(p, 16, ROOT))
+        await state.add_load(decode[0].url, 3, queued)
+        assert (await _route(state, router, [], decode, p)).decode is decode[expected]
+
+
 async def test_mostly_cached_prompt_is_prefilled_on_the_decode_worker():
     state, router = LocalState(10_000), Router("cache_aware", 16, local_prefill_tokens=64)
     prefill, decode = _workers(1, "prefill"), _workers(1)
