@@ -72,7 +72,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self.lost = StreamClientError(f"bad HTTP from the worker: {e}")
             self.transport.close()
-        self._wake()
+        # The reader is woken when it has something to act on: body bytes, the end, an error, or a status
+        # other than 200. A 200's headers alone (a stream's first segment, before its first token) do not
+        # wake it: the first token does, one task switch and one wait less on the way to the client.
+        if self.chunks or self.complete or self.lost is not None or (self.headers_done and self.status != 200):
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.complete and self.lost is None:
@@ -210,7 +214,7 @@ class _Request:
                     sent, self.sent = self.sent, None
                     sent()
                 while not conn.headers_done and conn.lost is None:
-                    await conn.wait(self.timeout_s)
+                    await conn.wait(self.timeout_s)  # for a 200, until its body starts (or it ends)
             except BaseException:  # timeout or cancelled: this connection's answer will never be read
                 if conn.transport is not None:
                     conn.transport.close()

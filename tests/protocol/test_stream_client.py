@@ -52,6 +52,14 @@ class Server:
                     writer.write(b"0\r\n\r\n")
                     await writer.drain()
                     continue
+                if path in (b"/late", b"/late-error"):  # the headers at once, the body 0.2 s later
+                    status = b"200 OK" if path == b"/late" else b"503 Service Unavailable"
+                    writer.write(b"HTTP/1.1 %s\r\ntransfer-encoding: chunked\r\n\r\n" % status)
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                    writer.write(b"9\r\n{\"i\": 0}\n\r\n0\r\n\r\n")
+                    await writer.drain()
+                    continue
                 if path == b"/close":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
                     await writer.drain()
@@ -186,3 +194,18 @@ async def test_a_lagging_reader_pauses_the_connection_and_gets_every_line_after(
     assert len(seen) == 4096 and all(line.startswith(b'{"i": %d,' % i) for i, line in enumerate(seen))
     await client.close()
     srv.close()
+
+
+async def test_a_200s_headers_alone_do_not_resume_the_reader_but_its_first_bytes_and_an_error_status_do(server):
+    client = StreamClient(timeout_s=5)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with client.post(f"{server.url}/late", b"{}") as resp:
+        entered = loop.time()
+        assert resp.status == 200 and entered - start >= 0.15  # resumed by the body, not by the headers
+        assert [line async for line in resp.lines()] == [b'{"i": 0}']
+    start = loop.time()
+    async with client.post(f"{server.url}/late-error", b"{}") as resp:
+        assert resp.status == 503 and loop.time() - start < 0.15  # an error status wakes it at once
+        assert await resp.read() == b'{"i": 0}\n'
+    await client.close()
