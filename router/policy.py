@@ -5,8 +5,8 @@ cache_aware scores a worker by the prompt tokens it would have to compute (what 
 default weight, 0.25, moves a request off the worker holding its prefix once that worker has four times as
 much queued work as the prefix saves. With mocks that compute prompts at a fixed rate, one at a time
 (bench.routing_quality --prefill-tokens-per-s 20000 or 50000, concurrency 64, five paired runs), 1.0 reached
-3.5-5.5 points less of the oracle's hit rate (requests moved off their cache: a recomputed prefix is work
-too, and a second copy of it), a worse TTFT p99 in every pair (1-6%) and a p50 better in two pairs, worse in
+3.3-5.6 points less of the oracle's hit rate (requests moved off their cache: a recomputed prefix is work
+too, and a second copy of it), a worse TTFT p99 in every pair (0.6-6%) and a p50 better in two pairs, worse in
 three; 0.1-0.5 were alike; 0 doubled the p99 (no load awareness at all). A
 cached prefix counts only when it saves at least `min_prefix_gain` of the prompt (default 10%, and at least
 two blocks): a short prefix every prompt shares (a default system prompt) would otherwise pull all traffic to
