@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+from collections import OrderedDict
 
 
 class MockServer:
@@ -149,12 +150,20 @@ class MockServer:
         return await asyncio.start_server(self.handle, host, port)
 
 
+def touch(lru: "OrderedDict[int, None]", hashes: list[int]) -> None:
+    """A prompt's blocks become the most recent, its last block the least recent of them, so it is evicted
+    first and what stays is a prefix: real engines free a sequence's blocks tail first (engine.block_pool,
+    vLLM), and a radix cache (SGLang) evicts leaves. Evicting the first block first would strand the rest:
+    held, but behind a block that is gone."""
+    for h in reversed(hashes):
+        lru[h] = None
+        lru.move_to_end(h)
+
+
 class BlockCache:
     """An LRU cache of chained block hashes, fed by the prompts a mock worker serves."""
 
     def __init__(self, capacity: int, root: int, tokenizer_files: dict[str, str]):
-        from collections import OrderedDict
-
         from protocol.tokenizer import ChatTokenizer
 
         self.capacity, self.root = capacity, root
@@ -185,9 +194,7 @@ class BlockCache:
         self.hit_tokens += hits * 16
         self.served.append((time.time_ns(), hits, hashes))
         new = [h for h in hashes[hits:] if h not in self.blocks]
-        for h in hashes:
-            self.blocks[h] = None
-            self.blocks.move_to_end(h)
+        touch(self.blocks, hashes)
         removed = []
         while len(self.blocks) > self.capacity:
             removed.append(self.blocks.popitem(last=False)[0])

@@ -71,10 +71,12 @@ def oracle_hit_rate(sessions: list[list[list[dict]]], tok_dir) -> float:
 
 
 def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
-    """Why blocks were recomputed, as shares of all prompt blocks: the worker's hits replayed in time order
+    """Why blocks were recomputed, as shares of all prompt blocks, from every worker's log replayed in time order
     against each worker's LRU: `first_seen` (no cache could have held it, the oracle misses it too),
     `elsewhere` (another worker held it: a routing miss) or `evicted` (every copy was evicted: capacity)."""
     from collections import OrderedDict
+
+    from bench.mock_server import touch
 
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in served]
     seen: set[int] = set()
@@ -87,9 +89,7 @@ def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
                     "elsewhere" if any(h in c for i, c in enumerate(caches) if i != w) else "evicted")
             counts[kind] += 1
         cache = caches[w]
-        for h in hashes:
-            cache[h] = None
-            cache.move_to_end(h)
+        touch(cache, hashes)  # as the mock does
         while len(cache) > capacity:
             cache.popitem(last=False)
         seen.update(hashes)

@@ -13,7 +13,7 @@ def test_misses_are_told_apart_as_first_seen_held_elsewhere_or_evicted_everywher
     ]
     shares = miss_breakdown(served, capacity=2)
     # t=1: a, b new. t=2: a, b on worker 0 (routing misses), c new. t=3, t=4: d, e, f, g new; worker 0 drops a, b
-    # and worker 1 (which dropped a at t=2) drops b, c. t=5: a is nowhere any more (evicted). t=6: f is a hit.
+    # and worker 1 (which dropped c, the tail, at t=2) drops a, b. t=5: a is nowhere any more (evicted). t=6: f hit.
     assert shares == {k: round(v / 11, 5) for k, v in
                       {"hit": 1, "first_seen": 7, "elsewhere": 2, "evicted": 1}.items()}
 
@@ -29,3 +29,11 @@ def test_the_mock_logs_each_request_with_the_hits_it_counted():
     assert (hits1, hits2) == (0, 2)
     assert hashes1 == hashes2 and len(hashes1) == 2
     assert cache.hit_tokens == 32
+
+
+def test_the_mock_evicts_a_prompts_tail_first_so_what_stays_is_a_usable_prefix():
+    files = {f.name: f.read_text() for f in _demo_tokenizer().iterdir() if f.is_file()}
+    cache = BlockCache(capacity=2, root=7, tokenizer_files=files)
+    ids = list(range(48))  # three blocks, one more than the cache holds
+    assert cache.serve({"prompt_token_ids": ids}) == 48
+    assert cache.serve({"prompt_token_ids": ids}) == 16  # the first two blocks stayed: only the third is computed
