@@ -150,14 +150,16 @@ class MockServer:
         return await asyncio.start_server(self.handle, host, port)
 
 
-def touch(lru: "OrderedDict[int, None]", hashes: list[int]) -> None:
-    """A prompt's blocks become the most recent, its last block the least recent of them, so it is evicted
-    first and what stays is a prefix: real engines free a sequence's blocks tail first (engine.block_pool,
-    vLLM), and a radix cache (SGLang) evicts leaves. Evicting the first block first would strand the rest:
-    held, but behind a block that is gone."""
+def cache_prompt(lru: "OrderedDict[int, None]", hashes: list[int], capacity: int) -> list[int]:
+    """Put a prompt's blocks in an LRU cache of `capacity` blocks; returns the blocks evicted. They become the
+    most recent, its last block the least recent of them, so it is evicted first and what stays is a prefix:
+    real engines free a sequence's blocks tail first (engine.block_pool, vLLM), and a radix cache (SGLang)
+    evicts leaves. Evicting the first block first would strand the rest: held, but behind a block that is
+    gone."""
     for h in reversed(hashes):
         lru[h] = None
         lru.move_to_end(h)
+    return [lru.popitem(last=False)[0] for _ in range(len(lru) - capacity)]
 
 
 class BlockCache:
@@ -194,10 +196,7 @@ class BlockCache:
         self.hit_tokens += hits * 16
         self.served.append((time.time_ns(), hits, hashes))
         new = [h for h in hashes[hits:] if h not in self.blocks]
-        touch(self.blocks, hashes)
-        removed = []
-        while len(self.blocks) > self.capacity:
-            removed.append(self.blocks.popitem(last=False)[0])
+        removed = cache_prompt(self.blocks, hashes, self.capacity)
         if new:
             self.events.append({"kind": "stored", "block_hashes": new, "parent_hash": None})
         if removed:

@@ -18,11 +18,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import OrderedDict
 
 import numpy as np
 
 from bench.cluster import free_port
 from bench.common import emit
+from bench.mock_server import cache_prompt
 from bench.raw_http import ConnectionPool
 from bench.router_overhead import _demo_tokenizer, _start
 from bench.workloads import WORDS
@@ -74,10 +76,6 @@ def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
     """Why blocks were recomputed, as shares of all prompt blocks, from every worker's log replayed in time order
     against each worker's LRU: `first_seen` (no cache could have held it, the oracle misses it too),
     `elsewhere` (another worker held it: a routing miss) or `evicted` (every copy was evicted: capacity)."""
-    from collections import OrderedDict
-
-    from bench.mock_server import touch
-
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in served]
     seen: set[int] = set()
     counts = {"hit": 0, "first_seen": 0, "elsewhere": 0, "evicted": 0}
@@ -88,10 +86,7 @@ def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
             kind = ("first_seen" if h not in seen else
                     "elsewhere" if any(h in c for i, c in enumerate(caches) if i != w) else "evicted")
             counts[kind] += 1
-        cache = caches[w]
-        touch(cache, hashes)  # as the mock does
-        while len(cache) > capacity:
-            cache.popitem(last=False)
+        cache_prompt(caches[w], hashes, capacity)  # as the mock does
         seen.update(hashes)
     total = max(1, sum(counts.values()))
     return {k: round(v / total, 5) for k, v in counts.items()}

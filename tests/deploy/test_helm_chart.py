@@ -84,7 +84,7 @@ def test_worker_env_matches_the_worker_flags_and_probes_hit_real_endpoints():
     from worker import serve
 
     docs = render("--set", "cluster.blockSize=32", "--set", "cluster.transport=host")
-    flags = _worker_flags(serve)
+    flags = _flags(serve)
     for role in ("prefill", "decode"):
         pod = _find(docs, "StatefulSet", f"-{role}")["spec"]["template"]["spec"]
         c = pod["containers"][0]
@@ -110,7 +110,7 @@ def test_router_env_matches_the_router_flags_and_carries_the_routing_weights():
 
     docs = render("--set-json", "router.loadWeight=0.5", "--set-json", "router.balanceRatio=1.3")
     env = _env(_find(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
-    flags = _worker_flags(router_main)
+    flags = _flags(router_main)
     for name in env:
         assert name[len("PDSERVE_"):].lower() in flags, f"{name} matches no router flag"
     assert env["PDSERVE_LOAD_WEIGHT"]["value"] == "0.5" and env["PDSERVE_BALANCE_RATIO"]["value"] == "1.3"
@@ -159,11 +159,11 @@ def test_a_worker_spanning_nodes_without_kuberay_is_refused_clearly():
     assert "needs kuberay.enabled=true" in e.value.stderr
 
 
-def _worker_flags(serve_module) -> set[str]:
+def _flags(module) -> set[str]:
     import inspect
     import re
 
-    return {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z0-9-]+)"', inspect.getsource(serve_module))}
+    return {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z0-9-]+)"', inspect.getsource(module))}
 
 
 def _worker_routes() -> set[str]:
