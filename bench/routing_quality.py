@@ -6,7 +6,7 @@ for pdserve's cache_aware, round-robin, and the peers' cache_aware, at low and h
 `block_shares` says why prompt blocks were recomputed: never seen before, held by another worker (routing), or
 evicted from every worker (capacity).
 
-  python -m bench.routing_quality [--quick] [--sglang-python PY] [--vllm-router BIN] [--tokenizer-dir DIR]
+  python -m bench.routing_quality [--quick] [--sglang-python PY] [--vllm-router BIN] [--tokenizer-dir DIR] [--repeat N]
 """
 
 import argparse
@@ -126,6 +126,8 @@ def main() -> None:
                     help="mocks compute uncached prompt tokens at this rate, one prompt at a time (0: at once), so "
                          "queued work delays a request as on a real worker: what the time to first token shows")
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer for the mocks (default: the demo model's)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each router at each concurrency, interleaved; > 1 adds a median summary a router")
     ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--balance-ratio 1.2'")
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
@@ -139,7 +141,8 @@ def main() -> None:
     if a.vllm_router:
         routers.append(("vllm-router cache_aware", "vllm", "cache_aware"))
     for concurrency in (int(c) for c in a.concurrency.split(",")):
-        for label, kind, policy in routers:
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in routers}
+        for label, kind, policy in [r for _ in range(a.repeat) for r in routers]:  # interleaved: pairs share a moment
             procs = []
             try:
                 ports = [free_port() for _ in range(a.workers)]
@@ -169,13 +172,14 @@ def main() -> None:
                 hit_rate = sum(s["hit_tokens"] for s in stats) / max(1, sum(prompt))
                 imbalance = max(prompt) / (sum(prompt) / len(prompt))
                 served = [json.loads(urllib.request.urlopen(f"{u}/served").read()) for u in urls]
-                emit("routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
+                runs[label].append(emit(
+                     "routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
                      ratio=hit_rate / oracle, router=label, concurrency=concurrency, load_imbalance=imbalance,
                      requests=n_requests, requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
                      workers=a.workers, cache_blocks=a.cache_blocks, prefill_tokens_per_s=a.prefill_tokens_per_s,
                      ttft_p50_ms=round(float(np.percentile(latencies, 50)) * 1e3, 2),
                      ttft_p99_ms=round(float(np.percentile(latencies, 99)) * 1e3, 2), replay_s=round(duration, 2),
-                     block_shares=miss_breakdown(served, a.cache_blocks))
+                     block_shares=miss_breakdown(served, a.cache_blocks)))
             finally:
                 for proc in procs:
                     proc.terminate()
@@ -184,6 +188,33 @@ def main() -> None:
                         proc.wait(10)
                     except subprocess.TimeoutExpired:
                         proc.kill()
+        if a.repeat > 1:
+            summarize(runs, concurrency)
+
+
+def summarize(runs: dict[str, list[dict]], concurrency: int) -> None:
+    """Over repeated runs (one trace, timing differs): each router's median share of the oracle's hit rate and
+    median imbalance; against each other router, in how many paired runs pdserve's cache_aware had the higher
+    hit rate, and in how many of those at an imbalance no higher than the other's (the issue's bar). At high
+    concurrency a router's hit rate moves by a few tenths of a point from run to run, so one run does not tell
+    two routers apart."""
+    ours = runs.get("pdserve cache_aware", [])
+    for label, rows in runs.items():
+        if not rows:
+            continue
+        ratios = [r["ratio"] for r in rows]
+        imbalances = [r["load_imbalance"] for r in rows]
+        extra = {}
+        if ours and label != "pdserve cache_aware":
+            pairs = list(zip(ours, rows, strict=False))
+            extra = {"pdserve_higher": sum(p["ratio"] > r["ratio"] for p, r in pairs),
+                     "pdserve_higher_at_lower_or_equal_imbalance": sum(
+                         p["ratio"] > r["ratio"] and p["load_imbalance"] <= r["load_imbalance"] for p, r in pairs),
+                     "pairs": len(pairs)}
+        emit("routing_quality", "prefix_hit_rate_median", float(np.median(ratios)), "share of the oracle's", router=label,
+             concurrency=concurrency, runs=len(rows), ratio_min=min(ratios), ratio_max=max(ratios),
+             load_imbalance_median=round(float(np.median(imbalances)), 4), load_imbalance_max=round(max(imbalances), 4),
+             **extra)
 
 
 if __name__ == "__main__":

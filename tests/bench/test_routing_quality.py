@@ -1,4 +1,6 @@
-"""bench.routing_quality's account of why prompt blocks were recomputed."""
+"""bench.routing_quality's accounts: why prompt blocks were recomputed, and repeated runs summed up."""
+
+import json
 
 from bench.mock_server import BlockCache
 from bench.router_overhead import _demo_tokenizer
@@ -37,3 +39,22 @@ def test_the_mock_evicts_a_prompts_tail_first_so_what_stays_is_a_usable_prefix()
     ids = list(range(48))  # three blocks, one more than the cache holds
     assert cache.serve({"prompt_token_ids": ids}) == 48
     assert cache.serve({"prompt_token_ids": ids}) == 16  # the first two blocks stayed: only the third is computed
+
+
+def test_repeated_runs_are_summed_up_as_medians_and_paired_wins(capsys):
+    from bench.routing_quality import summarize
+
+    def run(ratio: float, imbalance: float) -> dict:
+        return {"ratio": ratio, "load_imbalance": imbalance}
+
+    runs = {"pdserve cache_aware": [run(0.985, 1.08), run(0.982, 1.09), run(0.987, 1.10), run(0.990, 1.07)],
+            "sglang-router cache_aware": [run(0.980, 1.30), run(0.986, 1.20), run(0.984, 1.05), run(0.983, 1.15)]}
+    summarize(runs, concurrency=64)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ours, theirs = rows
+    assert (ours["router"], ours["value"], ours["ratio_min"], ours["load_imbalance_median"]) == (
+        "pdserve cache_aware", 0.986, 0.982, 1.085)
+    assert "pairs" not in ours
+    # Pairs 1 and 4: higher at a lower imbalance; pair 2: lower; pair 3: higher, but at a higher imbalance.
+    assert (theirs["pdserve_higher"], theirs["pdserve_higher_at_lower_or_equal_imbalance"], theirs["pairs"]) == (3, 2, 4)
+    assert theirs["value"] == 0.9835 and theirs["load_imbalance_max"] == 1.3
