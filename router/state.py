@@ -129,8 +129,10 @@ class RedisState:
 
     async def _add(self, pipe, url: str, hashes: list[int]) -> None:
         if hashes:
+            # The first block scored most recent, the tail least: a chain is trimmed tail first and what stays
+            # is a prefix (as PrefixIndex and the engines evict; `view` counts leading blocks).
             now = time.time()
-            pipe.zadd(self._idx(url), {h: now for h in hashes})
+            pipe.zadd(self._idx(url), {h: now - i * 1e-5 for i, h in enumerate(hashes)})
             pipe.zremrangebyrank(self._idx(url), 0, -self.max_blocks - 1)
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,

@@ -23,6 +23,7 @@ CACHE_CHARS of text), so only the parts not seen before are tokenized, with the 
 import asyncio
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from protocol.tokenizer import ChatTokenizer
@@ -47,7 +48,9 @@ class BatchEncoder:
         self.max_batch = max_batch
         self.cache_chars = cache_chars if tokenizer.splits_exactly else 0
         self._plain = bool(self.cache_chars)  # texts to tokenize are parts already split at added tokens
-        self._parts: OrderedDict[str, list[int]] = OrderedDict()
+        # Ids held as tuples: the collector stops tracking a tuple of ints after its first pass, so the cache
+        # (up to millions of ids) adds nothing to the pauses of later collections; lists would be walked each time.
+        self._parts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._cached_chars = 0
         self.parts_hit = self.parts_missed = 0  # prompt parts found in / added to the cache
         self._pending: list[tuple[str, asyncio.Future]] = []
@@ -61,7 +64,7 @@ class BatchEncoder:
         if not self.cache_chars:
             return (await self._encode([text]))[0]
         parts = self.tokenizer.split_special(text)
-        known: dict[str, list[int]] = {}
+        known: dict[str, Sequence[int]] = {}
         for p in parts:
             if isinstance(p, str) and p not in known and (ids := self._parts.get(p)) is not None:
                 self._parts.move_to_end(p)
@@ -84,7 +87,7 @@ class BatchEncoder:
     def _remember(self, part: str, ids: list[int]) -> None:
         if len(part) > self.cache_chars or part in self._parts:
             return
-        self._parts[part] = ids
+        self._parts[part] = tuple(ids)
         self._cached_chars += len(part)
         while self._cached_chars > self.cache_chars:
             old, _ = self._parts.popitem(last=False)

@@ -59,6 +59,23 @@ async def test_a_resent_chat_tokenizes_only_its_new_parts_with_the_same_ids(demo
         enc.close()
 
 
+async def test_cached_prompt_parts_leave_the_cycle_collectors_view_after_one_collection(demo_gguf):
+    import gc
+
+    from engine.tokenizer_files import tokenizer_dir
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir(demo_gguf))
+    enc = BatchEncoder(tok)
+    for i in range(20):
+        text = tok.render_chat([{"role": "system", "content": f"policy {i} " * 50}, {"role": "user", "content": "hi"}])
+        assert await enc.encode(text) == tok.encode(text, add_special_tokens=False)
+    assert enc._parts
+    gc.collect()
+    # Full collections come every few seconds under load; a cache of millions of ids must not be walked by each.
+    assert not any(gc.is_tracked(ids) for ids in enc._parts.values())
+    enc.close()
+
+
 def test_a_tokenizer_whose_parts_do_not_tokenize_alone_is_not_split():
     """SentencePiece-style prefix space only at the start of the text: parts tokenized alone would each get
     it, so the encoder tokenizes whole prompts (and still gives plain encode's ids)."""

@@ -104,14 +104,47 @@ async def test_round_robin_and_session_policies():
     assert len({(await _route(state, sticky, [], decode, [1], "alice")).decode.url for _ in range(5)}) == 1
 
 
-def test_prefix_index_stays_bounded_per_worker():
+def test_prefix_index_stays_bounded_per_worker_evicting_the_least_recently_used_chains():
     from router.prefix_index import PrefixIndex
 
     index = PrefixIndex(max_blocks_per_worker=100)
-    index.add("w", list(range(1000)))
-    assert len(index.by_worker["w"]) == 100
-    assert index.match("w", list(range(900, 1000))) == 100
-    assert index.match("w", [0, 1, 2]) == 0  # the oldest blocks were evicted first
+    a, b, c = list(range(0, 40)), list(range(100, 140)), list(range(200, 240))
+    index.add("w", b)
+    index.add("w", a)
+    index.add("w", b[:10])  # b's first blocks used again; the rest of b is the least recent
+    index.add("w", c)  # 120 blocks: over the bound
+    held = index.by_worker["w"]
+    assert 100 - 100 // 16 <= len(held) <= 100
+    assert index.match("w", a) == index.match("w", c) == 40
+    kept = index.match("w", b)
+    assert 10 <= kept < 40  # b's tail went first; its reused prefix stayed
+    assert all(h in held for h in b[:kept]) and not any(h in held for h in b[kept:])
+    for i in range(50):  # many chains later, still bounded
+        index.add("w", list(range(1000 + 40 * i, 1040 + 40 * i)))
+    assert len(held) <= 100
+
+
+def test_a_chain_longer_than_the_bound_keeps_its_prefix_as_an_engine_would():
+    from router.prefix_index import PrefixIndex
+
+    index = PrefixIndex(max_blocks_per_worker=100)
+    chain = list(range(1000))
+    index.add("w", chain)
+    assert 100 - 100 // 16 <= index.match("w", chain) <= 100
+    assert index.match("w", chain[900:]) == 0  # the tail was evicted, not the head
+
+
+def test_the_prefix_index_adds_nothing_to_the_cycle_collectors_pauses():
+    import gc
+
+    from router.prefix_index import PrefixIndex
+
+    index = PrefixIndex(max_blocks_per_worker=1000)
+    for i in range(100):
+        index.add(f"w{i % 4}", list(range(20 * i, 20 * i + 20)))
+    index.remove("w0", [0, 1])
+    # Untracked: a full collection never walks the blocks, however many (an OrderedDict would be walked).
+    assert not any(gc.is_tracked(held) for held in index.by_worker.values())
 
 
 async def test_short_shared_prefix_does_not_pull_everything_to_one_worker_when_nothing_is_in_flight():

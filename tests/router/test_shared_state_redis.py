@@ -31,8 +31,9 @@ async def test_redis_state_tracks_routes_events_and_load():
         assert (await a.view(["w1"], h))["w1"].matched_blocks == 3
         await a.reset("w2", h)
         assert (await b.view(["w2"], h))["w2"].matched_blocks == 10
-        await a.record_route("w3", list(range(1000, 1100)))  # bounded: the newest 50 stay
+        await a.record_route("w3", list(range(1000, 1100)))  # bounded: 50 stay, the chain's first 50
         assert await a.redis.zcard(a._idx("w3")) == 50
+        assert (await b.view(["w3"], list(range(1000, 1100))))["w3"].matched_blocks == 50
         assert await a.owns_events("w1") and not await b.owns_events("w1")  # one ingester per worker
     finally:
         keys = [k async for k in a.redis.scan_iter(f"{ns}:*")]
