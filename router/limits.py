@@ -171,11 +171,21 @@ class RedisUsage:
 
 
 class LocalUsage:
+    """Usage in this process, kept as long as Redis keeps it (USAGE_TTL_S): older hours are dropped once an
+    hour, so a long-running router does not grow without bound."""
+
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str, str], dict[str, int]] = {}
+        self._pruned_hour = ""
 
     async def add(self, key_id: str, model: str, counts: dict[str, int]) -> None:
-        row = self.rows.setdefault((_hour(), key_id, model), dict.fromkeys(USAGE_FIELDS, 0))
+        hour = _hour()
+        if hour != self._pruned_hour:
+            self._pruned_hour = hour
+            oldest = _hour(time.time() - USAGE_TTL_S)
+            for k in [k for k in self.rows if k[0] < oldest]:
+                del self.rows[k]
+        row = self.rows.setdefault((hour, key_id, model), dict.fromkeys(USAGE_FIELDS, 0))
         for name, v in counts.items():
             row[name] += v
 

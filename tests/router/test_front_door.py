@@ -220,3 +220,16 @@ def test_predicted_ttft_over_its_slo_refuses_new_work():
     refused = door.capacity(pool, 2500)
     assert not refused.ok and "predicted time to first token is 2.5 s" in refused.reason
     assert door.overloaded(refused.reason).status == 503
+
+
+async def test_in_memory_usage_drops_hours_older_than_redis_would_keep():
+    from router.limits import USAGE_TTL_S, LocalUsage, _hour
+
+    usage = LocalUsage()
+    now = time.time()
+    stale, kept = _hour(now - USAGE_TTL_S - 7200), _hour(now - USAGE_TTL_S + 7200)
+    usage.rows[(stale, "k1", "m")] = {"requests": 5}
+    usage.rows[(kept, "k1", "m")] = {"requests": 3}
+    await usage.add("k1", "m", {"requests": 1})
+    assert (stale, "k1", "m") not in usage.rows
+    assert usage.rows[(kept, "k1", "m")] == {"requests": 3} and len(usage.rows) == 2
