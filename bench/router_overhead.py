@@ -110,9 +110,9 @@ def main() -> None:
     ap.add_argument("--stream-rate", type=float, default=50.0)
     ap.add_argument("--stream-tokens", type=int, default=8)
     ap.add_argument("--itl", type=float, default=0.005, help="mock inter-token gap for streamed responses")
-    ap.add_argument("--duration", type=float, default=20.0,
-                    help="seconds of each phase; the p99 of 200 req/s needs the samples: over 5 s (1,000) the added "
-                         "p99 swung 0.8-3.2 ms on the GPU host, over 20 s (4,000) it read 1.18 and 1.28 ms")
+    # A p99 needs the samples: over 5 s (1,000 requests at 200/s) the added p99 swung 0.8-3.2 ms on the GPU host,
+    # over 20 s (4,000) it read 1.18 and 1.28 ms.
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of each phase (20: a p99 of 4,000)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--prompt-chars", type=int, default=1600)
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer for the mocks (default: the demo model's)")
