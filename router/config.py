@@ -3,6 +3,10 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# cache_aware's weights, the defaults of the router's flags, RouterConfig and router.policy.Router alike
+LOAD_WEIGHT = 0.25  # per token of queued work, against 1 per token to recompute (bench.routing_quality)
+BALANCE_RATIO = 1.1  # the load-imbalance guard (router/policy.py); inf: off
+
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
@@ -11,8 +15,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     policy: str = "cache_aware"
-    load_weight: float = 0.25  # per token of queued work, against 1 per token to recompute (bench.routing_quality)
-    balance_ratio: float = 1.1  # the load-imbalance guard (router/policy.py); inf: off
+    load_weight: float = LOAD_WEIGHT
+    balance_ratio: float = BALANCE_RATIO
     local_prefill_tokens: int = 64  # prompts with at most this many uncached tokens prefill on the decode worker
     health_interval_s: float = 1.0
     tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto

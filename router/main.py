@@ -10,7 +10,7 @@ import logging
 
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
-from router.config import RouterConfig
+from router.config import BALANCE_RATIO, LOAD_WEIGHT, RouterConfig
 from router.server import serve
 
 
@@ -22,10 +22,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--policy", default="cache_aware")
     ap.add_argument("--local-prefill-tokens", type=int, default=64)
-    ap.add_argument("--load-weight", type=float, default=0.25,
+    ap.add_argument("--load-weight", type=float, default=LOAD_WEIGHT,
                     help="cache_aware: what a token of in-flight work weighs against a token to recompute (the default: "
                          "best hit rate and time to first token in bench.routing_quality with queueing workers)")
-    ap.add_argument("--balance-ratio", type=float, default=1.1,
+    ap.add_argument("--balance-ratio", type=float, default=BALANCE_RATIO,
                     help="cache_aware's load-imbalance guard: a worker that served more than this times the pool's "
                          "mean of recent prompt tokens gets no credit for its cache ('inf': off)")
     ap.add_argument("--redis-url", default=None, help="share routing state with other routers through Redis")

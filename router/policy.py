@@ -25,6 +25,7 @@ import itertools
 import zlib
 from dataclasses import dataclass
 
+from router.config import BALANCE_RATIO, LOAD_WEIGHT
 from router.state import WorkerView
 from router.workers import Worker
 
@@ -40,8 +41,8 @@ class Route:
 
 
 class Router:
-    def __init__(self, policy: str, block_size: int, load_weight: float = 0.25, local_prefill_tokens: int = 64,
-                 min_prefix_gain: float = 0.1, balance_ratio: float = 1.1):
+    def __init__(self, policy: str, block_size: int, load_weight: float = LOAD_WEIGHT, local_prefill_tokens: int = 64,
+                 min_prefix_gain: float = 0.1, balance_ratio: float = BALANCE_RATIO):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy
