@@ -7,6 +7,10 @@ from bench.router_overhead import _demo_tokenizer
 from bench.routing_quality import miss_breakdown
 
 
+def _demo_tokenizer_files() -> dict[str, str]:
+    return {f.name: f.read_text() for f in _demo_tokenizer().iterdir() if f.is_file()}
+
+
 def test_misses_are_told_apart_as_first_seen_held_elsewhere_or_evicted_everywhere():
     a, b, c, d, e, f, g = range(1, 8)
     served = [  # per worker: (time, blocks hit, block hashes); each worker's LRU holds 2 blocks
@@ -21,8 +25,7 @@ def test_misses_are_told_apart_as_first_seen_held_elsewhere_or_evicted_everywher
 
 
 def test_the_mock_logs_each_request_with_the_hits_it_counted():
-    files = {f.name: f.read_text() for f in _demo_tokenizer().iterdir() if f.is_file()}
-    cache = BlockCache(capacity=100, root=7, tokenizer_files=files)
+    cache = BlockCache(capacity=100, root=7, tokenizer_files=_demo_tokenizer_files())
     ids = list(range(40))  # two full blocks and a partial one
     cache.serve({"prompt_token_ids": ids})
     cache.serve({"prompt_token_ids": ids[:32] + [99] * 8})
@@ -34,8 +37,7 @@ def test_the_mock_logs_each_request_with_the_hits_it_counted():
 
 
 def test_the_mock_evicts_a_prompts_tail_first_so_what_stays_is_a_usable_prefix():
-    files = {f.name: f.read_text() for f in _demo_tokenizer().iterdir() if f.is_file()}
-    cache = BlockCache(capacity=2, root=7, tokenizer_files=files)
+    cache = BlockCache(capacity=2, root=7, tokenizer_files=_demo_tokenizer_files())
     ids = list(range(48))  # three blocks, one more than the cache holds
     assert cache.serve({"prompt_token_ids": ids}) == 48
     assert cache.serve({"prompt_token_ids": ids}) == 16  # the first two blocks stayed: only the third is computed
