@@ -114,6 +114,11 @@ def test_router_env_matches_the_router_flags_and_carries_the_routing_weights():
     for name in env:
         assert name[len("PDSERVE_"):].lower() in flags, f"{name} matches no router flag"
     assert env["PDSERVE_LOAD_WEIGHT"]["value"] == "0.5" and env["PDSERVE_BALANCE_RATIO"]["value"] == "1.3"
+    from router.config import BALANCE_RATIO, LOAD_WEIGHT
+
+    default = _env(_find(render(), "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
+    assert (float(default["PDSERVE_LOAD_WEIGHT"]["value"]), float(default["PDSERVE_BALANCE_RATIO"]["value"])) == (
+        LOAD_WEIGHT, BALANCE_RATIO)  # the chart's defaults are the router's
 
 
 def test_multinode_workers_become_rayclusters_with_their_ranks():
