@@ -17,14 +17,12 @@ import json
 import logging
 import os
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from protocol.chat_template import ChatTemplate, ChatTemplateError
 
 log = logging.getLogger("pdserve.tokenizer")
 
@@ -41,27 +39,6 @@ _PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "con
                {"role": "assistant", "content": "Hello! 12"}, {"role": "user", "content": "naïve 🙂?"}]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
-
-class ChatTemplateError(ValueError):
-    """The messages could not be rendered with the model's chat template."""
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 def _token_text(value: Any) -> str | None:
@@ -82,7 +59,7 @@ class ChatTokenizer:
         self.eos_token_id = self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
         template = chat_template or config.get("chat_template")
         self.chat_template_source: str | None = template
-        self._template = _compile_template(template) if template else None
+        self._template = ChatTemplate(template, self.bos_token or "", self.eos_token or "") if template else None
 
     @classmethod
     def from_dir(cls, path: str | Path, use_fast: bool = True) -> "ChatTokenizer":
@@ -113,13 +90,7 @@ class ChatTokenizer:
                     tools: list[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
-        try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            )
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from e
+        return self._template.render(messages, add_generation_prompt, tools)
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # transformers renders, then encodes without adding special tokens: the template places them.
