@@ -1,7 +1,8 @@
 """A torch-free tokenizer with chat template, loaded from tokenizer files (tokenizer.json + config).
 
 The router and the workers both use this class, so that they agree token for token. The chat template is
-rendered the way transformers renders it (sandboxed jinja2, trim_blocks, lstrip_blocks).
+rendered the way transformers renders it (sandboxed jinja2, trim_blocks, lstrip_blocks), from a cached
+skeleton where the template only pastes the contents in (protocol.chat_template).
 
 Byte-level BPE tokenizers (GPT-2's family, Llama 3, Qwen, SmolLM2) also get a tiktoken encoder built from
 the same tokenizer.json (`fast_bpe`): ~4x faster than `tokenizers` on a 1.6 KB prompt (bench.router_tokenize),
