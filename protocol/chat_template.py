@@ -26,6 +26,7 @@ trace of one (a NUL, the tag in any case) is left elsewhere. Templates using fil
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -165,6 +166,9 @@ class ChatTemplate:
         # shape -> the skeleton's pieces (text, or the index of the message whose content goes there), or None
         # where the shape's probe showed the template depends on a content
         self._skeletons: OrderedDict[tuple, tuple[str | int, ...] | None] = OrderedDict()
+        # shape -> its skeleton with each text piece cut at special tokens (render_parts), or None
+        self._cut: dict[tuple, tuple | None] = {}
+        self._firsts = ""
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None) -> str:
@@ -182,6 +186,59 @@ class ChatTemplate:
             if pieces is not None:
                 return "".join([p if p.__class__ is str else messages[p]["content"] for p in pieces])
         return self._render(messages, add_generation_prompt, tools)
+
+    def render_parts(self, messages: list[dict[str, Any]], split: Callable[[str], list[str | int]],
+                     specials: Collection[str]) -> list[str | int] | None:
+        """split(render(messages)) (a tokenizer's cut at its special tokens, `specials`) from the skeleton, its
+        text pieces cut once: the contents are neither joined into a text nor searched by the regex, only for
+        the first characters of the specials. None where that could differ (a content holding such a
+        character, a piece of text ending in the start of a special or starting with the end of one) or the
+        shape has no skeleton."""
+        shape = _shape(messages, True) if self.max_skeletons else None
+        if shape is None:
+            return None
+        try:
+            cut = self._cut[shape]
+        except KeyError:
+            self.render(messages)  # the skeleton, probed if new
+            cut = self._cut_skeleton(shape, split, specials)
+        except TypeError:
+            return None
+        if cut is None:
+            return None
+        firsts = self._firsts
+        out: list[str | int] = []
+        for piece in cut:
+            if piece.__class__ is int:
+                content = messages[piece]["content"]
+                for c in firsts:
+                    if c in content:
+                        return None
+                if not content:
+                    continue
+                if out and out[-1].__class__ is str:
+                    out[-1] += content
+                else:
+                    out.append(content)
+                continue
+            for x in piece:
+                if x.__class__ is str and out and out[-1].__class__ is str:
+                    out[-1] += x
+                else:
+                    out.append(x)
+        return out
+
+    def _cut_skeleton(self, shape: tuple, split: Callable[[str], list[str | int]],
+                      specials: Collection[str]) -> tuple | None:
+        pieces = self._skeletons.get(shape)
+        cut = None
+        if pieces is not None and all(not (p.__class__ is str and _may_straddle(p, specials)) for p in pieces):
+            cut = tuple(p if p.__class__ is int else tuple(split(p)) for p in pieces)
+        self._firsts = "".join(sorted({t[0] for t in specials if t}))
+        self._cut[shape] = cut  # a shape's skeleton never changes: kept even once the skeleton is evicted
+        if len(self._cut) > self.max_skeletons:
+            self._cut.pop(next(iter(self._cut)))
+        return cut
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                 tools: list[dict[str, Any]] | None, template: jinja2.Template | None = None) -> str:
@@ -217,6 +274,16 @@ def _shape(messages: list[dict[str, Any]], add_generation_prompt: bool) -> tuple
             return None
         shape.append(tuple([kv for kv in m.items() if kv[0] != "content"]))
     return tuple(shape)
+
+
+def _may_straddle(text: str, specials: Collection[str]) -> bool:
+    """Whether a special token could begin at the end of `text` and run on into what follows, or end at its
+    start having begun before it."""
+    for t in specials:
+        for k in range(1, len(t)):
+            if text.endswith(t[:k]) or text.startswith(t[-k:]):
+                return True
+    return False
 
 
 def _skeleton(text: str, n: int) -> tuple[str | int, ...] | None:

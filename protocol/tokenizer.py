@@ -93,6 +93,14 @@ class ChatTokenizer:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         return self._template.render(messages, add_generation_prompt, tools)
 
+    def render_chat_parts(self, messages: list[dict[str, Any]]) -> list[str | int] | None:
+        """split_special(render_chat(messages)), made from the template's skeleton without rendering and cutting
+        the whole text (~2 against ~8 us for one 1.6 KB message, ~35 against ~85 after 20 ms idle, on the CI
+        machine); None where the template or the messages do not allow it (then render and split)."""
+        if self._template is None or not self.splits_exactly:
+            return None
+        return self._template.render_parts(messages, self._split, self._splitter[1])
+
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # transformers renders, then encodes without adding special tokens: the template places them.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

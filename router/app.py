@@ -371,12 +371,13 @@ async def _prompt_ids(state: RouterState, chat: bool, body: Any) -> list[int]:
     if chat:
         try:
             messages = [m.as_template_dict() for m in body.messages]
-            text = state.tokenizer.render_chat(messages)
+            parts = state.tokenizer.render_chat_parts(messages)  # the common case: no text rendered and cut
+            text = "" if parts is not None else state.tokenizer.render_chat(messages)
         except ChatTemplateError as e:
             raise OpenAIError(400, str(e), param="messages") from e
         except ValueError as e:
             raise OpenAIError(400, str(e), param="messages") from e
-        return await state.encoder.encode(text)
+        return await (state.encoder.encode_parts(parts) if parts is not None else state.encoder.encode(text))
     if isinstance(body.prompt, list):
         vocab = state.tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in body.prompt):

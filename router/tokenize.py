@@ -63,7 +63,15 @@ class BatchEncoder:
         cache, `text` is split at its added tokens here, and only the parts are tokenized (`plain`)."""
         if not self.cache_chars:
             return (await self._encode([text]))[0]
-        parts = self.tokenizer.split_special(text)
+        return await self.encode_parts(self.tokenizer.split_special(text))
+
+    async def encode_parts(self, parts: list[str | int]) -> list[int]:
+        """Token ids of a text already split at its added tokens (ChatTokenizer.split_special or
+        render_chat_parts)."""
+        if not self.cache_chars:
+            texts = [p for p in parts if isinstance(p, str)]
+            encoded = iter(await self._encode(texts) if texts else ())
+            return [i for p in parts for i in ([p] if isinstance(p, int) else next(encoded))]
         known: dict[str, Sequence[int]] = {}
         for p in parts:
             if isinstance(p, str) and p not in known and (ids := self._parts.get(p)) is not None:

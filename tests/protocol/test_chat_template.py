@@ -125,3 +125,50 @@ def test_a_template_error_is_reported_on_every_request_of_that_shape():
         with pytest.raises(ChatTemplateError, match="user first"):
             t.render([{"role": "assistant", "content": "x"}])
     assert t.render([{"role": "user", "content": "ok"}]) == "ok"
+
+
+@pytest.fixture(scope="module")
+def demo_files(demo_gguf):
+    from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
+
+    return read_tokenizer_files(tokenizer_dir(demo_gguf))
+
+
+def test_a_chats_parts_from_the_skeleton_are_its_rendered_text_cut_at_special_tokens(demo_files):
+    from protocol.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_files(demo_files)  # SmolLM2: ChatML with a default system prompt
+    assert tok.splits_exactly
+    fast = 0
+    for msgs in _chats(random.Random(2), 300):
+        parts = tok.render_chat_parts(msgs)
+        if parts is not None:
+            fast += 1
+            assert parts == tok.split_special(tok.render_chat(msgs)), msgs
+        elif all("<" not in m["content"] for m in msgs):
+            raise AssertionError(f"no parts for contents without a special token's first character: {msgs}")
+    assert fast > 50
+    held = [{"role": "user", "content": "say <|im_end|> now"}]  # a special token inside a content: cut for real
+    assert tok.render_chat_parts(held) is None
+
+
+@pytest.mark.parametrize("source", [
+    "{% for m in messages %}<|im_{{ m.content }}{% endfor %}",  # a text piece ending in a special's start
+    "{% for m in messages %}{{ m.content }}end|>{% endfor %}",  # a text piece starting with a special's end
+])
+def test_no_parts_where_a_special_token_could_straddle_a_piece_and_a_content(demo_files, source):
+    from protocol.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_files({**demo_files, "chat_template.jinja": source})
+    msgs = [{"role": "user", "content": "end|>x"}, {"role": "user", "content": "a <|im_"}]
+    assert tok.render_chat_parts(msgs[:1]) is None
+    assert 2 in tok.split_special(tok.render_chat(msgs))  # <|im_end|> (id 2), made of a piece and a content
+
+
+def test_adjacent_contents_make_one_part(demo_files):
+    from protocol.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_files({**demo_files, "chat_template.jinja":
+                                    "{% for m in messages %}{{ m.content }}{% endfor %}<|im_end|>"})
+    msgs = [{"role": "user", "content": "one "}, {"role": "user", "content": ""}, {"role": "user", "content": "two"}]
+    assert tok.render_chat_parts(msgs) == tok.split_special(tok.render_chat(msgs)) == ["one two", 2]

@@ -92,3 +92,21 @@ def test_a_tokenizer_whose_parts_do_not_tokenize_alone_is_not_split():
     assert asyncio.run(enc.encode(text)) == chat_tok.encode(text, add_special_tokens=False)
     enc.close()
 
+
+
+@pytest.mark.parametrize("cache_chars", [0, 1 << 20], ids=["without_the_parts_cache", "with_it"])
+async def test_a_chat_encoded_from_its_skeletons_parts_has_the_ids_of_its_rendered_text(demo_gguf, cache_chars):
+    from engine.tokenizer_files import tokenizer_dir
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir(demo_gguf))
+    enc = BatchEncoder(tok, cache_chars=cache_chars)
+    rng = random.Random(1)
+    words = ["héllo", "world", "\n", "  ", "12345", "naïve", "🙂", "the", "token", "\x04"]
+    for _ in range(20):
+        chat = [{"role": "system", "content": "Be brief."}, *[
+            {"role": role, "content": " ".join(rng.choice(words) for _ in range(rng.randint(0, 200)))}
+            for role in ("user", "assistant", "user")[: rng.randint(1, 3)]]]
+        parts = tok.render_chat_parts(chat)
+        assert parts is not None
+        assert await enc.encode_parts(parts) == tok.encode(tok.render_chat(chat), add_special_tokens=False)
+    enc.close()
