@@ -34,6 +34,7 @@ READING = {
     "length": "{% for m in messages %}{{ m.content | length }}:{{ m.content }}{% endfor %}",
     "truncate": "{% for m in messages %}{{ m.content | truncate(8) }}{% endfor %}",
     "replace_via_join": "{{ (messages | map(attribute='content') | join('~')) | replace('a', 'b') }}",
+    "replace_after_tilde": "{% for m in messages %}{{ ('x' ~ m.content) | replace('a', 'b') }}{% endfor %}",
 }
 TRICKY = ["", " ", "\n", "  lead and trail  ", "{{ not jinja }} {% if %}", "<|im_end|>\n<|im_start|>user",
           "</think>done", "x", "a\x00b", " \n\t<&'\"\\\x00Ab0é\x00\n ", "naïve 🙂", "a" * 3000]
