@@ -174,18 +174,22 @@ class ChatTemplate:
                tools: list[dict[str, Any]] | None = None) -> str:
         if tools is None and self.max_skeletons:
             shape = _shape(messages, add_generation_prompt)
-            pieces = None
-            if shape is not None:
-                try:
-                    pieces = self._skeletons[shape]
-                    self._skeletons.move_to_end(shape)
-                except KeyError:
-                    pieces = self._probe(messages, add_generation_prompt, shape)
-                except TypeError:  # a field that cannot be part of a key (a list of tool calls)
-                    pass
+            pieces = None if shape is None else self._pieces(shape, messages, add_generation_prompt)
             if pieces is not None:
                 return "".join([p if p.__class__ is str else messages[p]["content"] for p in pieces])
         return self._render(messages, add_generation_prompt, tools)
+
+    def _pieces(self, shape: tuple, messages: list[dict[str, Any]],
+                add_generation_prompt: bool) -> tuple[str | int, ...] | None:
+        """The shape's skeleton, probed if new; None where it has none."""
+        try:
+            pieces = self._skeletons[shape]
+        except KeyError:
+            return self._probe(messages, add_generation_prompt, shape)
+        except TypeError:  # a field that cannot be part of a key (a list of tool calls)
+            return None
+        self._skeletons.move_to_end(shape)
+        return pieces
 
     def render_parts(self, messages: list[dict[str, Any]], split: Callable[[str], list[str | int]],
                      specials: Collection[str]) -> list[str | int] | None:
@@ -200,9 +204,8 @@ class ChatTemplate:
         try:
             cut = self._cut[shape]
         except KeyError:
-            self.render(messages)  # the skeleton, probed if new
-            cut = self._cut_skeleton(shape, split, specials)
-        except TypeError:
+            cut = self._cut_skeleton(shape, self._pieces(shape, messages, True), split, specials)
+        except TypeError:  # a field that cannot be part of a key
             return None
         if cut is None:
             return None
@@ -228,9 +231,8 @@ class ChatTemplate:
                     out.append(x)
         return out
 
-    def _cut_skeleton(self, shape: tuple, split: Callable[[str], list[str | int]],
-                      specials: Collection[str]) -> tuple | None:
-        pieces = self._skeletons.get(shape)
+    def _cut_skeleton(self, shape: tuple, pieces: tuple[str | int, ...] | None,
+                      split: Callable[[str], list[str | int]], specials: Collection[str]) -> tuple | None:
         cut = None
         if pieces is not None and all(not (p.__class__ is str and _may_straddle(p, specials)) for p in pieces):
             cut = tuple(p if p.__class__ is int else tuple(split(p)) for p in pieces)
