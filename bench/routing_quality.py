@@ -53,22 +53,42 @@ def trace(tenants: int, users: int, turns: int, one_shots: int, seed: int) -> li
     return sessions
 
 
-def oracle_hit_rate(sessions: list[list[list[dict]]], tok_dir) -> float:
+ORDERS = ("arrivals", "rounds")
+
+
+def arrivals(sessions: list[list[list[dict]]], order: str, seed: int, think: float = 0.01) -> list[tuple[int, int]]:
+    """The order requests arrive in, as (session, turn). `arrivals`: the trace's arrival times, on a horizon of
+    1: each session starts at a uniform random time and its turns follow one another after exponential think
+    times (mean `think`, so a chat of 8 turns spans ~7% of the horizon); a one-shot is a session of one turn.
+    Tenants' users and one-shots thus come and go all through the trace. `rounds`: every session's first turn,
+    then every second turn, and so on; all one-shots come in the first round (the bench's order before
+    arrival times: a flood of one-shots at the start)."""
+    if order == "rounds":
+        return [(i, k) for k in range(max(len(s) for s in sessions)) for i, s in enumerate(sessions) if k < len(s)]
+    rng = random.Random(seed + 1)
+    events = []
+    for i, s in enumerate(sessions):
+        t = rng.random()
+        for k in range(len(s)):
+            events.append((t, i, k))
+            t += rng.expovariate(1 / think)
+    return [(i, k) for _, i, k in sorted(events)]
+
+
+def oracle_hit_rate(sessions: list[list[list[dict]]], order: list[tuple[int, int]], tok_dir) -> float:
     from protocol.block_hash import hash_blocks, root_hash
     from protocol.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(tok_dir)
     seen: set[int] = set()
     hits = total = 0
-    for turn in range(max(len(s) for s in sessions)):  # the replay's order: turns of all sessions interleave
-        for s in sessions:
-            if turn < len(s):
-                ids = tok.encode_chat(s[turn])
-                hashes = hash_blocks(ids, 16, root_hash("mock"))
-                k = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
-                hits += 16 * k
-                total += len(ids)
-                seen.update(hashes)
+    for i, k in order:  # the replay's order
+        ids = tok.encode_chat(sessions[i][k])
+        hashes = hash_blocks(ids, 16, root_hash("mock"))
+        first_new = next((j for j, h in enumerate(hashes) if h not in seen), len(hashes))
+        hits += 16 * first_new
+        total += len(ids)
+        seen.update(hashes)
     return hits / total
 
 
@@ -92,24 +112,35 @@ def miss_breakdown(served: list[list[list]], capacity: int) -> dict[str, float]:
     return {k: round(v / total, 5) for k, v in counts.items()}
 
 
-async def replay(port: int, sessions: list[list[list[dict]]], concurrency: int) -> tuple[int, list[float]]:
-    """Errors, and each request's latency (one output token: its time to first token)."""
+async def replay(port: int, sessions: list[list[list[dict]]], order: list[tuple[int, int]],
+                 concurrency: int) -> tuple[int, list[float]]:
+    """Sends the requests in `order`, as fast as `concurrency` requests in flight allow; a turn waits for its
+    session's previous turn to be answered. Errors, and each request's latency (one output token: its time to
+    first token)."""
     pool = ConnectionPool("127.0.0.1", port, concurrency)
-    sem = asyncio.Semaphore(concurrency)
+    slots = asyncio.Semaphore(concurrency)
+    answered = [[asyncio.Event() for _ in s] for s in sessions]
     errors = 0
     latencies: list[float] = []
 
-    async def run(session: list[list[dict]]) -> None:
+    async def send(i: int, k: int) -> None:
         nonlocal errors
-        for messages in session:
-            async with sem:
-                r = await pool.post_json("/v1/chat/completions", {"model": "mock", "messages": messages,
-                                                                  "max_tokens": 1, "temperature": 0})
-                errors += r.status != 200
-                latencies.append(r.end - r.start)
-            await asyncio.sleep(0)
+        try:
+            if k:
+                await answered[i][k - 1].wait()
+            r = await pool.post_json("/v1/chat/completions", {"model": "mock", "messages": sessions[i][k],
+                                                              "max_tokens": 1, "temperature": 0})
+            errors += r.status != 200
+            latencies.append(r.end - r.start)
+        finally:
+            answered[i][k].set()
+            slots.release()
 
-    await asyncio.gather(*(run(s) for s in sessions))
+    tasks = []
+    for i, k in order:
+        await slots.acquire()
+        tasks.append(asyncio.create_task(send(i, k)))
+    await asyncio.gather(*tasks)
     return errors, latencies
 
 
@@ -121,6 +152,9 @@ def main() -> None:
     ap.add_argument("--sglang-python", default=None)
     ap.add_argument("--vllm-router", default=None)
     ap.add_argument("--concurrency", default="1,64", help="comma-separated client concurrencies")
+    ap.add_argument("--order", choices=ORDERS, default="arrivals",
+                    help="arrivals: by the trace's arrival times; rounds: all first turns (and one-shots), then all "
+                         "second turns, ...")
     ap.add_argument("--policies", default="cache_aware,round_robin", help="pdserve policies to run")
     ap.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
                     help="mocks compute uncached prompt tokens at this rate, one prompt at a time (0: at once), so "
@@ -132,9 +166,10 @@ def main() -> None:
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
     sessions = trace(tenants, users, turns, one_shots, seed=0)
-    n_requests = sum(len(s) for s in sessions)
+    order = arrivals(sessions, a.order, seed=0)
+    n_requests = len(order)
     tok = a.tokenizer_dir or _demo_tokenizer()
-    oracle = oracle_hit_rate(sessions, tok)
+    oracle = oracle_hit_rate(sessions, order, tok)
     routers = [(f"pdserve {p}", "pdserve", p) for p in a.policies.split(",") if p]
     if a.sglang_python:
         routers.append(("sglang-router cache_aware", "sglang", "cache_aware"))
@@ -165,7 +200,7 @@ def main() -> None:
                            "--prometheus-port", str(free_port())]
                 procs.append(_start(cmd, f"http://127.0.0.1:{port}/health"))
                 start = time.perf_counter()
-                errors, latencies = asyncio.run(replay(port, sessions, concurrency))
+                errors, latencies = asyncio.run(replay(port, sessions, order, concurrency))
                 duration = time.perf_counter() - start
                 stats = [json.loads(urllib.request.urlopen(f"{u}/stats").read()) for u in urls]
                 prompt = [s["prompt_tokens"] for s in stats]
@@ -174,7 +209,7 @@ def main() -> None:
                 served = [json.loads(urllib.request.urlopen(f"{u}/served").read()) for u in urls]
                 runs[label].append(emit(
                      "routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
-                     ratio=hit_rate / oracle, router=label, concurrency=concurrency, load_imbalance=imbalance,
+                     ratio=hit_rate / oracle, router=label, concurrency=concurrency, order=a.order, load_imbalance=imbalance,
                      requests=n_requests, requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
                      workers=a.workers, cache_blocks=a.cache_blocks, prefill_tokens_per_s=a.prefill_tokens_per_s,
                      ttft_p50_ms=round(float(np.percentile(latencies, 50)) * 1e3, 2),

@@ -5,7 +5,8 @@ from pathlib import Path
 
 # cache_aware's weights, the defaults of the router's flags, RouterConfig and router.policy.Router alike
 LOAD_WEIGHT = 0.25  # per token of queued work, against 1 per token to recompute (bench.routing_quality)
-BALANCE_RATIO = 1.1  # the load-imbalance guard (router/policy.py); inf: off
+BALANCE_RATIO = 1.15  # the load-imbalance guard (router/policy.py); inf: off
+BALANCE_WEIGHT = 1.0  # a worker's excess of recent work, in shares of the request's tokens (router/policy.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +18,7 @@ class RouterConfig:
     policy: str = "cache_aware"
     load_weight: float = LOAD_WEIGHT
     balance_ratio: float = BALANCE_RATIO
+    balance_weight: float = BALANCE_WEIGHT
     local_prefill_tokens: int = 64  # prompts with at most this many uncached tokens prefill on the decode worker
     health_interval_s: float = 1.0
     tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto
@@ -54,7 +56,7 @@ class RouterConfig:
         if self.discovery == "static" and not self.decode_urls:
             raise ValueError("the router needs at least one decode worker")
         object.__setattr__(self, "keys_file", str(Path(self.keys_file).expanduser()))
-        if self.local_prefill_tokens < 0 or self.load_weight < 0:
-            raise ValueError("local_prefill_tokens and load_weight must be >= 0")
+        if self.local_prefill_tokens < 0 or self.load_weight < 0 or self.balance_weight < 0:
+            raise ValueError("local_prefill_tokens, load_weight and balance_weight must be >= 0")
         if not self.balance_ratio >= 1.0:
             raise ValueError("balance_ratio must be >= 1 (inf turns the guard off)")

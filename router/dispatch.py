@@ -77,20 +77,20 @@ class Dispatcher:
         finished = False
         recorded = False
 
-        def sent() -> None:  # once the request is written, off the path to the worker: metrics, and in memory
-            nonlocal recorded  # the routing record (with Redis, that was written before: other routers read it)
+        def sent() -> None:  # once the request is written, off the path to the worker: metrics
             self.metrics.route_latency.observe(route_s)
             self.metrics.routed_cached_tokens.inc(route.prefill_cached_tokens)
-            if not recorded:
-                recorded = True
-                self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
 
         try:
+            # The decision is recorded before anything else can route: the next request must see this one's
+            # blocks and load, or requests routed in one burst (a tokenizer batch) all pick the same worker.
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until its first
             # token (they were carried until the request ended: a long answer kept its prompt as queued work).
-            if not self.local:
+            if self.local:
+                self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
+            else:
                 await self.state.record_route(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
-                recorded = True
+            recorded = True
             if p is not None:
                 body = encode_out(PrefillOut(rid, prompt_ids, params))
                 p.inflight += 1

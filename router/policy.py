@@ -25,7 +25,7 @@ import itertools
 import zlib
 from dataclasses import dataclass
 
-from router.config import BALANCE_RATIO, LOAD_WEIGHT
+from router.config import BALANCE_RATIO, BALANCE_WEIGHT, LOAD_WEIGHT
 from router.state import WorkerView
 from router.workers import Worker
 
@@ -42,7 +42,8 @@ class Route:
 
 class Router:
     def __init__(self, policy: str, block_size: int, load_weight: float = LOAD_WEIGHT, local_prefill_tokens: int = 64,
-                 min_prefix_gain: float = 0.1, balance_ratio: float = BALANCE_RATIO):
+                 min_prefix_gain: float = 0.1, balance_ratio: float = BALANCE_RATIO,
+                 balance_weight: float = BALANCE_WEIGHT):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy
@@ -51,6 +52,7 @@ class Router:
         self.local_prefill_tokens = local_prefill_tokens
         self.min_prefix_gain = min_prefix_gain
         self.balance_ratio = balance_ratio
+        self.balance_weight = balance_weight
         self._rr = itertools.count()
 
     def _load(self, w: Worker, v: WorkerView) -> float:
@@ -72,12 +74,19 @@ class Router:
         # The guard: a worker that served more than balance_ratio times the pool's mean of recent prompt tokens
         # (and a request's worth more) gets no credit for its cache, so the request goes where load is lowest.
         ceiling = max(self.balance_ratio * mean, mean + num_tokens)
+        # Evening out: a worker's excess of recent work costs that share of this request's tokens (10% over the
+        # mean: 10% of the prompt). It decides where prompts no worker holds go, and so evens out the work
+        # without moving any cached prompt; it moves a cached prompt only if that worker is far over the mean.
+        # In a quiet pool (a mean under 8 requests' worth) a request more is not an imbalance: the excess is
+        # measured against 8 requests' worth.
+        spread = self.balance_weight * num_tokens / max(mean, 8 * num_tokens)
 
         def cost(w: Worker) -> tuple[float, int, int]:
             v = views[w.url]
             cached = v.matched_blocks * self.block_size if v.recent_tokens <= ceiling else 0
             uncached = num_tokens - (cached if cached >= min_gain else 0)
-            return uncached + self.load_weight * self._load(w, v), v.recent_tokens, order[w.url]
+            return (uncached + self.load_weight * self._load(w, v) + spread * v.recent_tokens, v.recent_tokens,
+                    order[w.url])
 
         return min(workers, key=cost)
 

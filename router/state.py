@@ -86,6 +86,32 @@ class LocalState:
         pass
 
 
+class _Pending:
+    """A worker's routing decisions not yet in Redis: their blocks (counted), load and recent tokens."""
+
+    __slots__ = ("blocks", "decisions", "requests", "sent_tokens", "tokens")
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, int] = {}  # block -> decisions holding it
+        self.decisions = self.requests = self.tokens = self.sent_tokens = 0
+
+    def add(self, hashes: list[int], sent_tokens: int, requests: int, tokens: int, sign: int) -> None:
+        self.decisions += sign
+        self.requests += sign * requests
+        self.tokens += sign * tokens
+        self.sent_tokens += sign * sent_tokens
+        blocks = self.blocks
+        if sign > 0:
+            for h in hashes:
+                blocks[h] = blocks.get(h, 0) + 1
+            return
+        for h in hashes:
+            if (n := blocks[h] - 1) > 0:
+                blocks[h] = n
+            else:
+                del blocks[h]
+
+
 class RedisState:
     """Index: a sorted set of block hashes per worker, scored by last use (trimmed to the newest N).
     Load: a hash of in-flight requests and tokens per worker. One router at a time (a lease) ingests a
@@ -103,6 +129,9 @@ class RedisState:
         self.max_blocks = max_blocks_per_worker
         self.router_id = router_id
         self.lease_ms = int(lease_s * 1000)
+        # This router's decisions on their way to Redis, counted into its own views meanwhile: requests routed
+        # in one burst (a tokenizer batch) would otherwise all see the state from before the burst.
+        self._pending: dict[str, _Pending] = {}
 
     def _idx(self, url: str) -> str:
         return f"{self.ns}:idx:{url}"
@@ -122,9 +151,17 @@ class RedisState:
         views = {}
         for i, u in enumerate(urls):
             scores = replies[i] if hashes else []
-            matched = next((j for j, s in enumerate(scores) if s is None), len(scores))
-            views[u] = WorkerView(matched, int(load[i] or 0), int(load[len(urls) + i] or 0),
-                                  sum(int(r[i] or 0) for r in recent))
+            pending = self._pending.get(u)
+            if pending is None:
+                matched = next((j for j, s in enumerate(scores) if s is None), len(scores))
+                views[u] = WorkerView(matched, int(load[i] or 0), int(load[len(urls) + i] or 0),
+                                      sum(int(r[i] or 0) for r in recent))
+                continue
+            held = pending.blocks
+            matched = next((j for j, s in enumerate(scores) if s is None and hashes[j] not in held), len(scores))
+            views[u] = WorkerView(matched, int(load[i] or 0) + pending.requests,
+                                  int(load[len(urls) + i] or 0) + pending.tokens,
+                                  sum(int(r[i] or 0) for r in recent) + pending.sent_tokens)
         return views
 
     async def _add(self, pipe, url: str, hashes: list[int]) -> None:
@@ -137,14 +174,21 @@ class RedisState:
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
                            tokens: int = 0) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        await self._add(pipe, url, hashes)
-        self._load(pipe, url, requests, tokens)
-        if sent_tokens:
-            key = f"{self.ns}:recent:{_bucket()}"
-            pipe.hincrby(key, url, sent_tokens)
-            pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
-        await pipe.execute()
+        pending = self._pending.get(url) or self._pending.setdefault(url, _Pending())
+        pending.add(hashes, sent_tokens, requests, tokens, 1)  # seen by this router's views from now on
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            await self._add(pipe, url, hashes)
+            self._load(pipe, url, requests, tokens)
+            if sent_tokens:
+                key = f"{self.ns}:recent:{_bucket()}"
+                pipe.hincrby(key, url, sent_tokens)
+                pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
+            await pipe.execute()
+        finally:
+            pending.add(hashes, sent_tokens, requests, tokens, -1)  # in Redis now (or failed)
+            if not pending.decisions:
+                del self._pending[url]
 
     def _load(self, pipe, url: str, requests: int, tokens: int) -> None:
         if requests:

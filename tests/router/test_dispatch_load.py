@@ -49,3 +49,66 @@ async def test_prompt_tokens_weigh_until_the_first_token_and_the_request_until_i
     assert seen[-1][0] == 3
     assert (worker.inflight, worker.inflight_tokens, state.load[url]) == (0, 0, [0, 0])
     await client.close()
+
+
+class Pool:
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+
+    def pool(self, role: str) -> list[Worker]:
+        return self.workers if role == "decode" else []
+
+    def mark_failed(self, w: Worker) -> None:
+        w.healthy = False
+
+
+async def _burst(state) -> list[int]:
+    """Eight unrelated prompts routed in one burst (as a tokenizer batch releases them) to four workers, one of
+    which did less work recently; how many each worker was sent."""
+    workers = [Worker(f"http://127.0.0.1:{start_in_thread(ttft_s=0.05, itl_s=0)[1]}", "decode", healthy=True)
+               for _ in range(4)]
+    for w, tokens in zip(workers, (1000, 1000, 1000, 600), strict=True):
+        await state.record_route(w.url, [], tokens)
+    await asyncio.gather(*(state.view([w.url for w in workers], []) for _ in range(8)))  # connections to Redis
+    client = StreamClient()
+    dispatcher = Dispatcher(Pool(workers), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
+                            RouterMetrics())
+
+    async def one(i: int) -> None:
+        prompt = [1000 * i + k for k in range(320)]
+        async for _ in dispatcher.generate(f"r-{i}", prompt, ParamsOut(max_tokens=1), hash_blocks(prompt, 16, 7)):
+            pass
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(8)))
+        views = await state.view([w.url for w in workers], [])
+    finally:
+        await client.close()
+    return [(views[w.url].recent_tokens - before) // 320 for w, before in zip(workers, (1000, 1000, 1000, 600),
+                                                                              strict=True)]
+
+
+async def test_a_burst_of_requests_spreads_each_seeing_the_ones_routed_before_it():
+    # Recorded only once written, all eight were routed on the state from before the burst: all went to the
+    # worker that had done the least.
+    sent = await _burst(LocalState(1000))
+    assert sum(sent) == 8 and max(sent) <= 3, sent
+
+
+async def test_with_redis_a_burst_spreads_each_seeing_this_routers_decisions_still_on_their_way():
+    import uuid
+
+    from router.state import RedisState
+    from tests.router.conftest import REDIS_URL, require_redis
+
+    require_redis()
+    state = RedisState(REDIS_URL, f"pdserve-test-{uuid.uuid4().hex}", 1000, router_id="a")
+    try:
+        sent = await _burst(state)
+        assert sum(sent) == 8 and max(sent) <= 3, sent
+        assert not state._pending  # nothing left over once Redis holds it all
+    finally:
+        keys = [k async for k in state.redis.scan_iter(f"{state.ns}:*")]
+        if keys:
+            await state.redis.delete(*keys)
+        await state.close()

@@ -178,10 +178,29 @@ async def test_the_balance_guard_moves_a_hot_prefix_off_a_worker_far_over_the_me
     for w in decode:
         await state.record_route(w.url, [], 20_000 if w is home else 6_000)
     views = await state.view([w.url for w in decode], hash_blocks(tenant + _prompt(3001, 20), 16, ROOT))
-    unguarded = Router("cache_aware", 16, balance_ratio=float("inf"))
+    unguarded = Router("cache_aware", 16, balance_ratio=float("inf"), balance_weight=0)
     assert unguarded.route([], decode, views, 660).decode is home  # without the guard the prefix wins
     moved = await _route(state, router, [], decode, tenant + _prompt(3001, 20))
     assert moved.decode is not home and moved.decode_cached_tokens == 0
     await state.record_route(moved.decode.url, [], 660)
     again = await _route(state, router, [], decode, tenant + _prompt(3002, 20))
     assert again.decode is moved.decode and again.decode_cached_tokens == 640
+
+
+async def test_new_prompts_go_where_recent_work_is_least_even_past_a_little_work_in_flight():
+    # Many requests in flight make in-flight load a noisy signal; recent work is what evens the workers out
+    # without moving any cached prompt. The least worked worker has one short request in flight.
+    state = LocalState(100_000)
+    decode = _workers(4)
+    for w, tokens in zip(decode, (11_000, 10_500, 10_500, 8_000), strict=True):
+        await state.record_route(w.url, [], tokens)
+    await state.add_load(decode[3].url, 1, 300)
+    views = await state.view([w.url for w in decode], hash_blocks(_prompt(5, 600), 16, ROOT))
+    assert Router("cache_aware", 16).route([], decode, views, 600).decode is decode[3]
+    by_load_only = Router("cache_aware", 16, balance_weight=0).route([], decode, views, 600).decode
+    assert by_load_only is decode[1]  # nothing in flight, then fewest recent tokens
+    # A cached prompt stays on a worker a little over the mean (10%).
+    tenant = _prompt(6, 640)
+    await state.record_route(decode[0].url, hash_blocks(tenant, 16, ROOT))
+    views = await state.view([w.url for w in decode], hash_blocks(tenant + _prompt(7, 20), 16, ROOT))
+    assert Router("cache_aware", 16).route([], decode, views, 660).decode is decode[0]
