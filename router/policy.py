@@ -1,27 +1,34 @@
 """Routing policies: which prefill and which decode worker serve a request.
 
 cache_aware scores a worker by the prompt tokens it would have to compute (what its prefix cache lacks) plus
-`load_weight` times its load (tokens and requests in flight, requests queued); the lowest cost wins. The
-default weight, 0.25, moves a request off the worker holding its prefix once that worker has four times as
-much queued work as the prefix saves. With mocks that compute prompts at a fixed rate, one at a time
-(bench.routing_quality --prefill-tokens-per-s 20000 or 50000, concurrency 64, five paired runs), 1.0 reached
-3.3-5.6 points less of the oracle's hit rate (requests moved off their cache: a recomputed prefix is work
-too, and a second copy of it), a worse TTFT p99 in every pair (0.6-6%) and a p50 better in two pairs, worse in
-three; 0.1-0.5 were alike; 0 doubled the p99 (no load awareness at all). A
-cached prefix counts only when it saves at least `min_prefix_gain` of the prompt (default 10%, and at least
-two blocks): a short prefix every prompt shares (a default system prompt) would otherwise pull all traffic to
-one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.
-Among equal costs the worker that was sent the fewest prompt tokens recently (~30 s) wins (then round-robin),
-so new tenants and one-shots spread by work sent, not only by what is in flight. The load-imbalance guard:
-a worker that was sent more than `balance_ratio` (default 1.1) times the pool's mean of recent prompt tokens
-(and a request's worth more) gets no credit for its cache, so the request goes where load is lowest; that
-worker then holds the prefix too, and the tenant's later requests go to the lighter of its homes. Without it,
-tenants that were given homes while one-shots filled the other workers keep those homes after the one-shots
-stop (bench.routing_quality at concurrency 1: imbalance 1.27; with it 1.10, hit rate 98.6% of the oracle's
-against 98.8%). The inputs come from the router state (`WorkerView`), so the decision is pure computation.
+`load_weight` times its load (tokens and requests in flight, requests queued) plus `balance_weight` times the
+request's tokens times the worker's share of the pool's recent work (prompt tokens sent it in the last ~30 s,
+cached or not, over the pool's mean); the lowest cost wins, then the least recent work, then round-robin.
+- load_weight (default 0.25) moves a request off the worker holding its prefix once that worker has four times
+  as much queued work as the prefix saves. With mocks that compute prompts at a fixed rate, one at a time
+  (bench.routing_quality --prefill-tokens-per-s 20000 or 50000, concurrency 64, five paired runs), 1.0 reached
+  3.3-5.6 points less of the oracle's hit rate (requests moved off their cache: a recomputed prefix is work too,
+  and a second copy of it), a worse TTFT p99 in every pair (0.6-6%) and a p50 better in two pairs, worse in
+  three; 0.1-0.5 were alike; 0 doubled the p99 (no load awareness at all).
+- balance_weight (default 1: a worker 10% over the mean costs 10% of the prompt more) evens out the work
+  through where new prompts go, which moves no cached prompt. In-flight load alone cannot: with many requests
+  in flight it is noisy, and new prompts followed the noise while tenants' traffic drifted the workers apart.
+  In a quiet pool (a mean under 8 requests' worth) the excess is measured against 8 requests' worth.
+- A cached prefix counts only when it saves at least `min_prefix_gain` of the prompt (default 10%, and at least
+  two blocks): a short prefix every prompt shares (a default system prompt) would otherwise pull all traffic to
+  one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.
+- The load-imbalance guard: a worker that was sent more than `balance_ratio` (default 1.15) times the pool's
+  mean of recent prompt tokens, and more than chance explains (three standard deviations of a count of such
+  requests), gets no credit for its cache, so the request goes where load is lowest; that worker then holds the
+  prefix too, and the tenant's later requests go to the lighter of its homes. It is the backstop for what new
+  prompts cannot even out: tenants that were given homes while one-shots filled the other workers keep those
+  homes after the one-shots stop (bench.routing_quality --order rounds at concurrency 1: imbalance 1.27
+  without a guard).
+The inputs come from the router state (`WorkerView`), so the decision is pure computation.
 """
 
 import itertools
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -72,8 +79,9 @@ class Router:
         min_gain = max(2 * self.block_size, self.min_prefix_gain * num_tokens)
         mean = sum(views[w.url].recent_tokens for w in workers) / len(workers)
         # The guard: a worker that served more than balance_ratio times the pool's mean of recent prompt tokens
-        # (and a request's worth more) gets no credit for its cache, so the request goes where load is lowest.
-        ceiling = max(self.balance_ratio * mean, mean + num_tokens)
+        # gets no credit for its cache, so the request goes where load is lowest. Not while the excess is within
+        # chance: three standard deviations of a count of requests of this size (sqrt(mean * num_tokens)).
+        ceiling = max(self.balance_ratio * mean, mean + 3 * math.sqrt(mean * num_tokens))
         # Evening out: a worker's excess of recent work costs that share of this request's tokens (10% over the
         # mean: 10% of the prompt). It decides where prompts no worker holds go, and so evens out the work
         # without moving any cached prompt; it moves a cached prompt only if that worker is far over the mean.
