@@ -19,7 +19,7 @@ cached or not, over the pool's mean); the lowest cost wins, then the least recen
   one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.
 - The load-imbalance guard: a worker that was sent more than `balance_ratio` (default 1.15) times the pool's
   mean of recent prompt tokens, and more than chance explains (three standard deviations of a count of such
-  requests), gets no credit for its cache, so the request goes where load is lowest; that worker then holds the
+  requests; never in a quiet pool), gets no credit for its cache, so the request goes where load is lowest; that worker then holds the
   prefix too, and the tenant's later requests go to the lighter of its homes. It is the backstop for what new
   prompts cannot even out: tenants that were given homes while one-shots filled the other workers keep those
   homes after the one-shots stop (bench.routing_quality --order rounds at concurrency 1: imbalance 1.27
@@ -78,16 +78,17 @@ class Router:
             return min(workers, key=lambda w: (self._load(w, views[w.url]), order[w.url]))
         min_gain = max(2 * self.block_size, self.min_prefix_gain * num_tokens)
         mean = sum(views[w.url].recent_tokens for w in workers) / len(workers)
+        # In a quiet pool (a mean under 8 requests' worth a worker) a request more is not an imbalance.
+        quiet = 8 * num_tokens
         # The guard: a worker that served more than balance_ratio times the pool's mean of recent prompt tokens
         # gets no credit for its cache, so the request goes where load is lowest. Not while the excess is within
         # chance: three standard deviations of a count of requests of this size (sqrt(mean * num_tokens)).
-        ceiling = max(self.balance_ratio * mean, mean + 3 * math.sqrt(mean * num_tokens))
+        ceiling = max(self.balance_ratio * mean, mean + 3 * math.sqrt(mean * num_tokens)) if mean >= quiet else math.inf
         # Evening out: a worker's excess of recent work costs that share of this request's tokens (10% over the
         # mean: 10% of the prompt). It decides where prompts no worker holds go, and so evens out the work
         # without moving any cached prompt; it moves a cached prompt only if that worker is far over the mean.
-        # In a quiet pool (a mean under 8 requests' worth) a request more is not an imbalance: the excess is
-        # measured against 8 requests' worth.
-        spread = self.balance_weight * num_tokens / max(mean, 8 * num_tokens)
+        # In a quiet pool the excess is measured against 8 requests' worth.
+        spread = self.balance_weight * num_tokens / max(mean, quiet)
 
         def cost(w: Worker) -> tuple[float, int, int]:
             v = views[w.url]
