@@ -209,8 +209,9 @@ def main() -> None:
                 served = [json.loads(urllib.request.urlopen(f"{u}/served").read()) for u in urls]
                 runs[label].append(emit(
                      "routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
-                     ratio=hit_rate / oracle, router=label, concurrency=concurrency, order=a.order, load_imbalance=imbalance,
-                     requests=n_requests, requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
+                     ratio=hit_rate / oracle, router=label, concurrency=concurrency, order=a.order,
+                     load_imbalance=imbalance, requests=n_requests,
+                     requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
                      workers=a.workers, cache_blocks=a.cache_blocks, prefill_tokens_per_s=a.prefill_tokens_per_s,
                      ttft_p50_ms=round(float(np.percentile(latencies, 50)) * 1e3, 2),
                      ttft_p99_ms=round(float(np.percentile(latencies, 99)) * 1e3, 2), replay_s=round(duration, 2),

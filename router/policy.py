@@ -19,11 +19,11 @@ cached or not, over the pool's mean); the lowest cost wins, then the least recen
   one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.
 - The load-imbalance guard: a worker that was sent more than `balance_ratio` (default 1.15) times the pool's
   mean of recent prompt tokens, and more than chance explains (three standard deviations of a count of such
-  requests; never in a quiet pool), gets no credit for its cache, so the request goes where load is lowest; that worker then holds the
-  prefix too, and the tenant's later requests go to the lighter of its homes. It is the backstop for what new
-  prompts cannot even out: tenants that were given homes while one-shots filled the other workers keep those
-  homes after the one-shots stop (bench.routing_quality --order rounds at concurrency 1: imbalance 1.27
-  without a guard).
+  requests; never in a quiet pool), gets no credit for its cache, so the request goes where load is lowest;
+  that worker then holds the prefix too, and the tenant's later requests go to the lighter of its homes. It is
+  the backstop for what new prompts cannot even out: tenants that were given homes while one-shots filled the
+  other workers keep those homes after the one-shots stop (bench.routing_quality --order rounds at
+  concurrency 1: imbalance 1.27 without a guard).
 The inputs come from the router state (`WorkerView`), so the decision is pure computation.
 """
 
@@ -83,7 +83,9 @@ class Router:
         # The guard: a worker that served more than balance_ratio times the pool's mean of recent prompt tokens
         # gets no credit for its cache, so the request goes where load is lowest. Not while the excess is within
         # chance: three standard deviations of a count of requests of this size (sqrt(mean * num_tokens)).
-        ceiling = max(self.balance_ratio * mean, mean + 3 * math.sqrt(mean * num_tokens)) if mean >= quiet else math.inf
+        ceiling = math.inf
+        if mean >= quiet:
+            ceiling = max(self.balance_ratio * mean, mean + 3 * math.sqrt(mean * num_tokens))
         # Evening out: a worker's excess of recent work costs that share of this request's tokens (10% over the
         # mean: 10% of the prompt). It decides where prompts no worker holds go, and so evens out the work
         # without moving any cached prompt; it moves a cached prompt only if that worker is far over the mean.
