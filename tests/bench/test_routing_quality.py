@@ -60,3 +60,23 @@ def test_repeated_runs_are_summed_up_as_medians_and_paired_wins(capsys):
     # Pairs 1 and 4: higher at a lower imbalance; pair 2: lower; pair 3: higher, but at a higher imbalance.
     assert (theirs["pdserve_higher"], theirs["pdserve_higher_at_lower_or_equal_imbalance"], theirs["pairs"]) == (3, 2, 4)
     assert theirs["value"] == 0.9835 and theirs["load_imbalance_max"] == 1.3
+
+
+def test_arrival_order_interleaves_one_shots_and_chats_all_through_the_trace_keeping_each_chats_turns_in_order():
+    from bench.routing_quality import arrivals, trace
+
+    sessions = trace(tenants=10, users=3, turns=4, one_shots=200, seed=0)
+    every = sorted((i, k) for i, s in enumerate(sessions) for k in range(len(s)))
+    for order in ("arrivals", "rounds"):
+        sent = arrivals(sessions, order, seed=0)
+        assert sorted(sent) == every  # each request once
+        for i, s in enumerate(sessions):
+            assert [k for j, k in sent if j == i] == list(range(len(s)))  # a chat's turns in order
+    one_shot = {i for i, s in enumerate(sessions) if len(s) == 1}
+    quarter = len(every) // 4
+
+    def one_shots_in_last_quarter(order: str) -> float:
+        return sum(i in one_shot for i, _ in arrivals(sessions, order, seed=0)[-quarter:]) / len(one_shot)
+
+    assert one_shots_in_last_quarter("rounds") == 0  # all came in the first round, with every chat's first turn
+    assert 0.15 < one_shots_in_last_quarter("arrivals") < 0.35  # about a quarter: they arrive all along
