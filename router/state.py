@@ -112,6 +112,9 @@ class _Pending:
                 del blocks[h]
 
 
+_NONE_PENDING = _Pending()  # what `view` adds for a worker with no decision on its way (never changed)
+
+
 class RedisState:
     """Index: a sorted set of block hashes per worker, scored by last use (trimmed to the newest N).
     Load: a hash of in-flight requests and tokens per worker. One router at a time (a lease) ingests a
@@ -151,12 +154,7 @@ class RedisState:
         views = {}
         for i, u in enumerate(urls):
             scores = replies[i] if hashes else []
-            pending = self._pending.get(u)
-            if pending is None:
-                matched = next((j for j, s in enumerate(scores) if s is None), len(scores))
-                views[u] = WorkerView(matched, int(load[i] or 0), int(load[len(urls) + i] or 0),
-                                      sum(int(r[i] or 0) for r in recent))
-                continue
+            pending = self._pending.get(u, _NONE_PENDING)
             held = pending.blocks
             matched = next((j for j, s in enumerate(scores) if s is None and hashes[j] not in held), len(scores))
             views[u] = WorkerView(matched, int(load[i] or 0) + pending.requests,
@@ -174,7 +172,9 @@ class RedisState:
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
                            tokens: int = 0) -> None:
-        pending = self._pending.get(url) or self._pending.setdefault(url, _Pending())
+        pending = self._pending.get(url)
+        if pending is None:
+            pending = self._pending[url] = _Pending()
         pending.add(hashes, sent_tokens, requests, tokens, 1)  # seen by this router's views from now on
         try:
             pipe = self.redis.pipeline(transaction=False)

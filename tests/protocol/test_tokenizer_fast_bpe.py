@@ -147,4 +147,3 @@ def test_an_ascii_text_is_searched_for_lacking_bytes_without_the_regex_and_the_s
 
     search.pattern = Unused()
     assert search.search(prompt) is False and search.search("x\x04") is True
-

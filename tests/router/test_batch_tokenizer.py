@@ -93,7 +93,6 @@ def test_a_tokenizer_whose_parts_do_not_tokenize_alone_is_not_split():
     enc.close()
 
 
-
 @pytest.mark.parametrize("cache_chars", [0, 1 << 20], ids=["without_the_parts_cache", "with_it"])
 async def test_a_chat_encoded_from_its_skeletons_parts_has_the_ids_of_its_rendered_text(demo_gguf, cache_chars):
     from engine.tokenizer_files import tokenizer_dir

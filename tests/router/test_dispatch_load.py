@@ -16,11 +16,11 @@ from router.workers import Worker
 
 
 @dataclass
-class OnePool:
-    worker: Worker
+class DecodePool:
+    workers: list[Worker]
 
     def pool(self, role: str) -> list[Worker]:
-        return [self.worker] if role == "decode" else []
+        return self.workers if role == "decode" else []
 
     def mark_failed(self, w: Worker) -> None:
         w.healthy = False
@@ -31,7 +31,7 @@ async def test_prompt_tokens_weigh_until_the_first_token_and_the_request_until_i
     url = f"http://127.0.0.1:{port}"
     worker = Worker(url, "decode", healthy=True)
     state, client = LocalState(1000), StreamClient()
-    dispatcher = Dispatcher(OnePool(worker), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
+    dispatcher = Dispatcher(DecodePool([worker]), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
                             RouterMetrics())
     prompt = list(range(100, 420))
     stream = dispatcher.generate("r-1", prompt, ParamsOut(max_tokens=3), hash_blocks(prompt, 16, 7))
@@ -51,27 +51,17 @@ async def test_prompt_tokens_weigh_until_the_first_token_and_the_request_until_i
     await client.close()
 
 
-class Pool:
-    def __init__(self, workers: list[Worker]):
-        self.workers = workers
-
-    def pool(self, role: str) -> list[Worker]:
-        return self.workers if role == "decode" else []
-
-    def mark_failed(self, w: Worker) -> None:
-        w.healthy = False
-
-
 async def _burst(state) -> list[int]:
     """Eight unrelated prompts routed in one burst (as a tokenizer batch releases them) to four workers, one of
     which did less work recently; how many each worker was sent."""
     workers = [Worker(f"http://127.0.0.1:{start_in_thread(ttft_s=0.05, itl_s=0)[1]}", "decode", healthy=True)
                for _ in range(4)]
-    for w, tokens in zip(workers, (1000, 1000, 1000, 600), strict=True):
+    before = (1000, 1000, 1000, 600)
+    for w, tokens in zip(workers, before, strict=True):
         await state.record_route(w.url, [], tokens)
     await asyncio.gather(*(state.view([w.url for w in workers], []) for _ in range(8)))  # connections to Redis
     client = StreamClient()
-    dispatcher = Dispatcher(Pool(workers), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
+    dispatcher = Dispatcher(DecodePool(workers), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
                             RouterMetrics())
 
     async def one(i: int) -> None:
@@ -84,8 +74,7 @@ async def _burst(state) -> list[int]:
         views = await state.view([w.url for w in workers], [])
     finally:
         await client.close()
-    return [(views[w.url].recent_tokens - before) // 320 for w, before in zip(workers, (1000, 1000, 1000, 600),
-                                                                              strict=True)]
+    return [(views[w.url].recent_tokens - tokens) // 320 for w, tokens in zip(workers, before, strict=True)]
 
 
 async def test_a_burst_of_requests_spreads_each_seeing_the_ones_routed_before_it():
