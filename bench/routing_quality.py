@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 
@@ -75,19 +76,24 @@ def arrivals(sessions: list[list[list[dict]]], order: str, seed: int, think: flo
     return [(i, k) for _, i, k in sorted(events)]
 
 
-def oracle_hit_rate(sessions: list[list[list[dict]]], order: list[tuple[int, int]], tok_dir) -> float:
+def prompt_blocks(sessions: list[list[list[dict]]], order: list[tuple[int, int]], tok_dir) -> list[tuple[int, list[int]]]:
+    """Each request's prompt tokens and block hashes, in the replay's order, as the mocks count them."""
     from protocol.block_hash import hash_blocks, root_hash
     from protocol.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(tok_dir)
+    root = root_hash("mock")
+    return [(len(ids), hash_blocks(ids, 16, root)) for ids in (tok.encode_chat(sessions[i][k]) for i, k in order)]
+
+
+def oracle_hit_rate(prompts: list[tuple[int, list[int]]]) -> float:
+    """The hit rate of one infinite cache that sees every prompt in order."""
     seen: set[int] = set()
     hits = total = 0
-    for i, k in order:  # the replay's order
-        ids = tok.encode_chat(sessions[i][k])
-        hashes = hash_blocks(ids, 16, root_hash("mock"))
+    for num_tokens, hashes in prompts:
         first_new = next((j for j, h in enumerate(hashes) if h not in seen), len(hashes))
         hits += 16 * first_new
-        total += len(ids)
+        total += num_tokens
         seen.update(hashes)
     return hits / total
 
@@ -161,15 +167,21 @@ def main() -> None:
                          "queued work delays a request as on a real worker: what the time to first token shows")
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer for the mocks (default: the demo model's)")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="runs of each router at each concurrency, interleaved; > 1 adds a median summary a router")
+                    help="runs of each router at each concurrency and trace, interleaved; more than one run a router "
+                         "adds a median summary a router")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated trace seeds: each a different trace (and arrival order) of the same shape")
+    ap.add_argument("--dump-served", default=None,
+                    help="write each run's request log (per worker: time, blocks hit, block hashes) to this folder")
     ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--balance-ratio 1.2'")
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
-    sessions = trace(tenants, users, turns, one_shots, seed=0)
-    order = arrivals(sessions, a.order, seed=0)
-    n_requests = len(order)
     tok = a.tokenizer_dir or _demo_tokenizer()
-    oracle = oracle_hit_rate(sessions, order, tok)
+    traces = []  # (seed, sessions, order, oracle)
+    for seed in (int(x) for x in a.seeds.split(",")):
+        sessions = trace(tenants, users, turns, one_shots, seed=seed)
+        order = arrivals(sessions, a.order, seed=seed)
+        traces.append((seed, sessions, order, oracle_hit_rate(prompt_blocks(sessions, order, tok))))
     routers = [(f"pdserve {p}", "pdserve", p) for p in a.policies.split(",") if p]
     if a.sglang_python:
         routers.append(("sglang-router cache_aware", "sglang", "cache_aware"))
@@ -177,7 +189,9 @@ def main() -> None:
         routers.append(("vllm-router cache_aware", "vllm", "cache_aware"))
     for concurrency in (int(c) for c in a.concurrency.split(",")):
         runs: dict[str, list[dict]] = {label: [] for label, _, _ in routers}
-        for label, kind, policy in [r for _ in range(a.repeat) for r in routers]:  # interleaved: pairs share a moment
+        # interleaved: a pair shares a moment and a trace
+        for (seed, sessions, order, oracle), (label, kind, policy) in [(t, r) for t in traces for _ in range(a.repeat)
+                                                                      for r in routers]:
             procs = []
             try:
                 ports = [free_port() for _ in range(a.workers)]
@@ -207,10 +221,14 @@ def main() -> None:
                 hit_rate = sum(s["hit_tokens"] for s in stats) / max(1, sum(prompt))
                 imbalance = max(prompt) / (sum(prompt) / len(prompt))
                 served = [json.loads(urllib.request.urlopen(f"{u}/served").read()) for u in urls]
+                if a.dump_served:
+                    Path(a.dump_served).mkdir(parents=True, exist_ok=True)
+                    name = f"{label.split()[0]}-c{concurrency}-seed{seed}-{len(runs[label])}.json"
+                    (Path(a.dump_served) / name).write_text(json.dumps(served))
                 runs[label].append(emit(
                      "routing_quality", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
                      ratio=hit_rate / oracle, router=label, concurrency=concurrency, order=a.order,
-                     load_imbalance=imbalance, requests=n_requests,
+                     load_imbalance=imbalance, requests=len(order), seed=seed,
                      requests_at_workers=sum(s["requests"] for s in stats), errors=errors,
                      workers=a.workers, cache_blocks=a.cache_blocks, prefill_tokens_per_s=a.prefill_tokens_per_s,
                      ttft_p50_ms=round(float(np.percentile(latencies, 50)) * 1e3, 2),
@@ -224,7 +242,7 @@ def main() -> None:
                         proc.wait(10)
                     except subprocess.TimeoutExpired:
                         proc.kill()
-        if a.repeat > 1:
+        if a.repeat * len(traces) > 1:
             summarize(runs, concurrency)
 
 

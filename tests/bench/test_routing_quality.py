@@ -80,3 +80,13 @@ def test_arrival_order_interleaves_one_shots_and_chats_all_through_the_trace_kee
 
     assert one_shots_in_last_quarter("rounds") == 0  # all came in the first round, with every chat's first turn
     assert 0.15 < one_shots_in_last_quarter("arrivals") < 0.35  # about a quarter: they arrive all along
+
+
+def test_each_seed_is_a_different_trace_of_the_same_shape():
+    from bench.routing_quality import arrivals, trace
+
+    zero, one = trace(3, 2, 2, 4, seed=0), trace(3, 2, 2, 4, seed=1)
+    assert zero != one
+    assert sorted(len(s) for s in zero) == sorted(len(s) for s in one)
+    assert trace(3, 2, 2, 4, seed=1) == one  # a seed is one trace, every time
+    assert arrivals(zero, "arrivals", seed=0) != arrivals(zero, "arrivals", seed=1)

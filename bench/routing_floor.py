@@ -1,0 +1,115 @@
+"""Routing floor: bench.routing_quality's trace replayed without timing, and how much of the hit rate it loses
+is the caches' rather than the routing's.
+
+Replays the trace in one process, one request at a time (each answered before the next is routed), to 8
+in-process LRU caches like the mocks'. Placed by pdserve's policy itself (router.policy.Router; its views come
+from a PrefixIndex fed by its decisions and by the caches' evictions, and a worker's recent work is the tokens
+it was sent in the last `--window` requests, by default all of them: the live bench's replay is shorter than
+the router's 30-s window) and by the same class's round-robin. The reference is one LRU cache of all the
+workers' blocks together (8 x `--cache-blocks`): 8 caches acting as one, no prefix held twice. What the oracle
+(one infinite cache) hits and that pooled cache misses is lost to capacity, whatever the routing.
+
+With no timing, a run is exact and repeatable, so policies can be compared here over several traces
+(`--seeds`) without the live bench's run-to-run spread; one trace is not enough: a small change of policy
+moves one trace's hit rate by a tenth of a point either way.
+
+  python -m bench.routing_floor [--quick] [--cache-blocks 3000,1500] [--seeds 0,1,2,3] [--tokenizer-dir DIR]
+"""
+
+import argparse
+from collections import OrderedDict, defaultdict, deque
+from statistics import mean
+
+from bench.common import emit
+from bench.mock_server import cache_prompt
+from bench.router_overhead import _demo_tokenizer
+from bench.routing_quality import ORDERS, arrivals, oracle_hit_rate, prompt_blocks, trace
+from router.policy import Router
+from router.prefix_index import PrefixIndex
+from router.state import WorkerView
+from router.workers import Worker
+
+PLACEMENTS = ("pdserve cache_aware", "round_robin")
+
+
+def held_prefix(cache: OrderedDict[int, None], hashes: list[int]) -> int:
+    """Leading blocks of the chain the cache holds (the mock's hits)."""
+    return next((j for j, h in enumerate(hashes) if h not in cache), len(hashes))
+
+
+def replay(prompts: list[tuple[int, list[int]]], placement: str, workers: int = 8, capacity: int = 3000,
+           window: int = 0) -> tuple[float, float]:
+    """Hit rate (share of prompt tokens) and imbalance (max/mean prompt tokens a worker) of one placement."""
+    pool = [Worker(f"w{i}", "decode") for i in range(workers)]
+    router = Router("round_robin" if placement == "round_robin" else "cache_aware", 16)
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in pool]
+    recent: deque[tuple[int, int]] = deque()
+    recent_tokens = [0] * workers
+    sent = [0] * workers
+    hits = total = 0
+    index = PrefixIndex()  # as the router keeps it: fed by its decisions, corrected by evictions
+    for num_tokens, hashes in prompts:
+        views = {w.url: WorkerView(index.match(w.url, hashes), 0, 0, recent_tokens[j]) for j, w in enumerate(pool)}
+        target = pool.index(router.route([], pool, views, num_tokens).decode)
+        hits += min(16 * held_prefix(caches[target], hashes), num_tokens)
+        total += num_tokens
+        index.add(pool[target].url, hashes)
+        index.remove(pool[target].url, cache_prompt(caches[target], hashes, capacity))
+        sent[target] += num_tokens
+        recent.append((target, num_tokens))
+        recent_tokens[target] += num_tokens
+        if window and len(recent) > window:
+            j, n = recent.popleft()
+            recent_tokens[j] -= n
+    return hits / total, max(sent) / (sum(sent) / workers)
+
+
+def pooled_hit_rate(prompts: list[tuple[int, list[int]]], capacity: int) -> float:
+    """The hit rate of one LRU cache of `capacity` blocks that sees every prompt."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = total = 0
+    for num_tokens, hashes in prompts:
+        hits += min(16 * held_prefix(cache, hashes), num_tokens)
+        total += num_tokens
+        cache_prompt(cache, hashes, capacity)
+    return hits / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--cache-blocks", default="3000,1500", help="comma-separated LRU capacities a worker (blocks)")
+    ap.add_argument("--order", choices=ORDERS, default="arrivals")
+    ap.add_argument("--window", type=int, default=0,
+                    help="requests counted as a worker's recent work (0: all; the live bench's case)")
+    ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated trace seeds (bench.routing_quality --seeds)")
+    ap.add_argument("--tokenizer-dir", default=None)
+    a = ap.parse_args()
+    tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
+    tok = a.tokenizer_dir or _demo_tokenizer()
+    shares: dict[tuple[int, str], list[float]] = defaultdict(list)  # (capacity, placement) -> share of the oracle's
+    for seed in (int(x) for x in a.seeds.split(",")):
+        sessions = trace(tenants, users, turns, one_shots, seed=seed)
+        prompts = prompt_blocks(sessions, arrivals(sessions, a.order, seed=seed), tok)
+        oracle = oracle_hit_rate(prompts)
+        for capacity in (int(c) for c in a.cache_blocks.split(",")):
+            pooled = pooled_hit_rate(prompts, a.workers * capacity)
+            shares[capacity, "one pooled LRU"].append(pooled / oracle)
+            for placement in PLACEMENTS:
+                hit_rate, imbalance = replay(prompts, placement, a.workers, capacity, a.window)
+                shares[capacity, placement].append(hit_rate / oracle)
+                emit("routing_floor", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
+                     placement=placement, load_imbalance=round(imbalance, 4), cache_blocks=capacity, seed=seed,
+                     order=a.order, requests=len(prompts), workers=a.workers, window=a.window,
+                     pooled_lru=round(pooled, 4), vs_pooled_lru=round(hit_rate / pooled, 4))
+    for (capacity, placement), values in shares.items():
+        if placement != "one pooled LRU":
+            pooled = shares[capacity, "one pooled LRU"]
+            emit("routing_floor", "prefix_hit_rate_mean", mean(values), "share of the oracle's",
+                 "one pooled LRU (share of the oracle's)", mean(pooled), placement=placement, cache_blocks=capacity,
+                 seeds=len(values), share_min=round(min(values), 4), share_max=round(max(values), 4),
+                 pooled_min=round(min(pooled), 4), pooled_max=round(max(pooled), 4))
+
+if __name__ == "__main__":
+    main()
