@@ -5,7 +5,8 @@ Replays the trace in one process, one request at a time (each answered before th
 in-process LRU caches like the mocks'. Placed by pdserve's policy itself (router.policy.Router; its views come
 from a PrefixIndex fed by its decisions and by the caches' evictions, and a worker's recent work is the tokens
 it was sent in the last `--window` requests, by default all of them: the live bench's replay is shorter than
-the router's 30-s window) and by the same class's round-robin. The reference is one LRU cache of all the
+the router's 30-s window), the same with `churn_weight` 0 (the policy's term for returning prompts off), and
+by the same class's round-robin. The reference is one LRU cache of all the
 workers' blocks together (8 x `--cache-blocks`): 8 caches acting as one, no prefix held twice. What the oracle
 (one infinite cache) hits and that pooled cache misses is lost to capacity, whatever the routing.
 
@@ -24,12 +25,13 @@ from bench.common import emit
 from bench.mock_server import cache_prompt
 from bench.router_overhead import _demo_tokenizer
 from bench.routing_quality import ORDERS, arrivals, oracle_hit_rate, prompt_blocks, trace
+from router.config import CHURN_WEIGHT
 from router.policy import Router
 from router.prefix_index import PrefixIndex
 from router.state import WorkerView
 from router.workers import Worker
 
-PLACEMENTS = ("pdserve cache_aware", "round_robin")
+PLACEMENTS = ("pdserve cache_aware", "pdserve cache_aware, churn_weight 0", "round_robin")
 
 
 def held_prefix(cache: OrderedDict[int, None], hashes: list[int]) -> int:
@@ -41,26 +43,33 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str, workers: int = 
            window: int = 0) -> tuple[float, float]:
     """Hit rate (share of prompt tokens) and imbalance (max/mean prompt tokens a worker) of one placement."""
     pool = [Worker(f"w{i}", "decode") for i in range(workers)]
-    router = Router("round_robin" if placement == "round_robin" else "cache_aware", 16)
+    router = Router("round_robin" if placement == "round_robin" else "cache_aware", 16,
+                    churn_weight=0 if placement.endswith("churn_weight 0") else CHURN_WEIGHT)
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in pool]
-    recent: deque[tuple[int, int]] = deque()
+    recent: deque[tuple[int, int, int]] = deque()
     recent_tokens = [0] * workers
+    recent_new = [0] * workers  # tokens new to each cache
     sent = [0] * workers
     hits = total = 0
     index = PrefixIndex()  # as the router keeps it: fed by its decisions, corrected by evictions
     for num_tokens, hashes in prompts:
-        views = {w.url: WorkerView(index.match(w.url, hashes), 0, 0, recent_tokens[j]) for j, w in enumerate(pool)}
-        target = pool.index(router.route([], pool, views, num_tokens).decode)
+        views = {w.url: WorkerView(index.match(w.url, hashes), 0, 0, recent_tokens[j], index.match_seen(w.url, hashes),
+                                   recent_new[j]) for j, w in enumerate(pool)}
+        route = router.route([], pool, views, num_tokens)
+        target = pool.index(route.decode)
         hits += min(16 * held_prefix(caches[target], hashes), num_tokens)
         total += num_tokens
         index.add(pool[target].url, hashes)
         index.remove(pool[target].url, cache_prompt(caches[target], hashes, capacity))
         sent[target] += num_tokens
-        recent.append((target, num_tokens))
+        new = num_tokens - min(route.decode_cached_tokens, num_tokens)
+        recent.append((target, num_tokens, new))
         recent_tokens[target] += num_tokens
+        recent_new[target] += new
         if window and len(recent) > window:
-            j, n = recent.popleft()
+            j, n, new = recent.popleft()
             recent_tokens[j] -= n
+            recent_new[j] -= new
     return hits / total, max(sent) / (sum(sent) / workers)
 
 

@@ -107,7 +107,7 @@ class RouterState:
             self.encoder = BatchEncoder(self.tokenizer, parallel=self.config.tokenize_parallel)
             self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
                                  self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
-                                 balance_weight=self.config.balance_weight)
+                                 balance_weight=self.config.balance_weight, churn_weight=self.config.churn_weight)
             self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.metrics)
         return self.dispatcher is not None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 LOAD_WEIGHT = 0.25  # per token of queued work, against 1 per token to recompute (bench.routing_quality)
 BALANCE_RATIO = 1.15  # the load-imbalance guard (router/policy.py); inf: off
 BALANCE_WEIGHT = 1.0  # a worker's excess of recent work, in shares of the request's tokens (router/policy.py)
+CHURN_WEIGHT = 0.02  # a returning prompt: a worker's share of the pool's recent new tokens, likewise
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,7 @@ class RouterConfig:
     load_weight: float = LOAD_WEIGHT
     balance_ratio: float = BALANCE_RATIO
     balance_weight: float = BALANCE_WEIGHT
+    churn_weight: float = CHURN_WEIGHT
     local_prefill_tokens: int = 64  # prompts with at most this many uncached tokens prefill on the decode worker
     health_interval_s: float = 1.0
     tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto
@@ -56,7 +58,7 @@ class RouterConfig:
         if self.discovery == "static" and not self.decode_urls:
             raise ValueError("the router needs at least one decode worker")
         object.__setattr__(self, "keys_file", str(Path(self.keys_file).expanduser()))
-        if self.local_prefill_tokens < 0 or self.load_weight < 0 or self.balance_weight < 0:
-            raise ValueError("local_prefill_tokens, load_weight and balance_weight must be >= 0")
+        if min(self.local_prefill_tokens, self.load_weight, self.balance_weight, self.churn_weight) < 0:
+            raise ValueError("local_prefill_tokens, load_weight, balance_weight and churn_weight must be >= 0")
         if not self.balance_ratio >= 1.0:
             raise ValueError("balance_ratio must be >= 1 (inf turns the guard off)")

@@ -86,10 +86,14 @@ class Dispatcher:
             # blocks and load, or requests routed in one burst (a tokenizer batch) all pick the same worker.
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until its first
             # token (they were carried until the request ended: a long answer kept its prompt as queued work).
+            # What is new to a worker's cache (computed, or received from the prefill worker) is its churn.
+            d_new = len(prompt_ids) - route.decode_cached_tokens
             if self.local:
-                self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
+                self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens,
+                                            new_tokens=d_new)
             else:
-                await self.state.record_route(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens)
+                await self.state.record_route(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens,
+                                              new_tokens=d_new)
             recorded = True
             if p is not None:
                 body = encode_out(PrefillOut(rid, prompt_ids, params))
@@ -98,7 +102,8 @@ class Dispatcher:
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
                 # Released when the prefill ends, however it ends (even cancelled before it started).
                 prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids), computed))
-                await self.state.record_route(p.url, hashes, len(prompt_ids), requests=1, tokens=len(prompt_ids))
+                await self.state.record_route(p.url, hashes, len(prompt_ids), requests=1, tokens=len(prompt_ids),
+                                              new_tokens=computed)
             body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None))
             async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
                 if resp.status != 200:

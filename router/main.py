@@ -10,7 +10,7 @@ import logging
 
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
-from router.config import BALANCE_RATIO, BALANCE_WEIGHT, LOAD_WEIGHT, RouterConfig
+from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT, RouterConfig
 from router.server import serve
 
 
@@ -32,6 +32,9 @@ def main() -> None:
                     help="cache_aware: a worker's cost grows by this times the request's tokens times its excess "
                          "over the pool's mean of recent prompt tokens (10%% over: +10%% of the prompt), so new "
                          "prompts even out the work; 0: off")
+    ap.add_argument("--churn-weight", type=float, default=CHURN_WEIGHT,
+                    help="cache_aware: a prompt whose prefix was evicted from every worker that held it goes, among "
+                         "workers about as busy, where the fewest recent prompt tokens were new to the cache; 0: off")
     ap.add_argument("--redis-url", default=None, help="share routing state with other routers through Redis")
     ap.add_argument("--redis-namespace", default="pdserve")
     ap.add_argument("--discovery", default="static", choices=["static", "kubernetes"])
@@ -66,7 +69,8 @@ def main() -> None:
     config = RouterConfig(prefill_urls=a.prefill or env_list("prefill_urls"),
                           decode_urls=a.decode or env_list("decode_urls"), host=a.host, port=a.port, policy=a.policy,
                           local_prefill_tokens=a.local_prefill_tokens, load_weight=a.load_weight,
-                          balance_ratio=a.balance_ratio, balance_weight=a.balance_weight, redis_url=a.redis_url,
+                          balance_ratio=a.balance_ratio, balance_weight=a.balance_weight, churn_weight=a.churn_weight,
+                          redis_url=a.redis_url,
                           redis_namespace=a.redis_namespace, discovery=a.discovery, k8s_namespace=a.k8s_namespace,
                           k8s_prefill_selector=a.k8s_prefill_selector, k8s_decode_selector=a.k8s_decode_selector,
                           worker_port=a.worker_port, internal_token=a.internal_token, auth=a.auth,

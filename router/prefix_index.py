@@ -1,10 +1,12 @@
 """Which worker holds which KV blocks, by chained block hash; bounded per worker by LRU.
 
 Fed at once by the router's own decisions and corrected by the workers' KV events. Because hashes chain,
-a worker holding block i's hash holds the whole prefix up to i.
+a worker holding block i's hash holds the whole prefix up to i. A block a worker reports removed stays in the
+index as held before (its value False) until the bound drops it: a prompt whose prefix was evicted from every
+worker is one that came back, which the policy places where it will last (router.policy).
 
-Each worker's blocks are a plain dict of ints, oldest first. CPython's cycle collector does not track a dict
-whose keys and values are all ints and None, so an index of millions of blocks adds nothing to its pauses;
+Each worker's blocks are a plain dict of ints to bools (True: held), oldest first. CPython's cycle collector
+does not track a dict whose keys and values are all ints, bools and None, so an index of millions of blocks adds nothing to its pauses;
 an OrderedDict is walked entry by entry on every full collection (16 workers x 200k blocks: 73.8 ms a full
 collection on the CI machine, 0.9 ms as dicts), and at full load full collections came every 0.7-1.1 s
 (bench.router_overhead). A
@@ -21,7 +23,7 @@ EVICT_BATCH = 16  # over the bound, 1/16 of it is evicted at once
 class PrefixIndex:
     def __init__(self, max_blocks_per_worker: int = 200_000):
         self.max_blocks = max_blocks_per_worker
-        self.by_worker: dict[str, dict[int, None]] = {}
+        self.by_worker: dict[str, dict[int, bool]] = {}
 
     def match(self, worker: str, hashes: list[int]) -> int:
         """Number of leading blocks of this chain the worker holds."""
@@ -29,6 +31,20 @@ class PrefixIndex:
         if not held:
             return 0
         # Binary search: holding block i implies holding every block before it (the chain).
+        lo, hi = 0, len(hashes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if held.get(hashes[mid - 1]):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def match_seen(self, worker: str, hashes: list[int]) -> int:
+        """Number of leading blocks of this chain the worker holds or held before (evicted since)."""
+        held = self.by_worker.get(worker)
+        if not held:
+            return 0
         lo, hi = 0, len(hashes)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -48,17 +64,19 @@ class PrefixIndex:
         pop = held.pop
         for h in reversed(hashes):
             pop(h, None)
-            held[h] = None
+            held[h] = True
         if len(held) > self.max_blocks:
             excess = len(held) - self.max_blocks + max(1, self.max_blocks // EVICT_BATCH)
             for h in list(islice(held, excess)):
                 del held[h]
 
     def remove(self, worker: str, hashes: list[int]) -> None:
+        """The worker evicted these blocks: held before, where they were in the order."""
         held = self.by_worker.get(worker)
         if held:
             for h in hashes:
-                held.pop(h, None)
+                if h in held:
+                    held[h] = False
 
     def clear(self, worker: str) -> None:
         self.by_worker.pop(worker, None)

@@ -21,6 +21,8 @@ class WorkerView:
     inflight: int
     inflight_tokens: int
     recent_tokens: int = 0  # prompt tokens sent to it in the last ~30 s (cached or not)
+    seen_blocks: int = 0  # leading blocks of the prompt it holds or held before (evicted since)
+    recent_new: int = 0  # prompt tokens new to its cache (computed or received) in the last ~30 s
 
 
 def _bucket(now: float | None = None) -> int:
@@ -32,32 +34,41 @@ class LocalState:
         self.index = PrefixIndex(max_blocks_per_worker)
         self.load: dict[str, list[int]] = {}
         self.recent: dict[int, dict[str, int]] = {}  # bucket -> worker -> tokens
+        self.recent_new: dict[int, dict[str, int]] = {}  # bucket -> worker -> tokens new to its cache
 
     async def view(self, urls: list[str], hashes: list[int]) -> dict[str, WorkerView]:
         now = _bucket()
         buckets = [b for k in range(now - RECENT_BUCKETS + 1, now + 1) if (b := self.recent.get(k))]
-        return {u: WorkerView(self.index.match(u, hashes), *self.load.get(u, (0, 0)),
-                              sum(b.get(u, 0) for b in buckets)) for u in urls}
+        new = [b for k in range(now - RECENT_BUCKETS + 1, now + 1) if (b := self.recent_new.get(k))]
+        index = self.index
+        views = {}
+        for u in urls:
+            matched = index.match(u, hashes)
+            views[u] = WorkerView(matched, *self.load.get(u, (0, 0)), sum(b.get(u, 0) for b in buckets),
+                                  matched if matched == len(hashes) else index.match_seen(u, hashes),
+                                  sum(b.get(u, 0) for b in new))
+        return views
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
-                           tokens: int = 0) -> None:
-        """The worker will hold these blocks; it is sent a prompt of `sent_tokens` (its recent work); and
-        (optionally) its in-flight load grows by `requests` and `tokens`: one call (one Redis round trip) a
-        routing decision."""
-        self.record_route_now(url, hashes, sent_tokens, requests, tokens)
+                           tokens: int = 0, new_tokens: int = 0) -> None:
+        """The worker will hold these blocks; it is sent a prompt of `sent_tokens` (its recent work), of which
+        `new_tokens` are new to its cache; and (optionally) its in-flight load grows by `requests` and `tokens`:
+        one call (one Redis round trip) a routing decision."""
+        self.record_route_now(url, hashes, sent_tokens, requests, tokens, new_tokens)
 
     def record_route_now(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
-                         tokens: int = 0) -> None:
+                         tokens: int = 0, new_tokens: int = 0) -> None:
         """record_route without waiting (in memory): the router calls it once the request is on its way."""
         self.index.add(url, hashes)
         if requests or tokens:
             self.add_load_now(url, requests, tokens)
-        if sent_tokens:
-            now = _bucket()
-            bucket = self.recent.setdefault(now, {})
-            bucket[url] = bucket.get(url, 0) + sent_tokens
-            for old in [b for b in self.recent if b <= now - RECENT_BUCKETS]:
-                del self.recent[old]
+        now = _bucket()
+        for counts, n in ((self.recent, sent_tokens), (self.recent_new, new_tokens)):
+            if n:
+                bucket = counts.setdefault(now, {})
+                bucket[url] = bucket.get(url, 0) + n
+                for old in [b for b in counts if b <= now - RECENT_BUCKETS]:
+                    del counts[old]
 
     async def add_load(self, url: str, requests: int, tokens: int) -> None:
         self.add_load_now(url, requests, tokens)
@@ -89,17 +100,19 @@ class LocalState:
 class _Pending:
     """A worker's routing decisions not yet in Redis: their blocks (counted), load and recent tokens."""
 
-    __slots__ = ("blocks", "decisions", "requests", "sent_tokens", "tokens")
+    __slots__ = ("blocks", "decisions", "new_tokens", "requests", "sent_tokens", "tokens")
 
     def __init__(self) -> None:
         self.blocks: dict[int, int] = {}  # block -> decisions holding it
-        self.decisions = self.requests = self.tokens = self.sent_tokens = 0
+        self.decisions = self.requests = self.tokens = self.sent_tokens = self.new_tokens = 0
 
-    def add(self, hashes: list[int], sent_tokens: int, requests: int, tokens: int, sign: int) -> None:
+    def add(self, hashes: list[int], sent_tokens: int, requests: int, tokens: int, new_tokens: int,
+            sign: int) -> None:
         self.decisions += sign
         self.requests += sign * requests
         self.tokens += sign * tokens
         self.sent_tokens += sign * sent_tokens
+        self.new_tokens += sign * new_tokens
         blocks = self.blocks
         if sign > 0:
             for h in hashes:
@@ -115,8 +128,12 @@ class _Pending:
 _NONE_PENDING = _Pending()  # what `view` adds for a worker with no decision on its way (never changed)
 
 
+GONE = 1e10  # a block a worker removed is scored (removal time - GONE): below every held one, trimmed first
+
+
 class RedisState:
-    """Index: a sorted set of block hashes per worker, scored by last use (trimmed to the newest N).
+    """Index: a sorted set of block hashes per worker, scored by last use (trimmed to the newest N); a block the
+    worker removed stays, scored below every held block (held before, as in PrefixIndex), until trimmed.
     Load: a hash of in-flight requests and tokens per worker. One router at a time (a lease) ingests a
     worker's KV events, so events are applied once and in order."""
 
@@ -146,20 +163,27 @@ class RedisState:
                 pipe.zmscore(self._idx(u), hashes)
         pipe.hmget(f"{self.ns}:load", [f"{u}|req" for u in urls] + [f"{u}|tok" for u in urls])
         now = _bucket()
-        for b in range(now - RECENT_BUCKETS + 1, now + 1):
-            pipe.hmget(f"{self.ns}:recent:{b}", urls)
+        for key in ("recent", "new"):
+            for b in range(now - RECENT_BUCKETS + 1, now + 1):
+                pipe.hmget(f"{self.ns}:{key}:{b}", urls)
         replies = await pipe.execute()
-        recent = replies[-RECENT_BUCKETS:]
-        load = replies[-RECENT_BUCKETS - 1]
+        recent = replies[-2 * RECENT_BUCKETS:-RECENT_BUCKETS]
+        new = replies[-RECENT_BUCKETS:]
+        load = replies[-2 * RECENT_BUCKETS - 1]
         views = {}
         for i, u in enumerate(urls):
             scores = replies[i] if hashes else []
             pending = self._pending.get(u, _NONE_PENDING)
             held = pending.blocks
-            matched = next((j for j, s in enumerate(scores) if s is None and hashes[j] not in held), len(scores))
+            # A score below 0: held before (removed); none: never held (or trimmed).
+            matched = next((j for j, s in enumerate(scores) if (s is None or s < 0) and hashes[j] not in held),
+                           len(scores))
+            seen = next((j for j in range(matched, len(scores)) if scores[j] is None and hashes[j] not in held),
+                        len(scores))
             views[u] = WorkerView(matched, int(load[i] or 0) + pending.requests,
                                   int(load[len(urls) + i] or 0) + pending.tokens,
-                                  sum(int(r[i] or 0) for r in recent) + pending.sent_tokens)
+                                  sum(int(r[i] or 0) for r in recent) + pending.sent_tokens, seen,
+                                  sum(int(r[i] or 0) for r in new) + pending.new_tokens)
         return views
 
     async def _add(self, pipe, url: str, hashes: list[int]) -> None:
@@ -171,22 +195,23 @@ class RedisState:
             pipe.zremrangebyrank(self._idx(url), 0, -self.max_blocks - 1)
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
-                           tokens: int = 0) -> None:
+                           tokens: int = 0, new_tokens: int = 0) -> None:
         pending = self._pending.get(url)
         if pending is None:
             pending = self._pending[url] = _Pending()
-        pending.add(hashes, sent_tokens, requests, tokens, 1)  # seen by this router's views from now on
+        pending.add(hashes, sent_tokens, requests, tokens, new_tokens, 1)  # seen by this router's views from now on
         try:
             pipe = self.redis.pipeline(transaction=False)
             await self._add(pipe, url, hashes)
             self._load(pipe, url, requests, tokens)
-            if sent_tokens:
-                key = f"{self.ns}:recent:{_bucket()}"
-                pipe.hincrby(key, url, sent_tokens)
-                pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
+            for name, n in (("recent", sent_tokens), ("new", new_tokens)):
+                if n:
+                    key = f"{self.ns}:{name}:{_bucket()}"
+                    pipe.hincrby(key, url, n)
+                    pipe.expire(key, RECENT_BUCKET_S * (RECENT_BUCKETS + 1))
             await pipe.execute()
         finally:
-            pending.add(hashes, sent_tokens, requests, tokens, -1)  # in Redis now (or failed)
+            pending.add(hashes, sent_tokens, requests, tokens, new_tokens, -1)  # in Redis now (or failed)
             if not pending.decisions:
                 del self._pending[url]
 
@@ -207,7 +232,7 @@ class RedisState:
             if e.kind is KVEventKind.STORED:
                 await self._add(pipe, url, list(e.block_hashes))
             elif e.kind is KVEventKind.REMOVED and e.block_hashes:
-                pipe.zrem(self._idx(url), *e.block_hashes)
+                pipe.zadd(self._idx(url), dict.fromkeys(e.block_hashes, time.time() - GONE), xx=True)
             elif e.kind is KVEventKind.CLEARED:
                 pipe.delete(self._idx(url))
         await pipe.execute()

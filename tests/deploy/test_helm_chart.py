@@ -109,19 +109,19 @@ def test_router_env_matches_the_router_flags_and_carries_the_routing_weights():
     from router import main as router_main
 
     docs = render("--set-json", "router.loadWeight=0.5", "--set-json", "router.balanceRatio=1.3",
-                  "--set-json", "router.balanceWeight=2")
+                  "--set-json", "router.balanceWeight=2", "--set-json", "router.churnWeight=0.1")
     env = _env(_find(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
     flags = _flags(router_main)
     for name in env:
         assert name[len("PDSERVE_"):].lower() in flags, f"{name} matches no router flag"
     assert env["PDSERVE_LOAD_WEIGHT"]["value"] == "0.5" and env["PDSERVE_BALANCE_RATIO"]["value"] == "1.3"
-    assert env["PDSERVE_BALANCE_WEIGHT"]["value"] == "2"
-    from router.config import BALANCE_RATIO, BALANCE_WEIGHT, LOAD_WEIGHT
+    assert env["PDSERVE_BALANCE_WEIGHT"]["value"] == "2" and env["PDSERVE_CHURN_WEIGHT"]["value"] == "0.1"
+    from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT
 
     default = _env(_find(render(), "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
     assert (float(default["PDSERVE_LOAD_WEIGHT"]["value"]), float(default["PDSERVE_BALANCE_RATIO"]["value"]),
-            float(default["PDSERVE_BALANCE_WEIGHT"]["value"])) == (
-        LOAD_WEIGHT, BALANCE_RATIO, BALANCE_WEIGHT)  # the chart's defaults are the router's
+            float(default["PDSERVE_BALANCE_WEIGHT"]["value"]), float(default["PDSERVE_CHURN_WEIGHT"]["value"])) == (
+        LOAD_WEIGHT, BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT)  # the chart's defaults are the router's
 
 
 def test_multinode_workers_become_rayclusters_with_their_ranks():

@@ -204,3 +204,38 @@ async def test_new_prompts_go_where_recent_work_is_least_even_past_a_little_work
     await state.record_route(decode[0].url, hash_blocks(tenant, 16, ROOT))
     views = await state.view([w.url for w in decode], hash_blocks(tenant + _prompt(7, 20), 16, ROOT))
     assert Router("cache_aware", 16).route([], decode, views, 660).decode is decode[0]
+
+
+async def test_a_prompt_evicted_everywhere_goes_where_the_cache_turns_over_slowest():
+    state = LocalState(10_000)
+    decode = _workers(4)
+    back = _prompt(7, 320)  # decode0 held it and evicted it: it came back
+    h = hash_blocks(back, 16, ROOT)
+    await state.apply_events(decode[0].url, [KVEvent(KVEventKind.STORED, tuple(h))])
+    await state.apply_events(decode[0].url, [KVEvent(KVEventKind.REMOVED, tuple(h))])
+    views = await state.view([w.url for w in decode], h)
+    assert (views[decode[0].url].matched_blocks, views[decode[0].url].seen_blocks) == (0, 20)
+    # About as busy as each other (decode3 a little less); decode2's cache took in the fewest new tokens.
+    for w, new in zip(decode, (9_000, 9_000, 2_000, 9_000), strict=True):
+        await state.record_route(w.url, [], 9_990 if w is decode[3] else 10_000, new_tokens=new)
+    views = await state.view([w.url for w in decode], h)
+    assert (await _route(state, Router("cache_aware", 16), [], decode, back)).decode is decode[2]
+    assert Router("cache_aware", 16, churn_weight=0).route([], decode, views, 320).decode is decode[3]
+    # A prompt no worker has seen goes by recent work alone: it is as likely not to come back.
+    assert (await _route(state, Router("cache_aware", 16), [], decode, _prompt(8, 320))).decode is decode[3]
+
+
+def test_an_evicted_block_is_kept_as_held_before_and_still_bounded():
+    from router.prefix_index import PrefixIndex
+
+    index = PrefixIndex(max_blocks_per_worker=100)
+    chain = list(range(40))
+    index.add("w", chain)
+    index.remove("w", chain[10:])  # the tail evicted
+    assert (index.match("w", chain), index.match_seen("w", chain)) == (10, 40)
+    index.add("w", chain)  # stored again: held
+    assert index.match("w", chain) == 40
+    index.remove("w", chain)
+    for i in range(10):  # the bound drops blocks held before like any other, oldest first
+        index.add("w", list(range(1000 + 40 * i, 1040 + 40 * i)))
+    assert index.match_seen("w", chain) == 0 and len(index.by_worker["w"]) <= 100

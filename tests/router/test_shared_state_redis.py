@@ -28,7 +28,11 @@ async def test_redis_state_tracks_routes_events_and_load():
         assert views["w1"].matched_blocks == 6 and views["w2"].matched_blocks == 0
         assert (views["w1"].inflight, views["w1"].inflight_tokens) == (2, 300)
         await b.apply_events("w1", [KVEvent(KVEventKind.REMOVED, tuple(h[3:6]))])
-        assert (await a.view(["w1"], h))["w1"].matched_blocks == 3
+        view = (await a.view(["w1"], h))["w1"]
+        assert (view.matched_blocks, view.seen_blocks) == (3, 6)  # evicted blocks: held before
+        await a.record_route("w1", [], sent_tokens=500, new_tokens=200)
+        view = (await b.view(["w1"], h))["w1"]
+        assert (view.recent_tokens, view.recent_new) == (500, 200)
         await a.reset("w2", h)
         assert (await b.view(["w2"], h))["w2"].matched_blocks == 10
         await a.record_route("w3", list(range(1000, 1100)))  # bounded: 50 stay, the chain's first 50
