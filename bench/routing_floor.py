@@ -53,8 +53,11 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str, workers: int = 
     hits = total = 0
     index = PrefixIndex()  # as the router keeps it: fed by its decisions, corrected by evictions
     for num_tokens, hashes in prompts:
-        views = {w.url: WorkerView(index.match(w.url, hashes), 0, 0, recent_tokens[j], index.match_seen(w.url, hashes),
-                                   recent_new[j]) for j, w in enumerate(pool)}
+        views = {}
+        for j, w in enumerate(pool):
+            matched = index.match(w.url, hashes)
+            views[w.url] = WorkerView(matched, 0, 0, recent_tokens[j], index.match_seen(w.url, hashes, matched),
+                                      recent_new[j])
         route = router.route([], pool, views, num_tokens)
         target = pool.index(route.decode)
         hits += min(16 * held_prefix(caches[target], hashes), num_tokens)

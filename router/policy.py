@@ -20,8 +20,9 @@ cached or not, over the pool's mean); the lowest cost wins, then the least recen
   will last longest; a prompt never seen goes by work alone (as likely a one-shot that only churns a cache). In
   bench.routing_floor (8 traces, no timing) it raised the hit rate in every trace: 99.18% -> 99.35% of the
   oracle at 3,000 blocks a worker and 97.39% -> 98.41% at 1,500, past one pooled LRU of all the blocks
-  (99.26%, 97.42%), at imbalance 1.04-1.11. Live at concurrency 64 the in-flight load term outweighs it and
-  the gain was small (docs/architecture.md, session 15).
+  (99.26%, 97.42%), at imbalance 1.04-1.11; live at concurrency 1 (1,500 blocks), 97.36% -> 98.37%. At
+  concurrency 64 the in-flight load term's noise decides among workers about as busy and the gain is small
+  (docs/architecture.md, session 15).
 - A cached prefix counts only when it saves at least `min_prefix_gain` of the prompt (default 10%, and at least
   two blocks): a short prefix every prompt shares (a default system prompt) would otherwise pull all traffic to
   one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.

@@ -40,12 +40,13 @@ class PrefixIndex:
                 hi = mid - 1
         return lo
 
-    def match_seen(self, worker: str, hashes: list[int]) -> int:
-        """Number of leading blocks of this chain the worker holds or held before (evicted since)."""
+    def match_seen(self, worker: str, hashes: list[int], matched: int = 0) -> int:
+        """Number of leading blocks of this chain the worker holds or held before (evicted since); `matched`:
+        how many it holds, if known (then one lookup where the next block was never there, the usual case)."""
         held = self.by_worker.get(worker)
-        if not held:
-            return 0
-        lo, hi = 0, len(hashes)
+        if not held or matched == len(hashes) or hashes[matched] not in held:
+            return matched
+        lo, hi = matched + 1, len(hashes)
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if hashes[mid - 1] in held:
