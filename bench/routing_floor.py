@@ -123,5 +123,6 @@ def main() -> None:
                  seeds=len(values), share_min=round(min(values), 4), share_max=round(max(values), 4),
                  pooled_min=round(min(pooled), 4), pooled_max=round(max(pooled), 4))
 
+
 if __name__ == "__main__":
     main()

@@ -6,10 +6,10 @@ index as held before (its value False) until the bound drops it: a prompt whose 
 worker is one that came back, which the policy places where it will last (router.policy).
 
 Each worker's blocks are a plain dict of ints to bools (True: held), oldest first. CPython's cycle collector
-does not track a dict whose keys and values are all ints, bools and None, so an index of millions of blocks adds nothing to its pauses;
-an OrderedDict is walked entry by entry on every full collection (16 workers x 200k blocks: 73.8 ms a full
-collection on the CI machine, 0.9 ms as dicts), and at full load full collections came every 0.7-1.1 s
-(bench.router_overhead). A
+does not track a dict whose keys and values are all ints, bools and None, so an index of millions of blocks
+adds nothing to its pauses; an OrderedDict is walked entry by entry on every full collection (16 workers x 200k
+blocks: 73.8 ms a full collection on the CI machine, 0.9 ms as dicts), and at full load full collections came
+every 0.7-1.1 s (bench.router_overhead). A
 touched block is re-inserted at the end. Over the bound, the oldest sixteenth goes at once: evicting from the
 front walks the deleted entries a dict keeps there until it next resizes, so doing it one block at a time
 would walk them on every insertion.

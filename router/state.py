@@ -40,14 +40,12 @@ class LocalState:
         now = _bucket()
         buckets = [b for k in range(now - RECENT_BUCKETS + 1, now + 1) if (b := self.recent.get(k))]
         new = [b for k in range(now - RECENT_BUCKETS + 1, now + 1) if (b := self.recent_new.get(k))]
-        index, by_worker, n = self.index, self.index.by_worker, len(hashes)
+        index = self.index
         views = {}
         for u in urls:
-            matched = seen = index.match(u, hashes)
-            if matched < n and (held := by_worker.get(u)) and hashes[matched] in held:  # held before, further
-                seen = index.match_seen(u, hashes, matched)
-            views[u] = WorkerView(matched, *self.load.get(u, (0, 0)), sum(b.get(u, 0) for b in buckets), seen,
-                                  sum(b.get(u, 0) for b in new) if new else 0)
+            matched = index.match(u, hashes)
+            views[u] = WorkerView(matched, *self.load.get(u, (0, 0)), sum(b.get(u, 0) for b in buckets),
+                                  index.match_seen(u, hashes, matched), sum(b.get(u, 0) for b in new) if new else 0)
         return views
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
