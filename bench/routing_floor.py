@@ -14,7 +14,12 @@ With no timing, a run is exact and repeatable, so policies can be compared here 
 (`--seeds`) without the live bench's run-to-run spread; one trace is not enough: a small change of policy
 moves one trace's hit rate by a tenth of a point either way.
 
-  python -m bench.routing_floor [--quick] [--cache-blocks 3000,1500] [--seeds 0,1,2,3] [--tokenizer-dir DIR]
+`--inflight N` stands in for the live bench's concurrency: the last N decisions count as requests in flight,
+each with its uncached tokens, which is the load the policy's in-flight term sees (with 64 it reproduces the live
+runs at concurrency 64).
+
+  python -m bench.routing_floor [--quick] [--cache-blocks 3000,1500] [--seeds 0,1,2,3] [--inflight N]
+                                [--tokenizer-dir DIR]
 """
 
 import argparse
@@ -39,16 +44,27 @@ def held_prefix(cache: OrderedDict[int, None], hashes: list[int]) -> int:
     return next((j for j, h in enumerate(hashes) if h not in cache), len(hashes))
 
 
-def replay(prompts: list[tuple[int, list[int]]], placement: str, workers: int = 8, capacity: int = 3000,
-           window: int = 0) -> tuple[float, float]:
-    """Hit rate (share of prompt tokens) and imbalance (max/mean prompt tokens a worker) of one placement."""
+def placement_router(placement: str, **overrides: float) -> Router:
+    """The Router a placement names (PLACEMENTS), with any of its weights overridden."""
+    kw = {"churn_weight": 0 if placement.endswith("churn_weight 0") else CHURN_WEIGHT, **overrides}
+    return Router("round_robin" if placement == "round_robin" else "cache_aware", 16, **kw)
+
+
+def replay(prompts: list[tuple[int, list[int]]], placement: str | Router, workers: int = 8, capacity: int = 3000,
+           window: int = 0, inflight: int = 0) -> tuple[float, float]:
+    """Hit rate (share of prompt tokens) and imbalance (max/mean prompt tokens a worker) of one placement.
+
+    `inflight` > 0 emulates that many requests in flight (the live bench's concurrency): each of the last
+    `inflight` decisions counts as a request and its uncached tokens in flight at its worker."""
     pool = [Worker(f"w{i}", "decode") for i in range(workers)]
-    router = Router("round_robin" if placement == "round_robin" else "cache_aware", 16,
-                    churn_weight=0 if placement.endswith("churn_weight 0") else CHURN_WEIGHT)
+    router = placement_router(placement) if isinstance(placement, str) else placement
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in pool]
     recent: deque[tuple[int, int, int]] = deque()
     recent_tokens = [0] * workers
     recent_new = [0] * workers  # tokens new to each cache
+    flight: deque[tuple[int, int]] = deque()
+    flight_requests = [0] * workers
+    flight_tokens = [0] * workers
     sent = [0] * workers
     hits = total = 0
     index = PrefixIndex()  # as the router keeps it: fed by its decisions, corrected by evictions
@@ -56,7 +72,7 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str, workers: int = 
         views = {}
         for j, w in enumerate(pool):
             matched = index.match(w.url, hashes)
-            views[w.url] = WorkerView(matched, 0, 0, recent_tokens[j], index.match_seen(w.url, hashes, matched),
+            views[w.url] = WorkerView(matched, flight_requests[j], flight_tokens[j], recent_tokens[j], index.match_seen(w.url, hashes, matched),
                                       recent_new[j])
         route = router.route([], pool, views, num_tokens)
         target = pool.index(route.decode)
@@ -69,6 +85,14 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str, workers: int = 
         recent.append((target, num_tokens, new))
         recent_tokens[target] += num_tokens
         recent_new[target] += new
+        if inflight:
+            flight.append((target, new))
+            flight_requests[target] += 1
+            flight_tokens[target] += new
+            if len(flight) > inflight:
+                j, new = flight.popleft()
+                flight_requests[j] -= 1
+                flight_tokens[j] -= new
         if window and len(recent) > window:
             j, n, new = recent.popleft()
             recent_tokens[j] -= n
@@ -95,6 +119,9 @@ def main() -> None:
     ap.add_argument("--order", choices=ORDERS, default="arrivals")
     ap.add_argument("--window", type=int, default=0,
                     help="requests counted as a worker's recent work (0: all; the live bench's case)")
+    ap.add_argument("--inflight", type=int, default=0,
+                    help="requests in flight emulated: the last N decisions' requests and uncached tokens count as "
+                         "the workers' in-flight load (64: the live bench at concurrency 64; 0: none)")
     ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated trace seeds (bench.routing_quality --seeds)")
     ap.add_argument("--tokenizer-dir", default=None)
     a = ap.parse_args()
@@ -109,18 +136,19 @@ def main() -> None:
             pooled = pooled_hit_rate(prompts, a.workers * capacity)
             shares[capacity, "one pooled LRU"].append(pooled / oracle)
             for placement in PLACEMENTS:
-                hit_rate, imbalance = replay(prompts, placement, a.workers, capacity, a.window)
+                hit_rate, imbalance = replay(prompts, placement, a.workers, capacity, a.window,
+                                                 a.inflight)
                 shares[capacity, placement].append(hit_rate / oracle)
                 emit("routing_floor", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
                      placement=placement, load_imbalance=round(imbalance, 4), cache_blocks=capacity, seed=seed,
-                     order=a.order, requests=len(prompts), workers=a.workers, window=a.window,
+                     order=a.order, requests=len(prompts), workers=a.workers, window=a.window, inflight=a.inflight,
                      pooled_lru=round(pooled, 4), vs_pooled_lru=round(hit_rate / pooled, 4))
     for (capacity, placement), values in shares.items():
         if placement != "one pooled LRU":
             pooled = shares[capacity, "one pooled LRU"]
             emit("routing_floor", "prefix_hit_rate_mean", mean(values), "share of the oracle's",
                  "one pooled LRU (share of the oracle's)", mean(pooled), placement=placement, cache_blocks=capacity,
-                 seeds=len(values), share_min=round(min(values), 4), share_max=round(max(values), 4),
+                 inflight=a.inflight, seeds=len(values), share_min=round(min(values), 4), share_max=round(max(values), 4),
                  pooled_min=round(min(pooled), 4), pooled_max=round(max(pooled), 4))
 
 

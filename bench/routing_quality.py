@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--dump-served", default=None,
                     help="write each run's request log (per worker: time, blocks hit, block hashes) to this folder")
     ap.add_argument("--router-args", default="", help="more flags for pdserve's router, e.g. '--balance-ratio 1.2'")
+    ap.add_argument("--sglang-args", default="",
+                    help="more flags for sglang-router, e.g. '--balance-abs-threshold 4 --balance-rel-threshold 1.1'")
     a = ap.parse_args()
     tenants, users, turns, one_shots = (20, 3, 3, 60) if a.quick else (150, 6, 8, 3000)
     tok = a.tokenizer_dir or _demo_tokenizer()
@@ -209,6 +211,7 @@ def main() -> None:
                 elif kind == "sglang":
                     cmd = [a.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
                            policy, "--port", str(port), "--log-level", "warn", "--prometheus-port", str(free_port())]
+                    cmd += shlex.split(a.sglang_args)
                 else:
                     cmd = [a.vllm_router, "--worker-urls", *urls, "--policy", policy, "--port", str(port),
                            "--prometheus-port", str(free_port())]
@@ -233,7 +236,8 @@ def main() -> None:
                      workers=a.workers, cache_blocks=a.cache_blocks, prefill_tokens_per_s=a.prefill_tokens_per_s,
                      ttft_p50_ms=round(float(np.percentile(latencies, 50)) * 1e3, 2),
                      ttft_p99_ms=round(float(np.percentile(latencies, 99)) * 1e3, 2), replay_s=round(duration, 2),
-                     block_shares=miss_breakdown(served, a.cache_blocks)))
+                     block_shares=miss_breakdown(served, a.cache_blocks),
+                     router_args={"pdserve": a.router_args, "sglang": a.sglang_args}.get(kind, "")))
             finally:
                 for proc in procs:
                     proc.terminate()

@@ -2,6 +2,7 @@
 
 from bench.routing_floor import pooled_hit_rate, replay
 from bench.routing_quality import oracle_hit_rate
+from router.policy import Router
 
 
 def _prompt(first: int, blocks: int) -> tuple[int, list[int]]:
@@ -40,3 +41,15 @@ def test_a_prompt_evicted_from_its_worker_is_computed_again():
     assert hit_rate == 0
     hit_rate, _ = replay([a, b, a], "pdserve cache_aware", workers=1, capacity=8)
     assert hit_rate == 64 / (3 * 64)
+
+
+def test_emulated_requests_in_flight_are_load_that_moves_a_prompt_off_its_cache():
+    prompt = _prompt(1, 4)
+    # A load weight so high that one request in flight outweighs the whole prompt's cache.
+    heavy = Router("cache_aware", 16, load_weight=100)
+    assert replay([prompt] * 4, heavy, workers=2, capacity=100)[0] == 3 / 4  # nothing in flight: it stays put
+    # The last decision in flight: the second request leaves the worker computing the first (a miss), the third
+    # and fourth alternate between the two workers, which both hold it by then.
+    hit_rate, imbalance = replay([prompt] * 4, heavy, workers=2, capacity=100, inflight=1)
+    assert hit_rate == 2 / 4
+    assert imbalance == 1.0

@@ -23,14 +23,20 @@ def require_redis() -> None:
 
 
 @pytest.fixture(scope="module")
-def fake_urls(demo_gguf):
+def fake_spec(demo_gguf) -> tuple[dict[str, str], dict]:
+    """What a fake worker serves: the demo model's tokenizer files and its /info."""
     from engine.tokenizer_files import read_tokenizer_files, tokenizer_dir
-    from tests.router.fake_workers import start_fake_workers
 
-    files = read_tokenizer_files(tokenizer_dir(demo_gguf))
     info = {"role": "decode", "model": "fake", "block_size": 16, "root_hash": root_hash("fake"),
             "max_model_len": 4096, "tokenizer_hash": "t"}
-    urls = start_fake_workers(4, files, info)
+    return read_tokenizer_files(tokenizer_dir(demo_gguf)), info
+
+
+@pytest.fixture(scope="module")
+def fake_urls(fake_spec):
+    from tests.router.fake_workers import start_fake_workers
+
+    urls = start_fake_workers(4, *fake_spec)
     for u in urls:
         wait_http(f"{u}/health")
     return urls

@@ -16,6 +16,7 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     app.state.requests = 0
     app.state.running = 0
     app.state.tokens = 0
+    app.state.polls = 0
 
     @app.get("/health")
     async def health() -> dict:
@@ -31,6 +32,7 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
 
     @app.get("/load")
     async def load() -> dict:
+        app.state.polls += 1
         return {"running": app.state.running, "waiting": 0, "tokens_sent": app.state.tokens, "free_blocks": 100, "total_blocks": 100, "tokens_computed": 0,
                 "prompt_tokens_cached": 0}
 
@@ -70,15 +72,17 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     return app
 
 
+def start_fake_worker(name: str, tokenizer_files: dict[str, str], info: dict, port: int = 0) -> uvicorn.Server:
+    """One fake worker serving in a thread (on `port`, or a free one); `server.should_exit = True` stops it."""
+    app = fake_worker_app(name, tokenizer_files, info)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port or free_port(), log_level="error"))
+    threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True).start()
+    return server
+
+
 def start_fake_workers(n: int, tokenizer_files: dict[str, str], info: dict) -> list[str]:
-    urls = []
-    for i in range(n):
-        port = free_port()
-        app = fake_worker_app(f"fake-{i}", tokenizer_files, info)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        threading.Thread(target=lambda s=server: asyncio.run(s.serve()), daemon=True).start()
-        urls.append(f"http://127.0.0.1:{port}")
-    return urls
+    return [f"http://127.0.0.1:{start_fake_worker(f'fake-{i}', tokenizer_files, info).config.port}"
+            for i in range(n)]
 
 
 
