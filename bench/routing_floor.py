@@ -72,8 +72,8 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str | Router, worker
         views = {}
         for j, w in enumerate(pool):
             matched = index.match(w.url, hashes)
-            views[w.url] = WorkerView(matched, flight_requests[j], flight_tokens[j], recent_tokens[j], index.match_seen(w.url, hashes, matched),
-                                      recent_new[j])
+            views[w.url] = WorkerView(matched, flight_requests[j], flight_tokens[j], recent_tokens[j],
+                                      index.match_seen(w.url, hashes, matched), recent_new[j])
         route = router.route([], pool, views, num_tokens)
         target = pool.index(route.decode)
         hits += min(16 * held_prefix(caches[target], hashes), num_tokens)
@@ -136,20 +136,19 @@ def main() -> None:
             pooled = pooled_hit_rate(prompts, a.workers * capacity)
             shares[capacity, "one pooled LRU"].append(pooled / oracle)
             for placement in PLACEMENTS:
-                hit_rate, imbalance = replay(prompts, placement, a.workers, capacity, a.window,
-                                                 a.inflight)
+                hit_rate, imbalance = replay(prompts, placement, a.workers, capacity, a.window, a.inflight)
                 shares[capacity, placement].append(hit_rate / oracle)
                 emit("routing_floor", "prefix_hit_rate", hit_rate, "share", "oracle (one infinite cache)", oracle,
                      placement=placement, load_imbalance=round(imbalance, 4), cache_blocks=capacity, seed=seed,
-                     order=a.order, requests=len(prompts), workers=a.workers, window=a.window, inflight=a.inflight,
-                     pooled_lru=round(pooled, 4), vs_pooled_lru=round(hit_rate / pooled, 4))
+                     order=a.order, requests=len(prompts), workers=a.workers, window=a.window,
+                     inflight=a.inflight, pooled_lru=round(pooled, 4), vs_pooled_lru=round(hit_rate / pooled, 4))
     for (capacity, placement), values in shares.items():
         if placement != "one pooled LRU":
             pooled = shares[capacity, "one pooled LRU"]
             emit("routing_floor", "prefix_hit_rate_mean", mean(values), "share of the oracle's",
                  "one pooled LRU (share of the oracle's)", mean(pooled), placement=placement, cache_blocks=capacity,
-                 inflight=a.inflight, seeds=len(values), share_min=round(min(values), 4), share_max=round(max(values), 4),
-                 pooled_min=round(min(pooled), 4), pooled_max=round(max(pooled), 4))
+                 inflight=a.inflight, seeds=len(values), share_min=round(min(values), 4),
+                 share_max=round(max(values), 4), pooled_min=round(min(pooled), 4), pooled_max=round(max(pooled), 4))
 
 
 if __name__ == "__main__":
