@@ -44,6 +44,25 @@ def held_prefix(cache: OrderedDict[int, None], hashes: list[int]) -> int:
     return next((j for j, h in enumerate(hashes) if h not in cache), len(hashes))
 
 
+class _Window:
+    """Each worker's totals of two counts over the last `size` decisions (0: over every decision)."""
+
+    def __init__(self, workers: int, size: int):
+        self.size = size
+        self.entries: deque[tuple[int, int, int]] = deque()
+        self.totals = ([0] * workers, [0] * workers)
+
+    def add(self, worker: int, first: int, second: int) -> None:
+        self.totals[0][worker] += first
+        self.totals[1][worker] += second
+        if self.size:
+            self.entries.append((worker, first, second))
+            if len(self.entries) > self.size:
+                j, first, second = self.entries.popleft()
+                self.totals[0][j] -= first
+                self.totals[1][j] -= second
+
+
 def placement_router(placement: str, **overrides: float) -> Router:
     """The Router a placement names (PLACEMENTS), with any of its weights overridden."""
     kw = {"churn_weight": 0 if placement.endswith("churn_weight 0") else CHURN_WEIGHT, **overrides}
@@ -59,12 +78,10 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str | Router, worker
     pool = [Worker(f"w{i}", "decode") for i in range(workers)]
     router = placement_router(placement) if isinstance(placement, str) else placement
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in pool]
-    recent: deque[tuple[int, int, int]] = deque()
-    recent_tokens = [0] * workers
-    recent_new = [0] * workers  # tokens new to each cache
-    flight: deque[tuple[int, int]] = deque()
-    flight_requests = [0] * workers
-    flight_tokens = [0] * workers
+    recent = _Window(workers, window)  # prompt tokens sent, and those new to the cache
+    flight = _Window(workers, inflight)  # requests in flight, and their uncached tokens
+    recent_tokens, recent_new = recent.totals
+    flight_requests, flight_tokens = flight.totals
     sent = [0] * workers
     hits = total = 0
     index = PrefixIndex()  # as the router keeps it: fed by its decisions, corrected by evictions
@@ -82,21 +99,9 @@ def replay(prompts: list[tuple[int, list[int]]], placement: str | Router, worker
         index.remove(pool[target].url, cache_prompt(caches[target], hashes, capacity))
         sent[target] += num_tokens
         new = num_tokens - min(route.decode_cached_tokens, num_tokens)
-        recent.append((target, num_tokens, new))
-        recent_tokens[target] += num_tokens
-        recent_new[target] += new
-        if inflight:
-            flight.append((target, new))
-            flight_requests[target] += 1
-            flight_tokens[target] += new
-            if len(flight) > inflight:
-                j, new = flight.popleft()
-                flight_requests[j] -= 1
-                flight_tokens[j] -= new
-        if window and len(recent) > window:
-            j, n, new = recent.popleft()
-            recent_tokens[j] -= n
-            recent_new[j] -= new
+        recent.add(target, num_tokens, new)
+        if inflight:  # none in flight: not every decision
+            flight.add(target, 1, new)
     return hits / total, max(sent) / (sum(sent) / workers)
 
 
