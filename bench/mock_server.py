@@ -1,6 +1,7 @@
 """A cheap mock worker on raw asyncio, with known delays: the first token after `ttft_s`, then one every
 `itl_s`. It speaks the OpenAI API (for load generators and peer routers) and pdserve's internal worker API
-(/info, /tokenizer, /load, /kv_events, /generate), so routers can be measured without a model.
+(/info, /tokenizer, /load, /kv_events, /channel/{id}, /generate, /abort/{id}), so routers can be measured
+without a model.
 
   python -m bench.mock_server --port 9000 --ttft 0.1 --itl 0.02 [--tokenizer-dir DIR]
 """
@@ -26,6 +27,9 @@ class MockServer:
         self.prefill_waiting = 0
         self.tokenizer_files = tokenizer_files or {}
         self.requests = 0
+        self.channels: dict[str, asyncio.StreamWriter] = {}  # a router's token channel, by its id
+        self.streaming: dict[str, asyncio.Task] = {}  # requests whose tokens are being written to a channel
+        self.heartbeats: set[asyncio.Task] = set()
         from protocol.block_hash import root_hash
 
         # With cache_blocks, the mock keeps an LRU prefix cache of block hashes like a real worker: it counts
@@ -49,6 +53,8 @@ class MockServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            for channel_id in [c for c, w in self.channels.items() if w is writer]:
+                del self.channels[channel_id]
             writer.close()
 
     def _json(self, writer: asyncio.StreamWriter, payload: object) -> None:
@@ -59,6 +65,16 @@ class MockServer:
     async def _respond(self, method: str, path: str, body: dict, writer: asyncio.StreamWriter) -> None:
         path, _, qs = path.partition("?")
         query = dict(p.split("=", 1) for p in qs.split("&") if "=" in p)
+        if path.startswith("/channel/"):
+            await self._channel(path[len("/channel/"):], writer)
+            return
+        if path.startswith("/abort/"):
+            task = self.streaming.pop(path[len("/abort/"):], None)
+            if task is not None:
+                task.cancel()
+            self._json(writer, {"ok": True})
+            await writer.drain()
+            return
         if path == "/kv_events" and self.cache is not None:
             self._json(writer, self.cache.events_since(int(query.get("since", 0))))
             await writer.drain()
@@ -123,23 +139,59 @@ class MockServer:
         finally:
             self.prefill_waiting -= 1
 
-    async def _generate(self, body: dict, writer: asyncio.StreamWriter) -> None:
-        """pdserve's decode-worker stream: one NDJSON line a token."""
-        n = int(body["params"].get("max_tokens") or 16)
-        prompt_tokens = len(body["prompt_token_ids"])
+    async def _channel(self, channel_id: str, writer: asyncio.StreamWriter) -> None:
+        """A router's token channel: frames (a JSON list of chunks a line) until the router leaves; an empty
+        frame at once (the router's reader starts on the first bytes) and then every 5 s."""
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+        self.channels[channel_id] = writer
+
+        async def beat() -> None:
+            try:
+                while not writer.is_closing():
+                    writer.write(b"3\r\n[]\n\r\n")
+                    await asyncio.sleep(5.0)
+            finally:
+                self.heartbeats.discard(asyncio.current_task())
+
+        self.heartbeats.add(asyncio.get_running_loop().create_task(beat()))  # ends with the connection
+
+    async def _generate(self, body: dict, writer: asyncio.StreamWriter) -> None:
+        """pdserve's decode worker: taken at once, its tokens (one chunk a frame) on the router's channel; without
+        a channel, on this response."""
+        channel = self.channels.get(body.get("channel") or "")
+        if body.get("channel") and channel is None:
+            data = b'{"error": {"message": "no open channel", "code": "unknown_channel"}}'
+            writer.write(b"HTTP/1.1 409 Conflict\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(data), data))
+            await writer.drain()
+            return
+        if channel is not None:
+            self._json(writer, {"ok": True})
+            await writer.drain()
+            rid = body["request_id"]
+            task = self.streaming[rid] = asyncio.get_running_loop().create_task(self._tokens(body, channel))
+            task.add_done_callback(lambda _: self.streaming.pop(rid, None))
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+        await self._tokens(body, writer)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def _tokens(self, body: dict, writer: asyncio.StreamWriter) -> None:
+        n = int(body["params"].get("max_tokens") or 16)
+        rid, prompt_tokens = body["request_id"], len(body["prompt_token_ids"])
         await asyncio.sleep(self.ttft_s)
         for i in range(n):
             if i:
                 await asyncio.sleep(self.itl_s)
-            line = json.dumps({"token_ids": [1], "text": " x", "finished": i == n - 1,
-                               "finish_reason": "length" if i == n - 1 else None, "logprobs": [],
-                               "prompt_tokens": prompt_tokens, "cached_tokens": 0, "completion_tokens": i + 1,
-                               "error": None}).encode() + b"\n"
+            if writer.is_closing():  # the router left
+                return
+            line = json.dumps([{"request_id": rid, "token_ids": [1], "text": " x", "finished": i == n - 1,
+                                "finish_reason": "length" if i == n - 1 else None, "logprobs": [],
+                                "prompt_tokens": prompt_tokens, "cached_tokens": 0, "completion_tokens": i + 1,
+                                "error": None}]).encode() + b"\n"
             writer.write(b"%x\r\n%s\r\n" % (len(line), line))
             await writer.drain()
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
 
     @staticmethod
     def _chunk(writer: asyncio.StreamWriter, obj: dict) -> None:

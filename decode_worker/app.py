@@ -1,4 +1,8 @@
-"""The decode worker's internal API: POST /generate streams a request's tokens as NDJSON lines.
+"""The decode worker's internal API (its frontend process; the engine runs in the core, worker/engine_core.py).
+
+A router opens one long-lived channel (GET /channel/{id}) and sends each request with POST /generate naming
+it; every step, the worker writes that router's chunks of the step as one frame on the channel (see
+decode_worker/streams.py). Without a channel, /generate streams its own request's frames.
 
 With a prefill_url, the worker reserves blocks for the prompt (reusing what its prefix cache holds), asks
 the prefill worker to write the missing blocks into them (/send), then decodes from the first token the
@@ -8,136 +12,57 @@ instead of being refused (the pool is momentarily full, not too small).
 """
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
 import msgspec
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from engine.async_engine import EngineDeadError
-from engine.errors import KVCacheFullError, RequestError
-from engine.outputs import RequestOutput, TokenLogprob
-from protocol.asgi import read_body, send_bytes, send_stream, until_disconnect
+from decode_worker.streams import HEARTBEAT_S, Channel, DecodeStreams
+from protocol.asgi import read_body, send_bytes, until_disconnect
 from protocol.http_client import TOKEN_HEADER, internal_client
 from protocol.internal_auth import holds_token, refuse
-from protocol.messages import GenerateChunk, GenerateRequest, SendRequest, SendResult
-from protocol.stream_client import StreamClient, StreamClientError
+from protocol.messages import GenerateRequest
+from protocol.stream_client import StreamClient
+from protocol.tokenizer import ChatTokenizer
 from worker.common_routes import common_routes
-from worker.runtime import WorkerRuntime, to_sampling_params
+from worker.frontend import Frontend
 
-log = logging.getLogger("pdserve.decode")
-
-
-_encode = msgspec.json.Encoder().encode
+_NDJSON = [(b"content-type", b"application/x-ndjson")]
+_JSON = [(b"content-type", b"application/json")]
 
 
-def _chunk(out: RequestOutput) -> bytes:
-    """A GenerateChunk's line, encoded straight from the engine's values (nothing to validate): this runs once
-    a token a request, and msgspec takes ~1 us where pydantic's model_construct + model_dump_json took ~15."""
-    return _encode({
-        "token_ids": out.new_token_ids, "text": out.text_delta, "finished": out.finished,
-        "finish_reason": out.finish_reason.value if out.finish_reason else None,
-        "logprobs": [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top} for lp in out.logprobs],
-        "prompt_tokens": out.num_prompt_tokens, "cached_tokens": out.num_cached_tokens,
-        "completion_tokens": out.num_output_tokens, "error": None,
-    }) + b"\n"
-
-
-def _error(message: str, kind: str, code: str) -> bytes:
-    return GenerateChunk(finished=True, finish_reason="error",
-                         error={"message": message, "type": kind, "code": code}).model_dump_json().encode() + b"\n"
-
-
-def create_app(rt: WorkerRuntime) -> "DecodeApp":
-    app = FastAPI(title=f"pdserve decode worker {rt.config.name}")
-    app.include_router(common_routes(rt))
-    client = internal_client(httpx.Timeout(rt.config.transfer_timeout_s + 5), token=rt.config.internal_token)
-    app.router.on_shutdown.append(client.aclose)
+def create_app(fe: Frontend) -> "DecodeApp":
+    cfg = fe.config
+    app = FastAPI(title=f"pdserve decode worker {cfg.name}")
+    app.include_router(common_routes(fe))
+    token = {TOKEN_HEADER: cfg.internal_token} if cfg.internal_token else None
+    aborter = internal_client(httpx.Timeout(cfg.transfer_timeout_s + 5), token=cfg.internal_token)
     # /send, once a request: the data plane's client (httpx's pool assigns each request by walking every
     # connection, ~10% of a loaded decode worker's event loop with hundreds of prefills in flight)
-    sender = StreamClient(rt.config.transfer_timeout_s + 5,
-                          headers={TOKEN_HEADER: rt.config.internal_token} if rt.config.internal_token else None)
-    app.router.on_shutdown.append(sender.close)
-
-    async def remote_prefill(req: GenerateRequest) -> tuple[int, list[TokenLogprob]]:
-        """Reserve blocks, have the prefill worker fill them; the prefill's first token and its logprobs."""
-        params = to_sampling_params(req.params)
-        reserved = await rt.engine.call(lambda e: e.reserve_remote(req.request_id, req.prompt_token_ids, params))
-        skip = reserved.num_cached_tokens // rt.config.block_size
-        body = SendRequest(request_id=req.request_id, dest=rt.descriptor.to_dict(),
-                           dests=[d.to_dict() for d in rt.descriptors] if len(rt.descriptors) > 1 else [],
-                           dst_block_ids=list(reserved.block_ids), skip_blocks=skip)
-        try:
-            async with sender.post(f"{req.prefill_url}/send", body.model_dump_json().encode()) as resp:
-                data = await resp.read()
-        except (StreamClientError, TimeoutError) as e:
-            raise RemotePrefillError(f"remote prefill failed: {e!r}") from e
-        if resp.status != 200:
-            raise RemotePrefillError(f"prefill worker answered {resp.status}: {data[:200].decode(errors='replace')}")
-        sent = SendResult.model_validate_json(data)
-        lps = [TokenLogprob(lp.token_id, lp.logprob, tuple(tuple(t) for t in lp.top)) for lp in sent.logprobs]
-        return sent.first_token, lps
-
-    async def stream(req: GenerateRequest) -> AsyncIterator[bytes]:
-        try:
-            remote = None
-            if req.prefill_url:
-                try:
-                    remote = await remote_prefill(req)
-                except KVCacheFullError:
-                    # No blocks free for a transfer right now (nothing was reserved): rather than refuse, the
-                    # prompt waits in this worker's queue and is prefilled here once blocks free up; the
-                    # prefill worker drops its copy now instead of holding it until its timeout.
-                    log.info("request %s: no room to receive its KV now; prefilling it here", req.request_id)
-                    with contextlib.suppress(httpx.HTTPError):
-                        await client.post(f"{req.prefill_url}/abort/{req.request_id}", timeout=2.0)
-                except BaseException:  # failed, or the client left: the reserved blocks go back at once
-                    rt.engine.abort(req.request_id)
-                    raise
-            if remote is not None:
-                token, lps = remote
-                batches = rt.engine.stream_batches(req.request_id,
-                                                   lambda e: e.start_remote(req.request_id, token, lps))
-            else:
-                batches = rt.engine.generate_batches(req.request_id, req.prompt_token_ids,
-                                                     to_sampling_params(req.params))
-            async for batch in batches:  # what arrived while the last write went out: one write
-                yield b"".join([_chunk(out) for out in batch])
-        except RemotePrefillError as e:
-            yield _error(str(e), "prefill_failed", "prefill_failed")
-        except KVCacheFullError as e:
-            yield _error(str(e), "overloaded", "kv_cache_full")
-        except (RequestError, ValueError) as e:
-            yield _error(str(e), "invalid_request_error", "invalid_request")
-        except EngineDeadError as e:
-            yield _error(str(e), "server_error", "engine_failed")
-
-    @app.post("/generate")
-    async def generate(req: GenerateRequest) -> StreamingResponse:
-        """Documents the route for the schema; DecodeApp answers it (the same stream)."""
-        return StreamingResponse(stream(req), media_type="application/x-ndjson")
+    sender = StreamClient(cfg.transfer_timeout_s + 5, headers=token)
+    app.router.on_shutdown += [aborter.aclose, sender.close]
+    streams = DecodeStreams(fe.client, ChatTokenizer.from_files(fe.hello.tokenizer_files), fe.info.block_size,
+                            fe.hello.descriptors, sender, aborter)
+    fe.handler = streams
 
     @app.post("/abort/{request_id}")
     async def abort(request_id: str) -> dict:
-        rt.engine.abort(request_id)
+        streams.abort(request_id)
         return {"ok": True}
 
-    return DecodeApp(app, stream, rt.config.internal_token)
+    return DecodeApp(app, fe, streams, cfg.internal_token)
 
 
 class DecodeApp:
-    """The decode worker's ASGI app: POST /generate is answered here, in plain ASGI (its streams are most of the
-    worker's writes, one a request a step, and FastAPI's middleware and StreamingResponse layers cost on each
-    write); everything else goes to the FastAPI app, whose `state`, `router` and `add_middleware` this passes
-    through. Leaving a stream (the router gone) closes its generator, which aborts the request and frees its
-    blocks."""
+    """The decode worker's ASGI app: POST /generate (a GenerateRequest; 200 once taken, 409 for a channel that
+    is not open, 422 for a malformed body) and GET /channel/{id} are answered here, in plain ASGI (a channel's
+    frames are most of the worker's writes, and FastAPI's layers cost on each); everything else goes to the
+    FastAPI app, whose `state`, `router` and `add_middleware` this passes through."""
 
-    def __init__(self, api: FastAPI, stream: Callable[[GenerateRequest], AsyncIterator[bytes]], token: str | None):
-        self.api, self._stream = api, stream
+    def __init__(self, api: FastAPI, fe: Frontend, streams: DecodeStreams, token: str | None):
+        self.api, self.fe, self.streams = api, fe, streams
         self._token = token.encode() if token else None
         self.state, self.router = api.state, api.router
 
@@ -145,13 +70,24 @@ class DecodeApp:
         self.api.add_middleware(cls, **options)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/generate":
-            return await self._generate(scope, receive, send)
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            if method == "POST" and path == "/generate":
+                return await self._guarded(self._generate, scope, receive, send)
+            if method == "GET" and path.startswith("/channel/"):
+                return await self._guarded(self._channel, scope, receive, send)
         return await self.api(scope, receive, send)
 
-    async def _generate(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def _guarded(self, handler: Callable, scope: dict, receive: Callable, send: Callable) -> None:
         if self._token is not None and not holds_token(scope, self._token):
             return await refuse(send)
+        if self.fe.error is not None or self.fe.draining:
+            reason = f"engine failed: {self.fe.error}" if self.fe.error else "this worker is shutting down"
+            body = msgspec.json.encode({"error": {"message": reason, "type": "server_error", "code": "unavailable"}})
+            return await send_bytes(send, 503, body, _JSON)
+        await handler(scope, receive, send)
+
+    async def _generate(self, scope: dict, receive: Callable, send: Callable) -> None:
         try:
             raw = await read_body(receive)
         except asyncio.CancelledError:  # the router left before sending the whole body
@@ -160,12 +96,40 @@ class DecodeApp:
             req = GenerateRequest.model_validate_json(raw)
         except ValidationError as e:
             detail = msgspec.json.encode({"detail": e.errors(include_url=False, include_context=False)})
-            return await send_bytes(send, 422, detail, [(b"content-type", b"application/json")])
-        await until_disconnect(send_stream(send, self._stream(req), _NDJSON), receive)
+            return await send_bytes(send, 422, detail, _JSON)
+        if req.channel is None:  # this response is the request's own channel
+            channel = Channel(None)
+            self.streams.start(req, channel)
+            await send({"type": "http.response.start", "status": 200, "headers": _NDJSON})
+            try:
+                await until_disconnect(_pump(channel, send, None), receive)
+            finally:
+                self.streams.drop_channel(channel)
+            return await send({"type": "http.response.body", "body": b""})
+        channel = self.streams.channels.get(req.channel)
+        if channel is None or channel.closed:
+            body = msgspec.json.encode({"error": {"message": f"no open channel {req.channel!r}",
+                                                  "type": "invalid_request_error", "code": "unknown_channel"}})
+            return await send_bytes(send, 409, body, _JSON)
+        self.streams.start(req, channel)
+        await send_bytes(send, 200, b'{"ok":true}', _JSON)
+
+    async def _channel(self, scope: dict, receive: Callable, send: Callable) -> None:
+        channel_id = scope["path"][len("/channel/"):]
+        old = self.streams.channels.get(channel_id)
+        if old is not None:  # the router reconnected under the same id: the old stream is over
+            old.close()
+            self.streams.drop_channel(old)
+        channel = self.streams.channels[channel_id] = Channel(channel_id)
+        await send({"type": "http.response.start", "status": 200, "headers": _NDJSON})
+        try:
+            await until_disconnect(_pump(channel, send, HEARTBEAT_S), receive)
+        finally:
+            self.streams.drop_channel(channel)
+        await send({"type": "http.response.body", "body": b""})
 
 
-_NDJSON = [(b"content-type", b"application/x-ndjson")]
-
-
-class RemotePrefillError(RuntimeError):
-    pass
+async def _pump(channel: Channel, send: Callable, heartbeat_s: float | None) -> None:
+    """Write the channel's frames as they come, until it is closed."""
+    while (data := await channel.next(heartbeat_s)) is not None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})

@@ -25,6 +25,9 @@ class EngineConfig:
     async_scheduling: bool = True  # build and queue step N+1 before reading step N's tokens
     fused_kernels: bool = True  # with the FlashInfer backend: its one-kernel norm, rotary and SwiGLU (engine/fused.py)
     load_format: str = "auto"  # auto: read the weights; dummy: random weights of the config's shapes (benchmarks)
+    # The engine turns tokens into text and ends requests at stop strings (offline use). A worker's engine core
+    # leaves both to its frontend process (worker/engine_core.py), so that its loop does no per-token text work.
+    detokenize: bool = True
     seed: int = 0  # for dummy weights
 
     def __post_init__(self) -> None:

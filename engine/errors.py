@@ -15,3 +15,7 @@ class RequestError(ValueError):
 
 class KVCacheFullError(RuntimeError):
     """No KV blocks are free for this request now (the caller may retry elsewhere or later)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed (its loop raised, or a rank of its group died); every request in flight fails with this."""

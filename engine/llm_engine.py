@@ -223,7 +223,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals))
         self.stats.num_prompt_tokens += len(prompt_token_ids)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.config.detokenize:
             self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                   params.skip_special_tokens, params.include_stop_str_in_output)
         return req

@@ -40,6 +40,7 @@ def serve(a: argparse.Namespace) -> None:
     from router.app import create_app
     from router.config import RouterConfig
     from router.server import serve as serve_router
+    from engine.config import EngineConfig
     from worker.config import WorkerConfig
     from worker.ray_group import WorkerGroup
 
@@ -75,12 +76,12 @@ def serve(a: argparse.Namespace) -> None:
 
     def start(role: str) -> tuple[str, object]:  # also the scaling API's: one more worker, once it serves
         tp, ep = sizes[role]
-        cfg = WorkerConfig(role=role, name=f"{role}-{next(counter)}", model=model, port=free_port(),
-                           served_model_name=a.served_model_name, device=a.device,
-                           block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
-                           transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep)
+        engine = EngineConfig(model=model, served_model_name=a.served_model_name, device=a.device,
+                              block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs)
+        cfg = WorkerConfig(role=role, name=f"{role}-{next(counter)}", engine=engine, port=free_port(),
+                           transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep, log_level=a.log_level)
         per_rank = (1.0 if tp * ep > 1 else gpu_share) if has_gpu else 0.0
-        group = WorkerGroup(cfg, a.log_level, gpus_per_rank=per_rank)
+        group = WorkerGroup(cfg, gpus_per_rank=per_rank)
         groups.append(group)
         return group.url, group
 

@@ -1,8 +1,9 @@
-"""The prefill worker's internal API.
+"""The prefill worker's internal API (its frontend process; the engine runs in the core, worker/engine_core.py).
 
 The router sends POST /prefill and the decode worker POST /send for the same request at about the same
 time (no extra round trip): /prefill computes the prompt's KV and holds its blocks; /send waits for that,
-writes the blocks the decode worker lacks into its reserved ones, releases them and returns the first token.
+has the core write the blocks the decode worker lacks into its reserved ones, releases them and returns the
+first token.
 """
 
 import asyncio
@@ -13,11 +14,12 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 
-from engine.errors import RequestError
-from kv_transfer.descriptors import PoolDescriptor, TransferError
+from engine.errors import EngineDeadError, RequestError
+from kv_transfer.descriptors import TransferError
 from protocol.messages import PrefillRequest, SendRequest, SendResult, TokenLogprobWire
 from worker.common_routes import common_routes
-from worker.runtime import WorkerRuntime, to_sampling_params
+from worker.frontend import Frontend, to_sampling_params
+from worker.ipc import Out, Step
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -30,24 +32,66 @@ class Pending:
     sent: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def create_app(rt: WorkerRuntime) -> FastAPI:
-    app = FastAPI(title=f"pdserve prefill worker {rt.config.name}")
-    app.include_router(common_routes(rt))
-    pending: dict[str, Pending] = {}
+class PrefillRequests:
+    """The frontend's view of the prefills in the core: each one's single output, as a future."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, asyncio.Future[Out]] = {}
+        self.pending: dict[str, Pending] = {}  # handshakes: a prefill held until its decode worker takes the KV
+
+    def wait_for(self, request_id: str) -> asyncio.Future[Out]:
+        future = self.outputs[request_id] = asyncio.get_running_loop().create_future()
+        return future
+
+    def end(self, request_id: str, error: Exception) -> None:
+        future = self.outputs.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def on_step(self, step: Step) -> None:
+        for out in step.outs:
+            future = self.outputs.pop(out.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(out)
+        for refused in step.refused:
+            self.end(refused.request_id, RequestError(refused.message))
+
+    def fail_all(self, message: str) -> None:
+        for rid in list(self.outputs):
+            self.end(rid, EngineDeadError(f"engine failed: {message}"))
+
+    def in_flight(self) -> int:
+        return len(self.outputs) + len(self.pending)
+
+    def drain(self) -> None:
+        pass
+
+
+def create_app(fe: Frontend) -> FastAPI:
+    app = FastAPI(title=f"pdserve prefill worker {fe.config.name}")
+    app.include_router(common_routes(fe))
+    client = fe.client
+    requests = fe.handler = PrefillRequests()
+    pending = requests.pending
     aborted: dict[str, float] = {}  # request id -> when: an /abort can overtake its /prefill
-    timeout = rt.config.transfer_timeout_s
+    timeout = fe.config.transfer_timeout_s
 
     @app.post("/prefill")
     async def prefill(req: PrefillRequest) -> JSONResponse:
-        if aborted.pop(req.request_id, None) is not None:
+        rid = req.request_id
+        if aborted.pop(rid, None) is not None:
             return JSONResponse({"error": {"message": "aborted before it started", "type": "invalid_request_error"}},
                                 409)
-        p = pending.setdefault(req.request_id, Pending())
+        if fe.error is not None or fe.draining:
+            return JSONResponse({"error": {"message": fe.error or "shutting down", "type": "server_error"}}, 503)
+        p = pending.setdefault(rid, Pending())
+        output = None
         try:
             params = to_sampling_params(req.params, max_tokens=1, stop=(), min_tokens=0)
-            outputs = [o async for o in rt.engine.generate(req.request_id, req.prompt_token_ids, params, hold_kv=True)]
-            out = outputs[-1] if outputs else None
-            if out is None or not out.new_token_ids:
+            output = requests.wait_for(rid)
+            client.add(rid, req.prompt_token_ids, params, hold_kv=True)
+            out = await output
+            if not out.token_ids:
                 raise RequestError("the prefill was aborted")
             if not p.result.done():
                 p.result.set_result(out)
@@ -56,40 +100,44 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
         except (RequestError, ValueError) as e:
             _fail(p, e)
             return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, 400)
+        except EngineDeadError as e:
+            _fail(p, e)
+            return JSONResponse({"error": {"message": str(e), "type": "server_error"}}, 503)
         except TimeoutError:
             _fail(p, TimeoutError("no decode worker asked for this KV in time"))
             return JSONResponse({"error": {"message": "KV was not collected in time", "type": "timeout"}}, 504)
         finally:
-            pending.pop(req.request_id, None)
-            await rt.engine.call(lambda e: e.release_held(req.request_id))
+            pending.pop(rid, None)
+            if output is not None and not output.done():  # cancelled (the router left) while it computed
+                requests.end(rid, RequestError("aborted"))
+                client.abort(rid)
+            client.release(rid)
 
     @app.post("/send")
     async def send(req: SendRequest) -> dict:
         p = pending.setdefault(req.request_id, Pending())
         try:
             out = await asyncio.wait_for(asyncio.shield(p.result), timeout)
-            blocks = await rt.engine.call(lambda e: e.held_blocks(req.request_id))
-            if blocks is None:
-                raise TransferError("the prefilled blocks are gone (cancelled)")
-            dests = [PoolDescriptor.from_dict(d) for d in (req.dests or [req.dest])]
-            src, dst = blocks[req.skip_blocks :], req.dst_block_ids[req.skip_blocks :]
-            if len(src) != len(dst):
-                raise TransferError(f"{len(dst)} destination blocks for {len(src)} prefilled blocks")
-            rt.kv_bytes_sent += await rt.send_kv(dests, src, dst, timeout)
+            dests = req.dests or [req.dest]
+            await client.call("send_kv", req.request_id, dests, req.dst_block_ids, req.skip_blocks, timeout)
         except TimeoutError as e:
             raise HTTPException(504, "the prefill did not finish in time") from e
         except TransferError as e:
             raise HTTPException(502, f"KV transfer failed: {e}") from e
         except (RequestError, ValueError) as e:
             raise HTTPException(400, str(e)) from e
+        except EngineDeadError as e:
+            raise HTTPException(503, str(e)) from e
         finally:
             p.sent.set()
-        lps = [TokenLogprobWire(token_id=lp.token_id, logprob=lp.logprob, top=list(lp.top)) for lp in out.logprobs]
-        return SendResult(first_token=out.new_token_ids[0], logprobs=lps, num_blocks_sent=len(src)).model_dump()
+        lps = [TokenLogprobWire(token_id=t, logprob=lp, top=list(top)) for t, lp, top in out.logprobs or []]
+        return SendResult(first_token=out.token_ids[0], logprobs=lps,
+                          num_blocks_sent=len(req.dst_block_ids) - req.skip_blocks).model_dump()
 
     @app.post("/abort/{request_id}")
     async def abort(request_id: str) -> dict:
-        rt.engine.abort(request_id)
+        client.abort(request_id)
+        requests.end(request_id, RequestError("aborted"))
         p = pending.get(request_id)
         if p is not None:
             _fail(p, RequestError("aborted"))

@@ -61,11 +61,16 @@ class GenerateRequest(BaseModel):
     prompt_token_ids: list[int]
     params: WireSamplingParams
     prefill_url: str | None = None  # None: prefill here (conditional disaggregation)
+    # The caller's open token channel (GET /channel/{id}) that the chunks go out on; None: this response
+    # streams them itself (NDJSON, a JSON list of chunks a line).
+    channel: str | None = None
 
 
 class GenerateChunk(BaseModel):
-    """One line of a decode worker's NDJSON stream."""
+    """A request's output of one engine step. A decode worker sends every chunk of one step for one router as
+    one frame: a line holding the JSON list of them, on that router's channel."""
 
+    request_id: str = ""
     token_ids: list[int] = Field(default_factory=list)
     text: str = ""
     finished: bool = False
@@ -94,10 +99,17 @@ def struct_of(model: type[BaseModel], name: str, frozen: bool = False, **types: 
     return msgspec.defstruct(name, fields, frozen=frozen, module=__name__)
 
 
-# How the router reads a decode worker's stream (decode_chunk raises ValueError on a line that is not a chunk)
+# How a decode worker writes its chunks and the router reads them (decode_frame raises ValueError on a line that
+# is not a frame: a JSON list of chunks)
 LogprobView = struct_of(TokenLogprobWire, "LogprobView", frozen=True)
 ChunkView = struct_of(GenerateChunk, "ChunkView", logprobs=list[LogprobView])
-decode_chunk = msgspec.json.Decoder(ChunkView).decode
+decode_frame = msgspec.json.Decoder(list[ChunkView]).decode
+_frame_encoder = msgspec.json.Encoder()
+
+
+def encode_frame(chunks: list) -> bytes:
+    """A frame's line: the JSON list of the chunks, newline-terminated (JSON text holds no raw newline)."""
+    return _frame_encoder.encode(chunks) + b"\n"
 
 # How the router writes its requests to workers (encode_out)
 ParamsOut = struct_of(WireSamplingParams, "ParamsOut")

@@ -36,6 +36,7 @@ from protocol.messages import ChunkView, LogprobView, ParamsOut
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
 from router.admin import admin_routes, advice, pool_view
+from router.channels import TokenChannels
 from router.config import RouterConfig
 from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.dispatch import Dispatcher
@@ -63,6 +64,7 @@ class RouterState:
         token = config.internal_token
         # To the workers: token streams (the data plane) and the health, load and KV-event polls.
         self.stream_client = StreamClient(config.request_timeout_s, headers={TOKEN_HEADER: token} if token else None)
+        self.channels = TokenChannels(self.stream_client)
         if config.redis_url:
             self.state = RedisState(config.redis_url, config.redis_namespace, config.max_index_blocks_per_worker,
                                     router_id=uuid.uuid4().hex)
@@ -108,11 +110,13 @@ class RouterState:
             self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
                                  self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
                                  balance_weight=self.config.balance_weight, churn_weight=self.config.churn_weight)
-            self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.metrics)
+            self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.channels,
+                                         self.metrics)
         return self.dispatcher is not None
 
     async def stop(self) -> None:
         await self.pool.stop()
+        await self.channels.close()
         await self.stream_client.close()
         await self.state.close()
         if self.encoder is not None:

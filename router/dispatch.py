@@ -8,8 +8,9 @@ import time
 from collections.abc import AsyncIterator
 
 from protocol.block_hash import hash_blocks
-from protocol.messages import ChunkView, GenerateOut, ParamsOut, PrefillOut, decode_chunk, encode_out
+from protocol.messages import ChunkView, GenerateOut, ParamsOut, PrefillOut, encode_out
 from protocol.stream_client import StreamClient, StreamClientError
+from router.channels import TokenChannels
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
 from router.policy import Router
@@ -22,11 +23,12 @@ _RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState,
-                 client: StreamClient, metrics: RouterMetrics):
+                 client: StreamClient, channels: TokenChannels, metrics: RouterMetrics):
         self.pool = pool
         self.router = router
         self.state = state
-        self.client = client  # the data plane: token streams to and from workers
+        self.client = client  # the data plane: requests to workers
+        self.channels = channels  # and their tokens back, a frame a step from each decode worker
         self.metrics = metrics
         self.local = isinstance(state, LocalState)  # in memory: bookkeeping never waits, so it needs no task
         self._tasks: set[asyncio.Future] = set()
@@ -104,27 +106,41 @@ class Dispatcher:
                 prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids), computed))
                 await self.state.record_route(p.url, hashes, len(prompt_ids), requests=1, tokens=len(prompt_ids),
                                               new_tokens=computed)
-            body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None))
-            async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
+            channel = await self.channels.get(d.url)
+            inbox = channel.register(rid)
+            try:
+                body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id))
+                async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
+                    answer = await resp.read()
+                if resp.status == 409:
+                    # The worker does not know the channel (it restarted behind a connection that has not broken
+                    # yet): this one is stale; the request goes out again on a new one.
+                    channel.inboxes.pop(rid, None)
+                    self.channels.discard(channel)
+                    channel = await self.channels.get(d.url)
+                    inbox = channel.register(rid)
+                    body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id))
+                    async with self.client.post(f"{d.url}/generate", body) as resp:
+                        answer = await resp.read()
                 if resp.status != 200:
-                    text = (await resp.read()).decode(errors="replace")[:300]
+                    text = answer.decode(errors="replace")[:300]
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
                     return
-                async for line in resp.lines():  # one NDJSON line a chunk
-                    try:
-                        chunk = decode_chunk(line)
-                    except ValueError as e:
-                        yield _failed(f"the decode worker sent a line that is not a chunk: {e}", "engine_failed")
-                        return
+                while not finished:
+                    chunk = await inbox.get()
                     if d_tokens:  # the first token: the prompt is computed; what stays in flight is decoding
                         d.inflight_tokens -= d_tokens
                         if recorded:
                             self._add_load(d.url, 0, -d_tokens)
                         d_tokens = 0
                     finished = chunk.finished
+                    if chunk.error and channel.closed:  # the channel broke: the worker is gone or stuck
+                        self.pool.mark_failed(d)
                     yield chunk
-            if not finished:
-                yield _failed("the decode worker closed the stream early", "engine_failed")
+            finally:
+                channel.inboxes.pop(rid, None)
+                if not finished and not channel.closed:  # the client left: the worker frees the request now
+                    self._background(self._abort(d, rid))
         except (StreamClientError, TimeoutError) as e:
             self.pool.mark_failed(d)
             yield _failed(f"lost the decode worker {d.url}: {e!r}", "engine_failed")

@@ -1,17 +1,16 @@
-"""A worker as a group of Ray actors, one a rank. Rank 0 serves the worker's internal HTTP API and drives
-the schedule; ranks 1.. run the same forward passes (engine.model_runner.follow) and send their share of
-a request's KV when rank 0 asks. A rank that dies takes the whole worker to unhealthy (its requests fail,
-/health answers 503 naming the rank); WorkerGroup.restart brings a fresh group up on the same port.
+"""A worker as a group of Ray actors, one a rank. Rank 0 runs the engine core that drives the schedule and
+starts the worker's frontend process, which serves its internal HTTP API (worker/host.py); ranks 1.. run
+the same forward passes (engine.model_runner.follow) and send their share of a request's KV when rank 0
+asks. A rank that dies takes the whole worker to unhealthy (its requests fail, /health answers 503 naming
+the rank); WorkerGroup.restart brings a fresh group up on the same port.
 
 A single-rank worker is a group of one. On GPU machines each rank of a parallel worker holds one GPU,
 all of them on one node (a placement group); elsewhere ranks are CPU actors talking gloo.
 """
 
-import asyncio
 import logging
 import socket
 import threading
-import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -28,10 +27,10 @@ class RankFailedError(RuntimeError):
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class RankActor:
-    def __init__(self, config: WorkerConfig, rank: int, log_level: str = "warning"):
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.config, self.rank, self.log_level = config, rank, log_level
-        self.shard = self.server = self.runtime = self.thread = None
+    def __init__(self, config: WorkerConfig, rank: int):
+        logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.config, self.rank = config, rank
+        self.shard = self.host = None
         self.stopping = False
 
     def rendezvous(self) -> str:
@@ -50,13 +49,12 @@ class RankActor:
         parallel = SINGLE
         if init_method is not None:
             parallel = init_parallel(ParallelConfig(cfg.tp_size, cfg.ep_size), self.rank, init_method,
-                                     resolve_device(cfg.device), cfg.collective_timeout_s)
+                                     resolve_device(cfg.engine.device), cfg.collective_timeout_s)
         if self.rank == 0:
-            from worker.serve import build_server
+            from worker.host import WorkerHost
 
-            self.server = build_server(cfg, parallel, self.log_level)
-            self.runtime = self.server.config.app.state.runtime
-            return self.runtime.descriptor
+            self.host = WorkerHost(cfg, parallel)
+            return self.host.shard.descriptor
         from worker.shard import EngineShard
 
         self.shard = EngineShard(cfg, parallel)
@@ -74,27 +72,21 @@ class RankActor:
     # --- rank 0 ---
 
     def serve(self, descriptors: list, followers: list) -> str:
-        """Start the HTTP server; watch the other ranks. Returns the worker's URL once it answers."""
+        """Start the engine core and the frontend; watch the other ranks. Returns the worker's URL once it
+        answers."""
         if followers:
-            self.runtime.attach_ranks(descriptors, [self._sender(f) for f in followers])
+            self.host.core.attach_ranks(descriptors, [self._sender(f) for f in followers])
             refs = [f.follow.remote() for f in followers]
             threading.Thread(target=self._watch, args=(refs,), daemon=True).start()
-        thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 300
-        while not self.server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.config.name} failed to start its server")
-            time.sleep(0.05)
-        self.thread = thread
-        return f"http://{self.config.host}:{self.config.port}"
+        return self.host.start()
 
     @staticmethod
     def _sender(actor):
-        async def send(targets: list, src: list[int], dst: list[int], timeout_s: float) -> int:
-            return await actor.send_kv.remote(targets, src, dst, timeout_s)
+        def start(targets: list, src: list[int], dst: list[int], timeout_s: float):
+            ref = actor.send_kv.remote(targets, src, dst, timeout_s)
+            return lambda: ray.get(ref)
 
-        return send
+        return start
 
     def _watch(self, refs: list) -> None:
         ready, _ = ray.wait(refs, num_returns=1)
@@ -107,21 +99,19 @@ class RankActor:
         except Exception as e:  # RayActorError: the actor process is gone
             reason = f"died ({type(e).__name__})"
         log.error("worker %s: rank %d %s; the worker is unhealthy until restarted", self.config.name, rank, reason)
-        self.runtime.engine.fail(RankFailedError(f"rank {rank} of worker {self.config.name} {reason}"))
+        self.host.core.fail(RankFailedError(f"rank {rank} of worker {self.config.name} {reason}"))
 
     def stop(self) -> None:
         self.stopping = True
-        if self.thread is not None:
-            self.server.should_exit = True
-            self.thread.join(timeout=15)
+        if self.host is not None:
+            self.host.stop()
 
 
 class WorkerGroup:
     """The driver's handle on one worker's rank actors (started at construction)."""
 
-    def __init__(self, config: WorkerConfig, log_level: str = "warning", gpus_per_rank: float = 0.0,
-                 timeout_s: float = 600.0):
-        self.config, self.log_level = config, log_level
+    def __init__(self, config: WorkerConfig, gpus_per_rank: float = 0.0, timeout_s: float = 600.0):
+        self.config = config
         self.gpus_per_rank, self.timeout_s = gpus_per_rank, timeout_s
         self.actors: list = []
         self.placement = None
@@ -143,7 +133,7 @@ class WorkerGroup:
             name = cfg.name if world == 1 else f"{cfg.name}.rank{rank}"
             self.actors.append(RankActor.options(
                 name=name, num_gpus=1 if self.placement is not None else self.gpus_per_rank, max_concurrency=4,
-                scheduling_strategy=strategy).remote(cfg, rank, self.log_level))
+                scheduling_strategy=strategy).remote(cfg, rank))
         try:
             init = ray.get(self.actors[0].rendezvous.remote()) if world > 1 else None
             descriptors = ray.get([a.setup.remote(init) for a in self.actors], timeout=self.timeout_s)
@@ -156,7 +146,7 @@ class WorkerGroup:
         """Stop rank 0's server (which stops the other ranks), then every actor; safe to call twice."""
         if self.actors:
             try:
-                ray.get(self.actors[0].stop.remote(), timeout=20)
+                ray.get(self.actors[0].stop.remote(), timeout=self.config.drain_timeout_s + 20)  # drain, then stop
             except Exception as e:  # a dead rank 0 is already stopped
                 log.debug("stopping rank 0 of %s: %r", self.config.name, e)
         for actor in self.actors:

@@ -1,51 +1,22 @@
-"""Run one worker process: python -m worker.serve --role decode --model PATH --port 8101 ..."""
+"""Run one worker: python -m worker.serve --role decode --model PATH --port 8101 ...
 
-import contextlib
+The process runs the engine core (rank 0 of the worker) and starts the worker's frontend process, which
+serves the port (worker/host.py). A tensor/expert-parallel worker's ranks are Ray actors instead
+(worker/ray_group.py), in the Ray cluster at --ray-address or a local one.
+"""
+
 import logging
 import signal
+import sys
 
-import uvicorn
-
+from engine.config import EngineConfig
 from engine.errors import ModelLoadError
-from engine.parallel import SINGLE, Parallel
-from protocol.asgi import server_options
 from protocol.env_args import EnvDefaultsParser
 from worker.config import WorkerConfig
-from worker.runtime import WorkerRuntime
 
 
-def build_app(config: WorkerConfig, parallel: Parallel = SINGLE):
-    """The worker's internal API over a new runtime (rank 0's, for a tensor/expert-parallel worker)."""
-    rt = WorkerRuntime(config, parallel)
-    if config.role == "prefill":
-        from prefill_worker.app import create_app
-    else:
-        from decode_worker.app import create_app
-    app = create_app(rt)
-    app.state.runtime = rt
-    app.router.on_shutdown.append(lambda: rt.close())
-    if config.internal_token:
-        from protocol.internal_auth import RequireInternalToken
-
-        app.add_middleware(RequireInternalToken, token=config.internal_token)
-    return app
-
-
-def build_server(config: WorkerConfig, parallel: Parallel = SINGLE, log_level: str = "warning",
-                 drain_timeout_s: float = 5.0) -> uvicorn.Server:
-    """The worker's HTTP server (not started): on shutdown it stops accepting connections and lets in-flight
-    streams finish, up to drain_timeout_s. `server.config.app.state.runtime` is the worker's runtime."""
-    return uvicorn.Server(uvicorn.Config(build_app(config, parallel), host=config.host, port=config.port,
-                                         timeout_graceful_shutdown=drain_timeout_s, **server_options(log_level)))
-
-
-def run(config: WorkerConfig, log_level: str = "warning", drain_timeout_s: float = 5.0) -> None:
-    server = build_server(config, log_level=log_level, drain_timeout_s=drain_timeout_s)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it handled on its way out
-        server.run()
-
-
-def main() -> None:
+def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
+    """The worker's config from flags (defaults from PDSERVE_* variables), and the rest of the flags."""
     ap = EnvDefaultsParser(description=__doc__)
     ap.add_argument("--role", required=True, choices=["prefill", "decode"])
     ap.add_argument("--name", default=None)
@@ -73,7 +44,21 @@ def main() -> None:
     ap.add_argument("--internal-token", default=None,
                     help="answer only callers holding this token (default $PDSERVE_INTERNAL_TOKEN; unset: open)")
     ap.add_argument("--log-level", default="warning")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    engine = EngineConfig(
+        model=a.model, served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
+        kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        gpu_memory_utilization=a.gpu_memory_utilization, load_format=a.load_format,
+        attention_backend=a.attention_backend)
+    config = WorkerConfig(
+        role=a.role, name=a.name or f"{a.role}-{a.port}", engine=engine, host=a.host, port=a.port,
+        transport=a.transport, tp_size=a.tp_size, ep_size=a.ep_size, drain_timeout_s=a.drain_timeout_s,
+        log_level=a.log_level, internal_token=a.internal_token)
+    return config, a
+
+
+def main() -> None:
+    config, a = parse_config()
     import torch
 
     # On a GPU the host's torch work is small tensors: an intra-op pool of a thread a core only spins beside
@@ -84,27 +69,31 @@ def main() -> None:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
     try:
-        _run_from_args(a)
+        code = run(config) if config.world_size == 1 else run_group(config, a.ray_address)
     except ModelLoadError as e:
         raise SystemExit(f"pdserve worker: {e}") from None
+    sys.exit(code)
 
 
-def _run_from_args(a) -> None:
-    config = WorkerConfig(
-        role=a.role, name=a.name or f"{a.role}-{a.port}", model=a.model, host=a.host, port=a.port,
-        served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
-        kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        gpu_memory_utilization=a.gpu_memory_utilization, transport=a.transport, load_format=a.load_format,
-        attention_backend=a.attention_backend, internal_token=a.internal_token, tp_size=a.tp_size, ep_size=a.ep_size)
-    if config.world_size == 1:
-        run(config, a.log_level, a.drain_timeout_s)
-    else:
-        run_group(config, a.log_level, a.ray_address)
+def run(config: WorkerConfig) -> int:
+    """A single-rank worker in this process (and its frontend's), until SIGTERM/Ctrl-C or either one ends."""
+    from worker.host import WorkerHost
+
+    host = WorkerHost(config)
+    try:
+        host.start()
+        code = host.wait()
+        if code:
+            logging.getLogger("pdserve.worker").error("worker %s: the frontend exited with %s", config.name, code)
+        return 1 if code or host.core.error else 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        host.stop()
 
 
-def run_group(config: WorkerConfig, log_level: str, ray_address: str | None) -> None:
-    """A tensor/expert-parallel worker: its ranks as Ray actors (in the Ray cluster at ray_address, else a
-    local one), served until SIGTERM or Ctrl-C."""
+def run_group(config: WorkerConfig, ray_address: str | None) -> int:
+    """A tensor/expert-parallel worker: its ranks as Ray actors, served until SIGTERM or Ctrl-C."""
     import time
 
     import ray
@@ -112,18 +101,18 @@ def run_group(config: WorkerConfig, log_level: str, ray_address: str | None) -> 
 
     from worker.ray_group import WorkerGroup
 
-    gpus = torch.cuda.device_count() if config.device != "cpu" else 0
+    gpus = torch.cuda.device_count() if config.engine.device != "cpu" else 0
     if ray_address:
         ray.init(address=ray_address, logging_level=logging.WARNING)
     else:
         ray.init(num_gpus=gpus, include_dashboard=False, logging_level=logging.WARNING)
-    group = WorkerGroup(config, log_level, gpus_per_rank=1.0 if gpus else 0.0)
+    group = WorkerGroup(config, gpus_per_rank=1.0 if gpus else 0.0)
     print(f"pdserve worker {config.name}: {config.world_size} ranks serving at {group.url}", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         group.stop()
         ray.shutdown()

@@ -2,6 +2,7 @@
 transport that moves its pool's blocks. A single-rank worker is one shard; a tensor/expert-parallel
 worker has one a rank, rank 0's driving the schedule (worker/runtime.py), the others following."""
 
+import dataclasses
 import os
 import uuid
 from pathlib import Path
@@ -9,7 +10,6 @@ from pathlib import Path
 import torch
 
 from engine.block_pool import BlockPool
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, resolve_device
 from engine.parallel import SINGLE, Parallel
 from kv_transfer.descriptors import HeadSlice, PoolDescriptor
@@ -24,25 +24,19 @@ class EngineShard:
         self.parallel = parallel
         self.shm_path: Path | None = None
         allocator = None
-        if config.transport == "host" and config.role == "decode" and resolve_device(config.device).type != "cuda":
+        if config.transport == "host" and config.role == "decode" and resolve_device(config.engine.device).type != "cuda":
             # The decode pool lives in shared memory so that prefill workers on this host can write into it.
             self.shm_path = SHM_DIR / f"pdserve-kv-{config.name}-r{parallel.rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             allocator = lambda shape, dtype: shared_pool(self.shm_path, shape, dtype)  # noqa: E731
-        self.engine = LLMEngine(EngineConfig(
-            model=config.model, served_model_name=config.served_model_name, device=config.device,
-            dtype=config.dtype, block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            load_format=config.load_format, gpu_memory_utilization=config.gpu_memory_utilization,
-            attention_backend=config.attention_backend,
-        ), tokenizer=tokenizer, kv_allocator=allocator, parallel=parallel)
+        # Text and stop strings are the frontend process's work (worker/frontend.py), never the engine loop's.
+        self.engine = LLMEngine(dataclasses.replace(config.engine, detokenize=False), tokenizer=tokenizer,
+                                kv_allocator=allocator, parallel=parallel)
         lay, heads = self.engine.kv_layout, self.engine.model.heads
         agent = config.name if parallel.world_size == 1 else f"{config.name}.rank{parallel.rank}"
         descriptor = PoolDescriptor(agent, config.transport, str(self.shm_path or ""), lay.num_blocks, lay.num_layers,
                                     lay.block_size, lay.num_kv_heads, lay.head_dim, lay.dtype,
                                     kv_head_start=heads.kv_start,
                                     total_kv_heads=self.engine.model_config.num_kv_heads)
-        if config.transport == "nccl":
-            raise NotImplementedError("the nccl transport is not wired into workers yet (kv_transfer.dist_transport)")
         if config.transport == "nixl":  # GPU pools, same host (cuda_ipc) or across hosts (RDMA)
             from kv_transfer.nixl_transport import NixlTransport
 

@@ -18,7 +18,8 @@ from protocol.messages import (
     PrefillRequest,
     TokenLogprobWire,
     WireSamplingParams,
-    decode_chunk,
+    decode_frame,
+    encode_frame,
     encode_out,
 )
 
@@ -52,15 +53,19 @@ def test_the_routers_requests_are_the_documents_the_workers_validate():
         assert type(model).model_validate_json(encode_out(out)) == model
 
 
-def test_the_routers_chunk_view_reads_every_generate_chunk_field_with_the_same_defaults():
+def test_a_frame_is_a_list_of_chunk_views_with_every_generate_chunk_field_and_default():
     assert ChunkView.__struct_fields__ == tuple(GenerateChunk.model_fields)
     assert LogprobView.__struct_fields__ == tuple(TokenLogprobWire.model_fields)
-    assert msgspec.structs.asdict(decode_chunk(b"{}")) == GenerateChunk().model_dump()
-    chunk = GenerateChunk(token_ids=[9, 10], text="a\u00e9", finished=True, finish_reason="length", prompt_tokens=3,
-                          cached_tokens=2, completion_tokens=5, error={"code": "x"},
-                          logprobs=[TokenLogprobWire(token_id=9, logprob=-0.5, top=[(9, -0.5)])])
-    view = decode_chunk(chunk.model_dump_json().encode())
-    assert json.loads(msgspec.json.encode(view)) == json.loads(chunk.model_dump_json())
-    for bad in (b'{"token_ids": "x"}', b"not json", b'{"finished": 1.5}'):
+    assert [msgspec.structs.asdict(c) for c in decode_frame(b"[{}]")] == [GenerateChunk().model_dump()]
+    chunks = [GenerateChunk(request_id="a", token_ids=[9, 10], text="a\u00e9\n", finished=True, finish_reason="length",
+                            prompt_tokens=3, cached_tokens=2, completion_tokens=5, error={"code": "x"},
+                            logprobs=[TokenLogprobWire(token_id=9, logprob=-0.5, top=[(9, -0.5)])]),
+              GenerateChunk(request_id="b", token_ids=[1])]
+    line = encode_frame([c.model_dump() for c in chunks])
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # one line a frame, whatever the texts hold
+    views = decode_frame(line)
+    assert [json.loads(msgspec.json.encode(v)) for v in views] == [json.loads(c.model_dump_json()) for c in chunks]
+    assert decode_frame(encode_frame(views)) == views
+    for bad in (b'[{"token_ids": "x"}]', b"not json", b'[{"finished": 1.5}]', b'{"token_ids": [1]}'):
         with pytest.raises(ValueError):
-            decode_chunk(bad)
+            decode_frame(bad)

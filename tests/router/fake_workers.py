@@ -5,10 +5,10 @@ import threading
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench.cluster import free_port
-from protocol.messages import GenerateChunk, GenerateRequest
+from protocol.messages import GenerateChunk, GenerateRequest, encode_frame
 
 
 def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> FastAPI:
@@ -17,6 +17,8 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     app.state.running = 0
     app.state.tokens = 0
     app.state.polls = 0
+    channels: dict[str, asyncio.Queue] = {}  # a router's token channel: the frames to write on it
+    streaming: dict[str, asyncio.Task] = {}
 
     @app.get("/health")
     async def health() -> dict:
@@ -40,34 +42,66 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     async def kv_events(since: int = 0) -> dict:
         return {"seq": 0, "resync": False, "events": []}
 
+    @app.get("/channel/{channel_id}")
+    async def channel(channel_id: str) -> StreamingResponse:
+        frames = channels[channel_id] = asyncio.Queue()
+        frames.put_nowait(b"[]\n")
+
+        async def body():
+            try:
+                while True:
+                    try:
+                        yield await asyncio.wait_for(frames.get(), 5.0)
+                    except TimeoutError:
+                        yield b"[]\n"  # the heartbeat of an idle channel
+            finally:
+                channels.pop(channel_id, None)
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
     @app.post("/generate")
-    async def generate(req: GenerateRequest) -> StreamingResponse:
-        """One token, the worker's name, then EOS; with ignore_eos, max_tokens tokens 20 ms apart (the first
-        after 1 s with the stop string SLOW_PREFILL)."""
+    async def generate(req: GenerateRequest):
+        """Taken at once; on the router's channel: one token, the worker's name, then EOS; with ignore_eos,
+        max_tokens tokens 20 ms apart (the first after 1 s with the stop string SLOW_PREFILL)."""
+        frames = channels.get(req.channel)
+        if frames is None:
+            return JSONResponse({"error": {"message": "no open channel", "code": "unknown_channel"}}, 409)
         app.state.requests += 1
         n = req.params.max_tokens if req.params.ignore_eos else 1
+        rid = req.request_id
         if "FAIL" in req.params.stop:  # a test asks for a failed request
-            bad = GenerateChunk(finished=True, finish_reason="error", error={
-                "message": "the test asked for a failure", "type": "invalid_request_error", "code": "invalid_request"})
-            return StreamingResponse(iter([bad.model_dump_json() + "\n"]), media_type="application/x-ndjson")
+            frames.put_nowait(encode_frame([GenerateChunk(request_id=rid, finished=True, finish_reason="error", error={
+                "message": "the test asked for a failure", "type": "invalid_request_error",
+                "code": "invalid_request"}).model_dump()]))
+            return {"ok": True}
 
-        async def lines():
+        async def tokens():
             app.state.running += 1
             try:
                 if "SLOW_PREFILL" in req.params.stop:  # a test asks for a prompt that takes a while to compute
                     await asyncio.sleep(1.0)
                 for i in range(n):
                     last = i == n - 1
-                    yield GenerateChunk(token_ids=[1], text=name if i == 0 else " x", finished=last,
-                                        finish_reason="stop" if last else None, completion_tokens=i + 1,
-                                        prompt_tokens=len(req.prompt_token_ids)).model_dump_json() + "\n"
+                    frames.put_nowait(encode_frame([GenerateChunk(
+                        request_id=rid, token_ids=[1], text=name if i == 0 else " x", finished=last,
+                        finish_reason="stop" if last else None, completion_tokens=i + 1,
+                        prompt_tokens=len(req.prompt_token_ids)).model_dump()]))
                     app.state.tokens += 1
                     if not last:
                         await asyncio.sleep(0.02)
             finally:
                 app.state.running -= 1
+                streaming.pop(rid, None)
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        streaming[rid] = asyncio.get_running_loop().create_task(tokens())
+        return {"ok": True}
+
+    @app.post("/abort/{request_id}")
+    async def abort(request_id: str) -> dict:
+        task = streaming.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+        return {"ok": True}
 
     return app
 

@@ -8,6 +8,7 @@ from bench.mock_server import start_in_thread
 from protocol.block_hash import hash_blocks
 from protocol.messages import ParamsOut
 from protocol.stream_client import StreamClient
+from router.channels import TokenChannels
 from router.dispatch import Dispatcher
 from router.metrics import RouterMetrics
 from router.policy import Router
@@ -31,7 +32,7 @@ async def test_prompt_tokens_weigh_until_the_first_token_and_the_request_until_i
     url = f"http://127.0.0.1:{port}"
     worker = Worker(url, "decode", healthy=True)
     state, client = LocalState(1000), StreamClient()
-    dispatcher = Dispatcher(DecodePool([worker]), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
+    dispatcher = Dispatcher(DecodePool([worker]), Router("cache_aware", 16, local_prefill_tokens=0), state, client, TokenChannels(client),
                             RouterMetrics())
     prompt = list(range(100, 420))
     stream = dispatcher.generate("r-1", prompt, ParamsOut(max_tokens=3), hash_blocks(prompt, 16, 7))
@@ -61,7 +62,7 @@ async def _burst(state) -> list[int]:
         await state.record_route(w.url, [], tokens)
     await asyncio.gather(*(state.view([w.url for w in workers], []) for _ in range(8)))  # connections to Redis
     client = StreamClient()
-    dispatcher = Dispatcher(DecodePool(workers), Router("cache_aware", 16, local_prefill_tokens=0), state, client,
+    dispatcher = Dispatcher(DecodePool(workers), Router("cache_aware", 16, local_prefill_tokens=0), state, client, TokenChannels(client),
                             RouterMetrics())
 
     async def one(i: int) -> None:

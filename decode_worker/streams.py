@@ -1,0 +1,256 @@
+"""A decode worker's requests in flight and the channels their tokens go out on.
+
+Each step the engine core sends one message with every request's new tokens. This turns it into chunks
+(detokenized, stop strings matched, logprobs) and writes, for each router channel, the step's chunks of
+that router's requests as one frame: one line, one write, however many requests. A stop string matched here
+ends the request in the core at once (an Abort goes out with the chunk), so the engine stops computing it
+within a step. A router channel that closes aborts its requests and frees their blocks.
+"""
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from engine.detokenizer import Detokenizer
+from engine.errors import EngineDeadError, KVCacheFullError, RequestError
+from protocol.messages import ChunkView, GenerateRequest, LogprobView, SendRequest, SendResult, encode_frame
+from protocol.stream_client import StreamClient, StreamClientError
+from protocol.tokenizer import ChatTokenizer
+from worker.engine_client import EngineClient
+from worker.frontend import to_sampling_params
+from worker.ipc import Step
+
+log = logging.getLogger("pdserve.decode")
+HEARTBEAT_S = 5.0  # an idle channel sends an empty frame this often (a router takes 6 missed ones as a dead worker)
+
+
+class Channel:
+    """One router process's long-lived stream from this worker: a line a frame. A solo channel is a
+    /generate that streams its own chunks: it ends with its one request."""
+
+    def __init__(self, channel_id: str | None):
+        self.id = channel_id
+        self.solo = channel_id is None
+        self.requests: set[str] = set()
+        self.pending: list[ChunkView] = []  # chunks of the step being turned into a frame
+        # A router channel opens with an empty frame: the router's reader starts on the first bytes.
+        self._lines: list[bytes] = [] if self.solo else [b"[]\n"]
+        self._waiter: asyncio.Future | None = None
+        self.closed = False
+
+    def flush(self) -> None:
+        self._lines.append(encode_frame(self.pending))
+        self.pending = []
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self, heartbeat_s: float | None) -> bytes | None:
+        """What is ready to write (a heartbeat frame after heartbeat_s idle), or None once closed and written."""
+        if not self._lines and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, heartbeat_s)
+            except TimeoutError:
+                return b"[]\n"
+            finally:
+                self._waiter = None
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines.clear()
+            return data
+        return None
+
+
+@dataclass(slots=True)
+class _Stream:
+    request: GenerateRequest
+    channel: Channel
+    detok: Detokenizer | None
+    min_tokens: int
+    task: asyncio.Task | None = None  # the remote prefill's handshake, until the first token is in
+
+
+class RemotePrefillError(RuntimeError):
+    pass
+
+
+class DecodeStreams:
+    def __init__(self, client: EngineClient, tokenizer: ChatTokenizer, block_size: int, descriptors: list[dict],
+                 sender: StreamClient, aborter: httpx.AsyncClient):
+        self.client, self.tokenizer, self.block_size = client, tokenizer, block_size
+        self.descriptors = descriptors  # this worker's pools, one a rank, rank 0's first
+        self.sender = sender  # /send to prefill workers (the data plane's client)
+        self.aborter = aborter
+        self.streams: dict[str, _Stream] = {}
+        self.channels: dict[str, Channel] = {}
+
+    # --- requests in ---
+
+    def start(self, req: GenerateRequest, channel: Channel) -> None:
+        rid = req.request_id
+        try:
+            params = to_sampling_params(req.params)
+            if rid in self.streams:
+                raise RequestError(f"request id {rid!r} is already running")
+        except (RequestError, ValueError) as e:
+            channel.pending.append(_error(rid, str(e), "invalid_request_error", "invalid_request"))
+            channel.flush()
+            if channel.solo:
+                channel.close()
+            return
+        detok = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop, params.skip_special_tokens,
+                            params.include_stop_str_in_output)
+        st = self.streams[rid] = _Stream(req, channel, detok, params.min_tokens)
+        channel.requests.add(rid)
+        if req.prefill_url:
+            st.task = asyncio.get_running_loop().create_task(self._remote(st, params))
+        else:
+            self.client.add(rid, req.prompt_token_ids, params)
+
+    async def _remote(self, st: _Stream, params) -> None:
+        """Reserve blocks, have the prefill worker fill them, then start decoding from its first token."""
+        req = st.request
+        rid = req.request_id
+        try:
+            try:
+                block_ids, cached = await self.client.call("reserve_remote", rid, req.prompt_token_ids, params)
+            except KVCacheFullError:
+                # No blocks free for a transfer right now (nothing was reserved): rather than refuse, the prompt
+                # waits in this worker's queue and is prefilled here once blocks free up; the prefill worker
+                # drops its copy now instead of holding it until its timeout.
+                log.info("request %s: no room to receive its KV now; prefilling it here", rid)
+                self.client.add(rid, req.prompt_token_ids, params)
+                with contextlib.suppress(httpx.HTTPError):
+                    await self.aborter.post(f"{req.prefill_url}/abort/{rid}", timeout=2.0)
+                return
+            body = SendRequest(request_id=rid, dest=self.descriptors[0],
+                               dests=self.descriptors if len(self.descriptors) > 1 else [],
+                               dst_block_ids=block_ids, skip_blocks=cached // self.block_size)
+            try:
+                async with self.sender.post(f"{req.prefill_url}/send", body.model_dump_json().encode()) as resp:
+                    data = await resp.read()
+            except (StreamClientError, TimeoutError) as e:
+                raise RemotePrefillError(f"remote prefill failed: {e!r}") from e
+            if resp.status != 200:
+                raise RemotePrefillError(f"prefill worker answered {resp.status}: "
+                                         f"{data[:200].decode(errors='replace')}")
+            sent = SendResult.model_validate_json(data)
+            st.task = None
+            self.client.start_remote(rid, sent.first_token,
+                                     [(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in sent.logprobs])
+        except asyncio.CancelledError:  # aborted (the router left): the reserved blocks go back at once
+            self.client.abort(rid)
+            raise
+        except RemotePrefillError as e:
+            self.client.abort(rid)
+            self._fail(rid, str(e), "prefill_failed", "prefill_failed")
+        except RequestError as e:
+            self._fail(rid, str(e), "invalid_request_error", "invalid_request")
+        except EngineDeadError:
+            pass  # fail_all has ended every stream
+
+    def abort(self, rid: str) -> None:
+        """The router gave up on the request: no more chunks for it, its blocks freed now."""
+        st = self.streams.pop(rid, None)
+        if st is not None:
+            st.channel.requests.discard(rid)
+            if st.task is not None:
+                st.task.cancel()  # its handler aborts in the core
+                return
+        self.client.abort(rid)
+
+    def drop_channel(self, channel: Channel) -> None:
+        """The channel's router is gone: its requests end."""
+        if self.channels.get(channel.id) is channel:
+            del self.channels[channel.id]
+        for rid in list(channel.requests):
+            self.abort(rid)
+
+    # --- outputs ---
+
+    def on_step(self, step: Step) -> None:
+        touched: list[Channel] = []
+        for out in step.outs:
+            st = self.streams.get(out.request_id)
+            if st is None:  # aborted, or ended here by a stop string: the core's extra token is dropped
+                continue
+            reason = out.finish_reason
+            stopped = False
+            for tok in out.token_ids:
+                if st.detok.add(tok) and out.num_output_tokens >= st.min_tokens:
+                    stopped = True
+            if stopped:
+                if reason is None:
+                    self.client.abort(out.request_id)  # the engine would go on: stop it now
+                reason = "stop"
+            lps = [LogprobView(t, lp, top) for t, lp, top in out.logprobs] if out.logprobs else []
+            chunk = ChunkView(out.request_id, out.token_ids, st.detok.take_delta(final=reason is not None),
+                              reason is not None, reason, lps, out.num_prompt_tokens, out.num_cached_tokens,
+                              out.num_output_tokens, None)
+            self._put(st.channel, chunk, touched)
+            if reason is not None:
+                self._end(out.request_id)
+        for refused in step.refused:
+            if refused.request_id in self.streams:
+                kind = "overloaded" if refused.kind == "kv_cache_full" else "invalid_request_error"
+                self._put(self.streams[refused.request_id].channel,
+                          _error(refused.request_id, refused.message, kind, refused.kind), touched)
+                self._end(refused.request_id)
+        self._flush(touched)
+
+    def fail_all(self, message: str) -> None:
+        """The engine is gone: every request in flight ends with an engine_failed error."""
+        touched: list[Channel] = []
+        for rid, st in list(self.streams.items()):
+            if st.task is not None:
+                st.task.cancel()
+            self._put(st.channel, _error(rid, f"engine failed: {message}", "server_error", "engine_failed"), touched)
+            self._end(rid)
+        self._flush(touched)
+
+    def in_flight(self) -> int:
+        return len(self.streams)
+
+    def drain(self) -> None:
+        for channel in list(self.channels.values()):
+            channel.close()
+
+    def _fail(self, rid: str, message: str, kind: str, code: str) -> None:
+        st = self.streams.get(rid)
+        if st is not None:
+            touched: list[Channel] = []
+            self._put(st.channel, _error(rid, message, kind, code), touched)
+            self._end(rid)
+            self._flush(touched)
+
+    @staticmethod
+    def _put(channel: Channel, chunk: ChunkView, touched: list[Channel]) -> None:
+        if not channel.pending:
+            touched.append(channel)
+        channel.pending.append(chunk)
+
+    def _end(self, rid: str) -> None:
+        st = self.streams.pop(rid)
+        st.channel.requests.discard(rid)
+
+    @staticmethod
+    def _flush(touched: list[Channel]) -> None:
+        for channel in touched:
+            channel.flush()
+            if channel.solo and not channel.requests:
+                channel.close()
+
+
+def _error(rid: str, message: str, kind: str, code: str) -> ChunkView:
+    return ChunkView(request_id=rid, finished=True, finish_reason="error",
+                     error={"message": message, "type": kind, "code": code})

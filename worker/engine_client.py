@@ -1,0 +1,135 @@
+"""The frontend's handle on its engine core (worker/engine_core.py), on the frontend's event loop: requests in,
+calls answered by futures, each Step handed to the role's handler in one callback (no task, queue or wake-up
+a request). Torch-free.
+"""
+
+import asyncio
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from engine.errors import EngineDeadError, KVCacheFullError, RequestError
+from engine.sampling_params import SamplingParams
+from kv_transfer.descriptors import TransferError
+from worker.ipc import (
+    Abort,
+    Add,
+    Call,
+    Dead,
+    Drain,
+    FrameReader,
+    Hello,
+    Ready,
+    Release,
+    Reply,
+    StartRemote,
+    Step,
+    ToCore,
+    decode_to_frontend,
+    frame,
+)
+
+log = logging.getLogger("pdserve.worker")
+# A Reply's error, by the name the core sent, as the exception the caller catches.
+_ERRORS: dict[str, type[Exception]] = {"RequestError": RequestError, "KVCacheFullError": KVCacheFullError,
+                                       "TransferError": TransferError}
+
+
+class EngineClient(asyncio.Protocol):
+    def __init__(self, on_step: Callable[[Step], None], on_dead: Callable[[str], None],
+                 on_drain: Callable[[], None]):
+        """on_step: each Step, in order; on_dead: once, when the engine cannot go on (it failed, or its process
+        is gone); on_drain: the core host asks the frontend to finish and exit."""
+        self.on_step, self.on_dead, self.on_drain = on_step, on_dead, on_drain
+        self.error: str | None = None
+        self.transport: asyncio.Transport | None = None
+        self._reader = FrameReader()
+        self._calls: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self.hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def connect(cls, sock: socket.socket, on_step: Callable[[Step], None], on_dead: Callable[[str], None],
+                      on_drain: Callable[[], None]) -> "EngineClient":
+        """Over a connected socket to the core; returns once the core's Hello has arrived."""
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_unix_connection(lambda: cls(on_step, on_dead, on_drain), sock=sock)
+        await client.hello
+        return client
+
+    # --- to the core ---
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, hold_kv: bool = False) -> None:
+        self._send(Add(request_id, prompt_token_ids, params, hold_kv))
+
+    def abort(self, request_id: str) -> None:
+        self._send(Abort(request_id))
+
+    def start_remote(self, request_id: str, first_token: int, logprobs: list) -> None:
+        self._send(StartRemote(request_id, first_token, logprobs))
+
+    def release(self, request_id: str) -> None:
+        self._send(Release(request_id))
+
+    def ready(self) -> None:
+        self._send(Ready())
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Run an EngineCore call between its steps; raises what it raised (RequestError, KVCacheFullError,
+        TransferError), or EngineDeadError."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        call_id = next(self._ids)
+        future = self._calls[call_id] = asyncio.get_running_loop().create_future()
+        self._send(Call(call_id, method, list(args)))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
+    def _send(self, msg: ToCore) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(msg))
+
+    # --- from the core (asyncio.Protocol) ---
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for body in self._reader.feed(data):
+            msg = decode_to_frontend(body)
+            if isinstance(msg, Step):
+                self.on_step(msg)
+            elif isinstance(msg, Reply):
+                future = self._calls.get(msg.call_id)
+                if future is not None and not future.done():
+                    if msg.error is None:
+                        future.set_result(msg.value)
+                    else:
+                        name, message = msg.error
+                        future.set_exception(_ERRORS.get(name, RuntimeError)(message))
+            elif isinstance(msg, Hello):
+                self.hello.set_result(msg)
+            elif isinstance(msg, Dead):
+                self._die(msg.message)
+            elif isinstance(msg, Drain):
+                self.on_drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._die("the engine core's process is gone")
+        if not self.hello.done():
+            self.hello.set_exception(EngineDeadError("the engine core closed the connection before its Hello"))
+
+    def _die(self, message: str) -> None:
+        if self.error is not None:
+            return
+        self.error = message
+        log.error("engine failed: %s", message)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(f"engine failed: {message}"))
+        self.on_dead(message)
