@@ -1,9 +1,9 @@
 """Routes every worker serves to routers: health, info, tokenizer files, load and KV events."""
 
+import msgspec
 from fastapi import APIRouter, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from engine.errors import EngineDeadError
 from protocol.messages import WorkerLoad
 from worker.frontend import Frontend
 
@@ -18,11 +18,11 @@ def common_routes(fe: Frontend) -> APIRouter:
                                   ("tokens_computed", "Tokens run through the model"),
                                   ("prompt_tokens_cached", "Prompt tokens served from the prefix cache"))}
 
-    async def load() -> WorkerLoad:
-        try:
-            return WorkerLoad(**await fe.client.call("load"))
-        except EngineDeadError as e:
-            raise HTTPException(503, str(e)) from None
+    def load() -> WorkerLoad:
+        """As of the engine's last message: answered at once, whatever step the engine is in."""
+        if fe.load is None:
+            raise HTTPException(503, "the engine has not reported yet")
+        return WorkerLoad(**msgspec.structs.asdict(fe.load))
 
     @r.get("/health")
     async def health() -> dict:
@@ -44,11 +44,11 @@ def common_routes(fe: Frontend) -> APIRouter:
 
     @r.get("/load")
     async def get_load() -> dict:
-        return (await load()).model_dump()
+        return load().model_dump()
 
     @r.get("/metrics")
     async def metrics() -> Response:
-        now = await load()
+        now = load()
         values = {"running": now.running, "waiting": now.waiting, "free_kv_blocks": now.free_blocks,
                   "total_kv_blocks": now.total_blocks, "tokens_computed": now.tokens_computed,
                   "prompt_tokens_cached": now.prompt_tokens_cached}
@@ -60,7 +60,7 @@ def common_routes(fe: Frontend) -> APIRouter:
     async def kv_events(since: int = 0) -> dict:
         events = fe.events.since(since)
         if events is None:  # the caller missed events: it gets the whole cache to start over from
-            seq, hashes = await fe.snapshot()
+            seq, hashes = fe.events.snapshot()
             return {"seq": seq, "resync": True, "block_hashes": hashes, "events": []}
         return {"seq": fe.events.seq, "resync": False, "events": [dict(seq=s, **e.to_dict()) for s, e in events]}
 

@@ -31,6 +31,7 @@ from worker.ipc import (
     Drain,
     FrameReader,
     Hello,
+    Load,
     Out,
     Ready,
     Refused,
@@ -50,6 +51,7 @@ Targets = list[tuple[PoolDescriptor, HeadSlice | None]]
 # Another rank's share of a KV transfer, from rank 0: starts it and returns a wait for its bytes written.
 RankSender = Callable[[Targets, list[int], list[int], float], Callable[[], int]]
 _LATER = object()  # a call that replies by itself, later
+_REPORT = object()  # wakes the loop to send the counters (a transfer ended)
 
 
 def to_out(o: RequestOutput) -> Out:
@@ -77,10 +79,7 @@ class EngineCore:
         self._refused: list[Refused] = []
         self._loop = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._reader = threading.Thread(target=self._read, name="pdserve-engine-ipc", daemon=True)
-        self._calls: dict[str, Callable[..., Any]] = {
-            "reserve_remote": self._reserve_remote, "send_kv": self._send_kv, "load": self._load,
-            "snapshot": self._snapshot,
-        }
+        self._calls: dict[str, Callable[..., Any]] = {"reserve_remote": self._reserve_remote, "send_kv": self._send_kv}
 
     def attach_ranks(self, descriptors: list[PoolDescriptor], senders: list[RankSender]) -> None:
         """The pools and KV senders of ranks 1.. of a tensor/expert-parallel worker."""
@@ -89,6 +88,7 @@ class EngineCore:
 
     def start(self, hello: Hello) -> None:
         self._send(hello)
+        self._send(Step([], [], self.engine.block_pool.drain_events(), self._load()))
         self._reader.start()
         self._loop.start()
 
@@ -130,9 +130,7 @@ class EngineCore:
                     break
                 if engine.has_unfinished():
                     outputs = engine.step()
-                    events = engine.block_pool.drain_events()
-                    if outputs or events:
-                        self._send(Step([to_out(o) for o in outputs], [], events))
+                    self._send(Step([to_out(o) for o in outputs], [], engine.block_pool.drain_events(), self._load()))
         except BaseException as e:  # the engine's own failure: every request fails with it
             log.exception("engine loop failed")
             self.fail(f"{type(e).__name__}: {e}")
@@ -149,12 +147,14 @@ class EngineCore:
                 msg = self._messages.get_nowait()
             except queue.Empty:
                 break
-        if self._outs or self._refused:
-            outs, self._outs, refused, self._refused = self._outs, [], self._refused, []
-            self._send(Step(outs, refused, self.engine.block_pool.drain_events()))
+        # What the messages changed (outputs, refusals, blocks freed by aborts) goes out now, not after a step.
+        outs, self._outs, refused, self._refused = self._outs, [], self._refused, []
+        self._send(Step(outs, refused, self.engine.block_pool.drain_events(), self._load()))
 
     def _handle(self, msg) -> None:
         engine = self.engine
+        if msg is _REPORT:
+            return
         if isinstance(msg, Add):
             try:
                 engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.hold_kv)
@@ -189,21 +189,11 @@ class EngineCore:
         req = self.engine.reserve_remote(request_id, prompt, msgspec.convert(params, SamplingParams))
         return [req.block_ids, req.num_cached_tokens]
 
-    def _load(self, _: int) -> dict:
+    def _load(self) -> Load:
         e = self.engine
-        return {"running": len(e.scheduler.running) + len(e.scheduler.remote), "waiting": len(e.scheduler.waiting),
-                "free_blocks": e.block_pool.num_free_blocks, "total_blocks": e.block_pool.num_blocks,
-                "tokens_computed": e.stats.num_tokens_computed, "prompt_tokens_cached": e.kv_manager.num_hit_tokens,
-                "prompt_tokens": e.stats.num_prompt_tokens, "kv_bytes_sent": self.kv_bytes_sent,
-                "steps": e.stats.num_steps}
-
-    def _snapshot(self, _: int) -> list[int]:
-        """Every cached block hash; the events before it go out first, so the frontend's event log and this
-        list are of the same moment."""
-        events = self.engine.block_pool.drain_events()
-        if events:
-            self._send(Step([], [], events))
-        return list(self.engine.block_pool.cached)
+        return Load(len(e.scheduler.running) + len(e.scheduler.remote), len(e.scheduler.waiting),
+                    e.block_pool.num_free_blocks, e.block_pool.num_blocks, e.stats.num_tokens_computed,
+                    e.kv_manager.num_hit_tokens, e.stats.num_prompt_tokens, self.kv_bytes_sent, e.stats.num_steps)
 
     def _send_kv(self, call_id: int, request_id: str, dests: list[dict], dst_block_ids: list[int],
                  skip_blocks: int, timeout_s: float) -> object:
@@ -233,6 +223,7 @@ class EngineCore:
             return
         self.kv_bytes_sent += sent
         self._send(Reply(call_id, sent))
+        self._messages.put(_REPORT)
 
     # --- the socket ---
 

@@ -1,9 +1,12 @@
-"""The worker's KV event log: numbered events for routers, with a snapshot to resync from."""
+"""The worker's KV event log: numbered events for routers, and the cache they describe to resync from.
 
-import threading
+The frontend keeps it from the engine core's Step messages, which carry every event since the engine
+started: the set of cached block hashes it keeps from them is the engine's own, and a router that missed
+events gets that set without waiting for the engine's next step."""
+
 from collections import deque
 
-from protocol.kv_events import KVEvent
+from protocol.kv_events import KVEvent, KVEventKind
 
 MAX_EVENTS = 10_000
 
@@ -12,20 +15,29 @@ class EventLog:
     def __init__(self) -> None:
         self.seq = 0  # number of the last event
         self.events: deque[tuple[int, KVEvent]] = deque(maxlen=MAX_EVENTS)
-        self._lock = threading.Lock()  # the engine thread appends, the server's loop reads
+        self.cached: dict[int, None] = {}  # every block hash held now, as the events tell
 
     def extend(self, events: list[KVEvent]) -> None:
-        with self._lock:
-            for e in events:
-                self.seq += 1
-                self.events.append((self.seq, e))
+        for e in events:
+            self.seq += 1
+            self.events.append((self.seq, e))
+            if e.kind is KVEventKind.STORED:
+                self.cached.update(dict.fromkeys(e.block_hashes))
+            elif e.kind is KVEventKind.REMOVED:
+                for h in e.block_hashes:
+                    self.cached.pop(h, None)
+            else:
+                self.cached.clear()
 
     def since(self, seq: int) -> list[tuple[int, KVEvent]] | None:
-        """Events after `seq`, or None when some were dropped (the caller must resync from a snapshot)."""
-        with self._lock:
-            if seq >= self.seq:
-                return [] if seq == self.seq else None  # a newer seq than ours: we restarted
-            oldest = self.events[0][0] if self.events else self.seq + 1
-            if seq + 1 < oldest:
-                return None
-            return [(s, e) for s, e in self.events if s > seq]
+        """Events after `seq`, or None when some were dropped (the caller must resync from the snapshot)."""
+        if seq >= self.seq:
+            return [] if seq == self.seq else None  # a newer seq than ours: we restarted
+        oldest = self.events[0][0] if self.events else self.seq + 1
+        if seq + 1 < oldest:
+            return None
+        return [(s, e) for s, e in self.events if s > seq]
+
+    def snapshot(self) -> tuple[int, list[int]]:
+        """(the last event's number, every block hash held after it)."""
+        return self.seq, list(self.cached)

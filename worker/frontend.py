@@ -24,7 +24,7 @@ from protocol.messages import WireSamplingParams, WorkerInfo
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
 from worker.events import EventLog
-from worker.ipc import Hello, Step
+from worker.ipc import Hello, Load, Step
 
 log = logging.getLogger("pdserve.worker")
 _EXIT_AFTER_DEATH_S = 0.5  # let the error frames of the requests in flight go out before exiting
@@ -58,6 +58,7 @@ class Frontend:
         self.client: EngineClient | None = None
         self.hello: Hello | None = None
         self.server: uvicorn.Server | None = None
+        self.load: Load | None = None  # the engine's counters, as of its last message
         self.error: str | None = None  # why the engine cannot serve (it failed, or its process is gone)
         self.draining = False
         self._tasks: set[asyncio.Task] = set()
@@ -75,6 +76,8 @@ class Frontend:
         self.hello = self.client.hello.result()
 
     def _on_step(self, step: Step) -> None:
+        if step.load is not None:
+            self.load = step.load
         if step.events:
             self.events.extend(step.events)
         if self.handler is not None and (step.outs or step.refused):
@@ -105,11 +108,6 @@ class Frontend:
             self.handler.drain()  # long-lived streams (a decode worker's channels) end now
         if self.server is not None:
             self.server.should_exit = True
-
-    async def snapshot(self) -> tuple[int, list[int]]:
-        """(event seq, every cached block hash) of one moment: the core sends the events before its answer."""
-        hashes = await self.client.call("snapshot")
-        return self.events.seq, hashes
 
 
 class _Server(uvicorn.Server):

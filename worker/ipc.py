@@ -102,10 +102,27 @@ class Refused(_Message):
     message: str
 
 
+class Load(msgspec.Struct, array_like=True):
+    """The engine's counters (protocol.messages.WorkerLoad's fields), as of the message carrying them."""
+
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    tokens_computed: int
+    prompt_tokens_cached: int
+    prompt_tokens: int
+    kv_bytes_sent: int
+    steps: int
+
+
 class Step(_Message):
+    """A step's outputs (or what messages between steps produced), and the engine's counters after it."""
+
     outs: list[Out]
     refused: list[Refused] = []
     events: list[KVEvent] = []
+    load: Load | None = None
 
 
 class Reply(_Message):

@@ -177,7 +177,7 @@ def _flags(module) -> set[str]:
 def _worker_routes() -> set[str]:
     from worker.common_routes import common_routes
 
-    class _Rt:  # common_routes only reads config and the event log at registration time
+    class _Rt:  # common_routes only reads the frontend's config at registration time
         config = type("C", (), {"name": "w", "role": "decode"})()
 
     return {r.path for r in common_routes(_Rt()).routes}

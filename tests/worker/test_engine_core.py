@@ -5,7 +5,6 @@ calls, and a failure the frontend hears even while the loop is stuck."""
 import asyncio
 import socket
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -22,10 +21,22 @@ from worker.shard import EngineShard
 CHATS = ["List three colours.", "What is 2+2?", "Name a fruit."]
 
 
+def _shard(model) -> EngineShard:
+    return EngineShard(WorkerConfig(role="decode", name="core-test", engine=EngineConfig(
+        model=str(model), kv_cache_bytes=32 << 20)))
+
+
 @pytest.fixture(scope="module")
 def shard(demo_gguf):
-    s = EngineShard(WorkerConfig(role="decode", name="core-test", engine=EngineConfig(
-        model=str(demo_gguf), kv_cache_bytes=32 << 20)))
+    s = _shard(demo_gguf)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fresh_shard(demo_gguf):
+    """An engine no other test used: its cache is what this test's messages describe."""
+    s = _shard(demo_gguf)
     yield s
     s.close()
 
@@ -54,18 +65,31 @@ class Frontend:
     def outs(self, rid: str) -> list:
         return [o for s in self.steps for o in s.outs if o.request_id == rid]
 
+    @property
+    def load(self):
+        return next(s.load for s in reversed(self.steps) if s.load is not None)
 
-@pytest.fixture
-async def connected(shard):
+
+async def _connect(shard):
     ours, theirs = socket.socketpair()
     core = EngineCore(shard, ours)
     fe = Frontend()
     core.start(Hello(WorkerConfig(role="decode", name="t", engine=shard.engine.config), {}, {}, []))
     client = await EngineClient.connect(theirs, fe.on_step, fe.on_dead, lambda: None)
-    yield core, client, fe
+    return core, client, fe
+
+
+async def _disconnect(core, client) -> None:
     client.transport.close()  # the socket closes on the loop's next turn: wait off the loop
     assert await asyncio.to_thread(core.wait, 10), "the loop outlived its frontend"
     core.stop()
+
+
+@pytest.fixture
+async def connected(shard):
+    core, client, fe = await _connect(shard)
+    yield core, client, fe
+    await _disconnect(core, client)
 
 
 async def test_every_step_is_one_message_with_each_running_requests_token(connected, demo_engine):
@@ -88,19 +112,21 @@ async def test_every_step_is_one_message_with_each_running_requests_token(connec
     assert fe.outs("r1")[-1].finish_reason == "length" and fe.outs("r1")[0].num_prompt_tokens == len(prompts[1])
 
 
-async def test_an_abort_frees_the_requests_blocks_before_the_next_call(connected, demo_engine):
+async def test_an_abort_frees_the_requests_blocks_in_the_message_that_follows_it(connected, demo_engine):
     core, client, fe = connected
-    total = (await client.call("load"))["total_blocks"]
+    await fe.until(lambda: any(s.load for s in fe.steps))
+    total = fe.load.total_blocks
     prompt = demo_engine.tokenizer.encode_chat([{"role": "user", "content": CHATS[0]}])
     client.add("long", prompt, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     await fe.until(lambda: len(fe.outs("long")) >= 2)
-    assert (await client.call("load"))["free_blocks"] < total
+    assert fe.load.free_blocks < total and fe.load.running == 1
     client.abort("long")
-    load = await client.call("load")  # messages run in order: the abort ran before this call
-    assert load["free_blocks"] == total and load["running"] == 0
-    seen = len(fe.outs("long"))
+    seen = len(fe.steps)
+    await fe.until(lambda: len(fe.steps) > seen)  # the core reports what the abort changed at once
+    assert fe.load.free_blocks == total and fe.load.running == 0
+    outs = len(fe.outs("long"))
     await asyncio.sleep(0.2)
-    assert len(fe.outs("long")) == seen  # nothing more for it
+    assert len(fe.outs("long")) == outs  # nothing more for it
 
 
 async def test_a_refused_request_comes_back_refused_and_the_engine_goes_on(connected):
@@ -120,36 +146,41 @@ async def test_calls_raise_what_the_core_raised(connected):
         await client.call("reserve_remote", "huge", list(range(10_000)), SamplingParams(max_tokens=1))
     with pytest.raises(RuntimeError):
         await client.call("no_such_call")
-    assert (await client.call("load"))["running"] == 0
+    block_ids, cached = await client.call("reserve_remote", "fits", [1, 2, 3] * 12, SamplingParams(max_tokens=1))
+    assert len(block_ids) == 3 and cached == 0
+    client.abort("fits")
 
 
-async def test_a_snapshot_is_the_cache_the_events_before_it_describe(connected, demo_engine):
-    core, client, fe = connected
-    prompt = demo_engine.tokenizer.encode_chat([{"role": "user", "content": "Describe the sea in detail."}])
-    client.add("s", prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
-    await fe.until(lambda: fe.outs("s") and fe.outs("s")[-1].finish_reason)
-    held = await client.call("snapshot")
-    stored = {h for s in fe.steps for e in s.events if e.kind is KVEventKind.STORED for h in e.block_hashes}
-    assert stored and stored <= set(held)  # every block the events announced, in the snapshot taken after them
+async def test_the_events_describe_the_engines_cache_exactly(fresh_shard, demo_engine):
+    from worker.events import EventLog
+
+    core, client, fe = await _connect(fresh_shard)
+    for i, text in enumerate(["Describe the sea in detail.", "Describe the sea in detail, please.", "Hi"]):
+        prompt = demo_engine.tokenizer.encode_chat([{"role": "user", "content": text}])
+        client.add(f"s{i}", prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    await fe.until(lambda: all(fe.outs(f"s{i}") and fe.outs(f"s{i}")[-1].finish_reason for i in range(3)))
+    log = EventLog()
+    for step in fe.steps:
+        log.extend(step.events)
+    seq, held = log.snapshot()
+    assert held and seq == log.seq
+    # The loop is idle (no request left): its block pool can be read from here.
+    assert set(held) == set(core.engine.block_pool.cached)
+    assert any(e.kind is KVEventKind.STORED for s in fe.steps for e in s.events)
+    await _disconnect(core, client)
 
 
-async def test_a_dead_rank_reaches_the_frontend_while_the_loop_is_stuck_and_stays_the_cause():
+async def test_a_dead_rank_reaches_the_frontend_while_the_loop_is_stuck_and_stays_the_cause(fresh_shard, monkeypatch):
     release = threading.Event()
 
-    class StuckInACollective:
-        def has_unfinished(self) -> bool:
-            return True
+    def stuck_in_a_collective():
+        release.wait(10)
+        raise RuntimeError("gloo: read error (connection reset by peer)")
 
-        def step(self):
-            release.wait(10)
-            raise RuntimeError("gloo: read error (connection reset by peer)")
-
-    ours, theirs = socket.socketpair()
-    core = EngineCore(SimpleNamespace(engine=StuckInACollective(), descriptor=None), ours)
-    fe = Frontend()
-    core.start(Hello(WorkerConfig(role="decode", name="t", engine=EngineConfig(model="x")), {}, {}, []))
-    client = await EngineClient.connect(theirs, fe.on_step, fe.on_dead, lambda: None)
-    pending = asyncio.ensure_future(client.call("load"))  # queued behind the stuck step
+    monkeypatch.setattr(fresh_shard.engine, "step", stuck_in_a_collective)
+    monkeypatch.setattr(fresh_shard.engine, "has_unfinished", lambda: True)
+    core, client, fe = await _connect(fresh_shard)
+    pending = asyncio.ensure_future(client.call("reserve_remote", "x", [1], SamplingParams()))  # behind the step
     await asyncio.sleep(0.1)
     core.fail(RuntimeError("rank 1 of worker w died"))
     await fe.until(lambda: fe.dead)
@@ -160,7 +191,7 @@ async def test_a_dead_rank_reaches_the_frontend_while_the_loop_is_stuck_and_stay
     assert await asyncio.to_thread(core.wait, 10)
     assert core.error == "rank 1 of worker w died"  # the collective's error, its echo, did not replace it
     with pytest.raises(EngineDeadError):
-        await client.call("load")
+        await client.call("reserve_remote", "y", [1], SamplingParams())
     client.transport.close()
     core.stop()
 

@@ -42,8 +42,9 @@ def models(tmp_path_factory):
 def _config(folder, role: str, name: str, tp: int = 1, ep: int = 1, **over) -> WorkerConfig:
     from pdserve_cli.main import free_port
 
-    return WorkerConfig(role=role, name=name, model=str(folder), port=free_port(), device="cpu", dtype="float32",
-                        kv_cache_bytes=4 << 20, max_num_batched_tokens=64, tp_size=tp, ep_size=ep, **over)
+    engine = EngineConfig(model=str(folder), device="cpu", dtype="float32", kv_cache_bytes=4 << 20,
+                          max_num_batched_tokens=64)
+    return WorkerConfig(role=role, name=name, engine=engine, port=free_port(), tp_size=tp, ep_size=ep, **over)
 
 
 def _generate(url: str, prompt: list[int], rid: str, max_tokens: int = MAX_TOKENS, prefill_url: str | None = None
@@ -58,7 +59,7 @@ def _generate(url: str, prompt: list[int], rid: str, max_tokens: int = MAX_TOKEN
         prefill.start()
     body = {"request_id": rid, "prompt_token_ids": prompt, "prefill_url": prefill_url, "params": params}
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as r:
-        chunks = [json.loads(line) for line in r.iter_lines() if line]
+        chunks = [c for line in r.iter_lines() if line for c in json.loads(line)]  # a frame: a list of chunks
     if prefill is not None:
         prefill.join(60)
     return [t for c in chunks for t in c["token_ids"]], chunks
@@ -150,9 +151,9 @@ def test_dead_rank_makes_worker_unhealthy_fails_requests_and_restart_recovers(ra
                 "params": {"max_tokens": 400, "temperature": 0, "ignore_eos": True}}
         with httpx.stream("POST", f"{group.url}/generate", json=body, timeout=60) as r:
             lines = r.iter_lines()
-            first = json.loads(next(lines))  # the request is running on both ranks
+            first = json.loads(next(lines))[0]  # the request is running on both ranks
             ray.kill(group.actors[1])
-            rest = [json.loads(line) for line in lines if line]
+            rest = [c for line in lines if line for c in json.loads(line)]
         tokens = first["token_ids"] + [t for c in rest for t in c["token_ids"]]
         assert len(tokens) < 400 and rest[-1]["finish_reason"] == "error"
         assert rest[-1]["error"]["code"] == "engine_failed"
@@ -161,8 +162,9 @@ def test_dead_rank_makes_worker_unhealthy_fails_requests_and_restart_recovers(ra
         while "rank 1" not in (health := httpx.get(f"{group.url}/health")).text and time.monotonic() < deadline:
             time.sleep(0.1)
         assert health.status_code == 503 and "rank 1 of worker doomed died" in health.json()["detail"]
-        _, refused = _generate(group.url, PROMPTS[0], "after")
-        assert refused[-1]["finish_reason"] == "error"
+        refused = httpx.post(f"{group.url}/generate", json={"request_id": "after", "prompt_token_ids": PROMPTS[0],
+                                                             "params": {"max_tokens": 2}}, timeout=10)
+        assert refused.status_code == 503 and "rank 1" in refused.json()["error"]["message"]
 
         group.restart()
         assert httpx.get(f"{group.url}/health").status_code == 200
