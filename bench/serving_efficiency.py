@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from bench.cluster import LocalCluster
 from bench.common import emit
 from bench.disagg import LLAMA_1B, dummy_model
 from bench.engine_gpu import LLAMA3_8B
-from bench.loadgen import _replay_in_process, summarize
+from bench.loadgen import _replay, summarize
 from bench.workloads import fixed
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -89,23 +88,27 @@ def worker_cpu(pid: int) -> dict[str, float]:
     return {"core": _cpu(core), "frontend": sum(_cpu(c) for c in core.children(recursive=True))}
 
 
+def _replay_timed(*args) -> tuple[list, float, float]:
+    """A load generator's replay in its own process: (results, wall, its CPU seconds during the replay)."""
+    cpu = time.process_time()
+    results, wall = asyncio.run(_replay(*args))
+    return results, wall, time.process_time() - cpu
+
+
 def serve(routers: list[str], model: str, prompts: list[list[int]], output_len: int, streams: int
           ) -> tuple[dict, float, float]:
     """The request set through the routers (one load-generator process a router, streams split among them):
-    the summary, the wall time, the load generators' CPU seconds."""
+    the summary, the wall time, the load generators' CPU seconds (all of them, during the replay)."""
     sessions = [{"kind": "completion", "session": f"s{i}", "prompt": p, "max_tokens": output_len}
                 for i, p in enumerate(prompts)]
     n = len(routers)
     start_at = time.time() + 1.0
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with ProcessPoolExecutor(n, mp_context=get_context("spawn")) as pool:
-        parts = [pool.submit(_replay_in_process, url, model, max(1, streams // n), None, 1800.0, start_at,
+        parts = [pool.submit(_replay_timed, url, model, max(1, streams // n), None, 1800.0, start_at,
                              sessions[i::n], [0.0] * len(sessions[i::n])) for i, url in enumerate(routers)]
-        results = [r for p in parts for r in p.result()[0]]
-        wall = max(p.result()[1] for p in parts)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's processes, reaped as the pool closed
-    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return summarize(results, wall), wall, used
+        done = [p.result() for p in parts]
+    results = [r for part, _, _ in done for r in part]
+    return summarize(results, max(w for _, w, _ in done)), max(w for _, w, _ in done), sum(c for _, _, c in done)
 
 
 def main() -> None:
