@@ -52,11 +52,13 @@ def offline(model: str, engine_args: dict, prompts: list[list[int]], output_len:
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     warm = [[(t * 7 + 3) % 30000 + 100 for t in p] for p in prompts[: max(2, len(prompts) // 8)]]
     engine.generate(warm, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
+    steps = engine.stats.num_steps
     done = engine.generate(prompts, params)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
     tokens = sum(len(c.token_ids) for c in done)
-    return {"tok_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "steps": engine.stats.num_steps}
+    return {"tok_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "steps": engine.stats.num_steps - steps,
+            "cpu_cores": cpu / wall}
 
 
 def _offline_child(a: argparse.Namespace) -> None:
@@ -102,13 +104,15 @@ def serve(routers: list[str], model: str, prompts: list[list[int]], output_len: 
     sessions = [{"kind": "completion", "session": f"s{i}", "prompt": p, "max_tokens": output_len}
                 for i, p in enumerate(prompts)]
     n = len(routers)
-    start_at = time.time() + 1.0
     with ProcessPoolExecutor(n, mp_context=get_context("spawn")) as pool:
+        list(pool.map(time.sleep, [0.5] * n))  # every process started and imported before the common start
+        start_at = time.time() + 0.5
         parts = [pool.submit(_replay_timed, url, model, max(1, streams // n), None, 1800.0, start_at,
                              sessions[i::n], [0.0] * len(sessions[i::n])) for i, url in enumerate(routers)]
         done = [p.result() for p in parts]
     results = [r for part, _, _ in done for r in part]
-    return summarize(results, max(w for _, w, _ in done)), max(w for _, w, _ in done), sum(c for _, _, c in done)
+    wall = max(r.done_at for r in results) - start_at  # from the common start to the last answer, all processes
+    return summarize(results, wall), wall, sum(c for _, _, c in done)
 
 
 def main() -> None:
@@ -182,10 +186,11 @@ def main() -> None:
                  shape=shape, streams=streams, requests=requests, prompt_len=prompt_len, output_len=output_len,
                  routers=n_routers, errors=summary["errors"],
                  itl_p50_ms=summary["itl_p50_ms"], itl_p99_ms=summary["itl_p99_ms"],
-                 ttft_p50_ms=summary["ttft_p50_ms"],
+                 ttft_p50_ms=summary["ttft_p50_ms"], ttft_p99_ms=summary["ttft_p99_ms"], wall_s=wall,
+                 offline_wall_s=base["wall_s"], offline_cpu_cores=base["cpu_cores"],
                  worker_steps_per_s=steps / wall,
                  worker_tokens_per_step=(load1["tokens_computed"] - load0["tokens_computed"]) / max(1, steps),
-                 offline_steps=base["steps"],
+                 worker_steps=steps, offline_steps=base["steps"],
                  core_cpu_us_per_token=(cpu1["core"] - cpu0["core"]) / max(1, generated) * 1e6,
                  frontend_cpu_us_per_token=(cpu1["frontend"] - cpu0["frontend"]) / max(1, generated) * 1e6,
                  worker_cpu_cores=(cpu1["core"] + cpu1["frontend"] - cpu0["core"] - cpu0["frontend"]) / wall,
