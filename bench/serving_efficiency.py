@@ -150,7 +150,8 @@ def main() -> None:
         else:
             model = str(dummy_model(tok_dir, SHAPES[shape]))
             engine_args = {"load_format": "dummy", "dtype": "bfloat16" if on_gpu else "float32"}
-            vocab = SHAPES[shape]["vocab_size"]
+            # Prompt ids the router's tokenizer (the demo model's, 49,152 ids) accepts, whatever the shapes' vocabulary.
+            vocab = min(49152, SHAPES[shape]["vocab_size"])
         kv_bytes = int((a.kv_gib or (20 if on_gpu else 0.25)) * 2**30)
         for streams in streams_list:
             requests = 2 * streams
@@ -184,7 +185,7 @@ def main() -> None:
             emit("serving_efficiency", "served_output_tok_per_s", summary["output_tok_per_s"], "tok/s",
                  "LLMEngine.generate offline, same requests, same max_num_seqs (fresh process)", base["tok_per_s"],
                  shape=shape, streams=streams, requests=requests, prompt_len=prompt_len, output_len=output_len,
-                 routers=n_routers, errors=summary["errors"],
+                 routers=n_routers, errors=summary["errors"], errors_by_status=summary["errors_by_status"],
                  itl_p50_ms=summary["itl_p50_ms"], itl_p99_ms=summary["itl_p99_ms"],
                  ttft_p50_ms=summary["ttft_p50_ms"], ttft_p99_ms=summary["ttft_p99_ms"], wall_s=wall,
                  offline_wall_s=base["wall_s"], offline_cpu_cores=base["cpu_cores"],
