@@ -108,7 +108,8 @@ def make(name: str, n: int, seed: int, **kw: Any) -> list[dict[str, Any]]:
         return sharegpt(n, seed, multi_turn=False)
     if name == "prefix":
         return prefix_heavy(kw.get("prefixes", 4), max(1, n // (4 * kw.get("turns", 3))), kw.get("turns", 3),
-                            kw.get("one_shot_share", 0.2), seed)
+                            kw.get("one_shot_share", 0.2), seed, kw.get("system_words", 600),
+                            kw.get("answer_len", 64))
     if name == "long":
         return long_context(n, seed, output_len=kw.get("output_len", 16), vocab=kw.get("vocab", 32000))
     if name == "long-3k8k":
