@@ -104,7 +104,9 @@ def decode_roofline_s(engine, batch: int, ctx: int, bw: float) -> float:
     return (touched_weight_bytes(engine, batch) + batch * ctx * kv_token_bytes) / bw
 
 
-def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
+def fill_decode_batch(engine, batch: int, ctx: int, steps: int) -> None:
+    """Add `batch` requests of `ctx` random tokens and prefill them all; each may then decode `steps` more
+    tokens (and a few for warm-up) before it finishes."""
     from engine.sampling_params import SamplingParams
 
     # Requests prefilled early decode while the rest prefill (one step a max_num_batched_tokens of prompt):
@@ -116,6 +118,15 @@ def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
     while any(r.num_computed_tokens < r.num_tokens - 1 or not r.output_token_ids
               for r in engine.scheduler.requests.values()):
         engine.step()  # prefill everything first
+
+
+def abort_all(engine) -> None:
+    for rid in list(engine.scheduler.requests):
+        engine.abort_request(rid)
+
+
+def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
+    fill_decode_batch(engine, batch, ctx, steps)
     for _ in range(3):
         engine.step()
     sync(engine.device)
@@ -127,8 +138,7 @@ def decode_step_time(engine, batch: int, ctx: int, steps: int) -> float:
         raise RuntimeError(f"only {len(engine.scheduler.running)} of {batch} requests ran at context {ctx} "
                            f"({len(engine.scheduler.requests)} unfinished): the KV pool may be too small for this "
                            "batch (more --kv-gib)")
-    for rid in list(engine.scheduler.requests):
-        engine.abort_request(rid)
+    abort_all(engine)
     return elapsed
 
 
