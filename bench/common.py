@@ -23,6 +23,11 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores)"
 
 
+def _significant(x: float) -> float:
+    """Six significant digits: small CPU figures (0.0191 TB/s) keep their precision, large ones lose noise."""
+    return float(f"{x:.6g}")
+
+
 def emit(bench: str, metric: str, value: float, unit: str, baseline: str | None = None,
          baseline_value: float | None = None, ratio: float | None = None, hardware_limit: bool = False,
          **extra: Any) -> dict:
@@ -39,8 +44,8 @@ def emit(bench: str, metric: str, value: float, unit: str, baseline: str | None 
         ratio = value / baseline_value
     elif ratio is not None:
         raise ValueError(f"{bench}.{metric}: a ratio without a baseline")
-    row = {"bench": bench, "metric": metric, "value": round(value, 4), "unit": unit, "baseline": baseline,
-           "baseline_value": None if baseline_value is None else round(baseline_value, 4),
+    row = {"bench": bench, "metric": metric, "value": _significant(value), "unit": unit, "baseline": baseline,
+           "baseline_value": None if baseline_value is None else _significant(baseline_value),
            "ratio": None if ratio is None else round(ratio, 4), "device": device_name(),
            "python": sys.version.split()[0], **extra}
     print(json.dumps(row), flush=True)
