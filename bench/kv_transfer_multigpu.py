@@ -51,13 +51,18 @@ def _receiver(num_blocks: int, out, cmds, shm_path: str | None) -> None:
         two_sided = DistTransport("decode", backend="gloo")
     out.put((one_sided_desc, two_sided.register_pool(pool, _desc("decode", two_sided.backend, num_blocks)).to_dict()))
     two_sided.accept("prefill")
+
+    def sync() -> None:  # this process's GPU only (no context on the sender's)
+        if pool.is_cuda:
+            torch.cuda.synchronize()
+
     while (cmd := cmds.get(timeout=600)) is not None:
         if cmd[0] == "checksum":
-            _sync()
+            sync()
             out.put(pool[cmd[1]].view(torch.int16).double().sum().item())
             continue
         two_sided.receive_blocks("prefill", cmd)
-        _sync()
+        sync()
         out.put("ok")
     if one_sided is not None:
         one_sided.close()
@@ -160,6 +165,7 @@ def main() -> None:
 
 
 def _sync() -> None:
+    """The sender's view: both GPUs (none on the CPU)."""
     for d in range(torch.cuda.device_count()):
         torch.cuda.synchronize(d)
 
