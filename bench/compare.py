@@ -1,9 +1,18 @@
 """Compare result files of bench.run/bench.sweep: a markdown table and PNG plots (latency CDFs, goodput vs
-request rate). python -m bench.compare a.jsonl b.jsonl --out compare/"""
+request rate), and one JSON line a result row (its goodput; no ratio: the rows may come from different runs).
+
+  python -m bench.compare a.jsonl b.jsonl --out compare/
+
+--quick: makes its own result files first (bench.run against a mock with known delays and an ideal mock, two
+rates each, 10 requests a rate), then compares them into a temporary folder.
+"""
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
+
+from bench.common import emit
 
 COLUMNS = ("label", "workload", "rate", "ok", "errors", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
            "itl_p50_ms", "itl_p99_ms", "e2e_p99_ms", "goodput_req_per_s", "slo_attainment", "cache_hit_ratio")
@@ -62,19 +71,50 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def quick_results(folder: Path) -> list[str]:
+    """bench.run's result files for two mocks at two rates each (the input --quick compares)."""
+    from bench.run import add_args, quick_defaults, run_once, start_mock, stop, workload_from
+
+    ap = argparse.ArgumentParser()
+    add_args(ap)
+    files = []
+    for label, ttft_s, itl_s in (("mock 50 ms + 10 ms/token", 0.05, 0.01), ("ideal mock", 0.0, 0.0)):
+        url, proc = start_mock(ttft_s, itl_s)
+        try:
+            a = ap.parse_args(["--url", url, "--label", label, "--out", str(folder / f"{len(files)}.jsonl")])
+            quick_defaults(a, 10, None)
+            for rate in (10.0, 40.0):
+                run_once(a, rate, workload_from(a))
+        finally:
+            stop(proc)
+        files.append(a.out)
+    return files
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--out", default="compare")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*")
+    ap.add_argument("--out", default=None, help="default: compare/ (--quick: a temporary folder)")
+    ap.add_argument("--quick", action="store_true", help="compare result files made here against two mocks")
     a = ap.parse_args()
+    if a.quick:
+        scratch = Path(tempfile.mkdtemp(prefix="pdserve-compare-"))
+        a.files, a.out = a.files or quick_results(scratch), a.out or str(scratch / "compare")
+    if not a.files:
+        raise SystemExit("give result files (bench.run --out), or --quick")
     rows = [json.loads(line) for f in a.files for line in Path(f).read_text().splitlines() if line.strip()]
-    out = Path(a.out)
+    out = Path(a.out or "compare")
     out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
     (out / "table.md").write_text(md)
     print(md)
-    for p in plots(rows, out):
+    made = plots(rows, out)
+    for p in made:
         print(f"wrote {p}")
+    for r in rows:
+        emit("compare", "goodput_req_per_s", r.get("goodput_req_per_s") or 0.0, "req/s", label=r.get("label"),
+             rate=r.get("rate"), workload=r.get("workload"), slo_attainment=r.get("slo_attainment"),
+             ttft_p50_ms=r.get("ttft_p50_ms"), table=str(out / "table.md"), plots=[str(p) for p in made])
 
 
 if __name__ == "__main__":

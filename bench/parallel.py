@@ -10,6 +10,14 @@ Several GPUs (--tp/--ep lists, one process a rank, NCCL): decode step time of Ll
 TP size and of the MoE for each EP size, against TP=1 and against the roofline of the GPUs used.
 
 Run: python -m bench.parallel [--tp 1,2,4] [--ep 2,4] [--batches 1,8,64]
+
+The MoE layer's line is GFLOP/s against the dense matmul's on the same FLOPs (ratio: the grouped kernel's
+speedup); decode lines are held against the memory roofline (hardware_limit: true).
+
+--quick: both modes on the CPU with small shapes (float32, PyTorch attention): the MoE layer of a 16-expert
+top-2 model at 1, 16 and 256 tokens, its TP=1 decode, then ranks as processes over gloo instead of NCCL: a
+4-layer Llama at TP 1 and 2 and the MoE at EP 2. On one CPU the ranks share the memory bandwidth, so the
+roofline of "the GPUs used" is optimistic there; --quick exercises the code, the numbers count on GPUs.
 """
 
 import argparse
@@ -21,41 +29,62 @@ import time
 import torch
 
 from bench.common import emit
-from bench.engine_gpu import LLAMA3_8B, config_folder, decode_roofline_s, decode_step_time, read_bandwidth
+from bench.engine_gpu import (
+    LLAMA3_8B,
+    QUICK_LLAMA,
+    config_folder,
+    decode_roofline_s,
+    decode_step_time,
+    read_bandwidth,
+    sync,
+)
 
 QWEN3_MOE_30B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
                      max_position_embeddings=16384, rope_theta=1000000.0, tie_word_embeddings=False,
                      rms_norm_eps=1e-6)
+QUICK_MOE = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                 num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=4096,
+                 max_position_embeddings=2048, rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)
 
 
-def _timed(fn, reps: int = 20) -> float:
+def _setup(quick: bool) -> tuple[torch.device, torch.dtype, dict, dict]:
+    """(device, dtype, dense shapes, MoE shapes) of a run: the GPU's, or --quick's on the CPU."""
+    if quick:
+        return torch.device("cpu"), torch.float32, QUICK_LLAMA, QUICK_MOE
+    return torch.device("cuda"), torch.bfloat16, LLAMA3_8B, QWEN3_MOE_30B
+
+
+def _timed(fn, device: torch.device, reps: int = 20) -> float:
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t) / reps
 
 
-def moe_kernel(tokens: list[int], bw: float) -> None:
+def moe_kernel(tokens: list[int], bw: float, shapes: dict = QWEN3_MOE_30B, device: torch.device | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> None:
     from engine.model_config import ModelConfig
     from engine.moe import SparseMoE, looped_swiglu
     from engine.parallel import SINGLE
 
-    cfg = ModelConfig.from_hf_dict(QWEN3_MOE_30B)
-    with torch.device("cuda"):
-        moe = SparseMoE(cfg, SINGLE).to(torch.bfloat16)
+    device = device or torch.device("cuda")
+    cfg = ModelConfig.from_hf_dict(shapes)
+    with device:
+        moe = SparseMoE(cfg, SINGLE).to(dtype)
         for p in moe.parameters():
             p.data.normal_(0, 0.02)
         h, i, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
-        w13, w2 = torch.randn(2 * i, h, dtype=torch.bfloat16) * 0.02, torch.randn(h, i, dtype=torch.bfloat16) * 0.02
-    expert_bytes = 3 * h * i * 2
+        w13, w2 = torch.randn(2 * i, h, dtype=dtype) * 0.02, torch.randn(h, i, dtype=dtype) * 0.02
+    expert_bytes = 3 * h * i * dtype.itemsize
     for t in tokens:
-        x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(t, h, dtype=dtype, device=device)
         rows = x.repeat_interleave(k, 0)
 
         def dense(rows=rows) -> torch.Tensor:  # one SwiGLU over all t*k rows: the same FLOPs, one weight
@@ -63,29 +92,31 @@ def moe_kernel(tokens: list[int], bw: float) -> None:
             return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2)
 
         with torch.inference_mode():
-            t_moe = _timed(lambda x=x: moe(x))
-            t_dense = _timed(dense)
+            t_moe = _timed(lambda x=x: moe(x), device)
+            t_dense = _timed(dense, device)
             touched = torch.topk(moe.gate(x).float(), k, dim=-1).indices.unique().numel()
             ref = moe.expert_kernel
             moe.expert_kernel = looped_swiglu
-            t_loop = _timed(lambda x=x: moe(x), reps=5)
+            t_loop = _timed(lambda x=x: moe(x), device, reps=5)
             moe.expert_kernel = ref
         flops = t * k * 6 * h * i
         roofline = touched * expert_bytes / bw
-        emit("parallel", f"moe_layer_tokens{t}", t_moe * 1e6, "us", "dense SwiGLU matmul, same FLOPs",
-             t_dense * 1e6, ratio=t_dense / t_moe, tflops=flops / t_moe / 1e12, experts_touched=touched,
-             memory_roofline_us=roofline * 1e6, roofline_ratio=roofline / t_moe,
+        # TFLOP/s on the same FLOPs: the ratio is the grouped kernel's speedup over the dense matmul.
+        emit("parallel", f"moe_layer_gflops_tokens{t}", flops / t_moe / 1e9, "GFLOP/s",
+             "dense SwiGLU matmul, same FLOPs", flops / t_dense / 1e9, moe_us=t_moe * 1e6, dense_us=t_dense * 1e6,
+             experts_touched=touched, memory_roofline_us=roofline * 1e6, roofline_ratio=roofline / t_moe,
              python_loop_over_experts_us=t_loop * 1e6, speedup_vs_loop=t_loop / t_moe,
-             shapes="qwen3-moe-30b-a3b layer (128 experts, top-8)", dtype="bfloat16")
+             shapes=f"{shapes['model_type']} layer ({cfg.num_experts} experts, top-{k})",
+             dtype=str(dtype).removeprefix("torch."))
 
 
 def _engine(shapes: dict, batches: list[int], parallel=None, kv_bytes: int = 16 << 30, attention: str = "auto",
-            ep_cuda_graphs: bool = True):
+            ep_cuda_graphs: bool = True, device: str = "auto", dtype: str = "bfloat16"):
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.parallel import SINGLE
 
-    return LLMEngine(EngineConfig(model=str(config_folder(shapes)), load_format="dummy", dtype="bfloat16",
+    return LLMEngine(EngineConfig(model=str(config_folder(shapes)), load_format="dummy", device=device, dtype=dtype,
                                   kv_cache_bytes=kv_bytes, max_num_seqs=max(batches), max_num_batched_tokens=8192,
                                   enable_prefix_caching=False, attention_backend=attention,
                                   ep_cuda_graphs=ep_cuda_graphs),
@@ -101,7 +132,7 @@ def decode_rows(engine, batches: list[int], ctx: int, steps: int, bw: float, ran
         roofline = decode_roofline_s(engine, b, ctx, bw)
         extra = {} if baseline is None else {"speedup_vs_1_rank": baseline[b] / step}
         emit("parallel", f"decode_step_ms_{label}_batch{b}", step * 1e3, "ms", "memory roofline of the GPUs used",
-             roofline * 1e3, ratio=roofline / step, batch=b, ctx=ctx, ranks=ranks, **extra)
+             roofline * 1e3, ratio=roofline / step, hardware_limit=True, batch=b, ctx=ctx, ranks=ranks, **extra)
         out[b] = step
     return out
 
@@ -113,13 +144,18 @@ def _rank_main(rank: int, world: int, tp: int, ep: int, shapes: dict, args, port
 
     # A size that hangs is killed at --run-timeout-s: each rank prints where it is stuck a little before that.
     faulthandler.dump_traceback_later(max(1.0, args.run_timeout_s - 15), exit=False)
-    torch.cuda.set_device(rank)
-    par = init_parallel(ParallelConfig(tp, ep), rank, f"tcp://127.0.0.1:{port}", torch.device("cuda", rank))
+    if args.quick:  # gloo between CPU processes
+        device, dtype, kv_bytes = torch.device("cpu"), "float32", 64 << 20
+        torch.set_num_threads(1)  # one core a rank
+    else:
+        torch.cuda.set_device(rank)
+        device, dtype, kv_bytes = torch.device("cuda", rank), "bfloat16", args.kv_gib << 30
+    par = init_parallel(ParallelConfig(tp, ep), rank, f"tcp://127.0.0.1:{port}", device)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = _engine(shapes, batches, par, kv_bytes=args.kv_gib << 30, attention=args.attention,
-                     ep_cuda_graphs=not args.ep_eager)
+    engine = _engine(shapes, batches, par, kv_bytes=kv_bytes, attention=args.attention,
+                     ep_cuda_graphs=not args.ep_eager, device=device.type, dtype=dtype)
     if rank == 0:
-        bw = read_bandwidth()
+        bw = read_bandwidth("cpu", 256 << 20, torch.float32) if args.quick else read_bandwidth()
         graphs = "_eager" if args.ep_eager and ep > 1 else ""
         label = f"{shapes['model_type']}{shapes['num_hidden_layers']}l_tp{tp}_ep{ep}_{args.attention}{graphs}"
         base = results.get("base")
@@ -155,13 +191,14 @@ def multi_gpu(args) -> None:
     from pdserve_cli.main import free_port
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on the lent machines
+    _, _, dense, moe = _setup(args.quick)
     layers = {"num_hidden_layers": args.layers} if args.layers else {}
-    runs = [(LLAMA3_8B | layers, int(t), 1) for t in args.tp.split(",") if t] + \
-           [(QWEN3_MOE_30B | layers, 1, int(e)) for e in args.ep.split(",") if e]
+    runs = [(dense | layers, int(t), 1) for t in args.tp.split(",") if t] + \
+           [(moe | layers, 1, int(e)) for e in args.ep.split(",") if e]
     base: dict[str, dict[int, float]] = {}
     for shapes, tp, ep in runs:
         world = tp * ep
-        if world > torch.cuda.device_count():
+        if not args.quick and world > torch.cuda.device_count():
             print(json.dumps({"skipped": f"{shapes['model_type']} tp{tp} ep{ep}: {world} GPUs needed"}), flush=True)
             continue
         with mp.Manager() as manager:
@@ -190,7 +227,9 @@ def multi_gpu(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="on the CPU, small shapes: the one-device part, then TP 1,2 and EP 2 over gloo")
     ap.add_argument("--tokens", default="1,16,256,2048,8192", help="MoE layer sizes")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--ctx", type=int, default=1024)
@@ -207,16 +246,32 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", choices=["auto", "torch", "flashinfer"],
                     help="torch: no FlashInfer JIT and no CUDA graphs (eager steps)")
     args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.batches, args.ctx, args.steps, args.attention = "1,16,256", "1,8", 128, 5, "torch"
+        one_device(args)
+        args.tp, args.ep = "1,2", "2"
+        multi_gpu(args)
+        return
     if args.tp or args.ep:
         multi_gpu(args)
         return
-    bw = read_bandwidth()
-    emit("parallel", "read_bandwidth", bw / 1e12, "TB/s", note="4 GiB bf16 reduction")
+    one_device(args)
+
+
+def one_device(args) -> None:
+    device, dtype, _, moe = _setup(args.quick)
+    if args.quick:
+        bw = read_bandwidth("cpu", 256 << 20, torch.float32)
+        emit("parallel", "read_bandwidth", bw / 1e12, "TB/s", note="256 MiB float32 reduction (CPU)")
+    else:
+        bw = read_bandwidth()
+        emit("parallel", "read_bandwidth", bw / 1e12, "TB/s", note="4 GiB bf16 reduction")
     if not args.skip_kernel:
-        moe_kernel([int(t) for t in args.tokens.split(",")], bw)
+        moe_kernel([int(t) for t in args.tokens.split(",")], bw, moe, device, dtype)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = _engine(QWEN3_MOE_30B, batches, kv_bytes=args.kv_gib << 30)
-    decode_rows(engine, batches, args.ctx, args.steps, bw, 1, "qwen3_moe_tp1_ep1")
+    engine = _engine(moe, batches, kv_bytes=(64 << 20) if args.quick else args.kv_gib << 30,
+                     attention=args.attention, device=device.type, dtype=str(dtype).removeprefix("torch."))
+    decode_rows(engine, batches, args.ctx, args.steps, bw, 1, f"{moe['model_type']}_tp1_ep1")
 
 
 if __name__ == "__main__":

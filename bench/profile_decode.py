@@ -2,6 +2,14 @@
 the GPU kernels of one forward (by name, per step), and the host's share.
 
 Model: random-initialised Llama-3-8B shapes in bf16, context 1k. Run: python -m bench.profile_decode
+
+A step's line is held against the memory roofline (a hardware limit, hardware_limit: true); a --compare-X line
+is steps a second with and without X, so its ratio is X's speedup.
+
+--quick: the same on the CPU (bench.engine_gpu's small Llama, float32, PyTorch attention; batches 1 and 8 at
+context 128), with --host and --compare-unfused. The CPU has no CUDA graph, so there is no replay time, and the
+table of one step's operators comes from the profiler's CPU events (aten ops) instead of GPU kernels. The
+other --compare flags need FlashInfer, Triton or cuBLAS and are refused with --quick.
 """
 
 import argparse
@@ -15,10 +23,13 @@ import torch
 from bench.common import emit
 from bench.engine_gpu import (
     LLAMA3_8B,
+    QUICK_LLAMA,
+    abort_all,
     config_folder,
     decode_roofline_s,
     decode_step_time,
     emit_gemv_report,
+    fill_decode_batch,
     read_bandwidth,
 )
 
@@ -60,6 +71,21 @@ def kernel_table(graphs, bs: int, top: int) -> tuple[int, float, list[tuple[str,
     return sum(c for _, c, _ in table), sum(t for _, _, t in table), table[:top]
 
 
+def cpu_op_table(engine, batch: int, ctx: int, top: int) -> tuple[int, float, list[tuple[str, int, float]]]:
+    """On the CPU (no graph): (operators a step, their summed self time in s, [(name, count, seconds)] largest
+    first) of one decode step of `batch` requests, from the profiler's CPU events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fill_decode_batch(engine, batch, ctx, 4)
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step()
+    abort_all(engine)
+    table = sorted(((e.key, e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()
+                    if e.key.startswith("aten::")), key=lambda x: -x[2])
+    return sum(c for _, c, _ in table), sum(t for _, _, t in table), table[:top]
+
+
 def host_profile(engine, batch: int, ctx: int, steps: int) -> str:
     pr = cProfile.Profile()
     pr.enable()
@@ -75,24 +101,33 @@ def profile(args, fused: bool, bw: float, variant: str = "default") -> dict[int,
     from engine.llm_engine import LLMEngine
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine = LLMEngine(EngineConfig(model=str(config_folder(LLAMA3_8B)), load_format="dummy", dtype="bfloat16",
-                                    kv_cache_bytes=args.kv_gib << 30, max_num_seqs=args.max_num_seqs or max(batches),
-                                    enable_prefix_caching=False, fused_kernels=fused))
-    graphs = engine.runner.graphs
+    engine = LLMEngine(EngineConfig(model=str(config_folder(QUICK_LLAMA if args.quick else LLAMA3_8B)),
+                                    load_format="dummy", device="cpu" if args.quick else "auto",
+                                    dtype="float32" if args.quick else "bfloat16",
+                                    kv_cache_bytes=(64 << 20) if args.quick else args.kv_gib << 30,
+                                    max_num_seqs=args.max_num_seqs or max(batches), enable_prefix_caching=False,
+                                    fused_kernels=fused, attention_backend="torch" if args.quick else "auto"))
+    graphs = engine.runner.graphs  # None on the CPU
     if variant == "default":
         emit_gemv_report("profile_decode", engine)
     steps = {}
     for b in batches:
         steps[b] = step = decode_step_time(engine, b, args.ctx, args.steps)
-        bs = next(s for s in graphs.sizes if s >= b)
-        replay = replay_time(graphs, bs)
         roofline = decode_roofline_s(engine, b, args.ctx, bw)
-        n_kernels, kernel_s, table = kernel_table(graphs, bs, args.top)
+        if graphs is not None:
+            bs = next(s for s in graphs.sizes if s >= b)
+            replay = replay_time(graphs, bs)
+            n_kernels, kernel_s, table = kernel_table(graphs, bs, args.top)
+            on_device = {"replay_ms": replay * 1e3, "replay_ratio": roofline / replay,
+                         "host_exposed_ms": (step - replay) * 1e3, "blas": graphs.blas.get(bs),
+                         "blas_replay_ms": graphs.blas_ms.get(bs)}
+        else:
+            n_kernels, kernel_s, table = cpu_op_table(engine, b, args.ctx, args.top)
+            on_device = {"replay_ms": None, "note": "CPU: no graph; kernels are aten ops"}
         emit("profile_decode", f"step_ms_batch{b}", step * 1e3, "ms", "memory roofline", roofline * 1e3,
-             ratio=roofline / step, replay_ms=replay * 1e3, replay_ratio=roofline / replay,
-             host_exposed_ms=(step - replay) * 1e3, kernels_per_step=n_kernels, kernel_sum_ms=kernel_s * 1e3,
+             ratio=roofline / step, hardware_limit=True, kernels_per_step=n_kernels, kernel_sum_ms=kernel_s * 1e3,
              batch=b, fused_kernels=fused, variant=variant, max_num_seqs=engine.config.max_num_seqs,
-             kv_gib=args.kv_gib, blas=graphs.blas.get(bs), blas_replay_ms=graphs.blas_ms.get(bs))
+             kv_bytes=engine.config.kv_cache_bytes, **on_device)
         print(f"# batch {b}, fused {fused}, {variant}: {n_kernels} kernels, {kernel_s * 1e3:.2f} ms summed; top {args.top}:")
         for name, count, t in table:
             print(f"#   {t * 1e3:8.3f} ms  {count:5d}x  {name}")
@@ -101,12 +136,14 @@ def profile(args, fused: bool, bw: float, variant: str = "default") -> dict[int,
         print(host_profile(engine, max(batches), args.ctx, args.steps))
         print(f"# cProfile run {time.perf_counter() - t:.1f} s")
     del engine, graphs
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return steps
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="on the CPU, a small Llama, --host --compare-unfused")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
@@ -127,7 +164,16 @@ def main() -> None:
                     help="also run with cuBLAS for every batch size (by default each size's graph is captured "
                          "with cuBLAS and with cuBLASLt and the faster kept)")
     args = ap.parse_args()
-    bw = read_bandwidth()
+    if args.quick:
+        gpu_only = [f for f in ("compare_rope_store", "compare_decode_kernel", "compare_act", "compare_gemv",
+                                "compare_blas") if getattr(args, f)]
+        if gpu_only:
+            raise SystemExit(f"--quick runs on the CPU; these need the GPU's kernels: {gpu_only}")
+        args.batches, args.ctx, args.steps, args.top = "1,8", 128, 5, 10
+        args.host = args.compare_unfused = True
+        bw = read_bandwidth("cpu", 256 << 20, torch.float32)
+    else:
+        bw = read_bandwidth()
     base = profile(args, True, bw)
     if args.compare_unfused:
         compare(base, profile(args, False, bw, "pytorch ops"), "fused_kernels", "PyTorch ops")
@@ -169,9 +215,10 @@ def main() -> None:
 
 
 def compare(base: dict[int, float], other: dict[int, float], name: str, baseline: str) -> None:
+    """Steps a second by default and in the other variant: the ratio is the default's speedup."""
     for b, t in base.items():
-        emit("profile_decode", f"{name}_speedup_batch{b}", other[b] / t, "x", baseline, other[b] * 1e3,
-             ratio=other[b] / t, default_ms=t * 1e3, batch=b)
+        emit("profile_decode", f"{name}_steps_per_s_batch{b}", 1 / t, "steps/s", baseline, 1 / other[b],
+             default_ms=t * 1e3, baseline_ms=other[b] * 1e3, batch=b)
 
 
 if __name__ == "__main__":

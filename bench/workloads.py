@@ -4,7 +4,9 @@
   so it is read object by object; about 17.7k whole conversations survive. Multi-turn sessions replay the
   user turns in order, each with the model's real answer to the previous turn appended at replay time.
 - prefix: N shared system prompts x M users x K turns, plus a share of unrelated one-shots.
-- long: long prompts (8k-32k tokens) with short outputs; fixed: random prompts of given lengths.
+- long: long prompts (8k-32k tokens) with short outputs; long-3k8k: 3k-8k-token prompts with ~200-token
+  answers (a long-context chat or RAG turn: prefill-heavy, and decode long enough to feel it);
+  fixed: random prompts of given lengths.
 The same seed gives the same file.
 """
 
@@ -106,9 +108,14 @@ def make(name: str, n: int, seed: int, **kw: Any) -> list[dict[str, Any]]:
         return sharegpt(n, seed, multi_turn=False)
     if name == "prefix":
         return prefix_heavy(kw.get("prefixes", 4), max(1, n // (4 * kw.get("turns", 3))), kw.get("turns", 3),
-                            kw.get("one_shot_share", 0.2), seed)
+                            kw.get("one_shot_share", 0.2), seed, kw.get("system_words", 600),
+                            kw.get("answer_len", 64))
     if name == "long":
         return long_context(n, seed, output_len=kw.get("output_len", 16), vocab=kw.get("vocab", 32000))
+    if name == "long-3k8k":
+        # The lengths may be scaled down (a CPU dry run); the answers stay ~200 tokens unless told.
+        return long_context(n, seed, kw.get("min_len", 3072), kw.get("max_len", 8192), kw.get("answer_len", 200),
+                            vocab=kw.get("vocab", 32000))
     if name == "fixed":
         return fixed(n, kw.get("input_len", 512), kw.get("output_len", 128), seed, vocab=kw.get("vocab", 32000))
-    raise ValueError(f"unknown workload {name!r}: sharegpt, sharegpt-single, prefix, long, fixed")
+    raise ValueError(f"unknown workload {name!r}: sharegpt, sharegpt-single, prefix, long, long-3k8k, fixed")
