@@ -55,7 +55,7 @@ def main() -> None:
     else:
         model_path = str(dummy_model(Path(a.tokenizer_dir)))
         worker_args = ("--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "64")
-        rates, n, prompt_len, out_len, kv = [float(r) for r in (a.rates or "2,4,8").split(",")], a.requests or 48, 1024, 64, 8 << 30
+        rates, n, prompt_len, out_len, kv = [float(r) for r in (a.rates or "8,16,32").split(",")], a.requests or 96, 1024, 64, 8 << 30
     cluster = LocalCluster(model_path, prefill=1, decode=1, kv_cache_bytes=kv, worker_args=worker_args,
                            start_timeout_s=600)
     try:
@@ -73,9 +73,11 @@ def main() -> None:
                 work = fixed(n, prompt_len, out_len, seed=2 * i + side, vocab=49152)  # prompts no side has seen
                 results, wall = asyncio.run(run_workload(url, served, work, rate))
                 stats[name] = summarize(results, wall)
+                stats[name]["error_sample"] = next((r.error for r in results if r.error), None)
             d, c = stats["disaggregated"], stats["colocated"]
             common = {"rate_req_s": rate, "requests": n, "prompt_len": prompt_len, "output_len": out_len,
                       "errors": d["errors"] + c["errors"], "model": Path(model_path).name,
+                      "error_sample": d["error_sample"] or c["error_sample"],
                       "cache_hit_ratio": d["cache_hit_ratio"], "baseline_cache_hit_ratio": c["cache_hit_ratio"]}
             for metric in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
                 if d[metric] and c[metric]:

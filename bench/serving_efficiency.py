@@ -9,7 +9,7 @@ worker's steps/s and tokens a step, its CPU microseconds per generated token (en
 apart), and the load generator's own CPU (cores), which must stay below what it has.
 
   python -m bench.serving_efficiency                       # GPU: Llama-3-8B and 1B shapes, 64 and 256 streams
-  python -m bench.serving_efficiency --quick               # CPU: the demo model, 8 streams
+  python -m bench.serving_efficiency --quick               # CPU: the demo model, 4 streams
   python -m bench.serving_efficiency --shapes tiny --streams 64   # CPU: tiny random shapes, host overhead only
 """
 
@@ -117,7 +117,7 @@ def serve(routers: list[str], model: str, prompts: list[list[int]], output_len: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU: the demo model, 8 streams, short requests")
+    ap.add_argument("--quick", action="store_true", help="CPU: the demo model, 4 streams, short requests")
     ap.add_argument("--shapes", default=None, help="comma-separated: " + ", ".join(SHAPES) + " (or 'demo')")
     ap.add_argument("--streams", default=None, help="comma-separated stream counts (= max_num_seqs)")
     ap.add_argument("--prompt-len", type=int, default=None)
@@ -132,8 +132,8 @@ def main() -> None:
         return
     quick = a.quick
     shapes = (a.shapes or ("demo" if quick else "1b,llama3-8b")).split(",")
-    streams_list = [int(s) for s in (a.streams or ("8" if quick else "64,256")).split(",")]
-    prompt_len, output_len = a.prompt_len or (32 if quick else 256), a.output_len or (16 if quick else 256)
+    streams_list = [int(s) for s in (a.streams or ("4" if quick else "64,256")).split(",")]
+    prompt_len, output_len = a.prompt_len or (16 if quick else 256), a.output_len or (8 if quick else 256)
     n_routers = a.routers or (1 if quick else 4)
     on_gpu = not quick and "tiny" not in shapes and "demo" not in shapes
     tok_dir = Path(a.tokenizer_dir)

@@ -36,11 +36,11 @@ def free_port() -> int:
 def serve(a: argparse.Namespace) -> None:
     import ray
 
+    from engine.config import EngineConfig
     from pdserve_cli.ray_scaler import RayScaler
     from router.app import create_app
     from router.config import RouterConfig
     from router.server import serve as serve_router
-    from engine.config import EngineConfig
     from worker.config import WorkerConfig
     from worker.ray_group import WorkerGroup
 

@@ -13,14 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Modules of bench/ that are not benchmarks, and benchmarks whose --quick is still to come. Every other
-# bench/*.py must take --quick, or test_every_bench_has_a_quick_mode fails.
+# Modules of bench/ that are not benchmarks. Every other bench/*.py must take --quick, or
+# test_every_bench_has_a_quick_mode fails.
 NOT_BENCHES = {"__init__", "cluster", "common", "loadgen", "mock_server", "raw_http", "workloads"}
-QUICK_PENDING = {
-    # The worker's stream hand-off (decode_http, engine_delivery) belongs to the worker's rewrite on main; they
-    # run here as soon as they take --quick.
-    "decode_http", "engine_delivery",
-}
 
 
 def _takes_quick(path: Path) -> bool:
@@ -41,8 +36,8 @@ QUICK = [p.stem for p in _modules() if _takes_quick(p)]
 
 
 def test_every_bench_has_a_quick_mode():
-    missing = [p.stem for p in _modules() if not _takes_quick(p) and p.stem not in QUICK_PENDING]
-    assert not missing, f"benches without --quick (give them one, or list them here with the reason): {missing}"
+    missing = [p.stem for p in _modules() if not _takes_quick(p)]
+    assert not missing, f"benches without --quick (give them one): {missing}"
 
 
 def _bounds(x: float) -> tuple[float, float]:
