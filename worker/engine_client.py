@@ -13,23 +13,7 @@ from typing import Any
 from engine.errors import EngineDeadError, KVCacheFullError, RequestError
 from engine.sampling_params import SamplingParams
 from kv_transfer.descriptors import TransferError
-from worker.ipc import (
-    Abort,
-    Add,
-    Call,
-    Dead,
-    Drain,
-    FrameReader,
-    Hello,
-    Ready,
-    Release,
-    Reply,
-    StartRemote,
-    Step,
-    ToCore,
-    decode_to_frontend,
-    frame,
-)
+from worker import ipc
 
 log = logging.getLogger("pdserve.worker")
 # A Reply's error, by the name the core sent, as the exception the caller catches.
@@ -38,20 +22,20 @@ _ERRORS: dict[str, type[Exception]] = {"RequestError": RequestError, "KVCacheFul
 
 
 class EngineClient(asyncio.Protocol):
-    def __init__(self, on_step: Callable[[Step], None], on_dead: Callable[[str], None],
+    def __init__(self, on_step: Callable[[ipc.Step], None], on_dead: Callable[[str], None],
                  on_drain: Callable[[], None]):
         """on_step: each Step, in order; on_dead: once, when the engine cannot go on (it failed, or its process
         is gone); on_drain: the core host asks the frontend to finish and exit."""
         self.on_step, self.on_dead, self.on_drain = on_step, on_dead, on_drain
         self.error: str | None = None
         self.transport: asyncio.Transport | None = None
-        self._reader = FrameReader()
+        self._reader = ipc.FrameReader()
         self._calls: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
-        self.hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        self.hello: asyncio.Future[ipc.Hello] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    async def connect(cls, sock: socket.socket, on_step: Callable[[Step], None], on_dead: Callable[[str], None],
+    async def connect(cls, sock: socket.socket, on_step: Callable[[ipc.Step], None], on_dead: Callable[[str], None],
                       on_drain: Callable[[], None]) -> "EngineClient":
         """Over a connected socket to the core; returns once the core's Hello has arrived."""
         loop = asyncio.get_running_loop()
@@ -62,19 +46,19 @@ class EngineClient(asyncio.Protocol):
     # --- to the core ---
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, hold_kv: bool = False) -> None:
-        self._send(Add(request_id, prompt_token_ids, params, hold_kv))
+        self._send(ipc.Add(request_id, prompt_token_ids, params, hold_kv))
 
     def abort(self, request_id: str) -> None:
-        self._send(Abort(request_id))
+        self._send(ipc.Abort(request_id))
 
     def start_remote(self, request_id: str, first_token: int, logprobs: list) -> None:
-        self._send(StartRemote(request_id, first_token, logprobs))
+        self._send(ipc.StartRemote(request_id, first_token, logprobs))
 
     def release(self, request_id: str) -> None:
-        self._send(Release(request_id))
+        self._send(ipc.Release(request_id))
 
     def ready(self) -> None:
-        self._send(Ready())
+        self._send(ipc.Ready())
 
     async def call(self, method: str, *args: Any) -> Any:
         """Run an EngineCore call between its steps; raises what it raised (RequestError, KVCacheFullError,
@@ -83,15 +67,15 @@ class EngineClient(asyncio.Protocol):
             raise EngineDeadError(f"engine failed: {self.error}")
         call_id = next(self._ids)
         future = self._calls[call_id] = asyncio.get_running_loop().create_future()
-        self._send(Call(call_id, method, list(args)))
+        self._send(ipc.Call(call_id, method, list(args)))
         try:
             return await future
         finally:
             self._calls.pop(call_id, None)
 
-    def _send(self, msg: ToCore) -> None:
+    def _send(self, msg: ipc.ToCore) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(msg))
+            self.transport.write(ipc.frame(msg))
 
     # --- from the core (asyncio.Protocol) ---
 
@@ -100,10 +84,10 @@ class EngineClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for body in self._reader.feed(data):
-            msg = decode_to_frontend(body)
-            if isinstance(msg, Step):
+            msg = ipc.decode_to_frontend(body)
+            if isinstance(msg, ipc.Step):
                 self.on_step(msg)
-            elif isinstance(msg, Reply):
+            elif isinstance(msg, ipc.Reply):
                 future = self._calls.get(msg.call_id)
                 if future is not None and not future.done():
                     if msg.error is None:
@@ -111,11 +95,11 @@ class EngineClient(asyncio.Protocol):
                     else:
                         name, message = msg.error
                         future.set_exception(_ERRORS.get(name, RuntimeError)(message))
-            elif isinstance(msg, Hello):
+            elif isinstance(msg, ipc.Hello):
                 self.hello.set_result(msg)
-            elif isinstance(msg, Dead):
+            elif isinstance(msg, ipc.Dead):
                 self._die(msg.message)
-            elif isinstance(msg, Drain):
+            elif isinstance(msg, ipc.Drain):
                 self.on_drain()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -15,6 +15,7 @@ import msgspec
 
 from engine.sampling_params import SamplingParams
 from protocol.kv_events import KVEvent
+from protocol.messages import WorkerLoad, struct_of
 from worker.config import WorkerConfig
 
 _LENGTH = struct.Struct("!I")
@@ -102,18 +103,8 @@ class Refused(_Message):
     message: str
 
 
-class Load(msgspec.Struct, array_like=True):
-    """The engine's counters (protocol.messages.WorkerLoad's fields), as of the message carrying them."""
-
-    running: int
-    waiting: int
-    free_blocks: int
-    total_blocks: int
-    tokens_computed: int
-    prompt_tokens_cached: int
-    prompt_tokens: int
-    kv_bytes_sent: int
-    steps: int
+# The engine's counters (WorkerLoad's fields, in order), as of the message carrying them.
+Load = struct_of(WorkerLoad, "Load", array_like=True)
 
 
 class Step(_Message):
