@@ -273,13 +273,24 @@ def _api(state: RouterState) -> FastAPI:
                 state.metrics.worker_free_blocks.labels(w.url, w.role).set(w.load.free_blocks)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict:
+        ref = state.pool.reference
+        return {"id": ref.model, "object": "model", "created": 0, "owned_by": "pdserve",
+                "max_model_len": ref.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         await state.door.authenticate(request.headers.get("authorization"))
         _require_ready(state)
-        ref = state.pool.reference
-        return {"object": "list", "data": [{"id": ref.model, "object": "model", "created": 0,
-                                            "owned_by": "pdserve", "max_model_len": ref.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        """One model (the OpenAI 404 for one this endpoint does not serve)."""
+        await state.door.authenticate(request.headers.get("authorization"))
+        _require_ready(state)
+        _check_model(state, model_id)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:

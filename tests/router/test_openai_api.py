@@ -124,3 +124,13 @@ def test_request_over_the_time_limit_gets_504_and_stops_the_worker(routers, fake
     assert _tokens_sent(cluster) - before < 150  # the worker's stream was closed, not run to its end
     ok = httpx.post(f"{router}/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=10)
     assert ok.status_code == 200  # the router serves on after a timed-out request
+
+
+def test_one_model_is_retrieved_by_its_id_and_an_unknown_one_is_the_openai_404(fake_cluster):
+    client = _client(fake_cluster)
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["fake"]
+    assert client.models.retrieve("fake").model_dump() == listed[0].model_dump()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-nope")
+    assert e.value.body["code"] == "model_not_found"
