@@ -45,7 +45,14 @@ from router.frontdoor import FrontDoor, Ticket
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
-from router.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, parse
+from router.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationRequest,
+    TokenizeRequest,
+    parse,
+)
 from router.server import Answer, header
 from router.server import Request as HttpRequest
 from router.state import LocalState, RedisState
@@ -291,6 +298,25 @@ def _api(state: RouterState) -> FastAPI:
         _require_ready(state)
         _check_model(state, model_id)
         return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+        """The token ids the router would send for this prompt or chat (the chat template applied)."""
+        await state.door.authenticate(request.headers.get("authorization"))
+        _require_ready(state)
+        _check_model(state, body.model)
+        ids = await _prompt_ids(state, body.messages is not None, body)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.pool.reference.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+        await state.door.authenticate(request.headers.get("authorization"))
+        _require_ready(state)
+        _check_model(state, body.model)
+        vocab = state.tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:

@@ -134,3 +134,18 @@ def test_one_model_is_retrieved_by_its_id_and_an_unknown_one_is_the_openai_404(f
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-nope")
     assert e.value.body["code"] == "model_not_found"
+
+
+def test_tokenize_counts_what_a_request_is_billed_and_detokenize_gives_the_text_back(fake_cluster):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour, please."}]
+    chat = _client(fake_cluster).chat.completions.create(model="fake", messages=messages)
+    r = httpx.post(f"{fake_cluster.router}/tokenize", json={"model": "fake", "messages": messages}).json()
+    assert r["count"] == len(r["tokens"]) == chat.usage.prompt_tokens and r["max_model_len"] == 4096
+    text = "The quick brown fox, 42 times: héllo!"
+    ids = httpx.post(f"{fake_cluster.router}/tokenize", json={"model": "fake", "prompt": text}).json()["tokens"]
+    back = httpx.post(f"{fake_cluster.router}/detokenize", json={"model": "fake", "tokens": ids}).json()
+    assert back == {"prompt": text}
+    for path, body, code in (("/tokenize", {"model": "fake"}, 400), ("/tokenize", {"model": "x", "prompt": "a"}, 404),
+                             ("/detokenize", {"model": "fake", "tokens": [-1]}, 400)):
+        bad = httpx.post(f"{fake_cluster.router}{path}", json=body)
+        assert bad.status_code == code and set(bad.json()["error"]) == {"message", "type", "param", "code"}
