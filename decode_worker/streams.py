@@ -16,6 +16,7 @@ import httpx
 
 from engine.detokenizer import Detokenizer
 from engine.errors import EngineDeadError, KVCacheFullError, RequestError
+from engine.sampling_params import SamplingParams
 from protocol.messages import ChunkView, GenerateRequest, LogprobView, SendRequest, SendResult, encode_frame
 from protocol.stream_client import StreamClient, StreamClientError
 from protocol.tokenizer import ChatTokenizer
@@ -75,7 +76,7 @@ class Channel:
 class _Stream:
     request: GenerateRequest
     channel: Channel
-    detok: Detokenizer | None
+    detok: Detokenizer
     min_tokens: int
     task: asyncio.Task | None = None  # the remote prefill's handshake, until the first token is in
 
@@ -93,6 +94,7 @@ class DecodeStreams:
         self.aborter = aborter
         self.streams: dict[str, _Stream] = {}
         self.channels: dict[str, Channel] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     # --- requests in ---
 
@@ -102,11 +104,13 @@ class DecodeStreams:
             params = to_sampling_params(req.params)
             if rid in self.streams:
                 raise RequestError(f"request id {rid!r} is already running")
+            if req.prompt_token_ids and min(req.prompt_token_ids) < 0:
+                raise RequestError("prompt token ids must be >= 0")
         except (RequestError, ValueError) as e:
-            channel.pending.append(_error(rid, str(e), "invalid_request_error", "invalid_request"))
-            channel.flush()
-            if channel.solo:
-                channel.close()
+            self._refuse(channel, _error(rid, str(e), "invalid_request_error", "invalid_request"))
+            return
+        if self.client.error is not None:  # the engine died after this request's checks at the door
+            self._refuse(channel, _error(rid, f"engine failed: {self.client.error}", "server_error", "engine_failed"))
             return
         detok = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop, params.skip_special_tokens,
                             params.include_stop_str_in_output)
@@ -117,47 +121,82 @@ class DecodeStreams:
         else:
             self.client.add(rid, req.prompt_token_ids, params)
 
-    async def _remote(self, st: _Stream, params) -> None:
+    def _refuse(self, channel: Channel, chunk: ChunkView) -> None:
+        touched: list[Channel] = []
+        self._put(channel, chunk, touched)
+        self._flush(touched)
+
+    async def _remote(self, st: _Stream, params: SamplingParams) -> None:
         """Reserve blocks, have the prefill worker fill them, then start decoding from its first token."""
         req = st.request
         rid = req.request_id
+        send: asyncio.Task | None = None
         try:
             try:
-                block_ids, cached = await self.client.call("reserve_remote", rid, req.prompt_token_ids, params)
+                block_ids, cached = await self.client.reserve_remote(rid, req.prompt_token_ids, params)
             except KVCacheFullError:
                 # No blocks free for a transfer right now (nothing was reserved): rather than refuse, the prompt
                 # waits in this worker's queue and is prefilled here once blocks free up; the prefill worker
                 # drops its copy now instead of holding it until its timeout.
                 log.info("request %s: no room to receive its KV now; prefilling it here", rid)
+                st.task = None  # an abort from now on goes to the core
                 self.client.add(rid, req.prompt_token_ids, params)
-                with contextlib.suppress(httpx.HTTPError):
-                    await self.aborter.post(f"{req.prefill_url}/abort/{rid}", timeout=2.0)
+                self._background(self._drop_prefill(req.prefill_url, rid))
                 return
             body = SendRequest(request_id=rid, dest=self.descriptors[0],
                                dests=self.descriptors if len(self.descriptors) > 1 else [],
                                dst_block_ids=block_ids, skip_blocks=cached // self.block_size)
-            try:
-                async with self.sender.post(f"{req.prefill_url}/send", body.model_dump_json().encode()) as resp:
-                    data = await resp.read()
-            except (StreamClientError, TimeoutError) as e:
-                raise RemotePrefillError(f"remote prefill failed: {e!r}") from e
-            if resp.status != 200:
-                raise RemotePrefillError(f"prefill worker answered {resp.status}: "
-                                         f"{data[:200].decode(errors='replace')}")
-            sent = SendResult.model_validate_json(data)
+            # The prefill worker writes into the reserved blocks until /send answers: they are freed only then,
+            # even if the request is aborted meanwhile (or another request could get them mid-write).
+            send = asyncio.ensure_future(self._send(req.prefill_url, body.model_dump_json().encode()))
+            sent = await asyncio.shield(send)
             st.task = None
             self.client.start_remote(rid, sent.first_token,
                                      [(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in sent.logprobs])
-        except asyncio.CancelledError:  # aborted (the router left): the reserved blocks go back at once
-            self.client.abort(rid)
+        except asyncio.CancelledError:  # aborted (the router left): the reserved blocks go back once unused
+            if send is not None and not send.done():
+                send.add_done_callback(lambda t: self._abort_after_send(t, rid))
+            else:
+                self.client.abort(rid)
             raise
         except RemotePrefillError as e:
             self.client.abort(rid)
             self._fail(rid, str(e), "prefill_failed", "prefill_failed")
         except RequestError as e:
             self._fail(rid, str(e), "invalid_request_error", "invalid_request")
-        except EngineDeadError:
-            pass  # fail_all has ended every stream
+        except EngineDeadError as e:
+            self._fail(rid, str(e), "server_error", "engine_failed")  # if fail_all has not ended it already
+        except Exception as e:  # nothing else may leave a request open with its blocks reserved
+            log.exception("request %s: the remote prefill failed", rid)
+            self.client.abort(rid)
+            self._fail(rid, f"remote prefill failed: {e!r}", "prefill_failed", "prefill_failed")
+
+    def _abort_after_send(self, send: asyncio.Task, rid: str) -> None:
+        if not send.cancelled():
+            send.exception()  # retrieved: the request is gone, whatever the send's outcome
+        self.client.abort(rid)
+
+    async def _send(self, prefill_url: str, body: bytes) -> SendResult:
+        try:
+            async with self.sender.post(f"{prefill_url}/send", body) as resp:
+                data = await resp.read()
+        except (StreamClientError, TimeoutError) as e:
+            raise RemotePrefillError(f"remote prefill failed: {e!r}") from e
+        if resp.status != 200:
+            raise RemotePrefillError(f"prefill worker answered {resp.status}: {data[:200].decode(errors='replace')}")
+        try:
+            return SendResult.model_validate_json(data)
+        except ValueError as e:
+            raise RemotePrefillError(f"the prefill worker's answer is not a SendResult: {e}") from e
+
+    async def _drop_prefill(self, prefill_url: str, rid: str) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await self.aborter.post(f"{prefill_url}/abort/{rid}", timeout=2.0)
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def abort(self, rid: str) -> None:
         """The router gave up on the request: no more chunks for it, its blocks freed now."""
@@ -202,7 +241,7 @@ class DecodeStreams:
                 self._end(out.request_id)
         for refused in step.refused:
             if refused.request_id in self.streams:
-                kind = "overloaded" if refused.kind == "kv_cache_full" else "invalid_request_error"
+                kind = "invalid_request_error" if refused.kind == "invalid_request" else "server_error"
                 self._put(self.streams[refused.request_id].channel,
                           _error(refused.request_id, refused.message, kind, refused.kind), touched)
                 self._end(refused.request_id)
@@ -221,7 +260,7 @@ class DecodeStreams:
     def in_flight(self) -> int:
         return len(self.streams)
 
-    def drain(self) -> None:
+    def close_streams(self) -> None:
         for channel in list(self.channels.values()):
             channel.close()
 

@@ -30,6 +30,7 @@ class Pending:
 
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     sent: asyncio.Event = field(default_factory=asyncio.Event)
+    prefilling: bool = False  # its /prefill came (and removes it when it ends); else /send does
 
 
 class PrefillRequests:
@@ -63,8 +64,8 @@ class PrefillRequests:
     def in_flight(self) -> int:
         return len(self.outputs) + len(self.pending)
 
-    def drain(self) -> None:
-        pass
+    def close_streams(self) -> None:
+        """A prefill worker's answers end by themselves: nothing to close."""
 
 
 def create_app(fe: Frontend) -> FastAPI:
@@ -79,12 +80,19 @@ def create_app(fe: Frontend) -> FastAPI:
     @app.post("/prefill")
     async def prefill(req: PrefillRequest) -> JSONResponse:
         rid = req.request_id
+        refusal = None
         if aborted.pop(rid, None) is not None:
-            return JSONResponse({"error": {"message": "aborted before it started", "type": "invalid_request_error"}},
-                                409)
-        if fe.error is not None or fe.draining:
-            return JSONResponse({"error": {"message": fe.error or "shutting down", "type": "server_error"}}, 503)
+            refusal = JSONResponse({"error": {"message": "aborted before it started",
+                                              "type": "invalid_request_error"}}, 409)
+        elif fe.error is not None or fe.draining:
+            refusal = JSONResponse({"error": {"message": fe.error or "shutting down", "type": "server_error"}}, 503)
+        if refusal is not None:
+            waiting = pending.pop(rid, None)
+            if waiting is not None:  # its /send came first: it fails now, not at its timeout
+                _fail(waiting, RequestError("the prefill was refused"))
+            return refusal
         p = pending.setdefault(rid, Pending())
+        p.prefilling = True
         output = None
         try:
             params = to_sampling_params(req.params, max_tokens=1, stop=(), min_tokens=0)
@@ -118,8 +126,7 @@ def create_app(fe: Frontend) -> FastAPI:
         p = pending.setdefault(req.request_id, Pending())
         try:
             out = await asyncio.wait_for(asyncio.shield(p.result), timeout)
-            dests = req.dests or [req.dest]
-            await client.call("send_kv", req.request_id, dests, req.dst_block_ids, req.skip_blocks, timeout)
+            await client.send_kv(req.request_id, req.dests or [req.dest], req.dst_block_ids, req.skip_blocks, timeout)
         except TimeoutError as e:
             raise HTTPException(504, "the prefill did not finish in time") from e
         except TransferError as e:
@@ -130,6 +137,8 @@ def create_app(fe: Frontend) -> FastAPI:
             raise HTTPException(503, str(e)) from e
         finally:
             p.sent.set()
+            if not p.prefilling and pending.get(req.request_id) is p:
+                del pending[req.request_id]  # no /prefill came to end it
         lps = [TokenLogprobWire(token_id=t, logprob=lp, top=list(top)) for t, lp, top in out.logprobs or []]
         return SendResult(first_token=out.token_ids[0], logprobs=lps,
                           num_blocks_sent=len(req.dst_block_ids) - req.skip_blocks).model_dump()

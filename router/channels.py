@@ -34,14 +34,24 @@ class Inbox:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def get(self) -> ChunkView:
+    async def get(self, timeout_s: float) -> ChunkView:
+        """The next chunk; TimeoutError when none comes for timeout_s (a worker whose engine is stuck still
+        sends its channel's heartbeats)."""
         while not self.chunks:
-            self.waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self.waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _expire, waiter, timeout_s)
             try:
-                await self.waiter
+                await waiter
             finally:
+                timer.cancel()
                 self.waiter = None
         return self.chunks.popleft()
+
+
+def _expire(waiter: asyncio.Future, timeout_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(f"the decode worker sent nothing for this request for {timeout_s:g} s"))
 
 
 class TokenChannel:
@@ -50,11 +60,14 @@ class TokenChannel:
         self.id = uuid.uuid4().hex
         self.inboxes: dict[str, Inbox] = {}
         self.closed = False
+        self.stale = False  # discarded: the worker no longer knows it
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future = loop.create_future()
         self.task = loop.create_task(self._read(client, timeout_s))
 
     def register(self, request_id: str) -> Inbox:
+        if self.closed:  # it broke after get() handed it out: the request goes elsewhere or again
+            raise StreamClientError(f"the token channel to {self.url} closed")
         inbox = self.inboxes[request_id] = Inbox()
         return inbox
 
@@ -74,7 +87,8 @@ class TokenChannel:
         except (StreamClientError, TimeoutError, ValueError) as e:
             error = f"lost the decode worker {self.url}: {e!r}"
         except asyncio.CancelledError:
-            error = "the router is stopping"
+            error = (f"the decode worker {self.url} no longer knows this router's channel" if self.stale
+                     else "the router is stopping")
             raise
         finally:
             self.closed = True
@@ -105,6 +119,7 @@ class TokenChannels:
 
     def discard(self, channel: TokenChannel) -> None:
         """Stop reading a channel the worker no longer knows; the next get() opens a new one."""
+        channel.stale = True
         channel.task.cancel()
         if self.channels.get(channel.url) is channel:
             del self.channels[channel.url]

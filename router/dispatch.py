@@ -127,7 +127,7 @@ class Dispatcher:
                     yield _failed(f"decode worker answered {resp.status}: {text}", "engine_failed")
                     return
                 while not finished:
-                    chunk = await inbox.get()
+                    chunk = await inbox.get(self.client.timeout_s)
                     if d_tokens:  # the first token: the prompt is computed; what stays in flight is decoding
                         d.inflight_tokens -= d_tokens
                         if recorded:

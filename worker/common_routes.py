@@ -32,6 +32,9 @@ def common_routes(fe: Frontend) -> APIRouter:
 
     @r.get("/ready")
     async def ready() -> dict:
+        """Healthy and taking requests (not draining)."""
+        if fe.draining:
+            raise HTTPException(503, "draining: finishing the requests in flight")
         return await health()
 
     @r.get("/info")

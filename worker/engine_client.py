@@ -24,8 +24,8 @@ _ERRORS: dict[str, type[Exception]] = {"RequestError": RequestError, "KVCacheFul
 class EngineClient(asyncio.Protocol):
     def __init__(self, on_step: Callable[[ipc.Step], None], on_dead: Callable[[str], None],
                  on_drain: Callable[[], None]):
-        """on_step: each Step, in order; on_dead: once, when the engine cannot go on (it failed, or its process
-        is gone); on_drain: the core host asks the frontend to finish and exit."""
+        """on_step: each Step, in order; on_dead: when the engine cannot go on (it failed; and when its process
+        is gone, after that too); on_drain: the core's process asks the frontend to finish and exit."""
         self.on_step, self.on_dead, self.on_drain = on_step, on_dead, on_drain
         self.error: str | None = None
         self.transport: asyncio.Transport | None = None
@@ -60,14 +60,26 @@ class EngineClient(asyncio.Protocol):
     def ready(self) -> None:
         self._send(ipc.Ready())
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """Run an EngineCore call between its steps; raises what it raised (RequestError, KVCacheFullError,
-        TransferError), or EngineDeadError."""
+    async def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                             ) -> tuple[list[int], int]:
+        """Blocks for a prompt a prefill worker computes: (block ids, prompt tokens already cached here).
+        Raises RequestError, KVCacheFullError (no room now) or EngineDeadError."""
+        block_ids, cached = await self._call(lambda i: ipc.ReserveRemote(i, request_id, prompt_token_ids, params))
+        return block_ids, cached
+
+    async def send_kv(self, request_id: str, dests: list[dict], dst_block_ids: list[int], skip_blocks: int,
+                      timeout_s: float) -> int:
+        """Write a held request's KV into a decode worker's pools; the bytes written. Raises TransferError,
+        EngineDeadError."""
+        return await self._call(lambda i: ipc.SendKV(i, request_id, dests, dst_block_ids, skip_blocks, timeout_s))
+
+    async def _call(self, message: Callable[[int], ipc.Call]) -> Any:
+        """Send the message made with a new call id; what its Reply holds, or the error the core raised."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
         call_id = next(self._ids)
         future = self._calls[call_id] = asyncio.get_running_loop().create_future()
-        self._send(ipc.Call(call_id, method, list(args)))
+        self._send(message(call_id))
         try:
             return await future
         finally:
@@ -104,14 +116,15 @@ class EngineClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._die("the engine core's process is gone")
+        self._die("the engine core's process is gone", again=True)
         if not self.hello.done():
             self.hello.set_exception(EngineDeadError("the engine core closed the connection before its Hello"))
 
-    def _die(self, message: str) -> None:
-        if self.error is not None:
+    def _die(self, message: str, again: bool = False) -> None:
+        """Once; again: also after a Dead (the core's process went after its engine failed)."""
+        if self.error is not None and not again:
             return
-        self.error = message
+        self.error = self.error or message
         log.error("engine failed: %s", message)
         for future in self._calls.values():
             if not future.done():

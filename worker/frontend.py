@@ -48,7 +48,7 @@ class RoleHandler(Protocol):
 
     def in_flight(self) -> int: ...
 
-    def drain(self) -> None: ...
+    def close_streams(self) -> None: ...
 
 
 class Frontend:
@@ -84,12 +84,18 @@ class Frontend:
             self.handler.on_step(step)
 
     def _on_dead(self, message: str) -> None:
-        self.error = message
+        self.error = self.error or message  # the first cause (a dead rank), not its echo
         if self.handler is not None:
             self.handler.fail_all(message)
         if self.client is not None and self.client.transport is None and self.server is not None:
             # The core's process is gone: nothing can be served any more; the port is freed for a restart.
-            asyncio.get_running_loop().call_later(_EXIT_AFTER_DEATH_S, setattr, self.server, "should_exit", True)
+            asyncio.get_running_loop().call_later(_EXIT_AFTER_DEATH_S, self._exit)
+
+    def _exit(self) -> None:
+        if self.handler is not None:
+            self.handler.close_streams()  # long-lived streams (a decode worker's channels) end now
+        if self.server is not None:
+            self.server.should_exit = True
 
     def drain(self) -> None:
         """Take no new requests, let those in flight finish (up to drain_timeout_s), then exit."""
@@ -104,10 +110,7 @@ class Frontend:
         deadline = loop.time() + self.config.drain_timeout_s
         while self.handler is not None and self.handler.in_flight() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self.handler is not None:
-            self.handler.drain()  # long-lived streams (a decode worker's channels) end now
-        if self.server is not None:
-            self.server.should_exit = True
+        self._exit()
 
 
 class _Server(uvicorn.Server):

@@ -84,7 +84,7 @@ class WorkerHost:
             return
         self._stopped = True
         if self.proc is not None and self.proc.poll() is None:
-            self.core.drain()
+            self.core.ask_frontend_to_exit()
             try:
                 self.proc.wait(self.config.drain_timeout_s + 10)
             except subprocess.TimeoutExpired:

@@ -57,19 +57,34 @@ class Release(_Message):
     request_id: str
 
 
-class Call(_Message):
-    """Run an EngineCore method by name; its Reply comes back with the same call_id."""
+class ReserveRemote(_Message):
+    """Reserve blocks for a prompt a prefill worker computes. Reply: [block ids, prompt tokens cached here]."""
 
     call_id: int
-    method: str
-    args: list[Any]
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class SendKV(_Message):
+    """Write a held request's blocks (past the first skip_blocks) into a decode worker's pools, one a rank.
+    Reply: the bytes written. The request's blocks stay held until the write has ended, even if a Release or
+    an Abort comes meanwhile."""
+
+    call_id: int
+    request_id: str
+    dests: list[dict[str, Any]]  # kv_transfer PoolDescriptor dicts, rank 0's first
+    dst_block_ids: list[int]
+    skip_blocks: int
+    timeout_s: float
 
 
 class Ready(_Message):
     """The frontend serves on the worker's port."""
 
 
-ToCore = Add | Abort | StartRemote | Release | Call | Ready
+Call = ReserveRemote | SendKV  # the messages answered by a Reply with their call_id
+ToCore = Add | Abort | StartRemote | Release | ReserveRemote | SendKV | Ready
 
 
 # --- core -> frontend ---
@@ -99,7 +114,7 @@ class Refused(_Message):
     """A request the engine would not run (RequestError: too long, bad ids); it never started."""
 
     request_id: str
-    kind: str  # "invalid_request" | "kv_cache_full"
+    kind: str  # "invalid_request" (the engine's RequestError), or "engine_error" (anything else it raised)
     message: str
 
 

@@ -1,6 +1,6 @@
 """One rank's share of a worker: its engine (its slice of the model and of the KV pool) and the KV
 transport that moves its pool's blocks. A single-rank worker is one shard; a tensor/expert-parallel
-worker has one a rank, rank 0's driving the schedule (worker/runtime.py), the others following."""
+worker has one a rank, rank 0's driving the schedule (worker/engine_core.py), the others following."""
 
 import dataclasses
 import os

@@ -15,10 +15,17 @@ from worker.ipc import Out, Refused, Step
 
 
 class FakeCore:
-    """The EngineClient surface DecodeStreams uses, recording what reaches the core."""
+    """The EngineClient surface DecodeStreams uses, recording what reaches the core; it has no room to receive
+    a remote prefill's KV."""
 
     def __init__(self):
         self.added, self.aborted = [], []
+        self.error = None
+
+    async def reserve_remote(self, rid, prompt, params):
+        from engine.errors import KVCacheFullError
+
+        raise KVCacheFullError("no room now")
 
     def add(self, rid, prompt, params, hold_kv=False):
         self.added.append(rid)
@@ -32,13 +39,21 @@ def tokenizer(demo_gguf):
     return load_tokenizer(demo_gguf)
 
 
+class FakeAborter:
+    def __init__(self):
+        self.posted = []
+
+    async def post(self, url, timeout):
+        self.posted.append(url)
+
+
 @pytest.fixture
 def streams(tokenizer):
-    return DecodeStreams(FakeCore(), tokenizer, 16, [{}], sender=None, aborter=None)
+    return DecodeStreams(FakeCore(), tokenizer, 16, [{}], sender=None, aborter=FakeAborter())
 
 
-def request(rid: str, channel: str | None = "c", **params) -> GenerateRequest:
-    return GenerateRequest(request_id=rid, prompt_token_ids=[1, 2, 3], channel=channel,
+def request(rid: str, channel: str | None = "c", prefill_url: str | None = None, **params) -> GenerateRequest:
+    return GenerateRequest(request_id=rid, prompt_token_ids=[1, 2, 3], channel=channel, prefill_url=prefill_url,
                            params={"max_tokens": 1000, "temperature": 0, **params})
 
 
@@ -138,3 +153,27 @@ async def test_a_closed_channel_aborts_its_requests_in_the_core(streams):
     streams.start(request("b1", "b"), b)
     streams.drop_channel(a)
     assert streams.client.aborted == ["a1"] and list(streams.streams) == ["b1"] and "a" not in streams.channels
+
+
+async def test_a_prompt_prefilled_here_for_want_of_room_is_still_aborted_in_the_core(streams):
+    """No room to receive the remote prefill: the prompt is prefilled here, and the router's abort reaches
+    the core (it used to stop at the finished handshake task and the request ran to max_tokens)."""
+    import asyncio
+
+    channel = open_channel(streams, "c")
+    req = request("full", prefill_url="http://prefill")
+    streams.start(req, channel)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert streams.client.added == ["full"] and streams.aborter.posted == ["http://prefill/abort/full"]
+    streams.abort("full")
+    assert streams.client.aborted == ["full"] and streams.in_flight() == 0
+
+
+async def test_a_request_after_the_engine_died_ends_with_engine_failed(streams):
+    channel = open_channel(streams, "c")
+    streams.client.error = "rank 1 died"
+    streams.start(request("late"), channel)
+    chunks = [c for f in await frames(channel) for c in f]
+    assert chunks[-1]["error"]["code"] == "engine_failed" and streams.in_flight() == 0
+    assert streams.client.added == []

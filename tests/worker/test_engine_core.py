@@ -11,6 +11,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, RequestError
 from engine.sampling_params import SamplingParams
+from kv_transfer.descriptors import TransferError
 from protocol.kv_events import KVEventKind
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
@@ -112,7 +113,7 @@ async def test_every_step_is_one_message_with_each_running_requests_token(connec
     assert fe.outs("r1")[-1].finish_reason == "length" and fe.outs("r1")[0].num_prompt_tokens == len(prompts[1])
 
 
-async def test_an_abort_frees_the_requests_blocks_in_the_message_that_follows_it(connected, demo_engine):
+async def test_an_abort_frees_the_requests_blocks_at_once(connected, demo_engine):
     core, client, fe = connected
     await fe.until(lambda: any(s.load for s in fe.steps))
     total = fe.load.total_blocks
@@ -121,9 +122,8 @@ async def test_an_abort_frees_the_requests_blocks_in_the_message_that_follows_it
     await fe.until(lambda: len(fe.outs("long")) >= 2)
     assert fe.load.free_blocks < total and fe.load.running == 1
     client.abort("long")
-    seen = len(fe.steps)
-    await fe.until(lambda: len(fe.steps) > seen)  # the core reports what the abort changed at once
-    assert fe.load.free_blocks == total and fe.load.running == 0
+    await fe.until(lambda: fe.load.running == 0, timeout_s=5)  # reported with the next message
+    assert fe.load.free_blocks == total
     outs = len(fe.outs("long"))
     await asyncio.sleep(0.2)
     assert len(fe.outs("long")) == outs  # nothing more for it
@@ -143,12 +143,43 @@ async def test_a_refused_request_comes_back_refused_and_the_engine_goes_on(conne
 async def test_calls_raise_what_the_core_raised(connected):
     core, client, fe = connected
     with pytest.raises(RequestError, match="context"):
-        await client.call("reserve_remote", "huge", list(range(10_000)), SamplingParams(max_tokens=1))
-    with pytest.raises(RuntimeError):
-        await client.call("no_such_call")
-    block_ids, cached = await client.call("reserve_remote", "fits", [1, 2, 3] * 12, SamplingParams(max_tokens=1))
+        await client.reserve_remote("huge", list(range(10_000)), SamplingParams(max_tokens=1))
+    with pytest.raises(TransferError, match="gone"):
+        await client.send_kv("never-held", [], [], 0, 5.0)
+    block_ids, cached = await client.reserve_remote("fits", [1, 2, 3] * 12, SamplingParams(max_tokens=1))
     assert len(block_ids) == 3 and cached == 0
     client.abort("fits")
+    assert core.error is None
+
+
+async def test_held_blocks_stay_until_their_send_has_ended_whatever_release_comes(fresh_shard, monkeypatch):
+    """A prefill worker's KV is read by a transfer thread: a Release (or an Abort) that comes meanwhile frees
+    the blocks only once the transfer has ended, never under it."""
+    gate, reading = threading.Event(), threading.Event()
+
+    def slow_send(targets, src, dst, timeout_s):
+        reading.set()
+        gate.wait(10)
+        return 1234
+
+    monkeypatch.setattr(fresh_shard, "send", slow_send)
+    core, client, fe = await _connect(fresh_shard)
+    await fe.until(lambda: any(s.load for s in fe.steps))
+    total = fe.load.total_blocks
+    client.add("held", list(range(1, 40)), SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
+    await fe.until(lambda: fe.outs("held") and fe.outs("held")[-1].finish_reason)
+    dest = fresh_shard.descriptor.to_dict()
+    sending = asyncio.ensure_future(client.send_kv("held", [dest], [7, 8, 9], 0, 5.0))
+    await asyncio.to_thread(reading.wait, 5)
+    client.release("held")
+    client.abort("held")
+    seen = len(fe.steps)
+    await fe.until(lambda: len(fe.steps) > seen)
+    assert fe.load.free_blocks < total  # still held: the send is reading them
+    gate.set()
+    assert await sending == 1234
+    await fe.until(lambda: fe.load.free_blocks == total and fe.load.kv_bytes_sent == 1234)
+    await _disconnect(core, client)
 
 
 async def test_the_events_describe_the_engines_cache_exactly(fresh_shard, demo_engine):
@@ -180,7 +211,7 @@ async def test_a_dead_rank_reaches_the_frontend_while_the_loop_is_stuck_and_stay
     monkeypatch.setattr(fresh_shard.engine, "step", stuck_in_a_collective)
     monkeypatch.setattr(fresh_shard.engine, "has_unfinished", lambda: True)
     core, client, fe = await _connect(fresh_shard)
-    pending = asyncio.ensure_future(client.call("reserve_remote", "x", [1], SamplingParams()))  # behind the step
+    pending = asyncio.ensure_future(client.reserve_remote("x", [1], SamplingParams()))  # queued behind the step
     await asyncio.sleep(0.1)
     core.fail(RuntimeError("rank 1 of worker w died"))
     await fe.until(lambda: fe.dead)
@@ -191,7 +222,7 @@ async def test_a_dead_rank_reaches_the_frontend_while_the_loop_is_stuck_and_stay
     assert await asyncio.to_thread(core.wait, 10)
     assert core.error == "rank 1 of worker w died"  # the collective's error, its echo, did not replace it
     with pytest.raises(EngineDeadError):
-        await client.call("reserve_remote", "y", [1], SamplingParams())
+        await client.reserve_remote("y", [1], SamplingParams())
     client.transport.close()
     core.stop()
 
