@@ -13,6 +13,7 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.errors import KVCacheFullError, ModelLoadError, RequestError
+from engine.guided import GrammarMasks, Grammars
 from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import CausalLM
@@ -55,6 +56,7 @@ class _Launched:
     # Requests that ended while this step was queued and that it computes a token for: their blocks go back
     # to the pool once it is read (no other process's KV transfer may land in a block it still writes).
     free_after: list[Request] = field(default_factory=list)
+    read_prev: bool = False  # the step before it was read while it was launched (a grammar's masks needed it)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +107,10 @@ class LLMEngine:
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.grammars: Grammars | None = None  # structured outputs: rank 0's, with a tokenizer
+        if self.tokenizer is not None and parallel.is_driver:
+            self.grammars = Grammars(self.tokenizer.tokenizer.to_str(), model_cfg.vocab_size,
+                                     sorted(self.eos_token_ids), config.max_num_seqs, self.device)
 
         self.kv_layout = self._kv_layout()
         self.kv_cache = KVCache(self.kv_layout, self.device, kv_allocator)
@@ -220,8 +226,15 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         if not self.scheduler.fits_pool(len(prompt_token_ids) + 1):
             raise RequestError("the prompt does not fit in this worker's KV cache")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        matcher = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise RequestError("structured outputs need the model's tokenizer, which this worker lacks")
+            matcher = self.grammars.matcher(params.grammar)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals))
+        req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals), matcher=matcher)
         self.stats.num_prompt_tokens += len(prompt_token_ids)
         if self.tokenizer is not None and self.config.detokenize:
             self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
@@ -283,10 +296,11 @@ class LLMEngine:
             prev = None
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
-        launched = None if batch.is_empty else self._launch(batch, prev)
+        launched = None if batch.is_empty else self._launch(batch, prev, outputs)
         if prev is not None:
             self.stats.num_overlapped_steps += launched is not None
-            outputs += self._finish(prev, running=launched)
+            if not (launched is not None and launched.read_prev):
+                outputs += self._finish(prev, running=launched)
         if launched is not None:
             if self._overlap:
                 self._inflight = launched
@@ -298,20 +312,37 @@ class LLMEngine:
         # Penalties read a request's earlier outputs on the host when the next step's sampling is built.
         return not any(r.params.uses_penalties for r in prev.reqs)
 
-    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
-        sampled, out = self.runner.execute(batch, prev.tokens if prev is not None else None)
+    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None", outputs: list[RequestOutput]
+                ) -> "_Launched":
+        """Queue the step. When a request it samples follows a grammar, the previous step is read (into
+        outputs) once this step's forward is queued: its tokens advance the matchers this step's masks come
+        from, computed while the device runs the forward."""
+        launched = _Launched(batch, [], [], None, None)
+        guided = self.grammars is not None and any(r.matcher is not None for r in batch.requests)
+
+        def before_sampling(sampled: list[Request]) -> GrammarMasks | None:
+            if not guided:
+                return None
+            if prev is not None:
+                outputs.extend(self._finish(prev, running=launched))
+                launched.read_prev = True
+            rows = [(row, r.matcher) for row, r in enumerate(sampled) if r.matcher is not None and not r.is_finished]
+            return self.grammars.masks(rows) if rows else None
+
+        sampled, out = self.runner.execute(batch, prev.tokens if prev is not None else None, before_sampling)
         self.stats.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
             req.num_computed_tokens += n
             self.stats.num_tokens_computed += n
-        slots = []
+        launched.reqs = sampled
         for req in sampled:  # the token this step samples: a placeholder until _finish reads it
-            slots.append(len(req.output_token_ids))
-            req.output_token_ids.append(PLACEHOLDER)
-        tokens = None
+            launched.slots.append(len(req.output_token_ids))
+            if not req.is_finished:  # (ended by the step before, read just now: this token is computed in vain)
+                req.output_token_ids.append(PLACEHOLDER)
         if out is not None:
-            tokens = PrevTokens(out.token_ids, {r.request_id: row for row, r in enumerate(sampled)})
-        return _Launched(batch, sampled, slots, out.copy_to_host() if out is not None else None, tokens)
+            launched.tokens = PrevTokens(out.token_ids, {r.request_id: row for row, r in enumerate(sampled)})
+            launched.samples = out.copy_to_host()
+        return launched
 
     def _finish(self, step: "_Launched", running: "_Launched | None" = None) -> list[RequestOutput]:
         """Wait for a launched step's tokens; append them, register newly full blocks, end finished requests.
@@ -360,6 +391,13 @@ class LLMEngine:
         p = req.params
         detok = self._detok.get(req.request_id)
         stopped_by_string = detok.add(tok) if detok is not None else False
+        if req.matcher is not None:
+            if not Grammars.advance(req.matcher, tok):  # only a token sampled without its mask gets here
+                log.error("request %s: its grammar refused token %d (%s)", req.request_id, tok,
+                          req.matcher.get_error())
+                return FinishReason.STOP
+            if req.matcher.is_stopped():  # the grammar is complete: nothing may follow
+                return FinishReason.STOP
         is_stop = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids or stopped_by_string
         if is_stop and n >= p.min_tokens:
             return FinishReason.STOP

@@ -8,6 +8,7 @@ With several ranks (tensor/expert parallel), rank 0 broadcasts each step's StepI
 the same forward (its collectives meet the others'); only rank 0 samples.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import BatchMetadata
+from engine.guided import GrammarMasks, apply_masks
 from engine.device import pinned, to_device
 from engine.model import CausalLM
 from engine.parallel import SINGLE, Parallel
@@ -111,9 +113,12 @@ class ModelRunner:
         self.share_samples = overlap and parallel.world_size > 1
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, prev: PrevTokens | None = None
+    def execute(self, batch: ScheduledBatch, prev: PrevTokens | None = None,
+                before_sampling: "Callable[[list[Request]], GrammarMasks | None] | None" = None
                 ) -> tuple[list[Request], SamplerOutput | None]:
-        """Queue the step's forward and sampling on the device; nothing here waits for the device."""
+        """Queue the step's forward and sampling on the device; nothing here waits for the device.
+        before_sampling(the requests sampled, in row order), called once the forward is queued: the host's
+        work that must precede the sampling (the engine's), and the grammar masks to apply, if any."""
         step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
         self._plan_fill(step, batch.requests, prev)
         step.share_samples = self.share_samples and bool(step.sample_rows)
@@ -123,6 +128,9 @@ class ModelRunner:
         if logits is None:
             return [], None
         reqs = [batch.requests[i] for i in step.sample_rows]
+        masks = before_sampling(reqs) if before_sampling is not None else None
+        if masks is not None:
+            logits = apply_masks(logits, masks)
         if all(r.params.plain_greedy for r in reqs):  # no sampling state to build: argmax on the device
             out = SamplerOutput(logits.argmax(dim=-1), None, None, None)
         else:

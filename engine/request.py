@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -35,6 +36,7 @@ class Request:
     num_committed_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_preemptions: int = 0
     hold_kv: bool = False  # a prefill worker's request: blocks stay referenced after it ends, until sent
+    matcher: Any = None  # its grammar's matcher (engine/guided.py), when its output follows one
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -49,6 +49,7 @@ class SamplingBatch:
     any_sampling: bool
     any_top_k_p: bool
     any_min_p: bool
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: (rows, token ids, values)
 
     @classmethod
     def build(cls, reqs: list[Request], vocab_size: int, device: torch.device) -> "SamplingBatch":
@@ -68,6 +69,11 @@ class SamplingBatch:
                     output_counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
                 seen[row, col(r.all_token_ids, torch.int64)] = True
         wants = [p.logprobs for p in ps if p.logprobs is not None]
+        bias = None
+        if any(p.logit_bias for p in ps):
+            entries = [(row, t, v) for row, p in enumerate(ps) for t, v in p.logit_bias]
+            bias = tuple(col([e[i] for e in entries], dtype)
+                         for i, dtype in enumerate((torch.int64, torch.int64, torch.float32)))
         return cls(
             temperature=col([p.temperature for p in ps], torch.float32),
             top_k=col([p.top_k or vocab_size for p in ps], torch.int64),
@@ -81,6 +87,7 @@ class SamplingBatch:
             output_counts=output_counts,
             seen_tokens=seen,
             num_logprobs=max(wants) if wants else None,
+            bias=bias,
             any_sampling=any(not p.greedy for p in ps),
             any_top_k_p=any(p.top_k or p.top_p < 1.0 for p in ps if not p.greedy),
             any_min_p=any(p.min_p > 0 for p in ps if not p.greedy),
@@ -122,7 +129,10 @@ class HostSamples:
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-    """logits: [B, V] float32 -> one token a row."""
+    """logits: [B, V] float32 -> one token a row. Logprobs are of the logits after logit_bias (and a grammar's
+    mask, applied before), before penalties and temperature."""
+    if b.bias is not None:
+        logits = logits.index_put(b.bias[:2], b.bias[2], accumulate=True)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.num_logprobs is not None else None
     if b.seen_tokens is not None:
         rep = b.repetition[:, None]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from engine.errors import RequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # as OpenAI
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     min_tokens: int = field(default=0)
+    # (kind, source): the output follows this grammar (protocol/grammar.py; engine/guided.py)
+    grammar: tuple[str, str] | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, in [-100, 100])
 
     def __post_init__(self) -> None:
         checks = [
@@ -41,6 +45,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (len(self.stop) <= 4, "at most 4 stop sequences"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be between 0 and max_tokens"),
+            (all(-100.0 <= b <= 100.0 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} logit_bias entries"),
         ]
         for ok, message in checks:
             if not ok:
@@ -52,8 +58,8 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing else to compute: no penalties, no logprobs."""
-        return self.temperature == 0.0 and self.logprobs is None and not self.uses_penalties
+        """Greedy with nothing else to compute: no penalties, no logprobs, no logit bias."""
+        return self.temperature == 0.0 and self.logprobs is None and not self.uses_penalties and not self.logit_bias
 
     @property
     def uses_penalties(self) -> bool:

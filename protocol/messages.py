@@ -25,6 +25,8 @@ class WireSamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    grammar: tuple[str, str] | None = None  # (kind, source), protocol/grammar.py
+    logit_bias: list[tuple[int, float]] = Field(default_factory=list)
 
 
 class PrefillRequest(BaseModel):

@@ -36,6 +36,8 @@ def to_sampling_params(p: WireSamplingParams, **override) -> SamplingParams:
     fields.update(override)
     fields["stop"] = tuple(fields["stop"])
     fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    fields["grammar"] = tuple(fields["grammar"]) if fields["grammar"] is not None else None
+    fields["logit_bias"] = tuple((int(t), float(b)) for t, b in fields["logit_bias"])
     return SamplingParams(**fields)
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Modules of bench/ that are not benchmarks. Every other bench/*.py must take --quick, or
 # test_every_bench_has_a_quick_mode fails.
-NOT_BENCHES = {"__init__", "cluster", "common", "loadgen", "mock_server", "raw_http", "workloads"}
+NOT_BENCHES = {"__init__", "cluster", "common", "json_schemas", "loadgen", "mock_server", "raw_http", "workloads"}
 
 
 def _takes_quick(path: Path) -> bool:
