@@ -1,6 +1,7 @@
 """JSON Schemas of the shapes applications ask for (nested objects, arrays, enums, required fields, numbers
-with ranges, patterns, optional fields): bench.structured compiles them, tests/router/test_structured_outputs.py
-checks every answer against them. Strings and arrays are bounded, so a small model's answer ends."""
+with ranges, patterns, optional fields): bench.structured builds them; tests/engine/test_guided.py and
+tests/pdserve_cli/test_application_api.py check every answer against them. Strings, arrays and integers are
+bounded, so a small model's answer ends (unbounded, the demo model writes digits until max_tokens)."""
 
 S = {"type": "string", "maxLength": 24}
 
@@ -12,7 +13,7 @@ def _obj(properties: dict, required: list[str] | None = None) -> dict:
 
 SCHEMAS: list[dict] = [
     _obj({"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}}),
-    _obj({"city": S, "country": S, "population": {"type": "integer", "minimum": 0}}),
+    _obj({"city": S, "country": S, "population": {"type": "integer", "minimum": 0, "maximum": 10**9}}),
     _obj({"answer": {"type": "string", "enum": ["yes", "no", "maybe"]}}),
     _obj({"score": {"type": "number", "minimum": 0, "maximum": 10}, "reason": S}),
     _obj({"tags": {"type": "array", "items": S, "minItems": 1, "maxItems": 3}}),
@@ -25,7 +26,7 @@ SCHEMAS: list[dict] = [
     _obj({"lat": {"type": "number", "minimum": -90, "maximum": 90}, "lon": {"type": "number", "minimum": -180,
                                                                             "maximum": 180}}),
     _obj({"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3}}),
-    _obj({"user": _obj({"id": {"type": "integer", "minimum": 1}, "roles": {"type": "array", "maxItems": 2,
+    _obj({"user": _obj({"id": {"type": "integer", "minimum": 1, "maximum": 9999}, "roles": {"type": "array", "maxItems": 2,
                                                                              "items": {"enum": ["admin", "dev"]}}})}),
     _obj({"name": S, "nickname": S}, required=["name"]),
     _obj({"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"}, "event": S}),

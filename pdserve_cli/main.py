@@ -93,7 +93,8 @@ def serve(a: argparse.Namespace) -> None:
         urls = {role: [u for u, _ in m] for role, m in members.items()}
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
-                              auth=a.auth, admin_token=a.admin_token)
+                              auth=a.auth, admin_token=a.admin_token, tool_call_parser=a.tool_call_parser,
+                              reasoning_parser=a.reasoning_parser)
         app = create_app(config)
         app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool)
         print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument(f"--{role}-tp-size", type=int, default=1, help=f"tensor-parallel ranks of a {role} worker")
         s.add_argument(f"--{role}-ep-size", type=int, default=1,
                        help=f"expert-parallel groups of a {role} worker (tp x ep ranks in all)")
+    s.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                   help="the model's tool-call format (default: from its chat template)")
+    s.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                   help="return <think> text as reasoning_content (default: off)")
     s.add_argument("--transport", default="host", choices=["host", "nixl"],
                    help="host: shared memory (CPU) or CUDA IPC (GPU) between workers on this machine; nixl: NIXL/UCX")
     s.add_argument("--policy", default="cache_aware")

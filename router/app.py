@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -35,16 +35,20 @@ from protocol.http_client import TOKEN_HEADER
 from protocol.messages import ChunkView, LogprobView, ParamsOut
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
+from router import messages_api, responses_api
 from router.admin import admin_routes, advice, pool_view
 from router.channels import TokenChannels
+from router.chat_output import ChoiceReader, assemble
 from router.config import RouterConfig
 from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.dispatch import Dispatcher
 from router.errors import OpenAIError, install_error_handlers, validation_error
 from router.frontdoor import FrontDoor, Ticket
+from router.messages_api import MessagesRequest
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, usage
 from router.policy import Router
+from router.responses_api import ResponsesRequest
 from router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,8 +60,10 @@ from router.schemas import (
 from router.server import Answer, header
 from router.server import Request as HttpRequest
 from router.state import LocalState, RedisState
+from router.structured import OutputPlan, plan
 from router.telemetry import Telemetry
 from router.tokenize import BatchEncoder
+from router.tool_parsers import parser_for_template
 from router.workers import WorkerPool
 
 log = logging.getLogger("pdserve.router")
@@ -93,6 +99,7 @@ class RouterState:
             self.scaler = KubernetesScaler(config.k8s_namespace, {"prefill": config.k8s_prefill_statefulset,
                                                                   "decode": config.k8s_decode_statefulset})
         self.tokenizer: ChatTokenizer | None = None
+        self.tool_parser: str | None = None  # the tool-call format of the model's outputs (router/tool_parsers.py)
         self.encoder: BatchEncoder | None = None
         self.router: Router | None = None
         self.dispatcher: Dispatcher | None = None
@@ -113,6 +120,7 @@ class RouterState:
         """The tokenizer and routing come from the first registered worker (which may come later)."""
         if self.dispatcher is None and self.pool.reference is not None:
             self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
+            self.tool_parser = self.config.tool_call_parser or parser_for_template(self.tokenizer.chat_template_source)
             self.encoder = BatchEncoder(self.tokenizer, parallel=self.config.tokenize_parallel)
             self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
                                  self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
@@ -132,43 +140,65 @@ class RouterState:
 
 @dataclass(slots=True)
 class Reply:
-    """What a hot endpoint answers: a JSON body, or an SSE byte stream."""
+    """What a generation endpoint answers: a JSON body, or a byte stream (SSE)."""
 
     body: dict | None = None
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncIterator[Any] | None = None
     ticket: Ticket | None = None  # a stream settles it when it ends; if it never starts, RouterApp does
+    completion_tokens: int = 0  # a body's
 
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A generation endpoint: its name (the metrics' label), how its body is read, how it is answered, and
+    its error bodies' shape."""
+
+    name: str
+    parse: Callable[[bytes], Any]
+    run: Callable[..., Awaitable[Reply]]  # (state, body, session header, key, admitted)
+    error_body: Callable[[OpenAIError], dict] = OpenAIError.body
+
+
 class RouterApp:
-    """The router: its two generation endpoints answered natively by router.server (`native`: path ->
-    handler), and as an ASGI app everything through `self.api` (FastAPI), which declares and serves the
-    generation endpoints too (with the same `handle`), so the schema documents them and any ASGI server
-    can run the router."""
+    """The router. Its generation endpoints (`native`: path -> handler(request, body) -> Answer) are answered
+    by one function, `answer`, whichever server carries the request: router.server calls the handler
+    straight from the socket; as an ASGI app (`__call__`) the same handler runs, and everything else goes to
+    `self.api` (FastAPI: health, metrics, models, tokenize, the admin API, the dashboard, and the OpenAPI
+    schema, which documents the generation endpoints too)."""
 
     def __init__(self, config: RouterConfig):
         self.state = RouterState(config)
         self.api = _api(self.state)
-        self.native = {b"/v1/chat/completions": functools.partial(self.hot, True),
-                       b"/v1/completions": functools.partial(self.hot, False)}
+        endpoints = {b"/v1/chat/completions": Endpoint("chat", functools.partial(_parse, True),
+                                                       functools.partial(_run_openai, True)),
+                     b"/v1/completions": Endpoint("completions", functools.partial(_parse, False),
+                                                  functools.partial(_run_openai, False)),
+                     b"/v1/responses": Endpoint("responses", _parse_responses, _run_responses),
+                     b"/v1/messages": Endpoint("messages", _parse_messages, _run_messages, _anthropic_error)}
+        self.native = {path: functools.partial(self.answer, e) for path, e in endpoints.items()}
         self._session_header = config.session_header.lower().encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.native.get(scope["path"].encode())
+            if handler is not None:
+                return await _asgi_answer(handler, self.state.config.max_body_bytes, scope, receive, send)
         return await self.api(scope, receive, send)
 
     @staticmethod
     def too_large(max_bytes: int) -> OpenAIError:
         return _too_large(max_bytes)
 
-    async def hot(self, chat: bool, req: HttpRequest, raw: bytes) -> Answer:
+    async def answer(self, endpoint: Endpoint, req: HttpRequest, raw: bytes) -> Answer:
         """One generation request, whole (headers and body): the answer, or the error answer. A client that
         leaves cancels the task running this (counted as 499, its usage settled). Streams count their own
         outcome (in `_sse`); the rest is counted here."""
         count = self.state.count
-        endpoint = "chat" if chat else "completions"
+        name = endpoint.name
         door = self.state.door
         key = body = lookup = None
         admitted: list[Ticket] = []
@@ -178,44 +208,94 @@ class RouterApp:
             else:  # in Redis: finished even if the client leaves meanwhile, to know whose bill the request is on
                 lookup = asyncio.ensure_future(door.authenticate(req.header(b"authorization")))
                 key = await asyncio.shield(lookup)
-            body = _parse(chat, raw)
+            body = endpoint.parse(raw)
             limit = self.state.config.request_timeout_s
             with _Deadline(limit) as deadline:
                 try:
-                    reply = await handle(self.state, chat, body, req.header(self._session_header), key, admitted)
+                    reply = await endpoint.run(self.state, body, req.header(self._session_header), key, admitted)
                 except asyncio.CancelledError:
                     if not deadline.expired():
                         raise
                     raise OpenAIError(504, f"the request took longer than {limit:g} s",
                                       code="request_timeout") from None
         except OpenAIError as e:
-            count(endpoint, str(e.status), error=e)
+            count(name, str(e.status), error=e)
             extra = [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
-            return Answer(e.status, _encode(e.body()), [_JSON, *extra])
+            return Answer(e.status, _encode(endpoint.error_body(e)), [_JSON, *extra])
         except asyncio.CancelledError:  # the client left; handle() freed what it held
-            count(endpoint, "499")
+            count(name, "499")
             if key is None and lookup is not None:
                 with contextlib.suppress(Exception):  # a refused key: nobody's bill
                     key = await lookup
             if key is not None and not admitted:  # before admission: still one request on its bill, no tokens
-                await door.usage.add(key.id, body.model if body else "-", {"requests": 1, "cancelled": 1})
+                await door.usage.add(key.id, getattr(body, "model", "-"), {"requests": 1, "cancelled": 1})
             raise
-        except Exception as e:  # noqa: BLE001 - a bug must still answer OpenAI-shaped
+        except Exception as e:  # noqa: BLE001 - a bug must still answer in the endpoint's error shape
             log.error("unexpected error", exc_info=e)
             error = OpenAIError(500, f"internal error: {type(e).__name__}")
-            count(endpoint, "500", error=error)
-            return Answer(500, _encode(error.body()), [_JSON])
+            count(name, "500", error=error)
+            return Answer(500, _encode(endpoint.error_body(error)), [_JSON])
         if reply.stream is None:
-            count(endpoint, "200", reply.body["usage"]["completion_tokens"])
+            count(name, "200", reply.completion_tokens)
             return Answer(200, _encode(reply.body), [_JSON])
         ticket = reply.ticket
 
         async def unstarted() -> None:  # the client left before the stream began: what `_sse` would have done
             if not ticket.closed:
-                count(endpoint, "499")
+                count(name, "499")
                 await ticket.close("cancelled")
 
         return Answer(200, headers=_SSE_HEADERS, stream=reply.stream, on_close=unstarted)
+
+
+async def _asgi_answer(handler: Callable, max_body_bytes: int, scope: dict, receive: Callable,
+                       send: Callable) -> None:
+    """A generation request under an ASGI server: the body read (within the limit), the same handler as
+    router.server's, and its Answer sent; a client that leaves mid-stream stops the stream."""
+    if _declared_over(scope, max_body_bytes):
+        answer = Answer(400, _encode(_too_large(max_body_bytes).body()), [_JSON])
+    else:
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            more = message.get("more_body", False)
+            if size > max_body_bytes:
+                break
+        if size > max_body_bytes:
+            answer = Answer(400, _encode(_too_large(max_body_bytes).body()), [_JSON])
+        else:
+            req = HttpRequest(method="POST", url=scope["path"].encode(), headers=list(scope["headers"]))
+            answer = await handler(req, b"".join(parts))
+    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+    if answer.stream is None:
+        await send({"type": "http.response.body", "body": answer.body})
+        return
+    stream = answer.stream
+
+    async def pump() -> None:
+        async for data in stream:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping
+        await stream.aclose()
+        if answer.on_close is not None:
+            await answer.on_close()
 
 
 _JSON = (b"content-type", b"application/json")
@@ -318,15 +398,24 @@ def _api(state: RouterState) -> FastAPI:
             raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
+    # The generation endpoints, declared for the schema: RouterApp.answer serves them before FastAPI would.
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        key = await state.door.authenticate(request.headers.get("authorization"))
-        return _response(await handle(state, True, body, request.headers.get(state.config.session_header), key))
+    async def chat(body: ChatCompletionRequest) -> dict:
+        raise _not_here()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        key = await state.door.authenticate(request.headers.get("authorization"))
-        return _response(await handle(state, False, body, request.headers.get(state.config.session_header), key))
+    async def completions(body: CompletionRequest) -> dict:
+        raise _not_here()
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest) -> dict:
+        """OpenAI's Responses API, stateless (store and previous_response_id are refused)."""
+        raise _not_here()
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest) -> dict:
+        """Anthropic's Messages API (errors in Anthropic's shape)."""
+        raise _not_here()
 
     app.include_router(admin_routes(state))
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
@@ -347,10 +436,8 @@ def _api(state: RouterState) -> FastAPI:
     return app
 
 
-def _response(reply: Reply) -> Response:
-    if reply.stream is None:
-        return JSONResponse(reply.body)
-    return StreamingResponse(reply.stream, headers={k.decode(): v.decode() for k, v in _SSE_HEADERS})
+def _not_here() -> OpenAIError:
+    return OpenAIError(500, "this endpoint is answered by RouterApp, not by its FastAPI app")
 
 
 class BodyLimit:
@@ -398,6 +485,75 @@ def _parse(chat: bool, raw: bytes) -> GenerationRequest:
         raise validation_error(e.errors(include_url=False)) from None
 
 
+def _validated(model: type, raw: bytes | dict) -> Any:
+    try:
+        return model.model_validate_json(raw) if isinstance(raw, bytes) else model.model_validate(raw)
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False)) from None
+    except ValueError as e:  # a model's own refusal raised outside validation
+        raise OpenAIError(400, str(e)) from None
+
+
+def _run_openai(chat: bool, state: "RouterState", body: Any, session: str | None, key, admitted: list) -> Awaitable:
+    return handle(state, chat, body, session, key, admitted)
+
+
+def _parse_responses(raw: bytes) -> ResponsesRequest:
+    return _validated(ResponsesRequest, raw)
+
+
+def _parse_messages(raw: bytes) -> MessagesRequest:
+    return _validated(MessagesRequest, raw)
+
+
+def _anthropic_error(e: OpenAIError) -> dict:
+    return messages_api.error_body(e.status, e.message)
+
+
+async def _run_responses(state: "RouterState", body: ResponsesRequest, session: str | None, key,
+                         admitted: list) -> Reply:
+    """A Responses request, as the chat request it amounts to, answered in the Responses shape."""
+    try:
+        chat = _validated(ChatCompletionRequest, responses_api.to_chat(body))
+    except ValueError as e:
+        raise OpenAIError(400, str(e)) from None
+    rid = "resp_" + _request_id()
+    reply = await handle(state, True, chat, session, key, admitted, encode=_identity, done=None, endpoint="responses")
+    if reply.stream is None:
+        return Reply(body=responses_api.from_chat(body, reply.body, rid), completion_tokens=reply.completion_tokens)
+    return Reply(stream=_translated(responses_api.stream_events(body, reply.stream, rid), reply.stream),
+                 ticket=reply.ticket)
+
+
+async def _run_messages(state: "RouterState", body: MessagesRequest, session: str | None, key,
+                        admitted: list) -> Reply:
+    """An Anthropic Messages request, as the chat request it amounts to, answered in Anthropic's shape."""
+    try:
+        chat = _validated(ChatCompletionRequest, messages_api.to_chat(body))
+    except ValueError as e:
+        raise OpenAIError(400, str(e)) from None
+    mid = "msg_" + _request_id()
+    reply = await handle(state, True, chat, session, key, admitted, encode=_identity, done=None, endpoint="messages")
+    if reply.stream is None:
+        return Reply(body=messages_api.from_chat(body, reply.body, mid), completion_tokens=reply.completion_tokens)
+    return Reply(stream=_translated(messages_api.stream_events(body, reply.stream, mid), reply.stream),
+                 ticket=reply.ticket)
+
+
+def _identity(chunk: dict) -> dict:
+    return chunk
+
+
+async def _translated(events: AsyncIterator[bytes], chunks: AsyncIterator) -> AsyncIterator[bytes]:
+    """A translated stream that, when closed, closes the chat stream under it (which settles the request)."""
+    try:
+        async for data in events:
+            yield data
+    finally:
+        await events.aclose()
+        await chunks.aclose()
+
+
 def _require_ready(state: RouterState) -> None:
     if not state.ready():
         raise OpenAIError(503, "no worker has registered yet", code="no_healthy_worker")
@@ -409,31 +565,39 @@ def _check_model(state: RouterState, model: str) -> None:
                                f"{state.pool.reference.model!r}", param="model", code="model_not_found")
 
 
-async def _prompt_ids(state: RouterState, chat: bool, body: Any) -> list[int]:
-    if chat:
-        try:
-            messages = [m.as_template_dict() for m in body.messages]
-            parts = state.tokenizer.render_chat_parts(messages)  # the common case: no text rendered and cut
-            text = "" if parts is not None else state.tokenizer.render_chat(messages)
-        except ChatTemplateError as e:
-            raise OpenAIError(400, str(e), param="messages") from e
-        except ValueError as e:
-            raise OpenAIError(400, str(e), param="messages") from e
-        return await (state.encoder.encode_parts(parts) if parts is not None else state.encoder.encode(text))
-    if isinstance(body.prompt, list):
+async def _prompt_ids(state: RouterState, chat: bool, body: Any, tools: list | None = None) -> list[int]:
+    if not chat:
+        return await _completion_ids(state, body.prompt)
+    try:
+        messages = [m.as_template_dict() for m in body.messages]
+        # the common case: no text rendered and cut
+        parts = state.tokenizer.render_chat_parts(messages) if tools is None else None
+        text = "" if parts is not None else state.tokenizer.render_chat(messages, tools=tools)
+    except ChatTemplateError as e:
+        raise OpenAIError(400, str(e), param="messages") from e
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param="messages") from e
+    return await (state.encoder.encode_parts(parts) if parts is not None else state.encoder.encode(text))
+
+
+async def _completion_ids(state: RouterState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
         vocab = state.tokenizer.vocab_size
-        if any(t < 0 or t >= vocab for t in body.prompt):
+        if any(t < 0 or t >= vocab for t in prompt):
             raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return body.prompt
-    return await state.encoder.encode(body.prompt) if body.prompt else []
+        return prompt
+    return await state.encoder.encode(prompt) if prompt else []
 
 
-def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None) -> ParamsOut:
+def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out_plan: OutputPlan) -> ParamsOut:
+    bias = body.logit_bias
     return ParamsOut(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, seed=seed, stop=body.stop, ignore_eos=body.ignore_eos,
-        logprobs=body.num_logprobs(),
+        logprobs=body.num_logprobs(), grammar=out_plan.grammar,
+        logit_bias=[(int(t), b) for t, b in bias.items()] if bias else [],
+        skip_special_tokens=not out_plan.keeps_special_tokens,
     )
 
 
@@ -445,44 +609,65 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
+def _sse_event(chunk: dict) -> bytes:
+    return b"data: " + _encode(chunk) + b"\n\n"
+
+
 async def handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key,
-                 admitted: list | None = None) -> Reply:
+                 admitted: list | None = None, encode: Callable[[dict], Any] = _sse_event,
+                 done: Any = b"data: [DONE]\n\n", endpoint: str | None = None) -> Reply:
     """One OpenAI request, validated and authenticated: tokenize, check limits and capacity, admit, route,
-    and answer (JSON) or stream (SSE)."""
+    and answer (JSON) or stream (SSE: each chunk through `encode`, then `done` if it ended well; None: not)."""
     _require_ready(state)
     _check_model(state, body.model)
     state.door.check_model(key, body.model)
-    ids = await _prompt_ids(state, chat, body)
+    out_plan = plan(body, chat, state.tool_parser, state.config.reasoning_parser)
+    if body.logit_bias and max(int(t) for t in body.logit_bias) >= state.tokenizer.vocab_size:
+        raise OpenAIError(400, f"logit_bias token ids must be in [0, {state.tokenizer.vocab_size})",
+                          param="logit_bias")
+    prompts = await _prompts(state, chat, body, out_plan)
     ref = state.pool.reference
-    if not ids:
+    longest = max(len(ids) for ids in prompts)
+    if not min(len(ids) for ids in prompts):
         raise OpenAIError(400, "the prompt is empty", param="prompt")
-    room = ref.max_model_len - len(ids)
+    room = ref.max_model_len - longest
     if room < 1:
-        raise OpenAIError(400, f"the prompt has {len(ids)} tokens; this model's context is {ref.max_model_len}",
+        raise OpenAIError(400, f"the prompt has {longest} tokens; this model's context is {ref.max_model_len}",
                           param="messages" if chat else "prompt", code="context_length_exceeded")
     max_tokens = body.output_limit() or min(room, state.config.max_output_tokens or room)
     if max_tokens > room:
-        raise OpenAIError(400, f"max_tokens {max_tokens} plus the prompt's {len(ids)} tokens exceed the "
+        raise OpenAIError(400, f"max_tokens {max_tokens} plus the prompt's {longest} tokens exceed the "
                                f"context of {ref.max_model_len}", param="max_tokens", code="context_length_exceeded")
     if not state.pool.pool("decode"):
         raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
-    state.door.check_request(len(ids), max_tokens, chat)
+    state.door.check_request(longest, max_tokens, chat)
     queued = sum(w.inflight_tokens for w in state.pool.prefill_pool())
     capacity = state.door.capacity(state.pool, queued)
     if not capacity.ok:
         state.metrics.refused.labels(capacity.reason.split(" (")[0][:40]).inc()
         raise state.door.overloaded(capacity.reason)
     rid = ("chatcmpl-" if chat else "cmpl-") + _request_id()
-    ticket = await _admit(state, key, rid, body.model, len(ids), max_tokens * body.n, admitted)
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    ticket = await _admit(state, key, rid, body.model, prompt_tokens, max_tokens * body.n * len(prompts), admitted)
     fmt = Formatter(state.tokenizer, ref.model, rid, chat)
-    hashes = state.dispatcher.hashes(ids)
     session = session_header or body.user
-    streams = [state.dispatcher.generate(f"{rid}-{i}", ids, _wire_params(
-        body, max_tokens, None if body.seed is None else body.seed + i), hashes, session) for i in range(body.n)]
-    state.metrics.prompt_tokens.inc(len(ids) * body.n)
+    streams = []
+    for ids in prompts:  # n choices a prompt, in order
+        hashes = state.dispatcher.hashes(ids)
+        for i in range(body.n):
+            params = _wire_params(body, max_tokens, None if body.seed is None else body.seed + i, out_plan)
+            streams.append(state.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session))
+    readers = [ChoiceReader(out_plan) for _ in streams] if out_plan.reads_text else None
+    echo = None
+    if not chat and body.echo:
+        texts = [p if isinstance(p, str) else state.tokenizer.decode(p, skip_special_tokens=False)
+                 for p in body.prompts()]
+        echo = [t for t in texts for _ in range(body.n)]
+    state.metrics.prompt_tokens.inc(prompt_tokens * body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Reply(stream=_sse(state, fmt, streams, len(ids), include_usage, ticket), ticket=ticket)
+        return Reply(stream=_sse(state, fmt, streams, prompt_tokens, include_usage, ticket, readers, echo, encode,
+                                 done, endpoint or ("chat" if chat else "completions")), ticket=ticket)
     start = time.perf_counter()
     outcome = "cancelled"
     try:
@@ -499,7 +684,20 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     completion = sum(r[3] for r in results)
     cached = max(r[4] for r in results)
     _observe(state, start, completion, cached)
-    return Reply(body=fmt.full([(r[0], r[1], r[2]) for r in results], usage(len(ids), completion, cached)))
+    choices = []
+    for i, (text, reason, lps, _, _) in enumerate(results):
+        message = None
+        if readers is not None:
+            message = assemble(readers[i].feed(text) + readers[i].finish())
+            reason = readers[i].finish_reason(reason)
+        choices.append((echo[i] + text if echo else text, reason, lps, message))
+    return Reply(body=fmt.full(choices, usage(prompt_tokens, completion, cached)), completion_tokens=completion)
+
+
+async def _prompts(state: RouterState, chat: bool, body: Any, out_plan: OutputPlan) -> list[list[int]]:
+    if chat:
+        return [await _prompt_ids(state, True, body, out_plan.tools)]
+    return [await _completion_ids(state, p) for p in body.prompts()]
 
 
 async def _admit(state: RouterState, key, rid: str, model: str, prompt_tokens: int, max_tokens: int,
@@ -577,15 +775,12 @@ async def _merge(streams: list[AsyncIterator[ChunkView]]) -> AsyncIterator[tuple
             t.cancel()
 
 
-def _error_event(e: OpenAIError) -> bytes:
-    return b"data: " + _encode(e.body()) + b"\n\n"
-
-
 async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[ChunkView]], prompt_len: int,
-               include_usage: bool, ticket: Ticket) -> AsyncIterator[bytes]:
-    """The n choices' streams as one SSE stream; leaving early closes every worker stream. One stream (the
-    common case) is read in place: no task, queue or generator between the worker's line and the client's
-    chunk."""
+               include_usage: bool, ticket: Ticket, readers: list[ChoiceReader] | None, echo: list[str] | None,
+               encode: Callable[[dict], Any], done: Any, endpoint: str) -> AsyncIterator[Any]:
+    """The choices' streams as one stream of chunks (each through `encode`, then `done` if it ended well);
+    leaving early closes every worker stream. One stream (the common case) is read in place: no task, queue or
+    generator between the worker's line and the client's chunk."""
     single = len(streams) == 1
     source = streams[0] if single else _merge(streams)
     start = last = time.perf_counter()
@@ -599,10 +794,16 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[C
                 if isinstance(item, OpenAIError) or item.error:
                     err = item if isinstance(item, OpenAIError) else _worker_error(item)
                     status, stream_error = str(err.status), err
-                    yield _error_event(err)
+                    yield encode(err.body())
                     break
                 now = time.perf_counter()
-                yield b"data: " + _encode(fmt.chunk(i, item, i not in first_seen, offsets[i])) + b"\n\n"
+                first = i not in first_seen
+                if readers is not None:
+                    for chunk in _read_chunks(fmt, i, item, first, readers[i]):
+                        yield encode(chunk)
+                else:
+                    text = echo[i] + item.text if echo is not None and first else None
+                    yield encode(fmt.chunk(i, item, first, offsets[i], text))
                 # Measured before the chunk went out, recorded after (off the path of the token to the client).
                 if not first_seen:
                     state.metrics.ttft.observe(now - start)
@@ -618,13 +819,31 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[C
             else:
                 status = "200"
                 if include_usage:
-                    yield b"data: " + _encode(fmt.usage_chunk(usage(prompt_len, sum(completion), cached))) + b"\n\n"
-                yield b"data: [DONE]\n\n"
+                    yield encode(fmt.usage_chunk(usage(prompt_len, sum(completion), cached)))
+                if done is not None:
+                    yield done
         except OpenAIError as e:  # one stream's own failure (merged streams pass theirs on as items)
             status, stream_error = str(e.status), e
-            yield _error_event(e)
+            yield encode(e.body())
     finally:
         await source.aclose()
         _observe(state, start, sum(completion), cached)
-        state.count("chat" if fmt.chat else "completions", status, sum(completion), stream_error)
+        state.count(endpoint, status, sum(completion), stream_error)
         await ticket.close({"200": "ok", "499": "cancelled"}.get(status, "error"))
+
+
+def _read_chunks(fmt: Formatter, i: int, item: ChunkView, first: bool, reader: ChoiceReader) -> list[dict]:
+    """A choice's chunk read through its reader: a chunk a delta (the first with the role), the logprobs
+    with the first, and the finish reason on a last one."""
+    deltas = reader.feed(item.text)
+    if item.finished:
+        deltas += reader.finish()
+    if first:
+        deltas = [{"role": "assistant", **(deltas[0] if deltas else {"content": ""})}, *deltas[1:]]
+    lps = item.logprobs
+    if lps and not deltas:
+        deltas = [{}]
+    chunks = [fmt.delta_chunk(i, d, lps if k == 0 else None, None) for k, d in enumerate(deltas)]
+    if item.finished:
+        chunks.append(fmt.delta_chunk(i, {}, None, reader.finish_reason(item.finish_reason)))
+    return chunks

@@ -51,6 +51,8 @@ class RouterConfig:
     ttft_slo_s: float | None = None  # refuse when the predicted time to first token is over this
     itl_slo_s: float = 0.1  # scaling advice: the inter-token latency decode workers should keep
     max_pool_replicas: int = 64  # the scaling API refuses more workers a pool
+    tool_call_parser: str | None = None  # the model's tool-call format; None: from its chat template
+    reasoning_parser: str | None = None  # split <think> text into reasoning_content; None: off
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
@@ -60,5 +62,13 @@ class RouterConfig:
         object.__setattr__(self, "keys_file", str(Path(self.keys_file).expanduser()))
         if min(self.local_prefill_tokens, self.load_weight, self.balance_weight, self.churn_weight) < 0:
             raise ValueError("local_prefill_tokens, load_weight, balance_weight and churn_weight must be >= 0")
+        from router.reasoning import REASONING_PARSERS
+        from router.tool_parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r}: one of {', '.join(PARSERS)}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}: one of "
+                             f"{', '.join(REASONING_PARSERS)}")
         if not self.balance_ratio >= 1.0:
             raise ValueError("balance_ratio must be >= 1 (inf turns the guard off)")

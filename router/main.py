@@ -11,7 +11,9 @@ import logging
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
 from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT, RouterConfig
+from router.reasoning import REASONING_PARSERS
 from router.server import serve
+from router.tool_parsers import PARSERS
 
 
 def main() -> None:
@@ -63,6 +65,10 @@ def main() -> None:
     ap.add_argument("--tokenize-parallel", choices=["auto", "on", "off"], default="auto",
                     help="tokenize batches with `tokenizers` off the GIL, over the cores (auto: with 4 or more)")
     ap.add_argument("--processes", type=int, default=1, help="router processes sharing the port (needs --redis-url)")
+    ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                    help="the model's tool-call format (default: from its chat template)")
+    ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                    help="return <think> text as reasoning_content (default: off)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -81,7 +87,8 @@ def main() -> None:
                           max_waiting_per_worker=a.max_waiting_per_worker, min_free_kv_ratio=a.min_free_kv_ratio,
                           max_queued_prefill_tokens=a.max_queued_prefill_tokens, ttft_slo_s=a.ttft_slo_s,
                           request_timeout_s=a.request_timeout_s, health_interval_s=a.health_interval_s,
-                          tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel])
+                          tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel],
+                          tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser)
     if a.processes > 1 and not config.redis_url:
         ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
     serve(functools.partial(create_app, config), a.host, a.port, processes=a.processes)

@@ -42,26 +42,38 @@ class Formatter:
         return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
                 "top_logprobs": [{self._token(t): v for t, v in x.top} for x in lps], "text_offset": offsets}
 
-    def chunk(self, index: int, c: ChunkView, first: bool, text_offset: int) -> dict[str, Any]:
+    def chunk(self, index: int, c: ChunkView, first: bool, text_offset: int, text: str | None = None
+              ) -> dict[str, Any]:
+        """A worker chunk as a stream chunk (text: in place of the chunk's, e.g. the prompt echoed first)."""
+        text = c.text if text is None else text
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": c.text} if first else {"content": c.text}
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta}
         else:
-            choice = {"index": index, "text": c.text}
+            choice = {"index": index, "text": text}
         choice["logprobs"] = self.logprobs(c.logprobs, text_offset)
         choice["finish_reason"] = c.finish_reason if c.finished else None
         return {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"), "created": self.created,
                 "model": self.model, "choices": [choice]}
 
+    def delta_chunk(self, index: int, delta: dict[str, Any], lps: list[LogprobView] | None,
+                    finish_reason: str | None) -> dict[str, Any]:
+        """A chat stream chunk holding one delta (content, reasoning or a tool call's part)."""
+        choice = {"index": index, "delta": delta, "logprobs": self.logprobs(lps) if lps else None,
+                  "finish_reason": finish_reason}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [choice]}
+
     def usage_chunk(self, u: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
                 "model": self.model, "choices": [], "usage": u}
 
-    def full(self, choices: list[tuple[str, str | None, list[LogprobView]]], u: dict[str, Any]) -> dict:
+    def full(self, choices: list[tuple[str, str | None, list[LogprobView], dict | None]], u: dict[str, Any]) -> dict:
+        """choices: (text, finish reason, logprobs, the message read from the text or None: the text is it)."""
         out = []
-        for i, (text, reason, lps) in enumerate(choices):
+        for i, (text, reason, lps, message) in enumerate(choices):
             if self.chat:
-                out.append({"index": i, "message": {"role": "assistant", "content": text},
+                out.append({"index": i, "message": message or {"role": "assistant", "content": text},
                             "logprobs": self.logprobs(lps), "finish_reason": reason})
             else:
                 out.append({"index": i, "text": text, "logprobs": self.logprobs(lps), "finish_reason": reason})
