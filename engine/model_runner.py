@@ -16,8 +16,8 @@ import torch
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import BatchMetadata
-from engine.guided import GrammarMasks, apply_masks
 from engine.device import pinned, to_device
+from engine.guided import GrammarMasks, apply_masks
 from engine.model import CausalLM
 from engine.parallel import SINGLE, Parallel
 from engine.request import Request
