@@ -26,7 +26,7 @@ class PoolDescriptor:
     """What a peer needs to write into a pool: who, how, and the exact block layout."""
 
     agent: str  # the owning worker's name
-    transport: str  # "host", "nixl", "nccl"
+    transport: str  # the workers offer "host" and "nixl"
     address: str  # transport-specific: a shared-memory file path, a NIXL agent metadata blob, ...
     num_blocks: int
     num_layers: int

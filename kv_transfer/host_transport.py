@@ -30,7 +30,7 @@ def shared_pool(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch
 class HostTransport(LocalTransport):
     def _publish(self, pool: torch.Tensor, descriptor: PoolDescriptor) -> PoolDescriptor:
         if pool.device.type != "cpu":
-            raise TransferError("the host transport moves CPU pools; use cuda_ipc, nixl or nccl for GPU pools")
+            raise TransferError("the host transport moves CPU pools; use cuda_ipc or nixl for GPU pools")
         return descriptor  # the address is the pool's shared-memory file, chosen by whoever allocated it
 
     def _map(self, peer: PoolDescriptor) -> torch.Tensor:

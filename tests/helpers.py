@@ -98,3 +98,15 @@ def run_in_triton_interpreter(code: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def require(module: str):
+    """The module, or a skip when it is not installed; under CI=true (strict) its absence fails the test."""
+    import importlib
+    import os
+
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

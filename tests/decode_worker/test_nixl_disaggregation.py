@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from tests.helpers import write_tiny_tokenizer
+from tests.helpers import require, write_tiny_tokenizer
 
 pytestmark = pytest.mark.gpu
 
@@ -16,7 +16,7 @@ TINY = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidd
 
 
 def test_kv_through_nixl_gives_the_same_tokens_as_local_prefill(tmp_path):
-    pytest.importorskip("nixl")
+    require("nixl")
     from bench.cluster import LocalCluster
 
     write_tiny_tokenizer(tmp_path)

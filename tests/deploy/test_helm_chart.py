@@ -155,6 +155,7 @@ def test_workers_keep_their_kernel_cache_on_a_named_claim():
 
 
 @pytest.mark.parametrize("bad", ["decode.tpSize=0", "cluster.blockSize=12", "cluster.transport=carrier-pigeon",
+                                 "cluster.transport=nccl", "router.toolCallParser=xml",
                                  "router.policy=random", "model.source.type=s3"])
 def test_values_schema_rejects_bad_values(bad):
     with pytest.raises(subprocess.CalledProcessError):

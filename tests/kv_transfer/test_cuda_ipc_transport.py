@@ -20,10 +20,14 @@ def _receiver(descs, results, dst_ids) -> None:
     pool = torch.zeros(SHAPE, dtype=torch.bfloat16, device="cuda")
     t = CudaIpcTransport("decode")
     descs.put(t.register_pool(pool, _desc("decode")).to_dict())
-    expected_sum = results.get(timeout=60)
+    results.get(timeout=60)  # the sender wrote
     torch.cuda.synchronize()
-    got = pool[dst_ids].float().sum().item()
-    results.put(("ok", got, expected_sum, pool[[i for i in range(128) if i not in dst_ids]].abs().sum().item()))
+    others = pool[[i for i in range(128) if i not in dst_ids]]
+    results.put(("ok", _bytes(pool[dst_ids]), _bytes(others).count(0) == others.numel() * 2))
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_scattered_blocks_move_bit_exactly_between_processes():
@@ -38,8 +42,8 @@ def test_scattered_blocks_move_bit_exactly_between_processes():
         sender.register_pool(src, _desc("prefill"))
         sender.connect(PoolDescriptor.from_dict(descs.get(timeout=60)))
         sender.write_blocks("decode", src_ids, dst_ids)
-        results.put(src[src_ids].float().sum().item())
-        status, got, expected, untouched = results.get(timeout=60)
-        assert status == "ok" and got == expected and untouched == 0
+        results.put("written")
+        status, got, untouched = results.get(timeout=60)
+        assert status == "ok" and got == _bytes(src[src_ids]) and untouched
     finally:
         proc.join(30)

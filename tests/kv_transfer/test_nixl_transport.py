@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kv_transfer.descriptors import LayoutMismatchError, PoolDescriptor
+from tests.helpers import require
 
 pytestmark = pytest.mark.gpu
 SHAPE = (129, 8, 2, 16, 4, 64)  # 128 blocks + scratch; 128 KiB a block
@@ -30,7 +31,7 @@ def _receiver(descs, requests, replies) -> None:
 
 @pytest.fixture(scope="module")
 def peer():
-    pytest.importorskip("nixl")
+    require("nixl")
     ctx = mp.get_context("spawn")
     descs, requests, replies = ctx.Queue(), ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_receiver, args=(descs, requests, replies))
