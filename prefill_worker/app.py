@@ -116,7 +116,7 @@ def create_app(fe: Frontend) -> FastAPI:
             return JSONResponse({"error": {"message": "KV was not collected in time", "type": "timeout"}}, 504)
         finally:
             pending.pop(rid, None)
-            if output is not None and not output.done():  # cancelled (the router left) while it computed
+            if output is not None and (output.cancelled() or not output.done()):  # cancelled while it computed
                 requests.end(rid, RequestError("aborted"))
                 client.abort(rid)
             client.release(rid)
