@@ -96,7 +96,8 @@ def serve(a: argparse.Namespace) -> None:
                               auth=a.auth, admin_token=a.admin_token, tool_call_parser=a.tool_call_parser,
                               reasoning_parser=a.reasoning_parser)
         app = create_app(config)
-        app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool)
+        app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool,
+                                     restart=WorkerGroup.restart)
         print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
         if a.admin_token:

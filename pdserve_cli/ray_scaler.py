@@ -3,6 +3,12 @@
 Growing a pool starts an actor and adds its URL to the router's worker list once it serves. Shrinking one
 drains the newest worker first: the router stops sending it requests, waits until what it has in flight
 has finished (its KV is freed as each request ends), then stops the actor.
+
+Workers come back: a worker the router has seen unhealthy for `dead_after_s` (its process died, a rank of its
+group died, it stopped answering) is restarted, the whole group, on the same URL (`WorkerGroup.restart`);
+the router sees a new instance there (router/workers.py) and drops what it knew of the old one. A worker
+that keeps dying is restarted after a backoff that doubles with each restart that did not last
+`stable_s` (1, 2, 4 ... up to 60 s), and each restart says why in the log.
 """
 
 import asyncio
@@ -20,13 +26,55 @@ log = logging.getLogger("pdserve")
 class RayScaler:
     def __init__(self, start: Callable[[str], tuple[str, Any]], stop: Callable[[Any], None],
                  members: dict[str, list[tuple[str, Any]]], discovery: StaticDiscovery, pool,
-                 drain_timeout_s: float = 120.0):
-        self.start, self.stop = start, stop  # blocking: run in threads
+                 drain_timeout_s: float = 120.0, restart: Callable[[Any], str] | None = None,
+                 dead_after_s: float = 5.0, stable_s: float = 60.0, max_backoff_s: float = 60.0):
+        self.start_worker, self.stop = start, stop  # blocking: run in threads
+        self.restart = restart  # group -> its URL once it serves again (blocking); None: no restarts
         self.members = members  # role -> [(url, actor)], oldest first
         self.discovery, self.pool = discovery, pool
         self.drain_timeout_s = drain_timeout_s
+        self.dead_after_s, self.stable_s, self.max_backoff_s = dead_after_s, stable_s, max_backoff_s
         self.desired = {role: len(members.get(role, [])) for role in POOLS}
+        self.restarts: dict[str, int] = {}  # url -> restarts so far
+        self._down_since: dict[str, float] = {}  # url -> when the router first saw it unhealthy
+        self._quick_deaths: dict[str, tuple[int, float]] = {}  # url -> (restarts in a row that did not last, last)
         self._task: asyncio.Task | None = None
+        self._supervisor: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.restart is not None and self._supervisor is None:
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self, interval_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            for role in POOLS:
+                for url, group in list(self.members[role]):
+                    w = self.pool.find(url)
+                    if w is None or w.draining or w.healthy:
+                        self._down_since.pop(url, None)
+                        continue
+                    down = now - self._down_since.setdefault(url, now)
+                    if down >= self.dead_after_s:
+                        await self._restart(role, url, group, down)
+
+    async def _restart(self, role: str, url: str, group: Any, down_s: float) -> None:
+        quick, last = self._quick_deaths.get(url, (0, 0.0))
+        quick = quick + 1 if last and time.monotonic() - last < self.stable_s else 1
+        backoff = min(self.max_backoff_s, 2.0 ** (quick - 1)) if quick > 1 else 0.0
+        log.error("%s worker %s has been unhealthy for %.1f s: restarting it%s", role, url, down_s,
+                  f" after {backoff:.0f} s (restart {quick} in a row within {self.stable_s:.0f} s of the last)"
+                  if backoff else "")
+        await asyncio.sleep(backoff)
+        try:
+            await asyncio.to_thread(self.restart, group)
+        except Exception as e:  # it may come up on a later try
+            log.error("restarting %s worker %s failed: %r", role, url, e)
+        self._quick_deaths[url] = (quick, time.monotonic())
+        self.restarts[url] = self.restarts.get(url, 0) + 1
+        self._down_since.pop(url, None)
+        await self.pool.sync()
 
     async def replicas(self, pool: str) -> int:
         return self.desired[pool]
@@ -44,7 +92,7 @@ class RayScaler:
             members = self.members[role]
             try:
                 if len(members) < self.desired[role]:
-                    url, actor = await asyncio.to_thread(self.start, role)
+                    url, actor = await asyncio.to_thread(self.start_worker, role)
                     members.append((url, actor))
                     self.discovery.add(role, url)
                     await self.pool.sync()  # in the router at once, not at its next poll

@@ -122,7 +122,7 @@ def advice(state: "RouterState") -> dict:
 def worker_view(w) -> dict:
     ld = w.load
     return {"url": w.url, "name": w.info.name if w.info else None, "role": w.role, "healthy": w.healthy,
-            "draining": w.draining, "inflight": w.inflight,
+            "draining": w.draining, "restarts": w.restarts, "inflight": w.inflight,
             "running": ld.running if ld else None, "waiting": ld.waiting if ld else None,
             "kv_used": (ld.total_blocks - ld.free_blocks) if ld else None, "kv_total": ld.total_blocks if ld else None,
             "hit_ratio": (ld.prompt_tokens_cached / ld.prompt_tokens) if ld and ld.prompt_tokens else None,

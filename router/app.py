@@ -114,6 +114,8 @@ class RouterState:
     async def start(self) -> None:
         await self.pool.start()
         self.ready()  # tokenizer and routing built now, not on the first request (~0.1 s it would wait)
+        if self.scaler is not None:
+            self.scaler.start()
         gc.freeze()  # what start-up built lives forever: keep it out of the collector's full passes
 
     def ready(self) -> bool:

@@ -27,9 +27,13 @@ class Scaler(Protocol):
     async def scale(self, pool: str, replicas: int) -> None:
         """Start resizing the pool (returns once the change is under way)."""
 
+    def start(self) -> None:
+        """Begin whatever runs beside the router (the embedded back end restarts workers that die)."""
+
 
 class KubernetesScaler:
-    """`api` is an AppsV1Api (or anything with its read/patch_namespaced_stateful_set_scale)."""
+    """`api` is an AppsV1Api (or anything with its read/patch_namespaced_stateful_set_scale). A pod that dies
+    is restarted by Kubernetes (the chart's probes and StatefulSets), not here."""
 
     def __init__(self, namespace: str, statefulsets: dict[str, str], api: Any = None):
         if api is None:
@@ -38,6 +42,9 @@ class KubernetesScaler:
             config.load_incluster_config()
             api = client.AppsV1Api()
         self.api, self.namespace, self.statefulsets = api, namespace, statefulsets
+
+    def start(self) -> None:
+        """Nothing runs beside the router: Kubernetes restarts pods."""
 
     async def replicas(self, pool: str) -> int:
         scale = await asyncio.to_thread(self.api.read_namespaced_stateful_set_scale, self.statefulsets[pool],

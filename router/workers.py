@@ -32,6 +32,8 @@ class Worker:
     events_seq: int = 0
     prefill_rate: float | None = None  # tokens/s it computed while busy (moving average, from /load)
     draining: bool = False  # being removed: no new requests, in-flight ones finish
+    instance: str | None = None  # the worker process's identity (its KV event log's), as last seen
+    restarts: int = 0  # times it came back as another instance at the same URL
     tokens_per_s: float = 0.0  # over the last health interval (dashboard)
     kv_bytes_per_s: float = 0.0
     _last_load: tuple[float, int, int] | None = None  # (time, tokens_computed, kv_bytes_sent) of the last /load
@@ -138,6 +140,18 @@ class WorkerPool:
             w.events_seq = 0  # another router ingests them; start over if this one takes over later
             return
         body = await self.client.get_json(f"{w.url}/kv_events?since={w.events_seq}", POLL_TIMEOUT_S)
+        instance = body.get("instance")
+        if instance != w.instance:
+            if w.instance is not None:  # the same URL, another process: nothing the old one held is there
+                log.warning("worker %s restarted (instance %s, was %s): its prefix index entries are dropped",
+                            w.url, instance, w.instance)
+                w.restarts += 1
+                w.info = None  # registered again on its next poll (checked against the pool as any new worker)
+                await self.state.reset(w.url, [])
+                if w.events_seq:  # its numbering started over: read it from the start
+                    w.instance, w.events_seq = instance, 0
+                    return await self._pull_events(w)
+            w.instance = instance
         if body["resync"]:
             await self.state.reset(w.url, body["block_hashes"])
         await self.state.apply_events(w.url, [KVEvent.from_dict(e) for e in body["events"]])

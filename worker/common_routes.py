@@ -61,10 +61,12 @@ def common_routes(fe: Frontend) -> APIRouter:
 
     @r.get("/kv_events")
     async def kv_events(since: int = 0) -> dict:
-        events = fe.events.since(since)
+        log = fe.events
+        events = log.since(since)
         if events is None:  # the caller missed events: it gets the whole cache to start over from
-            seq, hashes = fe.events.snapshot()
-            return {"seq": seq, "resync": True, "block_hashes": hashes, "events": []}
-        return {"seq": fe.events.seq, "resync": False, "events": [dict(seq=s, **e.to_dict()) for s, e in events]}
+            seq, hashes = log.snapshot()
+            return {"instance": log.instance, "seq": seq, "resync": True, "block_hashes": hashes, "events": []}
+        return {"instance": log.instance, "seq": log.seq, "resync": False,
+                "events": [dict(seq=s, **e.to_dict()) for s, e in events]}
 
     return r

@@ -4,6 +4,7 @@ The frontend keeps it from the engine core's Step messages, which carry every ev
 started: the set of cached block hashes it keeps from them is the engine's own, and a router that missed
 events gets that set without waiting for the engine's next step."""
 
+import os
 from collections import deque
 
 from protocol.kv_events import KVEvent, KVEventKind
@@ -13,6 +14,9 @@ MAX_EVENTS = 10_000
 
 class EventLog:
     def __init__(self) -> None:
+        # This log's identity: a restarted worker (same URL, an empty cache, numbering from 0 again) has another,
+        # so a router drops what it knew of the old one instead of reading the new one's events as its sequel.
+        self.instance = os.urandom(8).hex()
         self.seq = 0  # number of the last event
         self.events: deque[tuple[int, KVEvent]] = deque(maxlen=MAX_EVENTS)
         self.cached: dict[int, None] = {}  # every block hash held now, as the events tell

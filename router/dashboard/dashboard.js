@@ -92,7 +92,11 @@ function renderPool(p, advice) {
     cells.forEach((c, i) => {
       const td = document.createElement("td");
       td.innerHTML = String(c);
-      if (i === 1) { td.className = cls; td.dataset.health = health; }
+      if (i === 1) {
+        td.className = cls;
+        td.dataset.health = health;
+        if (w.restarts) td.innerHTML += ` <span class="restarts">(restarted ${w.restarts}×)</span>`;
+      }
       tr.appendChild(td);
     });
     tbody.appendChild(tr);
