@@ -225,7 +225,10 @@ class DecodeStreams:
                 continue
             reason = out.finish_reason
             stopped = False
-            for tok in out.token_ids:
+            tokens = out.token_ids
+            if reason == "stop" and not st.request.params.skip_special_tokens and st.request.params.grammar is None:
+                tokens = tokens[:-1]  # the end-of-text or stop token that ended it: not text, special or not
+            for tok in tokens:
                 if st.detok.add(tok) and out.num_output_tokens >= st.min_tokens:
                     stopped = True
             if stopped:

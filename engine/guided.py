@@ -79,6 +79,8 @@ class Grammars:
         """(rows, allowed): the sampled rows under a grammar and their [rows, vocab] bool masks, on the
         device. matchers: (row in the step's samples, matcher), at most max_rows of them."""
         n = len(matchers)
+        if n > len(self._host):  # remote starts are not capped by max_num_seqs: grow (the last step was read)
+            self._host = torch.full((n, self._host.shape[1]), -1, dtype=torch.int32, pin_memory=self._host.is_pinned())
         host = self._host[:n]
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, (_, m) in enumerate(matchers)], host.data_ptr(),
                                                host.shape[1] * 4, n)

@@ -1,12 +1,12 @@
-"""The router's HTTP app: OpenAI-compatible endpoints, /health and /metrics.
+"""The router's HTTP app: OpenAI-compatible endpoints (and Anthropic's Messages API), /health and /metrics.
 
-`RouterApp.hot` answers the two generation endpoints (POST /v1/chat/completions and /v1/completions) for
-router.server, which hands it each request whole: validate, tokenize, route, answer or stream, without a web
-framework's per-request layers (middleware stack, dependency resolution, response classes: ~0.6 ms a
-request on the CI machine, as much as everything else together) or ASGI's. The rest (health, metrics,
-models, the admin API, the dashboard and the OpenAPI schema) is a FastAPI app (`RouterApp.api`), which
-declares the generation endpoints too and serves them with the same `handle`, so the schema documents them
-and the router still runs under any ASGI server.
+`RouterApp.answer` answers the generation endpoints (POST /v1/chat/completions, /v1/completions,
+/v1/responses, /v1/messages) for router.server, which hands it each request whole: validate, tokenize,
+route, answer or stream, without a web framework's per-request layers (middleware stack, dependency
+resolution, response classes: ~0.6 ms a request on the CI machine, as much as everything else together) or
+ASGI's; under a plain ASGI server `RouterApp.__call__` runs the same handler. The rest (health, metrics,
+models, tokenize, the admin API, the dashboard and the OpenAPI schema) is a FastAPI app (`RouterApp.api`),
+which declares the generation endpoints too, for the schema.
 """
 
 import asyncio
@@ -186,7 +186,9 @@ class RouterApp:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            handler = self.native.get(scope["path"].encode())
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            handler = self.native.get((path[len(root):] if root and path.startswith(root) else path).encode())
             if handler is not None:
                 return await _asgi_answer(handler, self.state.config.max_body_bytes, scope, receive, send)
         return await self.api(scope, receive, send)
@@ -289,15 +291,19 @@ async def _asgi_answer(handler: Callable, max_body_bytes: int, scope: dict, rece
 
     pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
     finally:
-        for task in (pumping, watching):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pumping
-        await stream.aclose()
-        if answer.on_close is not None:
-            await answer.on_close()
+        try:
+            await stream.aclose()
+        finally:
+            if answer.on_close is not None:
+                await answer.on_close()
 
 
 _JSON = (b"content-type", b"application/json")
@@ -676,7 +682,7 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
         if len(streams) == 1:  # the common case: no task per choice
             results = [await _collect(streams[0], ticket)]
         else:
-            results = await asyncio.gather(*(_collect(s, ticket) for s in streams))
+            results = await _collect_all(streams, ticket)
         outcome = "ok"
     except OpenAIError:
         outcome = "error"
@@ -684,7 +690,8 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     finally:
         await ticket.close(outcome)
     completion = sum(r[3] for r in results)
-    cached = max(r[4] for r in results)
+    n = body.n  # n choices a prompt: a prompt's cached tokens count once
+    cached = sum(max(r[4] for r in results[i:i + n]) for i in range(0, len(results), n))
     _observe(state, start, completion, cached)
     choices = []
     for i, (text, reason, lps, _, _) in enumerate(results):
@@ -721,6 +728,18 @@ async def _admit(state: RouterState, key, rid: str, model: str, prompt_tokens: i
     if admitted is not None:
         admitted.append(ticket)
     return ticket
+
+
+async def _collect_all(streams: list[AsyncIterator[ChunkView]], ticket: Ticket) -> list[tuple]:
+    """Every choice's result; when one fails (or the request is cancelled) the others stop too."""
+    tasks = [asyncio.ensure_future(_collect(s, ticket)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _collect(stream: AsyncIterator[ChunkView], ticket: Ticket

@@ -43,7 +43,7 @@ class ChoiceReader:
                 calls = json.loads(text)
                 out = [_call(i, new_call_id(), c["name"], json.dumps(c["parameters"], ensure_ascii=False))
                        for i, c in enumerate(calls)]
-            except (ValueError, TypeError, KeyError):  # cut off (length): what there is, as content
+            except (ValueError, TypeError, KeyError, RecursionError):  # cut off (length): what there is, as content
                 return [{"content": text}] if text else []
             self.calls = len(out)
             return out

@@ -230,7 +230,7 @@ def _input(arguments: str) -> dict[str, Any]:
     """A call's arguments as its input: {} where they are not a JSON object (cut off by max_tokens)."""
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

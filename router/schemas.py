@@ -80,7 +80,7 @@ def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
     if len(v) > 300:
         raise ValueError("logit_bias takes at most 300 tokens")
     for k, b in v.items():
-        if not k.isdigit():
+        if not (k.isascii() and k.isdigit()):
             raise ValueError(f"logit_bias keys are token ids, not {k!r}")
         if not -100 <= b <= 100:
             raise ValueError("logit_bias values must be in [-100, 100]")

@@ -5,7 +5,7 @@ uvicorn with an ASGI app costs ~55 us of CPU a request on the CI machine before 
 (a bare httptools protocol: ~40 us against uvicorn's ~95, a trivial app under each), and it writes a
 response's headers and its body in two writes, so the client wakes twice. Under load the router is bound by
 one core (the GIL), so that is throughput; when it is quiet it is latency. Here a generation request is
-parsed with httptools (uvicorn's parser), handed to `RouterApp.hot` as (path, headers, body) in one task,
+parsed with httptools (uvicorn's parser), handed to `RouterApp.answer` as (path, headers, body) in one task,
 and answered in one write (a stream: headers with its first chunk, then a chunk a write). Anything else
 (health, metrics, models, the admin API, the dashboard, the OpenAPI schema) goes to the FastAPI app through
 a plain ASGI adapter.

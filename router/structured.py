@@ -90,9 +90,11 @@ def plan(body: Any, chat: bool, tool_parser: str | None, reasoning_parser: str |
         why = problem(*grammar)
         if why is not None:
             raise OpenAIError(400, f"the {param} cannot be used: {why}", param=param, code="invalid_grammar")
-    if grammar is None and mode is None and reasoning_parser is None and shown is None:
+    if grammar is None and mode is None and (reasoning_parser is None or not chat) and shown is None:
         return PLAIN
-    return OutputPlan(grammar, mode, function, parser, reasoning_parser if chat else None, shown)
+    # A grammar shapes the whole output, so there is no <think> part to take out of it.
+    reasoning = reasoning_parser if chat and grammar is None else None
+    return OutputPlan(grammar, mode, function, parser, reasoning, shown)
 
 
 def _calls_schema(tools: list, parallel: bool) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def _call_from(obj: Any) -> ToolCall | None:
     if isinstance(args, str):  # some models write the arguments as OpenAI sends them: JSON in a string
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # malformed, or nested past what json reads
             return None
     if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(args, dict):
         return None
@@ -56,7 +56,7 @@ def _call_from(obj: Any) -> ToolCall | None:
 def _call_from_json(text: str) -> ToolCall | None:
     try:
         return _call_from(json.loads(text))
-    except ValueError:
+    except (ValueError, RecursionError):  # malformed, or nested past what json reads
         return None
 
 
@@ -228,7 +228,7 @@ def _llama_calls(text: str) -> list[ToolCall] | None:
     while True:
         try:
             obj, pos = decoder.raw_decode(text, _SPACE.match(text, pos).end())
-        except ValueError:
+        except (ValueError, RecursionError):  # malformed, or nested past what json reads
             return None
         call = _call_from(obj)
         if call is None:
@@ -292,7 +292,7 @@ def _mistral_calls(segment: str) -> list[ToolCall] | None:
     if segment.startswith("["):
         try:
             items = json.loads(segment)
-        except ValueError:
+        except (ValueError, RecursionError):  # malformed, or nested past what json reads
             return None
         calls = [_call_from(x) for x in items] if isinstance(items, list) else []
         return calls if calls and None not in calls else None
@@ -301,7 +301,7 @@ def _mistral_calls(segment: str) -> list[ToolCall] | None:
         return None
     try:
         call = _call_from({"name": name.partition(_CALL_ID)[0].strip(), "arguments": json.loads(args)})
-    except ValueError:
+    except (ValueError, RecursionError):  # malformed, or nested past what json reads
         return None
     return None if call is None else [call]
 

@@ -177,3 +177,16 @@ async def test_a_request_after_the_engine_died_ends_with_engine_failed(streams):
     chunks = [c for f in await frames(channel) for c in f]
     assert chunks[-1]["error"]["code"] == "engine_failed" and streams.in_flight() == 0
     assert streams.client.added == []
+
+
+async def test_the_end_of_text_token_is_not_text_when_special_tokens_are_kept(streams, tokenizer):
+    """Kept special tokens (a Mistral tool-call parser reads [TOOL_CALLS]) leave out the token that ended the
+    request: an end-of-text is not part of the answer."""
+    channel = open_channel(streams, "c")
+    words, eos = tokenizer.encode("[a] b", add_special_tokens=False), tokenizer.eos_token_id
+    streams.start(request("k", skip_special_tokens=False), channel)
+    streams.on_step(Step([out("k", words[0], 1)]))
+    streams.on_step(Step([Out("k", [*words[1:], eos], len(words) + 1, 0, 3, "stop", None)]))
+    chunks = [c for f in await frames(channel) for c in f]
+    assert "".join(c["text"] for c in chunks) == "[a] b" and chunks[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["token_ids"][-1] == eos  # still counted and sent as a token

@@ -123,3 +123,14 @@ def _descriptor(engine: LLMEngine, agent: str, address: str) -> PoolDescriptor:
     lay = engine.kv_layout
     return PoolDescriptor(agent, "host", address, lay.num_blocks, lay.num_layers, lay.block_size,
                           lay.num_kv_heads, lay.head_dim, lay.dtype)
+
+
+def test_masks_for_more_rows_than_max_num_seqs(engines):
+    """A decode worker's remote starts are not capped by max_num_seqs: the mask buffer grows."""
+    g = engines[True].grammars
+    rows = len(g._host) + 3
+    matchers = [(i, g.matcher(("choice", '["yes", "no"]'))) for i in range(rows)]
+    got_rows, allowed = g.masks(matchers)
+    assert got_rows.tolist() == list(range(rows)) and allowed.shape == (rows, g.vocab_size)
+    yes = engines[True].tokenizer.encode("yes", add_special_tokens=False)[0]
+    assert bool(allowed[:, yes].all()) and int(allowed.sum()) < rows * 10
