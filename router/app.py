@@ -179,8 +179,10 @@ class RouterApp:
                                                        functools.partial(_run_openai, True)),
                      b"/v1/completions": Endpoint("completions", functools.partial(_parse, False),
                                                   functools.partial(_run_openai, False)),
-                     b"/v1/responses": Endpoint("responses", _parse_responses, _run_responses),
-                     b"/v1/messages": Endpoint("messages", _parse_messages, _run_messages, _anthropic_error)}
+                     b"/v1/responses": Endpoint("responses", _parse_responses, functools.partial(
+                         _run_translated, responses_api, "resp_", "responses")),
+                     b"/v1/messages": Endpoint("messages", _parse_messages, functools.partial(
+                         _run_translated, messages_api, "msg_", "messages"), _anthropic_error)}
         self.native = {path: functools.partial(self.answer, e) for path, e in endpoints.items()}
         self._session_header = config.session_header.lower().encode()
 
@@ -518,34 +520,19 @@ def _anthropic_error(e: OpenAIError) -> dict:
     return messages_api.error_body(e.status, e.message)
 
 
-async def _run_responses(state: "RouterState", body: ResponsesRequest, session: str | None, key,
-                         admitted: list) -> Reply:
-    """A Responses request, as the chat request it amounts to, answered in the Responses shape."""
+async def _run_translated(api: Any, prefix: str, endpoint: str, state: "RouterState", body: Any,
+                          session: str | None, key, admitted: list) -> Reply:
+    """A request of another API (responses_api, messages_api: `api`), as the chat request it amounts to,
+    answered in that API's shape, streams included."""
     try:
-        chat = _validated(ChatCompletionRequest, responses_api.to_chat(body))
+        chat = _validated(ChatCompletionRequest, api.to_chat(body))
     except ValueError as e:
         raise OpenAIError(400, str(e)) from None
-    rid = "resp_" + _request_id()
-    reply = await handle(state, True, chat, session, key, admitted, encode=_identity, done=None, endpoint="responses")
+    rid = prefix + _request_id()
+    reply = await handle(state, True, chat, session, key, admitted, encode=_identity, done=None, endpoint=endpoint)
     if reply.stream is None:
-        return Reply(body=responses_api.from_chat(body, reply.body, rid), completion_tokens=reply.completion_tokens)
-    return Reply(stream=_translated(responses_api.stream_events(body, reply.stream, rid), reply.stream),
-                 ticket=reply.ticket)
-
-
-async def _run_messages(state: "RouterState", body: MessagesRequest, session: str | None, key,
-                        admitted: list) -> Reply:
-    """An Anthropic Messages request, as the chat request it amounts to, answered in Anthropic's shape."""
-    try:
-        chat = _validated(ChatCompletionRequest, messages_api.to_chat(body))
-    except ValueError as e:
-        raise OpenAIError(400, str(e)) from None
-    mid = "msg_" + _request_id()
-    reply = await handle(state, True, chat, session, key, admitted, encode=_identity, done=None, endpoint="messages")
-    if reply.stream is None:
-        return Reply(body=messages_api.from_chat(body, reply.body, mid), completion_tokens=reply.completion_tokens)
-    return Reply(stream=_translated(messages_api.stream_events(body, reply.stream, mid), reply.stream),
-                 ticket=reply.ticket)
+        return Reply(body=api.from_chat(body, reply.body, rid), completion_tokens=reply.completion_tokens)
+    return Reply(stream=_translated(api.stream_events(body, reply.stream, rid), reply.stream), ticket=reply.ticket)
 
 
 def _identity(chunk: dict) -> dict:

@@ -3,10 +3,6 @@
 completions with prompt lists, echo and logit_bias, the Responses and Messages APIs, streamed and whole."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import anthropic
 import httpx
@@ -14,8 +10,8 @@ import jsonschema
 import openai
 import pytest
 
-from bench.cluster import ROOT, free_port, wait_http
 from bench.json_schemas import SCHEMAS
+from tests.helpers import embedded_cluster
 
 # A long system prompt: over the router's local-prefill threshold, so these requests take the disaggregated
 # path (the first token sampled on the prefill worker, under the grammar).
@@ -33,22 +29,8 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve_cli.main", "serve", "--port", str(port),
-                             "--kv-cache-bytes", str(64 << 20), "--tool-call-parser", "hermes"], cwd=ROOT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                         "RAY_AUTH_MODE": "disabled"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout_s=180, proc=proc)
+    with embedded_cluster("--tool-call-parser", "hermes") as (url, _):
         yield url, demo_gguf.stem
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

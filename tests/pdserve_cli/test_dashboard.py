@@ -6,9 +6,6 @@ without losing a request. A screenshot under load is saved to artifacts/dashboar
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.cluster import ROOT, free_port, wait_http
+from bench.cluster import ROOT
+from tests.helpers import embedded_cluster
 
 pytestmark = pytest.mark.slow
 ADMIN = "dashboard-admin-token"
@@ -30,22 +28,8 @@ def embedded(demo_gguf):
         if os.environ.get("CI") == "true":
             raise RuntimeError(f"no browser at {CHROMIUM} (./dev test installs Debian's chromium)")
         pytest.skip(f"no browser at {CHROMIUM}")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve_cli.main", "serve", "--port", str(port),
-                             "--kv-cache-bytes", str(64 << 20), "--admin-token", ADMIN], cwd=ROOT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                         "RAY_AUTH_MODE": "disabled"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout_s=180, proc=proc)
+    with embedded_cluster("--admin-token", ADMIN) as (url, _):
         yield url, demo_gguf.stem
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _pool(url: str, pool: str) -> dict:

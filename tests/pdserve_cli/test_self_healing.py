@@ -2,39 +2,22 @@
 worker on its URL, the router sees a new instance there (its prefix-index entries dropped, the restart on the
 admin API and dashboard), and answers again, the same greedy answer as before."""
 
-import os
-import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import psutil
 import pytest
 
-from bench.cluster import ROOT, free_port, wait_http
+from tests.helpers import embedded_cluster
 
 ADMIN = "heal-admin-token"
 
 
 @pytest.fixture(scope="module")
 def embedded(demo_gguf):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve_cli.main", "serve", "--port", str(port),
-                             "--kv-cache-bytes", str(64 << 20), "--admin-token", ADMIN], cwd=ROOT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                         "RAY_AUTH_MODE": "disabled"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout_s=180, proc=proc)
+    with embedded_cluster("--admin-token", ADMIN) as (url, proc):
         yield url, demo_gguf.stem, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _decode_pool(url: str) -> dict:

@@ -15,46 +15,14 @@ from pydantic import TypeAdapter, ValidationError
 from router.chat_output import assemble
 from router.responses_api import ResponsesRequest, from_chat, stream_events, to_chat
 from router.schemas import ChatCompletionRequest
+from tests.router.chat_cases import CASES, PARIS, ROME, USAGE, WEATHER, deltas
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 CREATED = 1_760_000_000
-USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19,
-         "prompt_tokens_details": {"cached_tokens": 4}}
-PARIS, ROME = '{"city": "Paris"}', '{"city": "Rome"}'
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-
-
-def _call(index: int, call_id: str, name: str) -> dict[str, Any]:
-    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
-                            "function": {"name": name, "arguments": ""}}]}
-
-
-def _args(index: int, text: str) -> dict[str, Any]:
-    return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
-
-
-# (deltas after the first, finish reason): as router/chat_output.py's reader sends them
-CASES = {
-    "text": ([{"content": "Hel"}, {"content": "lo!"}], "stop"),
-    "tool_call": ([_call(0, "call_a", "get_weather"), _args(0, '{"city": '), _args(0, '"Paris"}')],
-                  "tool_calls"),
-    "text_and_two_calls": ([{"content": "Checking "}, {"content": "both."}, _call(0, "call_a", "get_weather"),
-                            _args(0, '{"city": "Paris"}'), _call(1, "call_b", "get_weather"),
-                            _args(1, '{"city": '), _args(1, '"Rome"}')], "tool_calls"),
-    "reasoning_cut_short": ([{"reasoning_content": "The user "}, {"reasoning_content": "greets."},
-                             {"content": "Hi th"}], "length"),
-}
-
-
-def _deltas(name: str) -> list[dict[str, Any]]:
-    deltas, _ = CASES[name]
-    return [{"role": "assistant", **deltas[0]}, *deltas[1:]]
-
-
 def _chunks(name: str) -> list[dict[str, Any]]:
     base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": CREATED, "model": "m"}
     choice = {"index": 0, "logprobs": None, "finish_reason": None}
-    chunks = [{**base, "choices": [{**choice, "delta": d}]} for d in _deltas(name)]
+    chunks = [{**base, "choices": [{**choice, "delta": d}]} for d in deltas(name)]
     chunks.append({**base, "choices": [{**choice, "delta": {}, "finish_reason": CASES[name][1]}]})
     return [*chunks, {**base, "choices": [], "usage": USAGE}]
 
@@ -62,7 +30,7 @@ def _chunks(name: str) -> list[dict[str, Any]]:
 def _chat(name: str) -> dict[str, Any]:
     """The whole chat.completion the router gives for the same output."""
     return {"id": "chatcmpl-1", "object": "chat.completion", "created": CREATED, "model": "m",
-            "choices": [{"index": 0, "message": assemble(_deltas(name)), "logprobs": None,
+            "choices": [{"index": 0, "message": assemble(deltas(name)), "logprobs": None,
                          "finish_reason": CASES[name][1]}], "usage": USAGE}
 
 
