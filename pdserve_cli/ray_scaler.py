@@ -35,7 +35,6 @@ class RayScaler:
         self.drain_timeout_s = drain_timeout_s
         self.dead_after_s, self.stable_s, self.max_backoff_s = dead_after_s, stable_s, max_backoff_s
         self.desired = {role: len(members.get(role, [])) for role in POOLS}
-        self.restarts: dict[str, int] = {}  # url -> restarts so far
         self._down_since: dict[str, float] = {}  # url -> when the router first saw it unhealthy
         self._quick_deaths: dict[str, tuple[int, float]] = {}  # url -> (restarts in a row that did not last, last)
         self._task: asyncio.Task | None = None
@@ -72,7 +71,6 @@ class RayScaler:
         except Exception as e:  # it may come up on a later try
             log.error("restarting %s worker %s failed: %r", role, url, e)
         self._quick_deaths[url] = (quick, time.monotonic())
-        self.restarts[url] = self.restarts.get(url, 0) + 1
         self._down_since.pop(url, None)
         await self.pool.sync()
 

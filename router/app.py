@@ -179,10 +179,12 @@ class RouterApp:
                                                        functools.partial(_run_openai, True)),
                      b"/v1/completions": Endpoint("completions", functools.partial(_parse, False),
                                                   functools.partial(_run_openai, False)),
-                     b"/v1/responses": Endpoint("responses", _parse_responses, functools.partial(
-                         _run_translated, responses_api, "resp_", "responses")),
-                     b"/v1/messages": Endpoint("messages", _parse_messages, functools.partial(
-                         _run_translated, messages_api, "msg_", "messages"), _anthropic_error)}
+                     b"/v1/responses": Endpoint("responses", functools.partial(_validated, ResponsesRequest),
+                                                functools.partial(_run_translated, responses_api, "resp_",
+                                                                  "responses")),
+                     b"/v1/messages": Endpoint("messages", functools.partial(_validated, MessagesRequest),
+                                               functools.partial(_run_translated, messages_api, "msg_", "messages"),
+                                               _anthropic_error)}
         self.native = {path: functools.partial(self.answer, e) for path, e in endpoints.items()}
         self._session_header = config.session_header.lower().encode()
 
@@ -506,14 +508,6 @@ def _validated(model: type, raw: bytes | dict) -> Any:
 
 def _run_openai(chat: bool, state: "RouterState", body: Any, session: str | None, key, admitted: list) -> Awaitable:
     return handle(state, chat, body, session, key, admitted)
-
-
-def _parse_responses(raw: bytes) -> ResponsesRequest:
-    return _validated(ResponsesRequest, raw)
-
-
-def _parse_messages(raw: bytes) -> MessagesRequest:
-    return _validated(MessagesRequest, raw)
 
 
 def _anthropic_error(e: OpenAIError) -> dict:
