@@ -1,5 +1,6 @@
 """A real local cluster on loopback (worker and router processes), for tests and benchmarks."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -122,3 +123,38 @@ class LocalCluster:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def embedded_cluster(*flags: str, kv_cache_bytes: int = 64 << 20):
+    """`pdserve serve` (the demo model unless flags name one) on a free port with these flags: yields (its URL, its
+    process) once it answers, and stops it (the whole process group if it will not stop)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve_cli.main", "serve", "--port", str(port),
+                             "--kv-cache-bytes", str(kv_cache_bytes), *flags], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout_s=180, proc=proc)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def worker_processes(cluster: subprocess.Popen, url: str) -> tuple[psutil.Process, psutil.Process]:
+    """(engine core, frontend) of the embedded cluster's worker serving at url: the frontend listens on its
+    port; its parent (a Ray actor) runs the engine core."""
+    port = int(url.rsplit(":", 1)[1])
+    for p in psutil.Process(cluster.pid).children(recursive=True):
+        try:
+            if "--ipc-fd" in p.cmdline() and any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                                                 for c in p.net_connections("tcp")):
+                return p.parent(), p
+        except psutil.Error:
+            continue
+    raise LookupError(f"no worker process listens at {url}")

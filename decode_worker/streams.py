@@ -114,12 +114,13 @@ class DecodeStreams:
             return
         detok = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop, params.skip_special_tokens,
                             params.include_stop_str_in_output)
+        detok.resume(req.output_token_ids)  # a migrated stream: its text so far went out from another worker
         st = self.streams[rid] = _Stream(req, channel, detok, params.min_tokens)
         channel.requests.add(rid)
         if req.prefill_url:
             st.task = asyncio.get_running_loop().create_task(self._remote(st, params))
         else:
-            self.client.add(rid, req.prompt_token_ids, params)
+            self.client.add(rid, req.prompt_token_ids, params, resumed=req.output_token_ids)
 
     def _refuse(self, channel: Channel, chunk: ChunkView) -> None:
         touched: list[Channel] = []
@@ -133,14 +134,15 @@ class DecodeStreams:
         send: asyncio.Task | None = None
         try:
             try:
-                block_ids, cached = await self.client.reserve_remote(rid, req.prompt_token_ids, params)
+                block_ids, cached = await self.client.reserve_remote(rid, req.prompt_token_ids, params,
+                                                                     req.output_token_ids)
             except KVCacheFullError:
                 # No blocks free for a transfer right now (nothing was reserved): rather than refuse, the prompt
                 # waits in this worker's queue and is prefilled here once blocks free up; the prefill worker
                 # drops its copy now instead of holding it until its timeout.
                 log.info("request %s: no room to receive its KV now; prefilling it here", rid)
                 st.task = None  # an abort from now on goes to the core
-                self.client.add(rid, req.prompt_token_ids, params)
+                self.client.add(rid, req.prompt_token_ids, params, resumed=req.output_token_ids)
                 self._background(self._drop_prefill(req.prefill_url, rid))
                 return
             body = SendRequest(request_id=rid, dest=self.descriptors[0],

@@ -1,6 +1,8 @@
 """Incremental detokenization with stop strings: text deltas as tokens arrive, holding back what may
 still turn into a stop string, so that streamed deltas add up to the non-streamed text."""
 
+from collections.abc import Sequence
+
 from tokenizers.decoders import DecodeStream
 
 from protocol.tokenizer import ChatTokenizer
@@ -37,6 +39,15 @@ class Detokenizer:
                 self.text = self.text[: idx + len(s) if self.include_stop else idx]
                 return True
         return False
+
+    def resume(self, token_ids: Sequence[int]) -> None:
+        """Take the outputs another worker already turned into text (a migrated stream): the state is then what
+        that worker's was, and only what follows them is emitted. Replayed in one go, the text held back
+        (a tail that could begin a stop string) is the same as one step at a time: it is always the longest
+        such tail, which never reaches into text already emitted."""
+        for t in token_ids:
+            self.add(t)
+        self.take_delta(final=False)
 
     def take_delta(self, final: bool) -> str:
         """New text since the last call; without `final`, a tail that could begin a stop string waits."""

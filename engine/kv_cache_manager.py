@@ -49,13 +49,14 @@ class KVCacheManager:
         return num_new
 
     def reserve(self, req: Request) -> bool:
-        """Blocks for a whole prompt whose KV a prefill worker will write; cached leading blocks are reused.
+        """Blocks for a whole prompt (with any outputs resumed after it) whose KV a prefill worker will write;
+        cached leading blocks are reused.
 
         Sets req.num_cached_tokens to what is already here (the prefill worker sends only the rest).
         """
         bs = self.block_size
-        hits = self.pool.lookup_prefix(self._hashes_upto(req, len(req.prompt_token_ids) // bs))
-        needed = blocks_for(len(req.prompt_token_ids), bs) - len(hits)
+        hits = self.pool.lookup_prefix(self._hashes_upto(req, req.num_tokens // bs))
+        needed = blocks_for(req.num_tokens, bs) - len(hits)
         if needed + sum(1 for b in hits if self.pool.ref_counts[b] == 0) > self.pool.num_free_blocks:
             return False
         self.pool.take(hits)

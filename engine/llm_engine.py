@@ -3,6 +3,7 @@
 import itertools
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -206,25 +207,31 @@ class LLMEngine:
     # --- requests ---
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False) -> Request:
-        """Queue a request. With hold_kv, its blocks stay referenced after it ends (release_held frees them)."""
-        req = self._new_request(request_id, prompt_token_ids, params)
+                    hold_kv: bool = False, resumed: Sequence[int] = ()) -> Request:
+        """Queue a request. With hold_kv, its blocks stay referenced after it ends (release_held frees them).
+        resumed: outputs it already produced elsewhere (a migrated stream); they are computed with the prompt
+        and generation goes on after them as if this engine had sampled them."""
+        req = self._new_request(request_id, prompt_token_ids, params, resumed)
         req.hold_kv = hold_kv
         self.scheduler.add(req)
         return req
 
-    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     resumed: Sequence[int] = ()) -> Request:
         if request_id in self.scheduler.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+        num_tokens = len(prompt_token_ids) + len(resumed)
+        if num_tokens >= self.max_model_len:
+            raise RequestError(f"the prompt has {num_tokens} tokens; this model's context is "
                                f"{self.max_model_len} tokens, including the output")
+        if len(resumed) >= params.max_tokens:
+            raise RequestError(f"{len(resumed)} tokens already generated; max_tokens is {params.max_tokens}")
         vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab or any(not 0 <= t < vocab for t in resumed):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        if not self.scheduler.fits_pool(len(prompt_token_ids) + 1):
+        if not self.scheduler.fits_pool(num_tokens + 1):
             raise RequestError("the prompt does not fit in this worker's KV cache")
         if any(not 0 <= t < vocab for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
@@ -233,12 +240,16 @@ class LLMEngine:
             if self.grammars is None:
                 raise RequestError("structured outputs need the model's tokenizer, which this worker lacks")
             matcher = self.grammars.matcher(params.grammar)
+            if not all(Grammars.advance(matcher, t) for t in resumed):
+                raise RequestError("the tokens already generated do not follow the request's grammar")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals), matcher=matcher)
+        req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals),
+                      output_token_ids=list(resumed), matcher=matcher)
         self.stats.num_prompt_tokens += len(prompt_token_ids)
         if self.tokenizer is not None and self.config.detokenize:
-            self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
-                                                  params.skip_special_tokens, params.include_stop_str_in_output)
+            detok = self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
+                                                          params.skip_special_tokens, params.include_stop_str_in_output)
+            detok.resume(resumed)
         return req
 
     def release_held(self, request_id: str) -> None:
@@ -249,9 +260,11 @@ class LLMEngine:
         req = self.scheduler.held.get(request_id)
         return None if req is None else req.block_ids
 
-    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Reserve blocks for a prompt a prefill worker computes; req.num_cached_tokens are already here."""
-        req = self._new_request(request_id, prompt_token_ids, params)
+    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       resumed: Sequence[int] = ()) -> Request:
+        """Reserve blocks for a prompt (and the outputs resumed after it) a prefill worker computes;
+        req.num_cached_tokens are already here."""
+        req = self._new_request(request_id, prompt_token_ids, params, resumed)
         if not self.scheduler.add_remote(req):
             self._detok.pop(request_id, None)
             raise KVCacheFullError(f"no room for {len(prompt_token_ids)} prompt tokens in the KV cache now")
@@ -264,10 +277,11 @@ class LLMEngine:
             raise RequestError(f"no reserved request {request_id!r}")
         self.scheduler.start_remote(req)
         req.output_token_ids.append(first_token)
-        reason = self._finish_reason(req, first_token, 1)
+        n = len(req.output_token_ids)
+        reason = self._finish_reason(req, first_token, n)
         if reason is not None:
             self.scheduler.finish(req, reason)
-        return self._output(req, [first_token], logprobs if req.params.logprobs is not None else [], 1)
+        return self._output(req, [first_token], logprobs if req.params.logprobs is not None else [], n)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self._drain()

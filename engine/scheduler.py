@@ -140,7 +140,7 @@ class Scheduler:
     def start_remote(self, req: Request) -> None:
         """The prompt's KV has arrived: the request joins the running batch for decoding."""
         del self.remote[req.request_id]
-        req.num_computed_tokens = len(req.prompt_token_ids)
+        req.num_computed_tokens = req.num_tokens
         self.kv.commit(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)

@@ -13,6 +13,7 @@ class LocalTransport:
         self.pool: torch.Tensor | None = None
         self.descriptor: PoolDescriptor | None = None
         self.peers: dict[str, torch.Tensor] = {}
+        self.addresses: dict[str, str] = {}  # agent -> the address its pool was mapped from
 
     def register_pool(self, pool: torch.Tensor, descriptor: PoolDescriptor) -> PoolDescriptor:
         self.pool = pool
@@ -21,8 +22,12 @@ class LocalTransport:
 
     def connect(self, peer: PoolDescriptor) -> None:
         check_peer(self.descriptor, peer)
-        if peer.agent not in self.peers:
+        # A peer that restarted (the same name) publishes a new pool: the old mapping would write into the dead
+        # process's memory, so it is replaced (and freed).
+        if self.addresses.get(peer.agent) != peer.address:
+            self.peers.pop(peer.agent, None)
             self.peers[peer.agent] = self._map(peer)
+            self.addresses[peer.agent] = peer.address
 
     def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
                      timeout_s: float = 30.0, heads: HeadSlice | None = None) -> None:
@@ -34,6 +39,7 @@ class LocalTransport:
 
     def close(self) -> None:
         self.peers.clear()
+        self.addresses.clear()
 
     # --- what differs between CPU and GPU pools ---
 

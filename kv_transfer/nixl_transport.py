@@ -56,6 +56,7 @@ class _Peer:
     blocks: int
     dlist: object  # prepped: one entry a block
     chunks: object | None  # prepped: one entry a staging half's worth of blocks, from block 0
+    address: str  # as the peer published it: a restarted peer publishes a new one
     handles: dict[tuple[int, int], object] = field(default_factory=dict)  # (half, chunk) -> posted before
 
 
@@ -121,8 +122,13 @@ class NixlTransport:
 
     def connect(self, peer: PoolDescriptor) -> None:
         check_peer(self.descriptor, peer)
-        if peer.agent in self.peers:
-            return
+        known = self.peers.get(peer.agent)
+        if known is not None:
+            if known.address == peer.address:
+                return
+            # The peer restarted (a new process under the same name): what was prepared for the old one goes.
+            log.info("peer %s published new NIXL metadata (restarted); reconnecting", peer.agent)
+            self._drop(peer.agent)
         if not peer.address.startswith(PREFIX):
             raise TransferError(f"peer {peer.agent} published no NIXL metadata")
         try:
@@ -139,8 +145,7 @@ class NixlTransport:
             raise TransferError(f"cannot connect to {peer.agent} through NIXL: {e}") from e
         if a["stride"] != self.pool[0].numel() * self.pool.element_size():
             raise TransferError(f"peer {peer.agent}'s blocks are {a['stride']} bytes, ours differ")
-        self._dlists += [remote] if chunks is None else [remote, chunks]
-        self.peers[peer.agent] = _Peer(name, a["blocks"], remote, chunks)
+        self.peers[peer.agent] = _Peer(name, a["blocks"], remote, chunks, peer.address)
         self.peer_addresses[peer.agent] = a
 
     # --- per request: block indices only ---
@@ -275,20 +280,31 @@ class NixlTransport:
         except Exception as e:  # a transfer still in progress cannot be released; NIXL keeps it
             log.warning("could not release a NIXL transfer handle: %s", e)
 
+    def _drop(self, agent: str) -> None:
+        """Forget a peer: its posted handles, its prepared lists and its agent (best effort: it may be gone)."""
+        p = self.peers.pop(agent)
+        self.peer_addresses.pop(agent, None)
+        for h in p.handles.values():
+            self._release(h)
+        for d in (p.dlist, p.chunks):
+            if d is not None:
+                try:
+                    self.nixl.release_dlist_handle(d)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("release_dlist_handle: %s", e)
+        try:
+            self.nixl.remove_remote_agent(p.name)
+        except Exception as e:  # noqa: BLE001
+            log.debug("remove_remote_agent: %s", e)
+
     def close(self) -> None:
-        for p in self.peers.values():
-            for h in p.handles.values():
-                self._release(h)
+        for agent in list(self.peers):
+            self._drop(agent)
         for d in self._dlists:
             try:
                 self.nixl.release_dlist_handle(d)
             except Exception as e:  # noqa: BLE001 - best effort at shutdown
                 log.debug("release_dlist_handle: %s", e)
-        for p in self.peers.values():
-            try:
-                self.nixl.remove_remote_agent(p.name)
-            except Exception as e:  # noqa: BLE001
-                log.debug("remove_remote_agent: %s", e)
         for r in self._regs:
             try:
                 self.nixl.deregister_memory(r)

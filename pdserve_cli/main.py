@@ -94,7 +94,7 @@ def serve(a: argparse.Namespace) -> None:
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
                               auth=a.auth, admin_token=a.admin_token, tool_call_parser=a.tool_call_parser,
-                              reasoning_parser=a.reasoning_parser)
+                              reasoning_parser=a.reasoning_parser, migration_limit=a.migration_limit)
         app = create_app(config)
         app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool,
                                      restart=WorkerGroup.restart)
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="return <think> text as reasoning_content (default: off)")
     s.add_argument("--transport", default="host", choices=["host", "nixl"],
                    help="host: shared memory (CPU) or CUDA IPC (GPU) between workers on this machine; nixl: NIXL/UCX")
+    s.add_argument("--migration-limit", type=int, default=3,
+                   help="times a stream whose decode worker fails goes on from another (0: it fails instead)")
     s.add_argument("--policy", default="cache_aware")
     s.add_argument("--local-prefill-tokens", type=int, default=64,
                    help="prompts with at most this many uncached tokens are prefilled on the decode worker")

@@ -95,9 +95,10 @@ def create_app(fe: Frontend) -> FastAPI:
         p.prefilling = True
         output = None
         try:
-            params = to_sampling_params(req.params, max_tokens=1, stop=(), min_tokens=0)
+            # One token: after a migrated stream's outputs, the next one (its position keys a seeded draw).
+            params = to_sampling_params(req.params, max_tokens=len(req.output_token_ids) + 1, stop=(), min_tokens=0)
             output = requests.wait_for(rid)
-            client.add(rid, req.prompt_token_ids, params, hold_kv=True)
+            client.add(rid, req.prompt_token_ids, params, hold_kv=True, resumed=req.output_token_ids)
             out = await output
             if not out.token_ids:
                 raise RequestError("the prefill was aborted")

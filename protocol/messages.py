@@ -33,6 +33,8 @@ class PrefillRequest(BaseModel):
     request_id: str
     prompt_token_ids: list[int]
     params: WireSamplingParams
+    # A migrated stream's tokens already delivered: computed with the prompt; the first token sampled follows them.
+    output_token_ids: list[int] = Field(default_factory=list)
 
 
 class SendRequest(BaseModel):
@@ -66,6 +68,10 @@ class GenerateRequest(BaseModel):
     # The caller's open token channel (GET /channel/{id}) that the chunks go out on; None: this response
     # streams them itself (NDJSON, a JSON list of chunks a line).
     channel: str | None = None
+    # A stream migrated from a failed decode worker: the tokens it already delivered. They are this request's
+    # first outputs (they count toward max_tokens, penalties, seeds' positions, a grammar and the usage); the
+    # chunks carry only what follows them.
+    output_token_ids: list[int] = Field(default_factory=list)
 
 
 class GenerateChunk(BaseModel):

@@ -88,7 +88,8 @@ class RouterState:
                                             config.k8s_decode_selector, config.worker_port)
         else:
             discovery = StaticDiscovery(config.prefill_urls, config.decode_urls)
-        self.pool = WorkerPool(discovery, self.stream_client, self.state, config.health_interval_s)
+        self.pool = WorkerPool(discovery, self.stream_client, self.state, config.health_interval_s,
+                               on_restart=lambda w: self.channels.drop(w.url))
         self.metrics = RouterMetrics()
         self.door = FrontDoor(config, getattr(self.state, "redis", None), self.metrics)
         self.telemetry = Telemetry()
@@ -128,7 +129,7 @@ class RouterState:
                                  self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
                                  balance_weight=self.config.balance_weight, churn_weight=self.config.churn_weight)
             self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.channels,
-                                         self.metrics)
+                                         self.metrics, self.config.migration_limit)
         return self.dispatcher is not None
 
     async def stop(self) -> None:

@@ -117,6 +117,13 @@ class TokenChannels:
         await asyncio.shield(channel.opened)
         return channel
 
+    def drop(self, url: str) -> None:
+        """The worker at url restarted: its channel's requests end now (engine_failed: the router moves their
+        streams elsewhere) rather than when the old connection breaks or goes silent."""
+        channel = self.channels.get(url)
+        if channel is not None:
+            self.discard(channel)
+
     def discard(self, channel: TokenChannel) -> None:
         """Stop reading a channel the worker no longer knows; the next get() opens a new one."""
         channel.stale = True

@@ -25,6 +25,7 @@ class RouterConfig:
     health_interval_s: float = 1.0
     tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto
     request_timeout_s: float = 600.0
+    migration_limit: int = 3  # a stream whose decode worker fails goes on elsewhere at most this often (0: off)
     max_body_bytes: int = 4 << 20
     max_index_blocks_per_worker: int = 200_000
     session_header: str = "x-session-id"
@@ -70,5 +71,7 @@ class RouterConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}: one of "
                              f"{', '.join(REASONING_PARSERS)}")
+        if self.migration_limit < 0:
+            raise ValueError("migration_limit must be >= 0 (0 turns migration off)")
         if not self.balance_ratio >= 1.0:
             raise ValueError("balance_ratio must be >= 1 (inf turns the guard off)")

@@ -1,5 +1,8 @@
-"""Sending one generation to its workers: prefill and decode at once, streaming back, retrying once on
-another decode worker when it fails before the first token, cancelling everywhere when the client leaves."""
+"""Sending one generation to its workers: prefill and decode at once, streaming back, cancelling everywhere when
+the client leaves. A request that fails before its first token is retried once elsewhere; a stream whose decode
+worker fails after it goes on from another one (migrated): the request goes out again with the tokens already
+delivered as outputs that the new worker computes with the prompt and continues after, so the client sees
+one uninterrupted stream (token-exact for greedy and seeded sampling), up to migration_limit times."""
 
 import asyncio
 import contextlib
@@ -19,17 +22,20 @@ from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("pdserve.router")
 _RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
+MIGRATION_LIMIT = 3  # a stream's moves to another decode worker after its worker failed (Dynamo: --migration-limit)
 
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState,
-                 client: StreamClient, channels: TokenChannels, metrics: RouterMetrics):
+                 client: StreamClient, channels: TokenChannels, metrics: RouterMetrics,
+                 migration_limit: int = MIGRATION_LIMIT):
         self.pool = pool
         self.router = router
         self.state = state
         self.client = client  # the data plane: requests to workers
         self.channels = channels  # and their tokens back, a frame a step from each decode worker
         self.metrics = metrics
+        self.migration_limit = migration_limit
         self.local = isinstance(state, LocalState)  # in memory: bookkeeping never waits, so it needs no task
         self._tasks: set[asyncio.Future] = set()
 
@@ -39,39 +45,66 @@ class Dispatcher:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: ParamsOut,
                        hashes: list[int], session: str | None = None) -> AsyncIterator[ChunkView]:
-        bad: set[str] = set()  # workers that failed this request before its first token
-        for attempt in range(2):
+        bad: set[str] = set()  # workers that failed this request
+        delivered: list[int] = []  # the tokens handed on so far: a migrated stream continues after them
+        keep = self.migration_limit > 0
+        started = False  # a chunk went out: from now on a failure is migrated (or ends the stream), never retried
+        retried = migrations = 0
+        attempt = 0
+        while True:
             decode = [w for w in self.pool.pool("decode") if w.url not in bad]
             if not decode:
-                raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
+                if not started:
+                    raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
+                yield _failed("the stream's decode worker failed and no other is healthy to continue it",
+                              "no_healthy_worker")
+                return
             t0 = time.perf_counter()
             prefill = [w for w in self.pool.pool("prefill") if w.url not in bad]
+            if delivered:
+                hashes = self.hashes(prompt_ids + delivered)
             views = await self.state.view([w.url for w in prefill + decode], hashes)
-            route = self.router.route(prefill, decode, views, len(prompt_ids), session)
+            route = self.router.route(prefill, decode, views, len(prompt_ids) + len(delivered), session)
             route_s = time.perf_counter() - t0
-            sent_any = False
-            retry = False
+            failure = None
             async for chunk in self._run(f"{request_id}-{attempt}" if attempt else request_id, prompt_ids,
-                                         params, hashes, route, route_s):
-                if chunk.error and not sent_any and chunk.error.get("code") in _RETRYABLE and attempt == 0:
-                    log.warning("request %s failed before its first token (%s); retrying elsewhere",
-                                request_id, chunk.error.get("message"))
-                    # A failed remote prefill is the prefill worker's fault: the decode worker stays usable.
-                    failed = route.prefill if chunk.error.get("code") == "prefill_failed" else route.decode
-                    bad.add(failed.url)
-                    retry = True
+                                         delivered, params, hashes, route, route_s):
+                if chunk.error and chunk.error.get("code") in _RETRYABLE:
+                    failure = chunk
                     break
-                sent_any = True
+                started = True
+                if keep and not chunk.finished:
+                    delivered += chunk.token_ids
                 yield chunk
-            if not retry:
+            if failure is None:
                 return
-            self.metrics.retries.inc()
+            code, message = failure.error.get("code"), failure.error.get("message")
+            # A failed remote prefill is the prefill worker's fault: the decode worker stays usable.
+            bad.add(route.prefill.url if code == "prefill_failed" and route.prefill else route.decode.url)
+            attempt += 1
+            if not started and retried == 0:
+                retried = 1
+                log.warning("request %s failed before its first token (%s); retrying elsewhere", request_id, message)
+                self.metrics.retries.inc()
+            elif started and migrations < self.migration_limit:
+                migrations += 1
+                log.warning("request %s: its decode worker %s failed after %d tokens (%s); continuing the stream on "
+                            "another (migration %d of %d)", request_id, route.decode.url, len(delivered), message,
+                            migrations, self.migration_limit)
+                self.metrics.migrations.inc()
+            else:
+                if started:
+                    failure.error = dict(failure.error, message=f"{message} (the stream was moved {migrations} "
+                                         f"times; its limit is {self.migration_limit})")
+                yield failure
+                return
 
-    async def _run(self, rid: str, prompt_ids: list[int], params: ParamsOut, hashes: list[int],
-                   route, route_s: float) -> AsyncIterator[ChunkView]:
+    async def _run(self, rid: str, prompt_ids: list[int], delivered: list[int], params: ParamsOut,
+                   hashes: list[int], route, route_s: float) -> AsyncIterator[ChunkView]:
         d, p = route.decode, route.prefill
+        num_tokens = len(prompt_ids) + len(delivered)  # what the workers compute: a migrated stream's outputs too
         # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
-        computed = len(prompt_ids) - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
+        computed = num_tokens - (route.prefill_cached_tokens if p else route.decode_cached_tokens)
         d.inflight += 1
         d_tokens = 0 if p else computed
         d.inflight_tokens += d_tokens
@@ -89,27 +122,26 @@ class Dispatcher:
             # A decode worker that prefills itself carries the prompt's uncached tokens as load until its first
             # token (they were carried until the request ended: a long answer kept its prompt as queued work).
             # What is new to a worker's cache (computed, or received from the prefill worker) is its churn.
-            d_new = len(prompt_ids) - route.decode_cached_tokens
+            d_new = num_tokens - route.decode_cached_tokens
             if self.local:
-                self.state.record_route_now(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens,
-                                            new_tokens=d_new)
+                self.state.record_route_now(d.url, hashes, num_tokens, requests=1, tokens=d_tokens, new_tokens=d_new)
             else:
-                await self.state.record_route(d.url, hashes, len(prompt_ids), requests=1, tokens=d_tokens,
+                await self.state.record_route(d.url, hashes, num_tokens, requests=1, tokens=d_tokens,
                                               new_tokens=d_new)
             recorded = True
             if p is not None:
-                body = encode_out(PrefillOut(rid, prompt_ids, params))
+                body = encode_out(PrefillOut(rid, prompt_ids, params, delivered))
                 p.inflight += 1
                 p.inflight_tokens += computed
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
                 # Released when the prefill ends, however it ends (even cancelled before it started).
-                prefill_task.add_done_callback(lambda _: self._release(p, len(prompt_ids), computed))
-                await self.state.record_route(p.url, hashes, len(prompt_ids), requests=1, tokens=len(prompt_ids),
+                prefill_task.add_done_callback(lambda _: self._release(p, num_tokens, computed))
+                await self.state.record_route(p.url, hashes, num_tokens, requests=1, tokens=num_tokens,
                                               new_tokens=computed)
             channel = await self.channels.get(d.url)
             inbox = channel.register(rid)
             try:
-                body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id))
+                body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id, delivered))
                 async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
                     answer = await resp.read()
                 if resp.status == 409:
@@ -119,7 +151,8 @@ class Dispatcher:
                     self.channels.discard(channel)
                     channel = await self.channels.get(d.url)
                     inbox = channel.register(rid)
-                    body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id))
+                    body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id,
+                                                  delivered))
                     async with self.client.post(f"{d.url}/generate", body) as resp:
                         answer = await resp.read()
                 if resp.status != 200:

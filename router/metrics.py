@@ -37,3 +37,5 @@ class RouterMetrics:
                                          "minute's load (scaling advice)", ["pool"], registry=r)
         self.retries = Counter("pdserve_retries", "Requests retried on another worker before their first token",
                                registry=r)
+        self.migrations = Counter("pdserve_migrations", "Streams moved to another decode worker after theirs failed",
+                                  registry=r)

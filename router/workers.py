@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol.kv_events import KVEvent
@@ -41,8 +42,11 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, discovery: "StaticDiscovery | KubernetesDiscovery", client: StreamClient,
-                 state: "LocalState | RedisState", health_interval_s: float = 1.0):
+                 state: "LocalState | RedisState", health_interval_s: float = 1.0,
+                 on_restart: Callable[[Worker], None] = lambda w: None):
+        """on_restart: a worker came back as another instance (what the router held for the old one goes)."""
         self.discovery = discovery
+        self.on_restart = on_restart
         self.workers: list[Worker] = []
         self.client = client
         self.state = state
@@ -146,6 +150,7 @@ class WorkerPool:
                 log.warning("worker %s restarted (instance %s, was %s): its prefix index entries are dropped",
                             w.url, instance, w.instance)
                 w.restarts += 1
+                self.on_restart(w)
                 w.info = None  # registered again on its next poll (checked against the pool as any new worker)
                 await self.state.reset(w.url, [])
                 if w.events_seq:  # its numbering started over: read it from the start

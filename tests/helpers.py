@@ -1,7 +1,6 @@
 """Test helpers: the demo model's path, tiny random Hugging Face models, transformers references, and Triton
 kernels run on the CPU through Triton's interpreter."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -12,6 +11,15 @@ from pdserve_cli.main import demo_model
 
 def demo_model_path() -> Path:
     return Path(demo_model())
+
+
+def host_descriptor(engine, agent: str, address: str):
+    """The descriptor of an engine's pool for the host transport (address: its shared-memory file)."""
+    from kv_transfer.descriptors import PoolDescriptor
+
+    lay = engine.kv_layout
+    return PoolDescriptor(agent, "host", address, lay.num_blocks, lay.num_layers, lay.block_size,
+                          lay.num_kv_heads, lay.head_dim, lay.dtype)
 
 
 TINY_CONFIGS = {
@@ -111,29 +119,3 @@ def require(module: str):
     if os.environ.get("CI") == "true":
         return importlib.import_module(module)
     return pytest.importorskip(module)
-
-
-@contextlib.contextmanager
-def embedded_cluster(*flags: str):
-    """`pdserve serve` (the demo model, 64 MiB of KV a worker) on a free port with these flags: yields (its
-    URL, its process) once it answers, and stops it (the whole process group if it will not stop)."""
-    import signal
-    import subprocess
-
-    from bench.cluster import ROOT, free_port, wait_http
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve_cli.main", "serve", "--port", str(port),
-                             "--kv-cache-bytes", str(64 << 20), *flags], cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout_s=180, proc=proc)
-        yield url, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)

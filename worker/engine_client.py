@@ -45,8 +45,9 @@ class EngineClient(asyncio.Protocol):
 
     # --- to the core ---
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, hold_kv: bool = False) -> None:
-        self._send(ipc.Add(request_id, prompt_token_ids, params, hold_kv))
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, hold_kv: bool = False,
+            resumed: list[int] | None = None) -> None:
+        self._send(ipc.Add(request_id, prompt_token_ids, params, hold_kv, resumed or []))
 
     def abort(self, request_id: str) -> None:
         self._send(ipc.Abort(request_id))
@@ -60,11 +61,12 @@ class EngineClient(asyncio.Protocol):
     def ready(self) -> None:
         self._send(ipc.Ready())
 
-    async def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-                             ) -> tuple[list[int], int]:
-        """Blocks for a prompt a prefill worker computes: (block ids, prompt tokens already cached here).
-        Raises RequestError, KVCacheFullError (no room now) or EngineDeadError."""
-        block_ids, cached = await self._call(lambda i: ipc.ReserveRemote(i, request_id, prompt_token_ids, params))
+    async def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                             resumed: list[int] | None = None) -> tuple[list[int], int]:
+        """Blocks for a prompt (and resumed outputs) a prefill worker computes: (block ids, tokens already
+        cached here). Raises RequestError, KVCacheFullError (no room now) or EngineDeadError."""
+        block_ids, cached = await self._call(
+            lambda i: ipc.ReserveRemote(i, request_id, prompt_token_ids, params, resumed or []))
         return block_ids, cached
 
     async def send_kv(self, request_id: str, dests: list[dict], dst_block_ids: list[int], skip_blocks: int,

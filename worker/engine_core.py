@@ -160,7 +160,7 @@ class EngineCore:
     def _apply(self, msg: object) -> None:
         engine = self.engine
         if isinstance(msg, ipc.Add):
-            engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.hold_kv)
+            engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.hold_kv, msg.resumed)
         elif isinstance(msg, ipc.Abort):
             engine.abort_request(msg.request_id)
         elif isinstance(msg, ipc.StartRemote):
@@ -169,7 +169,7 @@ class EngineCore:
         elif isinstance(msg, ipc.Release):
             engine.release_held(msg.request_id)
         elif isinstance(msg, ipc.ReserveRemote):
-            req = engine.reserve_remote(msg.request_id, msg.prompt_token_ids, msg.params)
+            req = engine.reserve_remote(msg.request_id, msg.prompt_token_ids, msg.params, msg.resumed)
             self._send(ipc.Reply(msg.call_id, [req.block_ids, req.num_cached_tokens]))
         elif isinstance(msg, ipc.SendKV):
             self._start_send(msg)

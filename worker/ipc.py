@@ -35,6 +35,7 @@ class Add(_Message):
     prompt_token_ids: list[int]
     params: SamplingParams
     hold_kv: bool = False
+    resumed: list[int] = []  # outputs a migrated stream already delivered (LLMEngine.add_request)
 
 
 class Abort(_Message):
@@ -64,6 +65,7 @@ class ReserveRemote(_Message):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    resumed: list[int] = []
 
 
 class SendKV(_Message):

@@ -22,13 +22,14 @@ class FakeCore:
         self.added, self.aborted = [], []
         self.error = None
 
-    async def reserve_remote(self, rid, prompt, params):
+    async def reserve_remote(self, rid, prompt, params, resumed=None):
         from engine.errors import KVCacheFullError
 
         raise KVCacheFullError("no room now")
 
-    def add(self, rid, prompt, params, hold_kv=False):
+    def add(self, rid, prompt, params, hold_kv=False, resumed=None):
         self.added.append(rid)
+        self.resumed = resumed
 
     def abort(self, rid):
         self.aborted.append(rid)
@@ -52,9 +53,11 @@ def streams(tokenizer):
     return DecodeStreams(FakeCore(), tokenizer, 16, [{}], sender=None, aborter=FakeAborter())
 
 
-def request(rid: str, channel: str | None = "c", prefill_url: str | None = None, **params) -> GenerateRequest:
+def request(rid: str, channel: str | None = "c", prefill_url: str | None = None, output_token_ids=(),
+            **params) -> GenerateRequest:
     return GenerateRequest(request_id=rid, prompt_token_ids=[1, 2, 3], channel=channel, prefill_url=prefill_url,
-                           params={"max_tokens": 1000, "temperature": 0, **params})
+                           params={"max_tokens": 1000, "temperature": 0, **params},
+                           output_token_ids=list(output_token_ids))
 
 
 def out(rid: str, tok: int, n: int, reason: str | None = None) -> Out:
@@ -133,6 +136,28 @@ async def test_a_stop_string_ends_the_request_at_its_token_and_stops_the_core_in
     assert chunks[-1]["completion_tokens"] == stop_at + 1
     assert "".join(c["text"] for c in chunks) == "Hello world"
     assert streams.client.aborted == ["s"] and "other" in streams.streams
+
+
+async def test_a_migrated_stream_emits_the_same_text_deltas_as_the_undisturbed_one(streams, tokenizer):
+    """A stream that comes migrated with k tokens already delivered by another worker emits, for the tokens after
+    them, exactly the deltas the undisturbed stream emitted: a character split over the boundary and a tail that
+    may begin a stop string (held back) come out as they would have, nothing twice."""
+    channel = open_channel(streams, "c")
+    toks = tokenizer.encode("Numbers 12, émojis 🎉🎉 and a stop-ish tail: END almost, then END! done")
+    stop = ["END!"]
+    streams.start(request("whole", stop=stop), channel)
+    for i, tok in enumerate(toks):
+        streams.on_step(Step([out("whole", tok, i + 1)]))
+    deltas = [c["text"] for f in await frames(channel) for c in f]
+    assert "".join(deltas) == tokenizer.decode(toks).split("END!")[0]
+    stop_at = len(deltas)  # the chunk that completed the stop string ended the stream
+    for k in range(1, stop_at - 1):
+        rid = f"moved-{k}"
+        streams.start(request(rid, stop=stop, output_token_ids=toks[:k]), channel)
+        assert streams.client.resumed == toks[:k]
+        for i in range(k, stop_at):
+            streams.on_step(Step([out(rid, toks[i], i + 1)]))
+        assert [c["text"] for f in await frames(channel) for c in f] == deltas[k:stop_at], k
 
 
 async def test_refusals_and_a_dead_engine_end_requests_with_their_codes(streams):

@@ -15,8 +15,8 @@ from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_transfer.descriptors import PoolDescriptor
 from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
+from tests.helpers import host_descriptor
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_the_disaggregated_handoff_keeps_the_grammar(engines, demo_gguf):
     decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
     try:
         sender = HostTransport("prefill")
-        sender.register_pool(prefill.kv_cache.tensor, _descriptor(prefill, "prefill", "unused"))
-        sender.connect(_descriptor(decode, "decode", str(path)))
+        sender.register_pool(prefill.kv_cache.tensor, host_descriptor(prefill, "prefill", "unused"))
+        sender.connect(host_descriptor(decode, "decode", str(path)))
         reserved = decode.reserve_remote("r", prompt, params)
         prefill.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0, grammar=params.grammar),
                             hold_kv=True)
@@ -117,12 +117,6 @@ def test_the_disaggregated_handoff_keeps_the_grammar(engines, demo_gguf):
         assert tokens == whole.token_ids
     finally:
         path.unlink()
-
-
-def _descriptor(engine: LLMEngine, agent: str, address: str) -> PoolDescriptor:
-    lay = engine.kv_layout
-    return PoolDescriptor(agent, "host", address, lay.num_blocks, lay.num_layers, lay.block_size,
-                          lay.num_kv_heads, lay.head_dim, lay.dtype)
 
 
 def test_masks_for_more_rows_than_max_num_seqs(engines):

@@ -5,15 +5,8 @@ import uuid
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_transfer.descriptors import PoolDescriptor
 from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
-from tests.helpers import make_tiny_model
-
-
-def _descriptor(engine: LLMEngine, agent: str, address: str) -> PoolDescriptor:
-    lay = engine.kv_layout
-    return PoolDescriptor(agent, "host", address, lay.num_blocks, lay.num_layers, lay.block_size,
-                          lay.num_kv_heads, lay.head_dim, lay.dtype)
+from tests.helpers import host_descriptor, make_tiny_model
 
 
 def test_prefill_transfer_decode_gives_colocated_tokens(tmp_path):
@@ -23,8 +16,8 @@ def test_prefill_transfer_decode_gives_colocated_tokens(tmp_path):
     prefill = LLMEngine(cfg)
     decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
     sender = HostTransport("prefill")
-    sender.register_pool(prefill.kv_cache.tensor, _descriptor(prefill, "prefill", "unused"))
-    sender.connect(_descriptor(decode, "decode", str(path)))
+    sender.register_pool(prefill.kv_cache.tensor, host_descriptor(prefill, "prefill", "unused"))
+    sender.connect(host_descriptor(decode, "decode", str(path)))
     params = SamplingParams(max_tokens=12, temperature=0)
     shared = [(7 * j) % 300 + 1 for j in range(40)]
     turns = [shared + [5, 6, 7], shared + [5, 6, 7, 8, 9] * 5]  # the second shares 2 blocks on decode

@@ -99,6 +99,32 @@ def test_killed_receiver_does_not_hang_the_sender():
     os.unlink(path)
 
 
+def test_a_restarted_peer_is_written_in_its_new_pool_not_the_old_one():
+    """A restarted decode worker keeps its name but publishes a new pool file: the sender maps the new one (the
+    old mapping would land the KV in the dead process's memory and the new worker would decode garbage)."""
+    old_path, old_proc, old_done = _start_receiver()
+    new_path, new_proc, new_done = _start_receiver()
+    try:
+        src_pool = torch.randn(_shape())
+        sender = HostTransport("p")
+        sender.register_pool(src_pool, _desc("p", "unused"))
+        sender.connect(_desc("d", old_path))
+        sender.write_blocks("d", [1, 2], [5, 6])
+        old_done.set()
+        old_proc.join(10)
+        sender.connect(_desc("d", new_path))  # the same agent, restarted
+        sender.write_blocks("d", [7, 8, 9], [5, 6, 20])
+        received = torch.from_file(new_path, shared=True, size=src_pool.numel(), dtype=torch.float32).view(_shape())
+        assert torch.equal(received[[5, 6, 20]], src_pool[[7, 8, 9]])
+        old = torch.from_file(old_path, shared=True, size=src_pool.numel(), dtype=torch.float32).view(_shape())
+        assert torch.equal(old[[5, 6]], src_pool[[1, 2]]) and old[20].abs().sum() == 0
+    finally:
+        new_done.set()
+        new_proc.join(10)
+        os.unlink(old_path)
+        os.unlink(new_path)
+
+
 def test_block_runs_coalesce_adjacent_pairs():
     assert block_runs([1, 2, 3, 7, 8], [10, 11, 12, 20, 22]) == [(1, 10, 3), (7, 20, 1), (8, 22, 1)]
     with pytest.raises(TransferError):

@@ -1,5 +1,5 @@
 """NIXL transport (UCX, cuda_ipc): two processes on one GPU move scattered blocks bit-exactly, directly and
-through the staging buffer, and a layout mismatch is refused at handshake."""
+through the staging buffer, a layout mismatch is refused at handshake, and a restarted peer is reconnected."""
 
 import multiprocessing as mp
 
@@ -17,26 +17,31 @@ def _desc(agent: str, heads: int = 4) -> PoolDescriptor:
     return PoolDescriptor(agent, "nixl", "", 128, 8, 16, heads, 64, "bfloat16")
 
 
-def _receiver(descs, requests, replies) -> None:
+def _receiver(descs, requests, replies, agent: str = "decode") -> None:
     from kv_transfer.nixl_transport import NixlTransport
 
     pool = torch.zeros(SHAPE, dtype=torch.bfloat16, device="cuda")
-    t = NixlTransport("decode", staging_blocks=0)
-    descs.put(t.register_pool(pool, _desc("decode")).to_dict())
+    t = NixlTransport(agent, staging_blocks=0)
+    descs.put(t.register_pool(pool, _desc(agent)).to_dict())
     while (ids := requests.get(timeout=120)) is not None:
         torch.cuda.synchronize()
         replies.put(pool[ids].cpu().view(torch.int16).clone())  # the bytes, for an exact comparison
     t.close()
 
 
+def _start_receiver(agent: str = "decode"):
+    ctx = mp.get_context("spawn")
+    descs, requests, replies = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(descs, requests, replies, agent))
+    proc.start()
+    return proc, PoolDescriptor.from_dict(descs.get(timeout=120)), requests, replies
+
+
 @pytest.fixture(scope="module")
 def peer():
     require("nixl")
-    ctx = mp.get_context("spawn")
-    descs, requests, replies = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(descs, requests, replies))
-    proc.start()
-    yield PoolDescriptor.from_dict(descs.get(timeout=120)), requests, replies
+    proc, desc, requests, replies = _start_receiver()
+    yield desc, requests, replies
     requests.put(None)
     proc.join(30)
 
@@ -78,4 +83,27 @@ def test_layout_mismatch_is_refused_at_handshake(peer):
     sender.register_pool(pool, _desc("prefill-other", heads=2))
     with pytest.raises(LayoutMismatchError):
         sender.connect(desc)
+    sender.close()
+
+
+def test_a_restarted_peer_gets_a_new_connection(peer):
+    """A decode worker that restarts keeps its name and publishes new NIXL metadata: the sender drops what it
+    prepared for the dead process and writes into the new one's pool."""
+    from kv_transfer.nixl_transport import NixlTransport
+
+    src = torch.randn(SHAPE, device="cuda").to(torch.bfloat16)
+    sender = NixlTransport("prefill-restart", staging_blocks=8)
+    sender.register_pool(src, _desc("prefill-restart"))
+    for life in range(2):
+        proc, desc, requests, replies = _start_receiver("decode-restarting")
+        try:
+            sender.connect(desc)
+            src_ids, dst_ids = [3 + life, 40, 41, 42], [7, 60, 61, 62]
+            sender.write_blocks(desc.agent, src_ids, dst_ids)
+            requests.put(dst_ids)
+            assert torch.equal(replies.get(timeout=60), src[src_ids].cpu().view(torch.int16))
+        finally:
+            requests.put(None)
+            proc.join(30)
+    assert list(sender.peers) == ["decode-restarting"]
     sender.close()

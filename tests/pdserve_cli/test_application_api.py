@@ -10,8 +10,8 @@ import jsonschema
 import openai
 import pytest
 
+from bench.cluster import embedded_cluster
 from bench.json_schemas import SCHEMAS
-from tests.helpers import embedded_cluster
 
 # A long system prompt: over the router's local-prefill threshold, so these requests take the disaggregated
 # path (the first token sampled on the prefill worker, under the grammar).

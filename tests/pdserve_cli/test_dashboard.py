@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.cluster import ROOT
-from tests.helpers import embedded_cluster
+from bench.cluster import ROOT, embedded_cluster
 
 pytestmark = pytest.mark.slow
 ADMIN = "dashboard-admin-token"

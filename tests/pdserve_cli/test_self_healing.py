@@ -1,22 +1,23 @@
-"""Workers come back (`pdserve serve`): the decode worker's engine process is killed; the cluster restarts the
-worker on its URL, the router sees a new instance there (its prefix-index entries dropped, the restart on the
-admin API and dashboard), and answers again, the same greedy answer as before."""
+"""Workers come back and streams survive (`pdserve serve`, two decode workers): a decode worker's engine process
+is killed; the cluster restarts the worker on its URL, the router sees a new instance there (its prefix-index
+entries dropped, the restart on the admin API and dashboard), and answers again, the same greedy answer as
+before. A stream whose decode worker is killed mid-answer goes on from the other one: the client sees no error
+and the same text as an undisturbed run."""
 
-import subprocess
+import json
 import time
 
 import httpx
-import psutil
 import pytest
 
-from tests.helpers import embedded_cluster
+from bench.cluster import embedded_cluster, worker_processes
 
 ADMIN = "heal-admin-token"
 
 
 @pytest.fixture(scope="module")
 def embedded(demo_gguf):
-    with embedded_cluster("--admin-token", ADMIN) as (url, proc):
+    with embedded_cluster("--admin-token", ADMIN, "--decode-workers", "2") as (url, proc):
         yield url, demo_gguf.stem, proc
 
 
@@ -32,34 +33,78 @@ def _ask(url: str, model: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def _decode_engine_process(cluster: subprocess.Popen) -> psutil.Process:
-    """The Ray actor process that runs the decode worker's engine core: the parent of its frontend."""
-    for p in psutil.Process(cluster.pid).children(recursive=True):
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "decode_worker" in cmd and "--ipc-fd" in cmd:
-            return p.parent()
-    raise AssertionError("no decode worker frontend process found")
+def _wait_for_full_pool(url: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pool = _decode_pool(url)
+        if pool["healthy"] == 2 and all(w["name"] is not None for w in pool["workers"]):
+            return pool
+        time.sleep(0.5)
+    raise AssertionError(f"the decode pool is not whole: {pool}")
 
 
 def test_a_killed_decode_worker_comes_back_and_serves(embedded):
     url, model, cluster = embedded
+    _wait_for_full_pool(url)
     before = _ask(url, model)
-    worker_url = _decode_pool(url)["workers"][0]["url"]
-    engine = _decode_engine_process(cluster)
+    w = _decode_pool(url)["workers"][0]
+    worker_url, restarts = w["url"], w["restarts"]
+    engine, _ = worker_processes(cluster, worker_url)
     engine.kill()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         pool = _decode_pool(url)
-        w = pool["workers"][0]
-        if w["restarts"] >= 1 and w["healthy"] and w["name"] is not None:
+        w = next(w for w in pool["workers"] if w["url"] == worker_url)
+        if w["restarts"] > restarts and w["healthy"] and w["name"] is not None:
             break
         time.sleep(0.5)
     else:
         raise AssertionError(f"the decode worker did not come back: {pool}")
-    assert w["url"] == worker_url and pool["healthy"] == 1
-    assert _decode_engine_process(cluster).pid != engine.pid
+    assert pool["healthy"] == 2
+    assert worker_processes(cluster, worker_url)[0].pid != engine.pid
     assert _ask(url, model) == before
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def _stream(url: str, model: str, on_chunk=lambda n: None) -> tuple[str, list[dict]]:
+    body = {"model": model, "max_tokens": 96, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                on_chunk(len(events))
+    return "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", [])), events
+
+
+def _migrations(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("pdserve_migrations_total "):
+            return float(line.split()[-1])
+    raise AssertionError("no pdserve_migrations_total in /metrics")
+
+
+def test_a_stream_goes_on_when_its_decode_worker_is_killed(embedded):
+    url, model, cluster = embedded
+    _wait_for_full_pool(url)
+    undisturbed, _ = _stream(url, model)
+    migrated = _migrations(url)
+    killed = []
+
+    def kill_its_worker(n: int) -> None:
+        if n == 12 and not killed:  # a dozen tokens in: the engine serving the stream goes
+            busy = [w for w in _decode_pool(url)["workers"] if w["inflight"]]
+            assert len(busy) == 1, busy
+            engine, _ = worker_processes(cluster, busy[0]["url"])
+            engine.kill()
+            killed.append(busy[0]["url"])
+
+    text, events = _stream(url, model, kill_its_worker)
+    assert killed
+    assert not any("error" in e for e in events), [e for e in events if "error" in e]
+    assert text == undisturbed
+    assert events[-1]["usage"]["completion_tokens"] == 96  # the tokens of both workers, counted once
+    assert _migrations(url) == migrated + 1

@@ -21,7 +21,7 @@ class FakeCore:
     def __init__(self):
         self.added, self.aborted, self.released, self.sent = [], [], [], []
 
-    def add(self, rid, prompt, params, hold_kv=False):
+    def add(self, rid, prompt, params, hold_kv=False, resumed=None):
         assert hold_kv
         self.added.append(rid)
 

@@ -17,6 +17,7 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     app.state.running = 0
     app.state.tokens = 0
     app.state.polls = 0
+    app.state.bodies = []  # every GenerateRequest taken, in order
     channels: dict[str, asyncio.Queue] = {}  # a router's token channel: the frames to write on it
     streaming: dict[str, asyncio.Task] = {}
 
@@ -51,9 +52,12 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
             try:
                 while True:
                     try:
-                        yield await asyncio.wait_for(frames.get(), 5.0)
+                        frame = await asyncio.wait_for(frames.get(), 5.0)
                     except TimeoutError:
-                        yield b"[]\n"  # the heartbeat of an idle channel
+                        frame = b"[]\n"  # the heartbeat of an idle channel
+                    if frame is None:  # the worker "dies": its channel ends
+                        return
+                    yield frame
             finally:
                 channels.pop(channel_id, None)
 
@@ -62,13 +66,21 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     @app.post("/generate")
     async def generate(req: GenerateRequest):
         """Taken at once; on the router's channel: one token, the worker's name, then EOS; with ignore_eos,
-        max_tokens tokens 20 ms apart (the first after 1 s with the stop string SLOW_PREFILL)."""
+        max_tokens tokens 20 ms apart (the first after 1 s with the stop string SLOW_PREFILL). Stop strings
+        that are instructions: POSITIONS makes each token its output position (token id and text " {pos}",
+        a migrated stream's outputs counted); DIE_AFTER_k ends the channel (the worker "dies") after k tokens
+        of its own, and DIE_FRESH_AFTER_k likewise unless the stream came migrated."""
         frames = channels.get(req.channel)
         if frames is None:
             return JSONResponse({"error": {"message": "no open channel", "code": "unknown_channel"}}, 409)
         app.state.requests += 1
+        app.state.bodies.append(req)
         n = req.params.max_tokens if req.params.ignore_eos else 1
         rid = req.request_id
+        start = len(req.output_token_ids)
+        positions = "POSITIONS" in req.params.stop
+        die_after = next((int(s.rpartition("_")[2]) for s in req.params.stop if s.startswith("DIE_AFTER_")
+                          or (s.startswith("DIE_FRESH_AFTER_") and not start)), None)
         if "FAIL" in req.params.stop:  # a test asks for a failed request
             frames.put_nowait(encode_frame([GenerateChunk(request_id=rid, finished=True, finish_reason="error", error={
                 "message": "the test asked for a failure", "type": "invalid_request_error",
@@ -80,11 +92,16 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
             try:
                 if "SLOW_PREFILL" in req.params.stop:  # a test asks for a prompt that takes a while to compute
                     await asyncio.sleep(1.0)
-                for i in range(n):
-                    last = i == n - 1
+                for i in range(n - start):
+                    if i == die_after:
+                        frames.put_nowait(None)
+                        return
+                    pos = start + i
+                    last = pos == n - 1
                     frames.put_nowait(encode_frame([GenerateChunk(
-                        request_id=rid, token_ids=[1], text=name if i == 0 else " x", finished=last,
-                        finish_reason="stop" if last else None, completion_tokens=i + 1,
+                        request_id=rid, token_ids=[pos if positions else 1],
+                        text=f" {pos}" if positions else name if i == 0 else " x", finished=last,
+                        finish_reason="stop" if last else None, completion_tokens=pos + 1,
                         prompt_tokens=len(req.prompt_token_ids)).model_dump()]))
                     app.state.tokens += 1
                     if not last:
