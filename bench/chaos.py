@@ -10,6 +10,7 @@ they were before the load, and a killed worker back in its pool within 30 s.
 
   python -m bench.chaos                         # 5 minutes, a kill every 20 s
   python -m bench.chaos --quick                 # CI: 60 s, a kill every 20 s
+  python -m bench.chaos --quick --transport nixl --load-format dummy --model DIR   # GPU: KV over NIXL
 """
 
 import argparse
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens an answer (default 64; quick 32)")
     ap.add_argument("--model", default=None, help="default: the demo model")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    ap.add_argument("--transport", default="host", choices=["host", "nixl"], help="the workers' KV transport")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     seconds = a.seconds or (60.0 if a.quick else 300.0)
@@ -159,6 +162,7 @@ def main() -> None:
              "--local-prefill-tokens", "0"]  # every prompt through a prefill worker: the handshake is in play
     if a.model:
         flags += ["--model", a.model]
+    flags += ["--load-format", a.load_format, "--transport", a.transport]
     with embedded_cluster(*flags) as (url, cluster):
         _wait(lambda: all(_whole(p) for p in _pools(url)), 180, "all four workers")
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]

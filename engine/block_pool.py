@@ -6,6 +6,7 @@ recently used cached block. Stored and removed hashes are queued as KV events fo
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,7 +23,10 @@ class BlockPool:
     # descriptor per 64 blocks on the receiving side.
     RUN_ALIGN = 64
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, enable_caching: bool = True,
+                 evict_to: Callable[[list[tuple[int, int]]], list[int]] | None = None):
+        """evict_to: a lower tier (engine/kv_tiers.py) that takes evicted cached blocks, (block id, hash) pairs,
+        before they are reused; it returns the hashes gone from it too (only those are reported removed)."""
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks = num_blocks
@@ -33,6 +37,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.reusable = np.ones(num_blocks, dtype=bool)  # free and holding no cached prefix (allocate_run)
         self.events: list[KVEvent] = []
+        self.evict_to = evict_to
 
     @property
     def num_free_blocks(self) -> int:
@@ -62,17 +67,18 @@ class BlockPool:
         if n > len(self.free):
             raise NoFreeBlocksError(f"need {n} blocks, {len(self.free)} free")
         blocks = []
-        removed = []
+        evicted = []
         for _ in range(n):
             b, _ = self.free.popitem(last=False)
             h = self.block_hash[b]
             if h is not None:  # evict the cached contents
                 self.block_hash[b] = None
                 del self.cached[h]
-                removed.append(h)
+                evicted.append((b, h))
             self.ref_counts[b] = 1
             self.reusable[b] = False
             blocks.append(b)
+        removed = [h for _, h in evicted] if self.evict_to is None or not evicted else self.evict_to(evicted)
         if removed:
             self.events.append(KVEvent(KVEventKind.REMOVED, tuple(removed)))
         return blocks

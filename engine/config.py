@@ -12,6 +12,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     block_size: int = 16
     kv_cache_bytes: int | None = None  # the KV pool's budget; None: 512 MiB on CPU, a share of free GPU memory
+    kv_host_bytes: int = 0  # the host tier: pinned host memory for blocks evicted from the pool; 0: none
     gpu_memory_utilization: float = 0.85  # share of total GPU memory the engine may hold (weights + KV)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -43,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
+        if self.kv_host_bytes < 0:
+            raise ValueError("kv_host_bytes must be >= 0")
 
     @property
     def model_name(self) -> str:

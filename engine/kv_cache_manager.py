@@ -1,6 +1,8 @@
-"""Blocks per request on top of the block pool: prefix hits at admission, growth, commit of full blocks."""
+"""Blocks per request on top of the block pool: prefix hits at admission (in the pool, then in the host tier
+below it), growth, commit of full blocks."""
 
 from engine.block_pool import BlockPool
+from engine.kv_tiers import HostTier
 from engine.request import Request
 from protocol.block_hash import hash_blocks
 
@@ -10,11 +12,13 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, root_hash: int):
+    def __init__(self, pool: BlockPool, block_size: int, root_hash: int, tier: HostTier | None = None):
         self.pool = pool
         self.block_size = block_size
         self.root_hash = root_hash
-        self.num_hit_tokens = 0  # prompt tokens found in the prefix cache, over all requests
+        self.tier = tier
+        self.num_hit_tokens = 0  # prompt tokens found in the prefix cache (any tier), over all requests
+        self.num_tier_hit_tokens = 0  # of which the host tier held
 
     def _hashes_upto(self, req: Request, num_blocks: int) -> list[int]:
         """req.block_hashes extended to cover its first num_blocks full blocks."""
@@ -32,21 +36,40 @@ class KVCacheManager:
         At least the last prompt token is always computed, to produce logits.
         """
         bs = self.block_size
-        hits = self.pool.lookup_prefix(self._hashes_upto(req, (req.num_tokens - 1) // bs))
-        num_cached = len(hits) * bs
+        hashes = self._hashes_upto(req, (req.num_tokens - 1) // bs)
+        hits = self.pool.lookup_prefix(hashes)
+        lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
+        num_cached = (len(hits) + len(lower)) * bs
         num_new = min(req.num_tokens - num_cached, token_budget)
         needed = blocks_for(num_cached + num_new, bs) - len(hits)
         hits_on_free_list = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if needed + hits_on_free_list > self.pool.num_free_blocks:
             return None
         self.pool.take(hits)
-        req.block_ids = hits + self.pool.allocate(needed)
+        req.block_ids = hits + self._allocate(hashes, len(hits), lower, needed)
         req.num_computed_tokens = num_cached
-        req.num_committed_blocks = len(hits)
+        req.num_committed_blocks = len(hits) + len(lower)
         if req.num_preemptions == 0:
             req.num_cached_tokens = num_cached
             self.num_hit_tokens += num_cached
+            self.num_tier_hit_tokens += len(lower) * bs
         return num_new
+
+    def _allocate(self, hashes: list[int], num_hits: int, lower: list[int], needed: int,
+                  run: bool = False) -> list[int]:
+        """needed new blocks, the first len(lower) filled from the host tier's slots `lower` (which hold
+        hashes[num_hits:]) and registered in the pool's cache as any computed block."""
+        if not lower:
+            return (run and self.pool.allocate_run(needed)) or self.pool.allocate(needed)
+        loaded = hashes[num_hits : num_hits + len(lower)]
+        self.tier.keep = frozenset(loaded)  # what this allocation evicts may not push them out
+        try:
+            blocks = (run and self.pool.allocate_run(needed)) or self.pool.allocate(needed)
+        finally:
+            self.tier.keep = frozenset()
+        self.tier.load(lower, blocks[: len(lower)])
+        self.pool.cache_blocks(blocks[: len(lower)], loaded, hashes[num_hits - 1] if num_hits else self.root_hash)
+        return blocks
 
     def reserve(self, req: Request) -> bool:
         """Blocks for a whole prompt (with any outputs resumed after it) whose KV a prefill worker will write;
@@ -55,16 +78,21 @@ class KVCacheManager:
         Sets req.num_cached_tokens to what is already here (the prefill worker sends only the rest).
         """
         bs = self.block_size
-        hits = self.pool.lookup_prefix(self._hashes_upto(req, req.num_tokens // bs))
+        hashes = self._hashes_upto(req, req.num_tokens // bs)
+        hits = self.pool.lookup_prefix(hashes)
+        lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
         needed = blocks_for(req.num_tokens, bs) - len(hits)
         if needed + sum(1 for b in hits if self.pool.ref_counts[b] == 0) > self.pool.num_free_blocks:
             return False
         self.pool.take(hits)
         # Adjacent blocks where possible: the prefill worker then writes them as one run.
-        req.block_ids = hits + (self.pool.allocate_run(needed) or self.pool.allocate(needed))
-        req.num_cached_tokens = len(hits) * bs
-        req.num_committed_blocks = len(hits)
+        req.block_ids = hits + self._allocate(hashes, len(hits), lower, needed, run=True)
+        if self.tier is not None:
+            self.tier.settle()  # what this evicted is copied out before the prefill worker writes there
+        req.num_cached_tokens = (len(hits) + len(lower)) * bs
+        req.num_committed_blocks = len(hits) + len(lower)
         self.num_hit_tokens += req.num_cached_tokens
+        self.num_tier_hit_tokens += len(lower) * bs
         return True
 
     def grow(self, req: Request, num_new_tokens: int) -> bool:

@@ -17,6 +17,7 @@ from engine.errors import KVCacheFullError, ModelLoadError, RequestError
 from engine.guided import GrammarMasks, Grammars
 from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
+from engine.kv_tiers import HostTier
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 from engine.model_runner import PLACEHOLDER, ModelRunner, PrevTokens
@@ -115,9 +116,13 @@ class LLMEngine:
 
         self.kv_layout = self._kv_layout()
         self.kv_cache = KVCache(self.kv_layout, self.device, kv_allocator)
-        self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching)
+        self.host_tier = None  # blocks evicted from the pool, in host memory (engine/kv_tiers.py)
+        if config.kv_host_bytes and config.enable_prefix_caching:
+            self.host_tier = HostTier(max(1, config.kv_host_bytes // self.kv_layout.block_bytes), self.kv_cache.tensor)
+        self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching,
+                                    evict_to=self.host_tier.offload if self.host_tier is not None else None)
         self.root_hash = root_hash(config.model_name)
-        self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash)
+        self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash, self.host_tier)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
         )

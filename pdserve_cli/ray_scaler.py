@@ -6,9 +6,11 @@ has finished (its KV is freed as each request ends), then stops the actor.
 
 Workers come back: a worker the router has seen unhealthy for `dead_after_s` (its process died, a rank of its
 group died, it stopped answering) is restarted, the whole group, on the same URL (`WorkerGroup.restart`);
-the router sees a new instance there (router/workers.py) and drops what it knew of the old one. A worker
-that keeps dying is restarted after a backoff that doubles with each restart that did not last
-`stable_s` (1, 2, 4 ... up to 60 s), and each restart says why in the log.
+the router sees a new instance there (router/workers.py) and drops what it knew of the old one. Each worker's
+restart runs on its own (one worker waiting out a backoff delays no other). A worker that keeps dying is
+restarted after a backoff: from its third death in a row within `stable_s` of coming back, 1 s, doubling with
+each further one up to 60 s (a worker killed now and then comes back at once; one that crashes as it starts
+does not spin); each restart says why in the log.
 """
 
 import asyncio
@@ -27,16 +29,19 @@ class RayScaler:
     def __init__(self, start: Callable[[str], tuple[str, Any]], stop: Callable[[Any], None],
                  members: dict[str, list[tuple[str, Any]]], discovery: StaticDiscovery, pool,
                  drain_timeout_s: float = 120.0, restart: Callable[[Any], str] | None = None,
-                 dead_after_s: float = 5.0, stable_s: float = 60.0, max_backoff_s: float = 60.0):
+                 dead_after_s: float = 5.0, stable_s: float = 60.0, max_backoff_s: float = 60.0,
+                 backoff_base_s: float = 1.0):
         self.start_worker, self.stop = start, stop  # blocking: run in threads
         self.restart = restart  # group -> its URL once it serves again (blocking); None: no restarts
         self.members = members  # role -> [(url, actor)], oldest first
         self.discovery, self.pool = discovery, pool
         self.drain_timeout_s = drain_timeout_s
         self.dead_after_s, self.stable_s, self.max_backoff_s = dead_after_s, stable_s, max_backoff_s
+        self.backoff_base_s = backoff_base_s
         self.desired = {role: len(members.get(role, [])) for role in POOLS}
         self._down_since: dict[str, float] = {}  # url -> when the router first saw it unhealthy
         self._quick_deaths: dict[str, tuple[int, float]] = {}  # url -> (restarts in a row that did not last, last)
+        self._restarting: dict[str, asyncio.Task] = {}  # url -> its restart, under way
         self._task: asyncio.Task | None = None
         self._supervisor: asyncio.Task | None = None
 
@@ -51,17 +56,24 @@ class RayScaler:
             for role in POOLS:
                 for url, group in list(self.members[role]):
                     w = self.pool.find(url)
+                    if url in self._restarting:
+                        continue
                     if w is None or w.draining or w.healthy:
                         self._down_since.pop(url, None)
                         continue
                     down = now - self._down_since.setdefault(url, now)
                     if down >= self.dead_after_s:
-                        await self._restart(role, url, group, down)
+                        task = self._restarting[url] = asyncio.create_task(self._restart(role, url, group, down))
+                        task.add_done_callback(lambda _, u=url: self._restarting.pop(u, None))
+
+    def backoff_s(self, quick: int) -> float:
+        """The wait before the restart of a worker that died `quick` times in a row within stable_s."""
+        return 0.0 if quick < 3 else min(self.max_backoff_s, self.backoff_base_s * 2.0 ** (quick - 3))
 
     async def _restart(self, role: str, url: str, group: Any, down_s: float) -> None:
         quick, last = self._quick_deaths.get(url, (0, 0.0))
         quick = quick + 1 if last and time.monotonic() - last < self.stable_s else 1
-        backoff = min(self.max_backoff_s, 2.0 ** (quick - 1)) if quick > 1 else 0.0
+        backoff = self.backoff_s(quick)
         log.error("%s worker %s has been unhealthy for %.1f s: restarting it%s", role, url, down_s,
                   f" after {backoff:.0f} s (restart {quick} in a row within {self.stable_s:.0f} s of the last)"
                   if backoff else "")

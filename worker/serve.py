@@ -28,6 +28,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--kv-host-bytes", type=int, default=0,
+                    help="host tier: (pinned) host memory for KV blocks evicted from the pool, reused on a prefix hit")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -47,7 +49,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     a = ap.parse_args(argv)
     engine = EngineConfig(
         model=a.model, served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
-        kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        kv_cache_bytes=a.kv_cache_bytes, kv_host_bytes=a.kv_host_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization, load_format=a.load_format,
         attention_backend=a.attention_backend)
     config = WorkerConfig(

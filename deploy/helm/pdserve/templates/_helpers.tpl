@@ -104,6 +104,7 @@ env:
   - {name: PDSERVE_MAX_NUM_SEQS, value: {{ $pool.maxNumSeqs | quote }}}
   - {name: PDSERVE_MAX_NUM_BATCHED_TOKENS, value: {{ $pool.maxNumBatchedTokens | quote }}}
   - {name: PDSERVE_GPU_MEMORY_UTILIZATION, value: {{ $pool.gpuMemoryUtilization | quote }}}
+  - {name: PDSERVE_KV_HOST_BYTES, value: {{ $pool.kvHostBytes | default 0 | int64 | quote }}}
   - {name: PDSERVE_TP_SIZE, value: {{ $pool.tpSize | quote }}}
   - {name: PDSERVE_EP_SIZE, value: {{ $pool.epSize | quote }}}
   {{- if gt $gpus 1 }}
