@@ -135,6 +135,11 @@ class BlockPool:
         if stored:
             self.events.append(KVEvent(KVEventKind.STORED, tuple(stored), parent_hash))
 
+    def report_removed(self, block_hashes: list[int]) -> None:
+        """Hashes a lower tier no longer holds either (for the routers)."""
+        if block_hashes:
+            self.events.append(KVEvent(KVEventKind.REMOVED, tuple(block_hashes)))
+
     def clear_cache(self) -> None:
         """Forget every cached hash (e.g. after weights change); referenced blocks stay with their owners."""
         self.block_hash = [None] * self.num_blocks

@@ -13,6 +13,8 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None  # the KV pool's budget; None: 512 MiB on CPU, a share of free GPU memory
     kv_host_bytes: int = 0  # the host tier: pinned host memory for blocks evicted from the pool; 0: none
+    kv_disk_dir: str | None = None  # the disk tier below the host tier (needs it): a directory, one file a block
+    kv_disk_bytes: int = 0  # the disk tier's size
     gpu_memory_utilization: float = 0.85  # share of total GPU memory the engine may hold (weights + KV)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -44,8 +46,10 @@ class EngineConfig:
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
-        if self.kv_host_bytes < 0:
-            raise ValueError("kv_host_bytes must be >= 0")
+        if self.kv_host_bytes < 0 or self.kv_disk_bytes < 0:
+            raise ValueError("kv_host_bytes and kv_disk_bytes must be >= 0")
+        if self.kv_disk_bytes and not (self.kv_disk_dir and self.kv_host_bytes):
+            raise ValueError("a disk KV tier needs kv_disk_dir and a host tier (kv_host_bytes) above it")
 
     @property
     def model_name(self) -> str:

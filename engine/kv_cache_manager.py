@@ -59,6 +59,8 @@ class KVCacheManager:
                   run: bool = False) -> list[int]:
         """needed new blocks, the first len(lower) filled from the host tier's slots `lower` (which hold
         hashes[num_hits:]) and registered in the pool's cache as any computed block."""
+        if self.tier is not None:
+            self.pool.report_removed(self.tier.take_gone())  # what its lookup dropped or found corrupt
         if not lower:
             return (run and self.pool.allocate_run(needed)) or self.pool.allocate(needed)
         loaded = hashes[num_hits : num_hits + len(lower)]

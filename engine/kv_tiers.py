@@ -1,6 +1,8 @@
-"""The host tier of the KV cache: blocks evicted from the device pool, kept in (pinned) host memory under
-their chained hash, least recently used dropped first; a prefix that runs on past the device pool's hits
-into this tier is copied back into device blocks and treated as a hit.
+"""The lower tiers of the KV cache. The host tier: blocks evicted from the device pool, kept in (pinned) host
+memory under their chained hash, least recently used dropped first; a prefix that runs on past the device
+pool's hits into this tier is copied back into device blocks and treated as a hit. The disk tier below it
+(optional): what the host tier drops, one file a block, written by a thread off the engine loop; a hit there
+is checked (its hash, length and checksum) and promoted into the host tier, then loaded as a host hit.
 
 Copies go one per run of blocks adjacent on both sides. On a GPU they are queued on the engine's stream
 without waiting (pinned memory): an eviction's copy runs before any later kernel can overwrite the block,
@@ -8,22 +10,34 @@ and a load's copy before the step that reads it. Offload is inclusive: a block l
 so evicting it again copies nothing.
 """
 
+import logging
+import os
+import queue
+import struct
+import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
+import xxhash
+
+log = logging.getLogger("pdserve.engine")
 
 
 class HostTier:
-    def __init__(self, num_blocks: int, pool: torch.Tensor):
-        """num_blocks of the device pool's block shape, for that pool (the engine's KV tensor)."""
+    def __init__(self, num_blocks: int, pool: torch.Tensor, below: "DiskTier | None" = None):
+        """num_blocks of the device pool's block shape, for that pool (the engine's KV tensor); below: the disk
+        tier that takes what this one drops."""
         if num_blocks < 1:
             raise ValueError("the host tier needs at least one block")
         self.num_blocks = num_blocks
         self.pool = pool
+        self.below = below
         self.store = torch.zeros((num_blocks, *pool.shape[1:]), dtype=pool.dtype, pin_memory=pool.is_cuda)
         self.slots: OrderedDict[int, int] = OrderedDict()  # block hash -> slot, least recently used first
         self.free_slots = list(range(num_blocks - 1, -1, -1))
         self.keep: frozenset[int] = frozenset()  # hashes an admission is about to load: not dropped meanwhile
+        self.gone: list[int] = []  # hashes no tier holds any more, not yet reported (take_gone)
         self.pending = False  # an offload copy was queued (a GPU pool: it runs when the stream gets there)
         self.num_offloaded = 0  # blocks copied in
         self.num_loaded = 0  # blocks copied back to the device (hits)
@@ -32,7 +46,8 @@ class HostTier:
         return block_hash in self.slots
 
     def lookup(self, block_hashes: list[int]) -> list[int]:
-        """Slots of the longest prefix of this hash chain held here, made most recently used."""
+        """Slots of the longest prefix of this hash chain held here (or, past it, on disk: read back into this
+        tier), made most recently used."""
         found = []
         for h in block_hashes:
             slot = self.slots.get(h)
@@ -40,12 +55,56 @@ class HostTier:
                 break
             self.slots.move_to_end(h)
             found.append(slot)
+        if self.below is not None and len(found) < len(block_hashes):
+            found += self._promote(block_hashes[len(found):], frozenset(block_hashes[: len(found)]))
         return found
+
+    def _promote(self, block_hashes: list[int], keep: frozenset[int]) -> list[int]:
+        """Read the disk tier's longest run of this chain into slots (the blocks found before it kept)."""
+        slots: list[int] = []
+        for h in block_hashes[: self.num_blocks - len(keep)]:
+            if h not in self.below:
+                break
+            if not slots:
+                self.settle()  # slots are about to be written from the host: queued copies from them first
+            slot = self._take_slot(keep | {x for x in block_hashes[: len(slots)]})
+            if slot is None:
+                break
+            if not self.below.read(h, self.store[slot]):
+                self.free_slots.append(slot)
+                self.gone.append(h)
+                break
+            self.slots[h] = slot
+            slots.append(slot)
+        return slots
+
+    def _take_slot(self, keep: frozenset[int] | set[int]) -> int | None:
+        """A free slot, dropping the least recently used block not kept (to the disk tier, if any)."""
+        if not self.free_slots:
+            old = next((o for o in self.slots if o not in keep), None)
+            if old is None:
+                return None
+            self._drop(old)
+        return self.free_slots.pop()
+
+    def _drop(self, h: int) -> None:
+        """Free h's slot, the block going down to the disk tier if there is one (else it is gone)."""
+        slot = self.slots.pop(h)
+        deleted = None
+        if self.below is not None:
+            self.settle()  # its bytes may still be on their way from the device
+            deleted = self.below.write(h, self.store[slot])
+        self.gone += [h] if deleted is None else deleted
+        self.free_slots.append(slot)
+
+    def take_gone(self) -> list[int]:
+        """The hashes gone from every tier since the last call (for the routers: removed)."""
+        gone, self.gone = self.gone, []
+        return gone
 
     def offload(self, evicted: list[tuple[int, int]]) -> list[int]:
         """Copy evicted device blocks ((block id, hash) pairs) in; returns the hashes gone from every tier of
-        this worker: those dropped to make room, and an evicted one with no room left (all kept)."""
-        gone: list[int] = []
+        this worker since the last report: those dropped to make room, and an evicted one with no room left."""
         pairs: list[tuple[int, int]] = []
         for block, h in evicted:
             if h in self.slots:
@@ -54,10 +113,9 @@ class HostTier:
             if not self.free_slots:
                 old = next((o for o in self.slots if o not in self.keep), None)
                 if old is None:
-                    gone.append(h)
+                    self.gone.append(h)
                     continue
-                self.free_slots.append(self.slots.pop(old))
-                gone.append(old)
+                self._drop(old)
             slot = self.free_slots.pop()
             self.slots[h] = slot
             pairs.append((block, slot))
@@ -65,7 +123,7 @@ class HostTier:
             self.store[dst : dst + n].copy_(self.pool[src : src + n], non_blocking=True)
         self.num_offloaded += len(pairs)
         self.pending = self.pending or (bool(pairs) and self.pool.is_cuda)
-        return gone
+        return self.take_gone()
 
     def load(self, slots: list[int], block_ids: list[int]) -> None:
         """Copy held blocks back into device blocks (queued before the step that reads them)."""
@@ -85,7 +143,150 @@ class HostTier:
         dropped = list(self.slots)
         self.free_slots += self.slots.values()
         self.slots.clear()
+        if self.below is not None:
+            dropped += self.below.clear()
         return dropped
+
+
+_HEADER = struct.Struct("<8sQQQQ")  # magic, the tier's tag, block hash, payload bytes, xxh64 of the payload
+_MAGIC = b"PDSKV001"
+
+
+class DiskTier:
+    """One file a block in a directory (NVMe in production), least recently used deleted first. A file holds a
+    header (this tier's tag: model, weights and layout; the block's hash; the payload's length and checksum)
+    and the block's bytes. Writes go to a thread; a read checks the header and the checksum and deletes a
+    block that fails (it is then computed, never served). A worker that restarts on the same directory keeps
+    the valid blocks of the same tag (`held()`: announced to the routers as stored) and deletes the rest. A
+    directory that cannot be written (full, read-only) turns the tier off, logged once."""
+
+    def __init__(self, directory: str | Path, num_blocks: int, block_bytes: int, tag: int):
+        self.dir = Path(directory)
+        self.num_blocks, self.block_bytes, self.tag = num_blocks, block_bytes, tag
+        self.files: OrderedDict[int, None] = OrderedDict()  # hashes on disk (or being written), LRU first
+        self.writing: dict[int, bytes] = {}  # blocks queued for the writer (read from here meanwhile)
+        self.broken: str | None = None  # why the tier is off (set by either thread, read by the loop)
+        self.num_corrupt = 0
+        self._writes: queue.Queue = queue.Queue()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._scan()
+        except OSError as e:
+            self._fail(e)
+        self._writer = threading.Thread(target=self._write_loop, name="kv-disk-tier", daemon=True)
+        self._writer.start()
+
+    def _path(self, h: int) -> Path:
+        return self.dir / f"{h:016x}.kv"
+
+    def _scan(self) -> None:
+        """Index the files a previous process left that this one can use, oldest first; delete the others."""
+        found = []
+        for p in self.dir.glob("*.kv"):
+            try:
+                with open(p, "rb") as f:
+                    magic, tag, h, length, _ = _HEADER.unpack(f.read(_HEADER.size))
+                ok = magic == _MAGIC and tag == self.tag and length == self.block_bytes and p.name == f"{h:016x}.kv"
+                ok = ok and p.stat().st_size == _HEADER.size + length
+            except (OSError, struct.error):
+                ok = False
+            if ok:
+                found.append((p.stat().st_mtime, h))
+            else:
+                p.unlink(missing_ok=True)
+        for _, h in sorted(found)[-self.num_blocks:]:
+            self.files[h] = None
+        for p in self.dir.glob("*.kv"):
+            if int(p.stem, 16) not in self.files:
+                p.unlink(missing_ok=True)
+
+    def held(self) -> list[int]:
+        return list(self.files)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self.files
+
+    def write(self, h: int, block: torch.Tensor) -> list[int] | None:
+        """Keep a block the host tier drops (its bytes copied now, written by the thread): the hashes deleted to
+        make room, or None when the tier is off (the block is not kept)."""
+        if self.broken is not None:
+            return None
+        if h in self.files:
+            self.files.move_to_end(h)
+            return []
+        deleted = []
+        while len(self.files) >= self.num_blocks:
+            old, _ = self.files.popitem(last=False)
+            self._writes.put(("delete", old, None))
+            deleted.append(old)
+        self.files[h] = None
+        data = self.writing[h] = block.contiguous().view(torch.uint8).numpy().tobytes()
+        self._writes.put(("write", h, data))
+        return deleted
+
+    def read(self, h: int, out: torch.Tensor) -> bool:
+        """Copy block h into out (a host tier slot) after checking it; False (and the file gone) if it fails."""
+        payload = self.writing.get(h)  # not on disk yet: the bytes it was given
+        if payload is None:
+            try:
+                with open(self._path(h), "rb") as f:
+                    raw = f.read()
+                magic, tag, hh, length, digest = _HEADER.unpack_from(raw)
+                payload = memoryview(raw)[_HEADER.size:]
+                ok = (magic, tag, hh, length) == (_MAGIC, self.tag, h, self.block_bytes) and \
+                    len(payload) == length and xxhash.xxh64_intdigest(payload) == digest
+            except (OSError, struct.error):
+                ok = False
+            if not ok:
+                if self.broken is None:  # a tier that broke lost its unwritten blocks: no news
+                    self.num_corrupt += 1
+                    log.warning("KV disk tier: block %016x failed its check; deleted (it will be computed)", h)
+                self.files.pop(h, None)
+                self._writes.put(("delete", h, None))
+                return False
+        out.view(torch.uint8).view(-1).copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        self.files.move_to_end(h)
+        return True
+
+    def clear(self) -> list[int]:
+        dropped = list(self.files)
+        for h in dropped:
+            self._writes.put(("delete", h, None))
+        self.files.clear()
+        return dropped
+
+    def flush(self) -> None:
+        """Wait until what was queued is on disk (tests, shutdown)."""
+        while self.writing:
+            threading.Event().wait(0.005)
+
+    def close(self) -> None:
+        self.flush()
+        self._writes.put(None)
+        self._writer.join(timeout=10)
+
+    def _write_loop(self) -> None:
+        while (item := self._writes.get()) is not None:
+            op, h, data = item
+            try:
+                if op == "delete":
+                    self._path(h).unlink(missing_ok=True)
+                elif self.broken is None:
+                    tmp = self._path(h).with_suffix(".tmp")
+                    with open(tmp, "wb") as f:
+                        f.write(_HEADER.pack(_MAGIC, self.tag, h, len(data), xxhash.xxh64_intdigest(data)))
+                        f.write(data)
+                    os.replace(tmp, self._path(h))
+            except OSError as e:
+                self._fail(e)
+            finally:
+                if op == "write" and self.writing.get(h) is data:  # not written again since
+                    del self.writing[h]
+
+    def _fail(self, e: OSError) -> None:
+        if self.broken is None:
+            self.broken = f"{type(e).__name__}: {e}"
+            log.error("KV disk tier at %s turned off: %s (the host tier goes on alone)", self.dir, self.broken)
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

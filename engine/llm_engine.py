@@ -5,8 +5,10 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import xxhash
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.torch_backend import TorchAttention
@@ -17,7 +19,7 @@ from engine.errors import KVCacheFullError, ModelLoadError, RequestError
 from engine.guided import GrammarMasks, Grammars
 from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
-from engine.kv_tiers import HostTier
+from engine.kv_tiers import DiskTier, HostTier
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 from engine.model_runner import PLACEHOLDER, ModelRunner, PrevTokens
@@ -30,6 +32,7 @@ from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.tokenizer_files import load_tokenizer
 from engine.weight_loader import open_model
 from protocol.block_hash import root_hash
+from protocol.kv_events import KVEvent, KVEventKind
 from protocol.tokenizer import ChatTokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -116,12 +119,13 @@ class LLMEngine:
 
         self.kv_layout = self._kv_layout()
         self.kv_cache = KVCache(self.kv_layout, self.device, kv_allocator)
-        self.host_tier = None  # blocks evicted from the pool, in host memory (engine/kv_tiers.py)
-        if config.kv_host_bytes and config.enable_prefix_caching:
-            self.host_tier = HostTier(max(1, config.kv_host_bytes // self.kv_layout.block_bytes), self.kv_cache.tensor)
+        self.root_hash = root_hash(config.model_name)
+        self.host_tier = self._host_tier()  # blocks evicted from the pool, in host memory, then on disk
         self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching,
                                     evict_to=self.host_tier.offload if self.host_tier is not None else None)
-        self.root_hash = root_hash(config.model_name)
+        if self.host_tier is not None and self.host_tier.below is not None and self.host_tier.below.held():
+            # A restart on the same disk tier: what it kept is this worker's too (the routers learn it now).
+            self.block_pool.events.append(KVEvent(KVEventKind.STORED, tuple(self.host_tier.below.held())))
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash, self.host_tier)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
@@ -172,6 +176,21 @@ class LLMEngine:
         except ModelLoadError as e:
             log.warning("no tokenizer (%s): outputs carry token ids only, stop strings are ignored", e)
             return None
+
+    def _host_tier(self) -> HostTier | None:
+        cfg, lay = self.config, self.kv_layout
+        if not (cfg.kv_host_bytes and cfg.enable_prefix_caching):
+            return None
+        disk = None
+        if cfg.kv_disk_dir and cfg.kv_disk_bytes:
+            # Blocks on disk are this model's, these weights' and this layout's only (a restart may reuse them).
+            weights = Path(cfg.model)
+            stat = weights.stat() if weights.is_file() else (weights / "config.json").stat()
+            tag = xxhash.xxh64_intdigest(repr((self.root_hash, str(weights.resolve()), stat.st_size, stat.st_mtime_ns,
+                                               cfg.load_format, cfg.seed, lay, self.model.heads.kv_start)).encode())
+            disk = DiskTier(Path(cfg.kv_disk_dir) / f"rank{self.parallel.rank}", cfg.kv_disk_bytes // lay.block_bytes,
+                            lay.block_bytes, tag)
+        return HostTier(max(1, cfg.kv_host_bytes // lay.block_bytes), self.kv_cache.tensor, disk)
 
     def _kv_layout(self) -> KVLayout:
         """This rank's pool: its KV heads only; with several ranks, as many blocks as the smallest one holds."""

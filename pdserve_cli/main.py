@@ -76,10 +76,13 @@ def serve(a: argparse.Namespace) -> None:
 
     def start(role: str) -> tuple[str, object]:  # also the scaling API's: one more worker, once it serves
         tp, ep = sizes[role]
+        name = f"{role}-{next(counter)}"  # a restart keeps it (and its disk tier's folder)
         engine = EngineConfig(model=model, served_model_name=a.served_model_name, device=a.device,
                               block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
-                              load_format=a.load_format, kv_host_bytes=a.kv_host_bytes)
-        cfg = WorkerConfig(role=role, name=f"{role}-{next(counter)}", engine=engine, port=free_port(),
+                              load_format=a.load_format, kv_host_bytes=a.kv_host_bytes,
+                              kv_disk_dir=a.kv_disk_dir and str(Path(a.kv_disk_dir) / name),
+                              kv_disk_bytes=a.kv_disk_bytes)
+        cfg = WorkerConfig(role=role, name=name, engine=engine, port=free_port(),
                            transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep, log_level=a.log_level)
         per_rank = (1.0 if tp * ep > 1 else gpu_share) if has_gpu else 0.0
         group = WorkerGroup(cfg, gpus_per_rank=per_rank)
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--kv-cache-bytes", type=int, default=None)
     s.add_argument("--kv-host-bytes", type=int, default=0,
                    help="each worker's host tier: host memory for KV blocks evicted from its pool (0: none)")
+    s.add_argument("--kv-disk-dir", default=None, help="the workers' disk tier below the host tier (one folder each)")
+    s.add_argument("--kv-disk-bytes", type=int, default=0, help="each worker's disk tier size (needs --kv-host-bytes)")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the model's shapes, the same in every worker (benchmarks)")

@@ -147,3 +147,6 @@ class WorkerLoad(BaseModel):
     prompt_tokens: int = 0  # of the requests it admitted (hit ratio = prompt_tokens_cached / prompt_tokens)
     kv_bytes_sent: int = 0  # KV it wrote to decode workers (a prefill worker's transfer volume)
     steps: int = 0  # engine steps run (tokens_computed / steps: the mean batch)
+    host_blocks: int = 0  # the host KV tier: blocks it holds, of host_blocks_total (0: no tier)
+    host_blocks_total: int = 0
+    host_hit_tokens: int = 0  # prompt tokens loaded back from it (of prompt_tokens_cached)

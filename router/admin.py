@@ -125,6 +125,8 @@ def worker_view(w) -> dict:
             "draining": w.draining, "restarts": w.restarts, "inflight": w.inflight,
             "running": ld.running if ld else None, "waiting": ld.waiting if ld else None,
             "kv_used": (ld.total_blocks - ld.free_blocks) if ld else None, "kv_total": ld.total_blocks if ld else None,
+            "kv_host_used": ld.host_blocks if ld else None, "kv_host_total": ld.host_blocks_total if ld else None,
+            "host_hit_ratio": (ld.host_hit_tokens / ld.prompt_tokens) if ld and ld.prompt_tokens else None,
             "hit_ratio": (ld.prompt_tokens_cached / ld.prompt_tokens) if ld and ld.prompt_tokens else None,
             "tokens_per_s": round(w.tokens_per_s, 1), "kv_gb_per_s": round(w.kv_bytes_per_s / 1e9, 3),
             "tokens_computed": ld.tokens_computed if ld else None}

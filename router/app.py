@@ -370,7 +370,11 @@ def _api(state: RouterState) -> FastAPI:
         for w in state.pool.workers:
             state.metrics.worker_inflight.labels(w.url, w.role).set(w.inflight)
             if w.load:
-                state.metrics.worker_free_blocks.labels(w.url, w.role).set(w.load.free_blocks)
+                ld, m = w.load, state.metrics
+                m.worker_free_blocks.labels(w.url, w.role).set(ld.free_blocks)
+                m.worker_host_blocks.labels(w.url, w.role).set(ld.host_blocks)
+                m.worker_tier_hits.labels(w.url, w.role, "device").set(ld.prompt_tokens_cached - ld.host_hit_tokens)
+                m.worker_tier_hits.labels(w.url, w.role, "host").set(ld.host_hit_tokens)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict:

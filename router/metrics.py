@@ -26,6 +26,10 @@ class RouterMetrics:
                                      registry=r)
         self.worker_free_blocks = Gauge("pdserve_worker_free_kv_blocks", "Free KV blocks per worker",
                                         ["worker", "role"], registry=r)
+        self.worker_host_blocks = Gauge("pdserve_worker_host_kv_blocks", "KV blocks in each worker's host tier",
+                                        ["worker", "role"], registry=r)
+        self.worker_tier_hits = Gauge("pdserve_worker_kv_hit_tokens", "Prompt tokens each worker found cached, "
+                                      "by the tier that held them", ["worker", "role", "tier"], registry=r)
         # Per API key (by its name: never the key itself) and model: what a bill is made of.
         self.key_requests = Counter("pdserve_key_requests", "Requests by API key name, model and outcome",
                                     ["key", "model", "outcome"], registry=r)

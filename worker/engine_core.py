@@ -180,10 +180,12 @@ class EngineCore:
 
     def _load(self) -> ipc.Load:
         e = self.engine
+        tier = e.host_tier
         return ipc.Load(len(e.scheduler.running) + len(e.scheduler.remote), len(e.scheduler.waiting),
                         e.block_pool.num_free_blocks, e.block_pool.num_blocks, e.stats.num_tokens_computed,
                         e.kv_manager.num_hit_tokens, e.stats.num_prompt_tokens, self.kv_bytes_sent,
-                        e.stats.num_steps)
+                        e.stats.num_steps, len(tier.slots) if tier else 0, tier.num_blocks if tier else 0,
+                        e.kv_manager.num_tier_hit_tokens)
 
     # --- KV sends (started on the loop, run off it) ---
 

@@ -30,6 +30,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
     ap.add_argument("--kv-host-bytes", type=int, default=0,
                     help="host tier: (pinned) host memory for KV blocks evicted from the pool, reused on a prefix hit")
+    ap.add_argument("--kv-disk-dir", default=None, help="disk tier below the host tier: a directory (kept on restart)")
+    ap.add_argument("--kv-disk-bytes", type=int, default=0, help="the disk tier's size (needs --kv-host-bytes)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -49,7 +51,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     a = ap.parse_args(argv)
     engine = EngineConfig(
         model=a.model, served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
-        kv_cache_bytes=a.kv_cache_bytes, kv_host_bytes=a.kv_host_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        kv_cache_bytes=a.kv_cache_bytes, kv_host_bytes=a.kv_host_bytes, kv_disk_dir=a.kv_disk_dir,
+        kv_disk_bytes=a.kv_disk_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization, load_format=a.load_format,
         attention_backend=a.attention_backend)
     config = WorkerConfig(

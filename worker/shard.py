@@ -68,5 +68,8 @@ class EngineShard:
 
     def close(self) -> None:
         self.transport.close()
+        tier = self.engine.host_tier
+        if tier is not None and tier.below is not None:
+            tier.below.close()  # what is queued for the disk tier is written (a restart reuses it)
         if self.shm_path is not None:
             self.shm_path.unlink(missing_ok=True)

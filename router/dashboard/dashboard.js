@@ -50,6 +50,9 @@ const fmt = {
   healthy: (w) => w.draining ? ["draining", "draining"] : w.healthy ? ["healthy", "ok"] : ["down", "bad"],
   kv_used: (w) => w.kv_total ? `<span class="bar"><span style="width:${(100 * w.kv_used / w.kv_total).toFixed(0)}%"></span></span>${w.kv_used}/${w.kv_total}` : "–",
   hit_ratio: (w) => w.hit_ratio === null ? "–" : `${(100 * w.hit_ratio).toFixed(0)}%`,
+  // the host tier: blocks held of its size, and the share of prompt tokens it served
+  kv_host: (w) => !w.kv_host_total ? "–" : `${w.kv_host_used}/${w.kv_host_total}` +
+    (w.host_hit_ratio === null ? "" : ` <span class="muted">(${(100 * w.host_hit_ratio).toFixed(0)}% hits)</span>`),
 };
 
 function renderPool(p, advice) {
@@ -88,7 +91,7 @@ function renderPool(p, advice) {
     tr.dataset.url = w.url;
     const [health, cls] = fmt.healthy(w);
     const cells = [w.name || "(registering)", health, w.running ?? "–", w.waiting ?? "–", fmt.kv_used(w),
-                   fmt.hit_ratio(w), w.tokens_per_s, w.kv_gb_per_s, w.url];
+                   fmt.kv_host(w), fmt.hit_ratio(w), w.tokens_per_s, w.kv_gb_per_s, w.url];
     cells.forEach((c, i) => {
       const td = document.createElement("td");
       td.innerHTML = String(c);

@@ -101,3 +101,91 @@ def test_a_remote_reservation_counts_host_hits_as_cached(demo_gguf):
     req = e.reserve_remote("remote", target, GREEDY)
     assert req.num_cached_tokens == 64  # the prefill worker sends only the rest
     e.abort_request("remote")
+
+
+# --- the disk tier ---
+
+
+def _disk_engine(demo_gguf, directory, host_blocks: int = 4, disk_blocks: int = 64) -> LLMEngine:
+    probe = LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=1 << 20))
+    block = probe.kv_layout.block_bytes
+    return LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=BLOCKS * block, kv_host_bytes=host_blocks * block,
+                                  kv_disk_dir=str(directory), kv_disk_bytes=disk_blocks * block))
+
+
+def _push_out(e: LLMEngine) -> None:
+    for topic in ("volcanoes", "violins", "winter gardens", "trains"):
+        _run(e, _prompt(e, topic))
+    e.host_tier.below.flush()
+
+
+def test_a_prefix_pushed_past_the_host_tier_comes_back_from_disk_and_after_a_restart(demo_gguf, cold, tmp_path):
+    e = _disk_engine(demo_gguf, tmp_path)
+    target = _prompt(e, "lighthouses")
+    first, _ = _run(e, target)
+    _push_out(e)
+    assert len(e.host_tier.slots) == 4 and len(e.host_tier.below.files) > 4  # the overflow went to disk
+    again, computed = _run(e, target)
+    assert again.token_ids == first.token_ids == cold(target)
+    assert again.num_cached_tokens == 64 and computed == len(target) - 64 + GREEDY.max_tokens - 1
+    _push_out(e)
+    held = set(e.host_tier.below.held())
+    e.host_tier.below.close()
+    # A restart on the same directory keeps the valid blocks (and tells the routers), and serves from them.
+    restarted = _disk_engine(demo_gguf, tmp_path)
+    assert set(restarted.host_tier.below.held()) == held
+    stored = [ev for ev in restarted.block_pool.drain_events() if ev.kind is KVEventKind.STORED]
+    assert set(stored[0].block_hashes) == held
+    back, computed = _run(restarted, target)
+    assert back.token_ids == cold(target) and back.num_cached_tokens == 64
+
+
+def test_a_corrupt_disk_block_is_computed_never_served(demo_gguf, cold, tmp_path):
+    e = _disk_engine(demo_gguf, tmp_path)
+    target = _prompt(e, "lighthouses")
+    _run(e, target)
+    _push_out(e)
+    disk = e.host_tier.below
+    hashes = e.kv_manager._hashes_upto(_req(target), 4)
+    assert all(h in disk for h in hashes)
+    victim = disk._path(hashes[2])
+    raw = bytearray(victim.read_bytes())
+    raw[-7] ^= 0xFF  # one flipped byte in the payload
+    victim.write_bytes(bytes(raw))
+    e.block_pool.drain_events()
+    again, _ = _run(e, target)
+    assert again.token_ids == cold(target)
+    assert again.num_cached_tokens == 32  # the two blocks before the corrupt one; it and what follows computed
+    assert disk.num_corrupt == 1 and not victim.exists() and hashes[2] not in disk
+    removed = {h for ev in e.block_pool.drain_events() if ev.kind is KVEventKind.REMOVED for h in ev.block_hashes}
+    assert hashes[2] in removed
+
+
+def _req(prompt: list[int]):
+    from engine.request import Request
+
+    return Request("probe", prompt, GREEDY, 0, 0)
+
+
+def test_disk_tier_checks_its_size_its_files_and_its_directory(tmp_path, caplog):
+    from engine.kv_tiers import DiskTier
+
+    blocks = torch.randn(6, 2, 2, 4, 1, 8)
+    nbytes = blocks[0].numel() * 4
+    disk = DiskTier(tmp_path / "d", 3, nbytes, tag=7)
+    assert [disk.write(h, blocks[h]) for h in range(3)] == [[], [], []]
+    assert disk.write(3, blocks[3]) == [0]  # the least recently used deleted to make room
+    disk.flush()
+    out = torch.empty_like(blocks[0])
+    assert disk.read(2, out) and torch.equal(out, blocks[2])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [f"{h:016x}.kv" for h in (1, 2, 3)]
+    (tmp_path / "d" / f"{1:016x}.kv").write_bytes(b"short")  # truncated
+    disk.close()
+    again = DiskTier(tmp_path / "d", 3, nbytes, tag=7)  # a restart: the valid files stay
+    assert sorted(again.held()) == [2, 3]
+    other = DiskTier(tmp_path / "d", 3, nbytes, tag=8)  # another model's tier on the same directory: cleared
+    assert other.held() == [] and not list((tmp_path / "d").iterdir())
+    (tmp_path / "ro").write_text("a file where the directory should be")
+    broken = DiskTier(tmp_path / "ro", 3, nbytes, tag=7)
+    assert broken.broken is not None and broken.write(1, blocks[1]) is None
+    assert sum("turned off" in r.message for r in caplog.records) == 1

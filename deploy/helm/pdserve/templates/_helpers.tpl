@@ -105,6 +105,10 @@ env:
   - {name: PDSERVE_MAX_NUM_BATCHED_TOKENS, value: {{ $pool.maxNumBatchedTokens | quote }}}
   - {name: PDSERVE_GPU_MEMORY_UTILIZATION, value: {{ $pool.gpuMemoryUtilization | quote }}}
   - {name: PDSERVE_KV_HOST_BYTES, value: {{ $pool.kvHostBytes | default 0 | int64 | quote }}}
+  {{- if $pool.kvDiskBytes }}
+  - {name: PDSERVE_KV_DISK_BYTES, value: {{ $pool.kvDiskBytes | int64 | quote }}}
+  - {name: PDSERVE_KV_DISK_DIR, value: "/home/pdserve/.cache/pdserve-kv/$(PDSERVE_NAME)"}  # a restart reuses it
+  {{- end }}
   - {name: PDSERVE_TP_SIZE, value: {{ $pool.tpSize | quote }}}
   - {name: PDSERVE_EP_SIZE, value: {{ $pool.epSize | quote }}}
   {{- if gt $gpus 1 }}
