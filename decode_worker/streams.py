@@ -240,7 +240,7 @@ class DecodeStreams:
             lps = [LogprobView(t, lp, top) for t, lp, top in out.logprobs] if out.logprobs else []
             chunk = ChunkView(out.request_id, out.token_ids, st.detok.take_delta(final=reason is not None),
                               reason is not None, reason, lps, out.num_prompt_tokens, out.num_cached_tokens,
-                              out.num_output_tokens, None)
+                              out.num_output_tokens, None, st.detok.stop_hit if stopped else None)
             self._put(st.channel, chunk, touched)
             if reason is not None:
                 self._end(out.request_id)

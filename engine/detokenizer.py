@@ -20,6 +20,7 @@ class Detokenizer:
         self.stop = stop
         self.longest_stop = max((len(s) for s in stop), default=0)
         self.include_stop = include_stop
+        self.stop_hit: str | None = None  # the stop string found
         self.text = ""  # the text not yet emitted, after at most the last longest_stop emitted characters
         self.emitted = 0  # how much of self.text was emitted
 
@@ -37,6 +38,7 @@ class Detokenizer:
             idx = self.text.find(s, search_from)
             if idx >= 0:
                 self.text = self.text[: idx + len(s) if self.include_stop else idx]
+                self.stop_hit = s
                 return True
         return False
 

@@ -88,6 +88,7 @@ class GenerateChunk(BaseModel):
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: dict[str, Any] | None = None  # {"message", "type", "code"} when the request failed
+    stop_reason: str | None = None  # the stop string that ended it (vLLM's stop_reason), if one did
 
 
 def struct_of(model: type[BaseModel], name: str, frozen: bool = False, array_like: bool = False,

@@ -212,10 +212,11 @@ class RouterApp:
         key = body = lookup = None
         admitted: list[Ticket] = []
         try:
+            credentials = req.header(b"authorization"), req.header(b"x-api-key")
             if door.local:  # in memory: never suspends, so a client leaving cannot interrupt it
-                key = await door.authenticate(req.header(b"authorization"))
+                key = await door.authenticate(*credentials)
             else:  # in Redis: finished even if the client leaves meanwhile, to know whose bill the request is on
-                lookup = asyncio.ensure_future(door.authenticate(req.header(b"authorization")))
+                lookup = asyncio.ensure_future(door.authenticate(*credentials))
                 key = await asyncio.shield(lookup)
             body = endpoint.parse(raw)
             limit = self.state.config.request_timeout_s
@@ -384,14 +385,14 @@ def _api(state: RouterState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        await state.door.authenticate(request.headers.get("authorization"))
+        await _authenticate(state, request)
         _require_ready(state)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict:
         """One model (the OpenAI 404 for one this endpoint does not serve)."""
-        await state.door.authenticate(request.headers.get("authorization"))
+        await _authenticate(state, request)
         _require_ready(state)
         _check_model(state, model_id)
         return model_card()
@@ -399,7 +400,7 @@ def _api(state: RouterState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         """The token ids the router would send for this prompt or chat (the chat template applied)."""
-        await state.door.authenticate(request.headers.get("authorization"))
+        await _authenticate(state, request)
         _require_ready(state)
         _check_model(state, body.model)
         ids = await _prompt_ids(state, body.messages is not None, body)
@@ -407,7 +408,7 @@ def _api(state: RouterState) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-        await state.door.authenticate(request.headers.get("authorization"))
+        await _authenticate(state, request)
         _require_ready(state)
         _check_model(state, body.model)
         vocab = state.tokenizer.vocab_size
@@ -548,6 +549,10 @@ async def _translated(events: AsyncIterator[bytes], chunks: AsyncIterator) -> As
         await chunks.aclose()
 
 
+async def _authenticate(state: RouterState, request: Request):
+    return await state.door.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
 def _require_ready(state: RouterState) -> None:
     if not state.ready():
         raise OpenAIError(503, "no worker has registered yet", code="no_healthy_worker")
@@ -680,12 +685,12 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     cached = sum(max(r[4] for r in results[i:i + n]) for i in range(0, len(results), n))
     _observe(state, start, completion, cached)
     choices = []
-    for i, (text, reason, lps, _, _) in enumerate(results):
+    for i, (text, reason, lps, _, _, stop) in enumerate(results):
         message = None
         if readers is not None:
             message = assemble(readers[i].feed(text) + readers[i].finish())
             reason = readers[i].finish_reason(reason)
-        choices.append((echo[i] + text if echo else text, reason, lps, message))
+        choices.append((echo[i] + text if echo else text, reason, lps, message, stop))
     return Reply(body=fmt.full(choices, usage(prompt_tokens, completion, cached)), completion_tokens=completion)
 
 
@@ -729,8 +734,9 @@ async def _collect_all(streams: list[AsyncIterator[ChunkView]], ticket: Ticket) 
 
 
 async def _collect(stream: AsyncIterator[ChunkView], ticket: Ticket
-                   ) -> tuple[str, str | None, list[LogprobView], int, int]:
-    text, lps, reason, completion, cached = [], [], None, 0, 0
+                   ) -> tuple[str, str | None, list[LogprobView], int, int, str | None]:
+    """(text, finish reason, logprobs, completion tokens, cached tokens, the stop string that ended it)."""
+    text, lps, reason, completion, cached, stop = [], [], None, 0, 0, None
     async for c in stream:
         if c.error:
             raise _worker_error(c)
@@ -738,8 +744,8 @@ async def _collect(stream: AsyncIterator[ChunkView], ticket: Ticket
         lps += c.logprobs
         ticket.completion_tokens += c.completion_tokens - completion  # billed as it happens (also if cut off)
         ticket.cached_tokens = max(ticket.cached_tokens, c.cached_tokens)
-        reason, completion, cached = c.finish_reason, c.completion_tokens, c.cached_tokens
-    return "".join(text), reason, lps, completion, cached
+        reason, completion, cached, stop = c.finish_reason, c.completion_tokens, c.cached_tokens, c.stop_reason
+    return "".join(text), reason, lps, completion, cached, stop
 
 
 def _worker_error(c: ChunkView) -> OpenAIError:
@@ -852,5 +858,5 @@ def _read_chunks(fmt: Formatter, i: int, item: ChunkView, first: bool, reader: C
         deltas = [{}]
     chunks = [fmt.delta_chunk(i, d, lps if k == 0 else None, None) for k, d in enumerate(deltas)]
     if item.finished:
-        chunks.append(fmt.delta_chunk(i, {}, None, reader.finish_reason(item.finish_reason)))
+        chunks.append(fmt.delta_chunk(i, {}, None, reader.finish_reason(item.finish_reason), item.stop_reason))
     return chunks

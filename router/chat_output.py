@@ -49,8 +49,8 @@ class ChoiceReader:
             return out
         out = self._through_tools(self._reasoning.finish()) if self._reasoning else []
         if self._tools is not None:
-            out += self._tools.finish()
-            self.calls = self._tools.calls
+            out += self._first_call_only(self._tools.finish())
+            self.calls = min(self._tools.calls, 1) if self.plan.single_call else self._tools.calls
         return out
 
     def finish_reason(self, reason: str | None) -> str | None:
@@ -62,11 +62,17 @@ class ChoiceReader:
         out = []
         for d in deltas:
             if "content" in d:
-                out += self._tools.feed(d["content"])
+                out += self._first_call_only(self._tools.feed(d["content"]))
             else:
                 out.append(d)
-        self.calls = self._tools.calls
+        self.calls = min(self._tools.calls, 1) if self.plan.single_call else self._tools.calls
         return out
+
+    def _first_call_only(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Without parallel_tool_calls the model may still write several: the client gets the first."""
+        if not self.plan.single_call:
+            return deltas
+        return [d for d in deltas if not any(c["index"] > 0 for c in d.get("tool_calls", ()))]
 
 
 def _call(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:

@@ -84,12 +84,17 @@ class FrontDoor:
 
     # --- who ---
 
-    async def authenticate(self, authorization: str | None) -> ApiKey:
+    async def authenticate(self, authorization: str | None, api_key: str | None = None) -> ApiKey:
+        """The key of a request: `Authorization: Bearer <key>` (OpenAI's clients), else `x-api-key: <key>`
+        (Anthropic's)."""
         if not self.config.auth:
             return ANONYMOUS
         scheme, _, key = (authorization or "").partition(" ")
+        if authorization is None and api_key and api_key.strip():
+            scheme, key = "bearer", api_key
         if scheme.lower() != "bearer" or not key.strip():
-            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                              code="invalid_api_key")
         key = key.strip()
         h = hash_key(key)
         record = self.static_keys.get(h) or await self.keys.lookup(h)

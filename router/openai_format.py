@@ -53,14 +53,18 @@ class Formatter:
             choice = {"index": index, "text": text}
         choice["logprobs"] = self.logprobs(c.logprobs, text_offset)
         choice["finish_reason"] = c.finish_reason if c.finished else None
+        if c.stop_reason is not None:
+            choice["stop_reason"] = c.stop_reason  # the stop string that ended it (vLLM's field)
         return {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"), "created": self.created,
                 "model": self.model, "choices": [choice]}
 
     def delta_chunk(self, index: int, delta: dict[str, Any], lps: list[LogprobView] | None,
-                    finish_reason: str | None) -> dict[str, Any]:
+                    finish_reason: str | None, stop_reason: str | None = None) -> dict[str, Any]:
         """A chat stream chunk holding one delta (content, reasoning or a tool call's part)."""
         choice = {"index": index, "delta": delta, "logprobs": self.logprobs(lps) if lps else None,
                   "finish_reason": finish_reason}
+        if stop_reason is not None:
+            choice["stop_reason"] = stop_reason
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [choice]}
 
@@ -68,14 +72,18 @@ class Formatter:
         return {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
                 "model": self.model, "choices": [], "usage": u}
 
-    def full(self, choices: list[tuple[str, str | None, list[LogprobView], dict | None]], u: dict[str, Any]) -> dict:
-        """choices: (text, finish reason, logprobs, the message read from the text or None: the text is it)."""
+    def full(self, choices: list[tuple[str, str | None, list[LogprobView], dict | None, str | None]],
+             u: dict[str, Any]) -> dict:
+        """choices: (text, finish reason, logprobs, the message read from the text or None: the text is it, the
+        stop string that ended it or None)."""
         out = []
-        for i, (text, reason, lps, message) in enumerate(choices):
+        for i, (text, reason, lps, message, stop) in enumerate(choices):
             if self.chat:
                 out.append({"index": i, "message": message or {"role": "assistant", "content": text},
                             "logprobs": self.logprobs(lps), "finish_reason": reason})
             else:
                 out.append({"index": i, "text": text, "logprobs": self.logprobs(lps), "finish_reason": reason})
+            if stop is not None:
+                out[-1]["stop_reason"] = stop  # the stop string that ended it (vLLM's field)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": out, "usage": u}

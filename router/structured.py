@@ -30,6 +30,7 @@ class OutputPlan:
     tool_parser: str | None = None  # auto: the parser family
     reasoning_parser: str | None = None
     tools: list[dict[str, Any]] | None = None  # what the chat template is shown
+    single_call: bool = False  # auto without parallel_tool_calls: calls after the first are dropped
 
     @property
     def keeps_special_tokens(self) -> bool:
@@ -94,7 +95,8 @@ def plan(body: Any, chat: bool, tool_parser: str | None, reasoning_parser: str |
         return PLAIN
     # A grammar shapes the whole output, so there is no <think> part to take out of it.
     reasoning = reasoning_parser if chat and grammar is None else None
-    return OutputPlan(grammar, mode, function, parser, reasoning, shown)
+    single = mode == "auto" and not body.parallel_tool_calls
+    return OutputPlan(grammar, mode, function, parser, reasoning, shown, single)
 
 
 def _calls_schema(tools: list, parallel: bool) -> dict[str, Any]:

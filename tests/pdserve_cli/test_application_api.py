@@ -166,6 +166,14 @@ def test_the_messages_api_through_anthropics_client(server):
         final = stream.get_final_message()
     assert [b.model_dump() for b in final.content] == [b.model_dump() for b in whole.content]
     assert final.stop_reason == whole.stop_reason
+    # A stop sequence the answer reaches: the text ends before it, and the Message names it (whole, streamed)
+    text = whole.content[0].text
+    word = text.split()[1]
+    with client.messages.stream(stop_sequences=["zzzz", word], **kw) as stream:
+        streamed = stream.get_final_message()
+    for stopped in (client.messages.create(stop_sequences=["zzzz", word], **kw), streamed):
+        assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", word)
+        assert stopped.content[0].text == text[: text.index(word)]
     tool = {"name": "get_weather", "description": "The weather in a city.",
             "input_schema": WEATHER["function"]["parameters"]}
     forced = client.messages.create(model=server[1], max_tokens=64, tools=[tool], **greedy,

@@ -65,6 +65,13 @@ def test_api_keys_are_required_hashed_and_scoped(routers, tmp_path):
     assert created["key"] not in keys_file.read_text() and "key_hash" not in created
     r = httpx.post(url, json=CHAT, headers=_auth(created["key"]), timeout=10)
     assert r.status_code == 200, r.text
+    # Anthropic's clients send the key as x-api-key (the Messages API and its model list)
+    messages = {"model": "fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{router}/v1/messages", json=messages, headers={"x-api-key": created["key"]}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{router}/v1/models", headers={"x-api-key": created["key"]}).status_code == 200
+    r = httpx.post(f"{router}/v1/messages", json=messages, headers={"x-api-key": "pds-no-no"})
+    assert r.status_code == 401 and r.json()["type"] == "error", r.text  # in Anthropic's shape there
     listed = httpx.get(f"{router}/admin/keys", headers=_auth(ADMIN)).json()["data"]
     assert [k["id"] for k in listed] == [created["id"]] and created["key"] not in json.dumps(listed)
     patch = f"{router}/admin/keys/{created['id']}"

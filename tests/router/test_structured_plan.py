@@ -40,3 +40,19 @@ def test_bad_grammars_and_logit_bias_keys_are_400s():
     for key in ("²", "-1", "x"):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "logit_bias": {key: 1}})
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_auto_tool_calls_without_parallel_tool_calls_keep_the_first(parallel):
+    from router.chat_output import ChoiceReader, assemble
+
+    p = _plan("hermes", tools=[TOOL], parallel_tool_calls=parallel)
+    assert p.single_call is not parallel
+    text = ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call>')
+    for pieces in ([text], [text[i : i + 7] for i in range(0, len(text), 7)]):  # whole, and streamed
+        reader = ChoiceReader(p)
+        deltas = [d for piece in pieces for d in reader.feed(piece)] + reader.finish()
+        calls = assemble(deltas)["tool_calls"]
+        assert [c["function"]["arguments"] for c in calls] == (['{"x": 1}', '{"x": 2}'] if parallel else ['{"x": 1}'])
+        assert reader.finish_reason("stop") == "tool_calls"
