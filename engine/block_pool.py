@@ -79,6 +79,11 @@ class BlockPool:
             self.reusable[b] = False
             blocks.append(b)
         removed = [h for _, h in evicted] if self.evict_to is None or not evicted else self.evict_to(evicted)
+        if self.evict_to is not None and evicted:
+            gone = set(removed)
+            moved = tuple(h for _, h in evicted if h not in gone)
+            if moved:
+                self.events.append(KVEvent(KVEventKind.OFFLOADED, moved))
         if removed:
             self.events.append(KVEvent(KVEventKind.REMOVED, tuple(removed)))
         return blocks

@@ -5,8 +5,9 @@ from enum import StrEnum
 
 
 class KVEventKind(StrEnum):
-    STORED = "stored"
-    REMOVED = "removed"
+    STORED = "stored"  # in the worker's device pool (again, if it had moved down)
+    OFFLOADED = "offloaded"  # moved from the device pool to a lower tier of the same worker (host, disk): still held
+    REMOVED = "removed"  # gone from every tier of the worker
     CLEARED = "cleared"
 
 

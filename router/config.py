@@ -8,6 +8,10 @@ LOAD_WEIGHT = 0.25  # per token of queued work, against 1 per token to recompute
 BALANCE_RATIO = 1.15  # the load-imbalance guard (router/policy.py); inf: off
 BALANCE_WEIGHT = 1.0  # a worker's excess of recent work, in shares of the request's tokens (router/policy.py)
 CHURN_WEIGHT = 0.02  # a returning prompt: a worker's share of the pool's recent new tokens, likewise
+# A cached token in a lower tier (host memory) costs this share of computing it: loading it back. Llama-3-8B's
+# KV is 128 KiB a token; at ~25 GB/s host-to-device that is ~5 us, against ~25 us to prefill it on an H100
+# (~40k tokens/s): 0.2. To be replaced by bench.kv_tiers' GPU measurement.
+LOWER_TIER_COST = 0.2
 
 
 @dataclass(frozen=True, slots=True)

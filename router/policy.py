@@ -23,6 +23,9 @@ cached or not, over the pool's mean); the lowest cost wins, then the least recen
   (99.26%, 97.42%), at imbalance 1.04-1.11; live at concurrency 1 (1,500 blocks), 97.36% -> 98.37%. At
   concurrency 64 the in-flight load term's noise decides among workers about as busy and the gain is small
   (docs/architecture.md, session 15).
+- A prefix held in a worker's lower tier (host memory, disk: KV events `offloaded`) counts as cached, less
+  `lower_tier_cost` (default 0.2) of its tokens: loading it back is cheaper than computing it, dearer than a
+  hit in the device pool.
 - A cached prefix counts only when it saves at least `min_prefix_gain` of the prompt (default 10%, and at least
   two blocks): a short prefix every prompt shares (a default system prompt) would otherwise pull all traffic to
   one worker whenever nothing is in flight, the known failure of sglang-router's tree at low concurrency.
@@ -41,7 +44,7 @@ import math
 import zlib
 from dataclasses import dataclass
 
-from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT
+from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT, LOWER_TIER_COST
 from router.state import WorkerView
 from router.workers import Worker
 
@@ -59,7 +62,8 @@ class Route:
 class Router:
     def __init__(self, policy: str, block_size: int, load_weight: float = LOAD_WEIGHT, local_prefill_tokens: int = 64,
                  min_prefix_gain: float = 0.1, balance_ratio: float = BALANCE_RATIO,
-                 balance_weight: float = BALANCE_WEIGHT, churn_weight: float = CHURN_WEIGHT):
+                 balance_weight: float = BALANCE_WEIGHT, churn_weight: float = CHURN_WEIGHT,
+                 lower_tier_cost: float = LOWER_TIER_COST):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy = policy
@@ -70,6 +74,7 @@ class Router:
         self.balance_ratio = balance_ratio
         self.balance_weight = balance_weight
         self.churn_weight = churn_weight
+        self.lower_tier_cost = lower_tier_cost
         self._rr = itertools.count()
 
     def _load(self, w: Worker, v: WorkerView) -> float:
@@ -116,6 +121,8 @@ class Router:
             v = views[w.url]
             cached = v.matched_blocks * self.block_size if v.recent_tokens <= ceiling else 0
             uncached = num_tokens - (cached if cached >= min_gain else 0)
+            if cached >= min_gain and v.lower_blocks:  # loading them back: cheaper than computing, not free
+                uncached += self.lower_tier_cost * v.lower_blocks * self.block_size
             return (uncached + self.load_weight * self._load(w, v) + spread * v.recent_tokens + churn * v.recent_new,
                     v.recent_tokens, order[w.url])
 

@@ -2,10 +2,11 @@
 
 Fed at once by the router's own decisions and corrected by the workers' KV events. Because hashes chain,
 a worker holding block i's hash holds the whole prefix up to i. A block a worker reports removed stays in the
-index as held before (its value False) until the bound drops it: a prompt whose prefix was evicted from every
+index as held before (its value 0) until the bound drops it: a prompt whose prefix was evicted from every
 worker is one that came back, which the policy places where it will last (router.policy).
 
-Each worker's blocks are a plain dict of ints to bools (True: held), oldest first. CPython's cycle collector
+Each worker's blocks are a plain dict of ints to ints (1: held in its device pool, 2: held in a lower tier,
+host memory or disk, 0: held before), oldest first. CPython's cycle collector
 does not track a dict whose keys and values are all ints, bools and None, so an index of millions of blocks
 adds nothing to its pauses; an OrderedDict is walked entry by entry on every full collection (16 workers x 200k
 blocks: 73.8 ms a full collection on the CI machine, 0.9 ms as dicts), and at full load full collections came
@@ -40,6 +41,19 @@ class PrefixIndex:
                 hi = mid - 1
         return lo
 
+    def match_device(self, worker: str, hashes: list[int], matched: int) -> int:
+        """Of the `matched` leading blocks it holds, how many lead in its device pool (the rest are in a lower
+        tier: a pool evicts a sequence tail first, so what moved down is the chain's tail)."""
+        held = self.by_worker.get(worker)
+        lo, hi = 0, matched
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if held.get(hashes[mid - 1]) == 1:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def match_seen(self, worker: str, hashes: list[int], matched: int = 0) -> int:
         """Number of leading blocks of this chain the worker holds or held before (evicted since); `matched`:
         how many it holds, if known (then one lookup where the next block was never there, the usual case)."""
@@ -65,19 +79,27 @@ class PrefixIndex:
         pop = held.pop
         for h in reversed(hashes):
             pop(h, None)
-            held[h] = True
+            held[h] = 1
         if len(held) > self.max_blocks:
             excess = len(held) - self.max_blocks + max(1, self.max_blocks // EVICT_BATCH)
             for h in list(islice(held, excess)):
                 del held[h]
 
+    def demote(self, worker: str, hashes: list[int]) -> None:
+        """The worker moved these blocks to a lower tier: still held, where they were in the order."""
+        held = self.by_worker.get(worker)
+        if held:
+            for h in hashes:
+                if held.get(h):
+                    held[h] = 2
+
     def remove(self, worker: str, hashes: list[int]) -> None:
-        """The worker evicted these blocks: held before, where they were in the order."""
+        """The worker evicted these blocks from every tier: held before, where they were in the order."""
         held = self.by_worker.get(worker)
         if held:
             for h in hashes:
                 if h in held:
-                    held[h] = False
+                    held[h] = 0
 
     def clear(self, worker: str) -> None:
         self.by_worker.pop(worker, None)

@@ -23,6 +23,7 @@ class WorkerView:
     recent_tokens: int = 0  # prompt tokens sent to it in the last ~30 s (cached or not)
     seen_blocks: int = 0  # leading blocks of the prompt it holds or held before (evicted since)
     recent_new: int = 0  # prompt tokens new to its cache (computed or received) in the last ~30 s
+    lower_blocks: int = 0  # of matched_blocks, those in a lower tier of its cache (host memory, disk)
 
 
 def _bucket(now: float | None = None) -> int:
@@ -45,7 +46,8 @@ class LocalState:
         for u in urls:
             matched = index.match(u, hashes)
             views[u] = WorkerView(matched, *self.load.get(u, (0, 0)), sum(b.get(u, 0) for b in buckets),
-                                  index.match_seen(u, hashes, matched), sum(b.get(u, 0) for b in new) if new else 0)
+                                  index.match_seen(u, hashes, matched), sum(b.get(u, 0) for b in new) if new else 0,
+                                  matched - index.match_device(u, hashes, matched) if matched else 0)
         return views
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
@@ -81,6 +83,8 @@ class LocalState:
         for e in events:
             if e.kind is KVEventKind.STORED:
                 self.index.add(url, list(e.block_hashes))
+            elif e.kind is KVEventKind.OFFLOADED:
+                self.index.demote(url, list(e.block_hashes))
             elif e.kind is KVEventKind.REMOVED:
                 self.index.remove(url, list(e.block_hashes))
             else:
@@ -128,6 +132,8 @@ _NONE_PENDING = _Pending()  # what `view` adds for a worker with no decision on 
 
 
 GONE = 1e10  # a block a worker removed is scored (removal time - GONE): below every held one, trimmed first
+LOWER = 5e9  # a block it moved to a lower tier, (move time - LOWER): held, below those in its device pool
+_LOWER_FLOOR = -(GONE + LOWER) / 2  # scores above this are held (device: >= 0; lower tier: below 0)
 
 
 class RedisState:
@@ -174,15 +180,18 @@ class RedisState:
             scores = replies[i] if hashes else []
             pending = self._pending.get(u, _NONE_PENDING)
             held = pending.blocks
-            # A score below 0: held before (removed); none: never held (or trimmed).
-            matched = next((j for j, s in enumerate(scores) if (s is None or s < 0) and hashes[j] not in held),
-                           len(scores))
+            # A score >= 0: held in its device pool; above _LOWER_FLOOR: in a lower tier; below: held before
+            # (removed); none: never held (or trimmed).
+            matched = next((j for j, s in enumerate(scores)
+                            if (s is None or s <= _LOWER_FLOOR) and hashes[j] not in held), len(scores))
+            device = next((j for j in range(matched) if scores[j] is not None and scores[j] < 0
+                           and hashes[j] not in held), matched)
             seen = next((j for j in range(matched, len(scores)) if scores[j] is None and hashes[j] not in held),
                         len(scores))
             views[u] = WorkerView(matched, int(load[i] or 0) + pending.requests,
                                   int(load[len(urls) + i] or 0) + pending.tokens,
                                   sum(int(r[i] or 0) for r in recent) + pending.sent_tokens, seen,
-                                  sum(int(r[i] or 0) for r in new) + pending.new_tokens)
+                                  sum(int(r[i] or 0) for r in new) + pending.new_tokens, matched - device)
         return views
 
     async def _add(self, pipe, url: str, hashes: list[int]) -> None:
@@ -230,6 +239,8 @@ class RedisState:
         for e in events:
             if e.kind is KVEventKind.STORED:
                 await self._add(pipe, url, list(e.block_hashes))
+            elif e.kind is KVEventKind.OFFLOADED and e.block_hashes:
+                pipe.zadd(self._idx(url), dict.fromkeys(e.block_hashes, time.time() - LOWER), xx=True)
             elif e.kind is KVEventKind.REMOVED and e.block_hashes:
                 pipe.zadd(self._idx(url), dict.fromkeys(e.block_hashes, time.time() - GONE), xx=True)
             elif e.kind is KVEventKind.CLEARED:

@@ -30,8 +30,8 @@ class EventLog:
             elif e.kind is KVEventKind.REMOVED:
                 for h in e.block_hashes:
                     self.cached.pop(h, None)
-            else:
-                self.cached.clear()
+            elif e.kind is KVEventKind.CLEARED:
+                self.cached.clear()  # (OFFLOADED: still held, in a lower tier)
 
     def since(self, seq: int) -> list[tuple[int, KVEvent]] | None:
         """Events after `seq`, or None when some were dropped (the caller must resync from the snapshot)."""

@@ -1,6 +1,6 @@
 """The host tier below the KV pool (engine/kv_tiers.py, issue 35): a prefix evicted from the pool comes back
 from host memory with exactly the tokens of a cold run, computing only what no tier held; the tier's size is
-honoured (least recently used dropped, and only then reported removed to the routers); blocks an admission
+honoured (a block moving down is reported offloaded, and removed only once no tier holds it); blocks an admission
 is loading are never dropped under it; a remote reservation counts host hits as cached."""
 
 import pytest
@@ -72,6 +72,8 @@ def test_the_tier_holds_its_size_and_reports_only_what_it_drops(demo_gguf):
     held = set(e.block_pool.cached) | set(tier.slots)
     assert removed == stored - held  # removed: exactly what no tier holds any longer
     assert not removed & set(tier.slots)
+    offloaded = {h for ev in events if ev.kind is KVEventKind.OFFLOADED for h in ev.block_hashes}
+    assert set(tier.slots) <= offloaded and not offloaded & set(e.block_pool.cached) - stored
 
 
 def test_blocks_being_loaded_are_not_dropped_and_bytes_come_back_exactly():

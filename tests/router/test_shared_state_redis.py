@@ -84,3 +84,41 @@ def test_several_router_processes_on_one_port_share_state(routers, redis_namespa
             assert first.status_code == second.status_code == 200
             assert (second.json()["choices"][0]["message"]["content"]
                     == first.json()["choices"][0]["message"]["content"])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_lower_tier_blocks_are_held_counted_apart_and_preferred_over_nothing(shared):
+    """A worker that moved a prompt's tail to its host tier (`offloaded`) still holds it: routing prefers it
+    over a worker holding nothing, and a worker holding it all in its device pool over both."""
+    from router.policy import Router
+    from router.state import LocalState
+    from tests.router.test_routing_policy import _workers
+
+    ns = f"pdserve-test-{uuid.uuid4().hex}"
+    state = RedisState(REDIS_URL, ns, max_blocks_per_worker=500, router_id="a") if shared else LocalState(500)
+    try:
+        prompt = list(range(320))
+        h = hash_blocks(prompt, 16, root_hash("m"))
+        decode = _workers(3)
+        near, far, empty = (w.url for w in decode)
+        for url in (near, far):
+            await state.apply_events(url, [KVEvent(KVEventKind.STORED, tuple(h))])
+        await state.apply_events(far, [KVEvent(KVEventKind.OFFLOADED, tuple(h[12:]))])
+        views = await state.view([near, far, empty], h)
+        assert [(views[u].matched_blocks, views[u].lower_blocks) for u in (near, far, empty)] == \
+            [(20, 0), (20, 8), (0, 0)]
+        await state.apply_events(far, [KVEvent(KVEventKind.REMOVED, tuple(h[16:]))])  # gone from its tiers too
+        view = (await state.view([far], h))[far]
+        assert (view.matched_blocks, view.lower_blocks, view.seen_blocks) == (16, 4, 20)
+        router = Router("cache_aware", 16, local_prefill_tokens=0)
+        assert router.route([], decode, views, len(prompt)).decode.url == near
+        views.pop(near)
+        assert router.route([], decode[1:], views, len(prompt)).decode.url == far
+        route = router.route([], decode[1:], views, len(prompt))
+        assert route.decode_cached_tokens == 320  # a lower-tier hit is cached: no remote prefill for it
+    finally:
+        if shared:
+            keys = [k async for k in state.redis.scan_iter(f"{ns}:*")]
+            if keys:
+                await state.redis.delete(*keys)
+        await state.close()
