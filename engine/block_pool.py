@@ -79,6 +79,7 @@ class BlockPool:
             self.reusable[b] = False
             blocks.append(b)
         removed = [h for _, h in evicted] if self.evict_to is None or not evicted else self.evict_to(evicted)
+        removed = [h for h in removed if h not in self.cached]  # a tier's copy of a block still here: not gone
         if self.evict_to is not None and evicted:
             gone = set(removed)
             moved = tuple(h for _, h in evicted if h not in gone)
@@ -142,8 +143,9 @@ class BlockPool:
 
     def report_removed(self, block_hashes: list[int]) -> None:
         """Hashes a lower tier no longer holds either (for the routers)."""
-        if block_hashes:
-            self.events.append(KVEvent(KVEventKind.REMOVED, tuple(block_hashes)))
+        gone = tuple(h for h in block_hashes if h not in self.cached)  # (still in the pool: not gone)
+        if gone:
+            self.events.append(KVEvent(KVEventKind.REMOVED, gone))
 
     def clear_cache(self) -> None:
         """Forget every cached hash (e.g. after weights change); referenced blocks stay with their owners."""

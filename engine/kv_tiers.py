@@ -105,17 +105,25 @@ class HostTier:
     def offload(self, evicted: list[tuple[int, int]]) -> list[int]:
         """Copy evicted device blocks ((block id, hash) pairs) in; returns the hashes gone from every tier of
         this worker since the last report: those dropped to make room, and an evicted one with no room left."""
-        pairs: list[tuple[int, int]] = []
+        new: dict[int, int] = {}  # hash -> block, those not held here yet
         for block, h in evicted:
             if h in self.slots:
                 self.slots.move_to_end(h)
+            else:
+                new[h] = block
+        # Room first, then the copies: a block placed by this call is never dropped by it (to disk) before its
+        # bytes are in its slot.
+        while len(self.free_slots) < len(new):
+            old = next((o for o in self.slots if o not in self.keep), None)
+            if old is None:
+                break
+            self._drop(old)
+        pairs: list[tuple[int, int]] = []
+        for h, block in new.items():
+            if not self.free_slots:  # more than this tier holds: straight to disk, or gone
+                deleted = self.below.write(h, self.pool[block].cpu()) if self.below is not None else None
+                self.gone += [h] if deleted is None else deleted
                 continue
-            if not self.free_slots:
-                old = next((o for o in self.slots if o not in self.keep), None)
-                if old is None:
-                    self.gone.append(h)
-                    continue
-                self._drop(old)
             slot = self.free_slots.pop()
             self.slots[h] = slot
             pairs.append((block, slot))
@@ -130,10 +138,11 @@ class HostTier:
         for src, dst, n in _runs(list(zip(slots, block_ids, strict=True))):
             self.pool[dst : dst + n].copy_(self.store[src : src + n], non_blocking=True)
         self.num_loaded += len(slots)
+        self.pending = self.pending or (bool(slots) and self.pool.is_cuda)  # a slot is not rewritten before
 
     def settle(self) -> None:
-        """Wait for queued offload copies: before blocks are written from outside the stream (a KV transfer
-        into blocks just evicted)."""
+        """Wait for queued copies: before blocks just evicted are written from outside the stream (a KV
+        transfer), and before a slot is read or written by the host (the disk tier)."""
         if self.pending:
             torch.cuda.current_stream(self.pool.device).synchronize()
             self.pending = False
@@ -161,10 +170,13 @@ class DiskTier:
     directory that cannot be written (full, read-only) turns the tier off, logged once."""
 
     def __init__(self, directory: str | Path, num_blocks: int, block_bytes: int, tag: int):
+        if num_blocks < 1:
+            raise ValueError("the disk tier needs room for at least one block")
         self.dir = Path(directory)
         self.num_blocks, self.block_bytes, self.tag = num_blocks, block_bytes, tag
         self.files: OrderedDict[int, None] = OrderedDict()  # hashes on disk (or being written), LRU first
         self.writing: dict[int, bytes] = {}  # blocks queued for the writer (read from here meanwhile)
+        self._lock = threading.Lock()  # `writing` is changed by both threads
         self.broken: str | None = None  # why the tier is off (set by either thread, read by the loop)
         self.num_corrupt = 0
         self._writes: queue.Queue = queue.Queue()
@@ -199,6 +211,8 @@ class DiskTier:
         for p in self.dir.glob("*.kv"):
             if int(p.stem, 16) not in self.files:
                 p.unlink(missing_ok=True)
+        for p in self.dir.glob("*.tmp"):  # a write a crash cut short
+            p.unlink(missing_ok=True)
 
     def held(self) -> list[int]:
         return list(self.files)
@@ -220,13 +234,16 @@ class DiskTier:
             self._writes.put(("delete", old, None))
             deleted.append(old)
         self.files[h] = None
-        data = self.writing[h] = block.contiguous().view(torch.uint8).numpy().tobytes()
+        data = block.contiguous().view(torch.uint8).numpy().tobytes()
+        with self._lock:
+            self.writing[h] = data
         self._writes.put(("write", h, data))
         return deleted
 
     def read(self, h: int, out: torch.Tensor) -> bool:
         """Copy block h into out (a host tier slot) after checking it; False (and the file gone) if it fails."""
-        payload = self.writing.get(h)  # not on disk yet: the bytes it was given
+        with self._lock:
+            payload = self.writing.get(h)  # not on disk yet: the bytes it was given
         if payload is None:
             try:
                 with open(self._path(h), "rb") as f:
@@ -257,7 +274,7 @@ class DiskTier:
 
     def flush(self) -> None:
         """Wait until what was queued is on disk (tests, shutdown)."""
-        while self.writing:
+        while self.writing and self._writer.is_alive():
             threading.Event().wait(0.005)
 
     def close(self) -> None:
@@ -280,8 +297,10 @@ class DiskTier:
             except OSError as e:
                 self._fail(e)
             finally:
-                if op == "write" and self.writing.get(h) is data:  # not written again since
-                    del self.writing[h]
+                if op == "write":
+                    with self._lock:
+                        if self.writing.get(h) is data:  # not given again since
+                            del self.writing[h]
 
     def _fail(self, e: OSError) -> None:
         if self.broken is None:

@@ -124,8 +124,10 @@ class LLMEngine:
         self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching,
                                     evict_to=self.host_tier.offload if self.host_tier is not None else None)
         if self.host_tier is not None and self.host_tier.below is not None and self.host_tier.below.held():
-            # A restart on the same disk tier: what it kept is this worker's too (the routers learn it now).
-            self.block_pool.events.append(KVEvent(KVEventKind.STORED, tuple(self.host_tier.below.held())))
+            # A restart on the same disk tier: what it kept is this worker's too, in a lower tier (the routers
+            # learn it now: held, then moved down).
+            held = tuple(self.host_tier.below.held())
+            self.block_pool.events += [KVEvent(KVEventKind.STORED, held), KVEvent(KVEventKind.OFFLOADED, held)]
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash, self.host_tier)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
@@ -185,9 +187,10 @@ class LLMEngine:
         if cfg.kv_disk_dir and cfg.kv_disk_bytes:
             # Blocks on disk are this model's, these weights' and this layout's only (a restart may reuse them).
             weights = Path(cfg.model)
-            stat = weights.stat() if weights.is_file() else (weights / "config.json").stat()
-            tag = xxhash.xxh64_intdigest(repr((self.root_hash, str(weights.resolve()), stat.st_size, stat.st_mtime_ns,
-                                               cfg.load_format, cfg.seed, lay, self.model.heads.kv_start)).encode())
+            files = [weights] if weights.is_file() else sorted(weights.glob("*.safetensors")) + [weights / "config.json"]
+            stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            tag = xxhash.xxh64_intdigest(repr((self.root_hash, str(weights.resolve()), stats, cfg.load_format,
+                                               cfg.seed, lay, self.model.heads.kv_start)).encode())
             disk = DiskTier(Path(cfg.kv_disk_dir) / f"rank{self.parallel.rank}", cfg.kv_disk_bytes // lay.block_bytes,
                             lay.block_bytes, tag)
         return HostTier(max(1, cfg.kv_host_bytes // lay.block_bytes), self.kv_cache.tensor, disk)
@@ -450,7 +453,8 @@ class LLMEngine:
             request_id=req.request_id, new_token_ids=new,
             text_delta=detok.take_delta(final=finished) if detok is not None else "",
             finished=finished, finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
-            num_cached_tokens=req.num_cached_tokens, num_output_tokens=n, logprobs=lps,
+            # (a migrated stream's cached outputs are not prompt tokens: usage never counts more cached than prompt)
+            num_cached_tokens=min(req.num_cached_tokens, len(req.prompt_token_ids)), num_output_tokens=n, logprobs=lps,
         )
 
     # --- convenience ---

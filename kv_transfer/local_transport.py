@@ -2,6 +2,8 @@
 runs of adjacent blocks into it directly. Subclasses say how a pool is published and mapped: a
 shared-memory file for CPU pools (host), a CUDA IPC handle for GPU pools (cuda_ipc)."""
 
+import threading
+
 import torch
 
 from kv_transfer.descriptors import HeadSlice, PoolDescriptor, TransferError, check_peer, copy_runs
@@ -14,6 +16,8 @@ class LocalTransport:
         self.descriptor: PoolDescriptor | None = None
         self.peers: dict[str, torch.Tensor] = {}
         self.addresses: dict[str, str] = {}  # agent -> the address its pool was mapped from
+        self.retired: set[str] = set()  # addresses of peers that restarted since: their pools are gone
+        self._lock = threading.Lock()  # connects come from several transfer threads
 
     def register_pool(self, pool: torch.Tensor, descriptor: PoolDescriptor) -> PoolDescriptor:
         self.pool = pool
@@ -23,11 +27,16 @@ class LocalTransport:
     def connect(self, peer: PoolDescriptor) -> None:
         check_peer(self.descriptor, peer)
         # A peer that restarted (the same name) publishes a new pool: the old mapping would write into the dead
-        # process's memory, so it is replaced (and freed).
-        if self.addresses.get(peer.agent) != peer.address:
-            self.peers.pop(peer.agent, None)
-            self.peers[peer.agent] = self._map(peer)
-            self.addresses[peer.agent] = peer.address
+        # process's memory, so it is replaced (and freed); a late request for the old one fails.
+        with self._lock:
+            if peer.address in self.retired:
+                raise TransferError(f"peer {peer.agent} restarted: this request's blocks were in its old pool")
+            old = self.addresses.get(peer.agent)
+            if old != peer.address:
+                self.peers[peer.agent] = self._map(peer)
+                self.addresses[peer.agent] = peer.address
+                if old is not None:
+                    self.retired.add(old)
 
     def write_blocks(self, peer: str, src_block_ids: list[int], dst_block_ids: list[int],
                      timeout_s: float = 30.0, heads: HeadSlice | None = None) -> None:

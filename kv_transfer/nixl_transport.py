@@ -27,6 +27,7 @@ A peer that dies or stalls ends in TransferError after the timeout; the handle i
 import base64
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +74,8 @@ class NixlTransport:
         self.descriptor: PoolDescriptor | None = None
         self.peers: dict[str, _Peer] = {}
         self.peer_addresses: dict[str, dict] = {}  # agent -> its published address (base pointer, stride, ...)
+        self.retired: set[str] = set()  # addresses of peers that restarted since
+        self._lock = threading.Lock()
         self._regs: list = []
         self._dlists: list = []
 
@@ -122,12 +125,19 @@ class NixlTransport:
 
     def connect(self, peer: PoolDescriptor) -> None:
         check_peer(self.descriptor, peer)
+        with self._lock:  # connects come from several transfer threads
+            self._connect(peer)
+
+    def _connect(self, peer: PoolDescriptor) -> None:
+        if peer.address in self.retired:
+            raise TransferError(f"peer {peer.agent} restarted: this request's blocks were in its old pool")
         known = self.peers.get(peer.agent)
         if known is not None:
             if known.address == peer.address:
                 return
             # The peer restarted (a new process under the same name): what was prepared for the old one goes.
             log.info("peer %s published new NIXL metadata (restarted); reconnecting", peer.agent)
+            self.retired.add(known.address)
             self._drop(peer.agent)
         if not peer.address.startswith(PREFIX):
             raise TransferError(f"peer {peer.agent} published no NIXL metadata")

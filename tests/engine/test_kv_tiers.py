@@ -191,3 +191,39 @@ def test_disk_tier_checks_its_size_its_files_and_its_directory(tmp_path, caplog)
     broken = DiskTier(tmp_path / "ro", 3, nbytes, tag=7)
     assert broken.broken is not None and broken.write(1, blocks[1]) is None
     assert sum("turned off" in r.message for r in caplog.records) == 1
+
+
+def test_an_eviction_bigger_than_the_host_tier_lands_on_disk_byte_for_byte(tmp_path):
+    from engine.kv_tiers import DiskTier
+
+    pool = torch.randn(9, 2, 2, 4, 1, 8)
+    disk = DiskTier(tmp_path, 16, pool[0].numel() * 4, tag=1)
+    tier = HostTier(2, pool, disk)
+    assert tier.offload([(b, 100 + b) for b in range(6)]) == []  # six blocks, two slots: four go down at once
+    assert tier.offload([(6, 106), (7, 107)]) == []  # and the two in the slots make room
+    disk.flush()
+    out = torch.empty_like(pool[0])
+    assert sorted(disk.files) == [100 + b for b in range(6)] and sorted(tier.slots) == [106, 107]
+    for h in list(disk.files):
+        assert disk.read(h, out) and torch.equal(out, pool[h - 100]), h
+
+
+def test_a_tier_dropping_its_copy_of_a_block_back_in_the_pool_does_not_report_it_removed():
+    from engine.block_pool import BlockPool
+
+    pool = torch.randn(5, 2, 2, 4, 1, 8)
+    tier = HostTier(1, pool)
+    bp = BlockPool(4, evict_to=tier.offload)
+    first = bp.allocate(4)
+    bp.cache_blocks(first, [1, 2, 3, 4], 0)
+    bp.release(first)
+    bp.drain_events()
+    bp.allocate(1)  # evicts a block into the tier (the tail of the sequence first)
+    [(kind, (x,))] = [(e.kind, e.block_hashes) for e in bp.drain_events()]
+    assert kind is KVEventKind.OFFLOADED
+    [back] = bp.allocate(1)  # evicts another: the one-slot tier drops x (gone) to hold it
+    assert (KVEventKind.REMOVED, (x,)) in [(e.kind, e.block_hashes) for e in bp.drain_events()]
+    bp.cache_blocks([back], [x], 0)  # x computed again, in the pool
+    bp.drain_events()
+    bp.report_removed([x, 9])  # a tier gave up x and 9: x is in the pool, so only 9 is gone
+    assert [(e.kind, e.block_hashes) for e in bp.drain_events()] == [(KVEventKind.REMOVED, (9,))]
