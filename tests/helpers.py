@@ -1,6 +1,7 @@
 """Test helpers: the demo model's path, tiny random Hugging Face models, transformers references, and Triton
 kernels run on the CPU through Triton's interpreter."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -119,3 +120,26 @@ def require(module: str):
     if os.environ.get("CI") == "true":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+@contextlib.contextmanager
+def host_pair(model: str, kv_cache_bytes: int = 32 << 20):
+    """A prefill engine and a decode engine whose pool is in shared memory, with a host transport from the one to
+    the other (agent "decode"): yields (prefill, decode, sender)."""
+    import uuid
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
+
+    cfg = EngineConfig(model=model, kv_cache_bytes=kv_cache_bytes)
+    path = SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}"
+    prefill = LLMEngine(cfg)
+    decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
+    try:
+        sender = HostTransport("prefill")
+        sender.register_pool(prefill.kv_cache.tensor, host_descriptor(prefill, "prefill", "unused"))
+        sender.connect(host_descriptor(decode, "decode", str(path)))
+        yield prefill, decode, sender
+    finally:
+        path.unlink(missing_ok=True)

@@ -5,7 +5,6 @@ first token sampled on a prefill engine, the rest on a decode engine) gives the 
 
 import json
 import re
-import uuid
 
 import jsonschema
 import pytest
@@ -15,8 +14,7 @@ from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
-from tests.helpers import host_descriptor
+from tests.helpers import host_pair
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +94,7 @@ def test_the_disaggregated_handoff_keeps_the_grammar(engines, demo_gguf):
     prompt = _chat(e, "Give me a city as JSON.")
     params = _schema_params(SCHEMAS[1])
     whole = e.generate([prompt], params)[0]
-    cfg = EngineConfig(model=str(demo_gguf), kv_cache_bytes=32 << 20)
-    path = SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}"
-    prefill = LLMEngine(cfg)
-    decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
-    try:
-        sender = HostTransport("prefill")
-        sender.register_pool(prefill.kv_cache.tensor, host_descriptor(prefill, "prefill", "unused"))
-        sender.connect(host_descriptor(decode, "decode", str(path)))
+    with host_pair(str(demo_gguf)) as (prefill, decode, sender):
         reserved = decode.reserve_remote("r", prompt, params)
         prefill.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0, grammar=params.grammar),
                             hold_kv=True)
@@ -115,8 +106,6 @@ def test_the_disaggregated_handoff_keeps_the_grammar(engines, demo_gguf):
         while decode.has_unfinished():
             tokens += [t for o in decode.step() for t in o.new_token_ids]
         assert tokens == whole.token_ids
-    finally:
-        path.unlink()
 
 
 def test_masks_for_more_rows_than_max_num_seqs(engines):

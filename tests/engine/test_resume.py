@@ -4,7 +4,6 @@ through the disaggregated handoff (the prefill engine computes prompt + outputs 
 
 import dataclasses
 import json
-import uuid
 
 import pytest
 
@@ -12,8 +11,7 @@ from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
-from tests.helpers import host_descriptor
+from tests.helpers import host_pair
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "people": {"type": "integer"}},
           "required": ["city", "people"]}
@@ -73,16 +71,9 @@ def test_the_disaggregated_handoff_resumes_too(engine, demo_gguf, kind):
     prompt = _prompt(engine)
     whole = engine.generate([prompt], params)[0].token_ids
     k = 21
-    cfg = EngineConfig(model=str(demo_gguf), kv_cache_bytes=32 << 20)
-    path = SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}"
-    prefill = LLMEngine(cfg)
-    decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
-    try:
-        sender = HostTransport("prefill")
-        sender.register_pool(prefill.kv_cache.tensor, host_descriptor(prefill, "prefill", "unused"))
-        sender.connect(host_descriptor(decode, "decode", str(path)))
+    with host_pair(str(demo_gguf)) as (prefill, decode, sender):
         reserved = decode.reserve_remote("r", prompt, params, resumed=whole[:k])
-        assert len(reserved.block_ids) == -(-(len(prompt) + k) // cfg.block_size)
+        assert len(reserved.block_ids) == -(-(len(prompt) + k) // decode.config.block_size)
         prefill.add_request("r", prompt, dataclasses.replace(params, max_tokens=k + 1), hold_kv=True,
                             resumed=whole[:k])
         while prefill.has_unfinished():
@@ -95,5 +86,3 @@ def test_the_disaggregated_handoff_resumes_too(engine, demo_gguf, kind):
         assert started.num_output_tokens == k + 1
         assert list(started.new_token_ids) + _run(decode, "r") == whole[k:]
         assert decode.block_pool.num_free_blocks == decode.block_pool.num_blocks
-    finally:
-        path.unlink()

@@ -1,27 +1,19 @@
 """Prefill on one engine, KV through the host transport, decode on another: same tokens as one engine."""
 
-import uuid
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
-from tests.helpers import host_descriptor, make_tiny_model
+from tests.helpers import host_pair, make_tiny_model
 
 
 def test_prefill_transfer_decode_gives_colocated_tokens(tmp_path):
     make_tiny_model("qwen3", tmp_path, seed=5)
     cfg = EngineConfig(model=str(tmp_path), kv_cache_bytes=4 << 20)
-    path = SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}"
-    prefill = LLMEngine(cfg)
-    decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))
-    sender = HostTransport("prefill")
-    sender.register_pool(prefill.kv_cache.tensor, host_descriptor(prefill, "prefill", "unused"))
-    sender.connect(host_descriptor(decode, "decode", str(path)))
     params = SamplingParams(max_tokens=12, temperature=0)
     shared = [(7 * j) % 300 + 1 for j in range(40)]
     turns = [shared + [5, 6, 7], shared + [5, 6, 7, 8, 9] * 5]  # the second shares 2 blocks on decode
-    try:
+    with host_pair(str(tmp_path), 4 << 20) as (prefill, decode, sender):
         for i, prompt in enumerate(turns):
             expected = LLMEngine(cfg).generate([prompt], params)[0].token_ids
             rid = f"r{i}"
@@ -43,5 +35,3 @@ def test_prefill_transfer_decode_gives_colocated_tokens(tmp_path):
                 assert reserved.num_cached_tokens == 32  # only the uncached blocks were sent
         assert prefill.block_pool.num_free_blocks == prefill.block_pool.num_blocks
         assert decode.block_pool.num_free_blocks == decode.block_pool.num_blocks
-    finally:
-        path.unlink()
