@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.command != "serve":
         sys.exit(a.run(a))
+    if a.kv_disk_bytes and not (a.kv_disk_dir and a.kv_host_bytes):
+        s.error("--kv-disk-bytes needs --kv-disk-dir and a host tier above it (--kv-host-bytes)")
+    if a.migration_limit < 0:
+        s.error("--migration-limit must be >= 0 (0 turns migration off)")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops everything like Ctrl-C
     with contextlib.suppress(KeyboardInterrupt):
