@@ -129,7 +129,7 @@ class RouterState:
                                  self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
                                  balance_weight=self.config.balance_weight, churn_weight=self.config.churn_weight)
             self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.channels,
-                                         self.metrics, self.config.migration_limit)
+                                         self.metrics, self.config.migration_limit, self.config.migration_wait_s)
         return self.dispatcher is not None
 
     async def stop(self) -> None:

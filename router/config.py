@@ -30,6 +30,7 @@ class RouterConfig:
     tokenize_parallel: bool | None = None  # batches off the GIL, over cores (router/tokenize.py); None: auto
     request_timeout_s: float = 600.0
     migration_limit: int = 3  # a stream whose decode worker fails goes on elsewhere at most this often (0: off)
+    migration_wait_s: float = 30.0  # with no decode worker to move to, how long a stream waits for one
     max_body_bytes: int = 4 << 20
     max_index_blocks_per_worker: int = 200_000
     session_header: str = "x-session-id"
@@ -75,7 +76,7 @@ class RouterConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}: one of "
                              f"{', '.join(REASONING_PARSERS)}")
-        if self.migration_limit < 0:
-            raise ValueError("migration_limit must be >= 0 (0 turns migration off)")
+        if self.migration_limit < 0 or self.migration_wait_s < 0:
+            raise ValueError("migration_limit and migration_wait_s must be >= 0 (a limit of 0 turns migration off)")
         if not self.balance_ratio >= 1.0:
             raise ValueError("balance_ratio must be >= 1 (inf turns the guard off)")

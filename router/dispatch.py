@@ -2,7 +2,9 @@
 the client leaves. A request that fails before its first token is retried once elsewhere; a stream whose decode
 worker fails after it goes on from another one (migrated): the request goes out again with the tokens already
 delivered as outputs that the new worker computes with the prompt and continues after, so the client sees
-one uninterrupted stream (token-exact for greedy and seeded sampling), up to migration_limit times."""
+one uninterrupted stream (token-exact for greedy and seeded sampling), up to migration_limit times. A worker
+that failed the request is used again once it has restarted (another instance at its URL); with no worker to
+move to, a stream waits up to MIGRATION_WAIT_S for one (a lone decode worker's restart)."""
 
 import asyncio
 import contextlib
@@ -23,12 +25,13 @@ from router.workers import Worker, WorkerPool
 log = logging.getLogger("pdserve.router")
 _RETRYABLE = {"prefill_failed", "kv_cache_full", "engine_failed"}
 MIGRATION_LIMIT = 3  # a stream's moves to another decode worker after its worker failed (Dynamo: --migration-limit)
+MIGRATION_WAIT_S = 30.0  # how long a stream to be moved waits for a decode worker (one restarting) before it fails
 
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState,
                  client: StreamClient, channels: TokenChannels, metrics: RouterMetrics,
-                 migration_limit: int = MIGRATION_LIMIT):
+                 migration_limit: int = MIGRATION_LIMIT, migration_wait_s: float = MIGRATION_WAIT_S):
         self.pool = pool
         self.router = router
         self.state = state
@@ -36,6 +39,7 @@ class Dispatcher:
         self.channels = channels  # and their tokens back, a frame a step from each decode worker
         self.metrics = metrics
         self.migration_limit = migration_limit
+        self.migration_wait_s = migration_wait_s
         self.local = isinstance(state, LocalState)  # in memory: bookkeeping never waits, so it needs no task
         self._tasks: set[asyncio.Future] = set()
 
@@ -45,22 +49,30 @@ class Dispatcher:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: ParamsOut,
                        hashes: list[int], session: str | None = None) -> AsyncIterator[ChunkView]:
-        bad: set[str] = set()  # workers that failed this request
+        bad: dict[str, str | None] = {}  # url -> the instance of the worker there that failed this request
         delivered: list[int] = []  # the tokens handed on so far: a migrated stream continues after them
         keep = self.migration_limit > 0
         started = False  # a chunk went out: from now on a failure is migrated (or ends the stream), never retried
         retried = migrations = 0
         attempt = 0
+        def usable(w: Worker) -> bool:  # not the worker that failed it, unless that one has restarted since
+            return w.url not in bad or (w.instance is not None and w.instance != bad[w.url])
+
         while True:
-            decode = [w for w in self.pool.pool("decode") if w.url not in bad]
+            decode = [w for w in self.pool.pool("decode") if usable(w)]
+            if not decode and started:  # a stream to move: wait for a worker (a lone one restarting)
+                deadline = time.monotonic() + self.migration_wait_s
+                while not decode and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+                    decode = [w for w in self.pool.pool("decode") if usable(w)]
             if not decode:
                 if not started:
                     raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
-                yield _failed("the stream's decode worker failed and no other is healthy to continue it",
-                              "no_healthy_worker")
+                yield _failed(f"the stream's decode worker failed and no other was healthy within "
+                              f"{self.migration_wait_s:g} s to continue it", "no_healthy_worker")
                 return
             t0 = time.perf_counter()
-            prefill = [w for w in self.pool.pool("prefill") if w.url not in bad]
+            prefill = [w for w in self.pool.pool("prefill") if usable(w)]
             if delivered:
                 hashes = self.hashes(prompt_ids + delivered)
             views = await self.state.view([w.url for w in prefill + decode], hashes)
@@ -80,7 +92,8 @@ class Dispatcher:
                 return
             code, message = failure.error.get("code"), failure.error.get("message")
             # A failed remote prefill is the prefill worker's fault: the decode worker stays usable.
-            bad.add(route.prefill.url if code == "prefill_failed" and route.prefill else route.decode.url)
+            failed = route.prefill if code == "prefill_failed" and route.prefill else route.decode
+            bad[failed.url] = failed.instance
             attempt += 1
             if not started and retried == 0:
                 retried = 1

@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
     ap.add_argument("--migration-limit", type=int, default=3,
                     help="times a stream whose decode worker fails goes on from another (0: it fails instead)")
+    ap.add_argument("--migration-wait-s", type=float, default=30.0,
+                    help="with no decode worker to move a stream to, how long it waits for one (a restart)")
     ap.add_argument("--health-interval-s", type=float, default=1.0,
                     help="how often each worker's health, load and KV events are polled")
     ap.add_argument("--tokenize-parallel", choices=["auto", "on", "off"], default="auto",
@@ -89,7 +91,7 @@ def main() -> None:
                           max_waiting_per_worker=a.max_waiting_per_worker, min_free_kv_ratio=a.min_free_kv_ratio,
                           max_queued_prefill_tokens=a.max_queued_prefill_tokens, ttft_slo_s=a.ttft_slo_s,
                           request_timeout_s=a.request_timeout_s, health_interval_s=a.health_interval_s,
-                          migration_limit=a.migration_limit,
+                          migration_limit=a.migration_limit, migration_wait_s=a.migration_wait_s,
                           tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel],
                           tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser)
     if a.processes > 1 and not config.redis_url:

@@ -18,6 +18,7 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
     app.state.tokens = 0
     app.state.polls = 0
     app.state.bodies = []  # every GenerateRequest taken, in order
+    app.state.instance = "first"  # its KV event log's identity: another after a "restart"
     channels: dict[str, asyncio.Queue] = {}  # a router's token channel: the frames to write on it
     streaming: dict[str, asyncio.Task] = {}
 
@@ -41,7 +42,7 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
 
     @app.get("/kv_events")
     async def kv_events(since: int = 0) -> dict:
-        return {"seq": 0, "resync": False, "events": []}
+        return {"seq": 0, "resync": False, "events": [], "instance": app.state.instance}
 
     @app.get("/channel/{channel_id}")
     async def channel(channel_id: str) -> StreamingResponse:
@@ -69,7 +70,8 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
         max_tokens tokens 20 ms apart (the first after 1 s with the stop string SLOW_PREFILL). Stop strings
         that are instructions: POSITIONS makes each token its output position (token id and text " {pos}",
         a migrated stream's outputs counted); DIE_AFTER_k ends the channel (the worker "dies") after k tokens
-        of its own, and DIE_FRESH_AFTER_k likewise unless the stream came migrated."""
+        of its own, and DIE_FRESH_AFTER_k likewise unless the stream came migrated; with RESTARTS a death is a
+        restart too (a new instance on /kv_events)."""
         frames = channels.get(req.channel)
         if frames is None:
             return JSONResponse({"error": {"message": "no open channel", "code": "unknown_channel"}}, 409)
@@ -95,6 +97,8 @@ def fake_worker_app(name: str, tokenizer_files: dict[str, str], info: dict) -> F
                 for i in range(n - start):
                     if i == die_after:
                         frames.put_nowait(None)
+                        if "RESTARTS" in req.params.stop:
+                            app.state.instance = f"after-{rid}"
                         return
                     pos = start + i
                     last = pos == n - 1

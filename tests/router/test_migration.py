@@ -84,7 +84,7 @@ def test_the_migration_limit_ends_the_stream_with_a_clean_error(fakes):
 
 
 def test_no_worker_left_ends_the_stream_with_a_clean_error(fakes):
-    cluster, router = _router(fakes[:2])
+    cluster, router = _router(fakes[:2], "--migration-wait-s", "1")
     try:
         text, events = _stream(router, 20, "DIE_AFTER_4")
         assert text == "".join(f" {i}" for i in range(8))
@@ -100,5 +100,18 @@ def test_migration_off_fails_the_stream_as_before(fakes):
         assert text == "".join(f" {i}" for i in range(5))
         assert events[-1]["error"]["code"] == "engine_failed"
         assert len(_bodies(fakes[:2])) == 1  # neither retried nor migrated: tokens had gone out
+    finally:
+        cluster.close()
+
+
+def test_a_lone_decode_worker_that_restarts_takes_its_stream_back(fakes):
+    """With one decode worker (`./dev serve`'s default) there is no other to move to: the stream waits for the
+    worker to come back as another instance and goes on from it."""
+    cluster, router = _router(fakes[:1], "--health-interval-s", "0.2")
+    try:
+        text, events = _stream(router, 12, "DIE_FRESH_AFTER_5", "RESTARTS")
+        assert text == "".join(f" {i}" for i in range(12))
+        assert not any("error" in e for e in events)
+        assert [b.output_token_ids for b in _bodies(fakes[:1])] == [[], [0, 1, 2, 3, 4]]
     finally:
         cluster.close()
