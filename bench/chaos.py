@@ -9,7 +9,7 @@ same request (the same prompts before the kills, on the same cluster). Issue 33'
 they were before the load, and a killed worker back in its pool within 30 s.
 
   python -m bench.chaos                         # 5 minutes, a kill every 20 s
-  python -m bench.chaos --quick                 # CI: 60 s, a kill every 20 s
+  python -m bench.chaos --quick                 # CI: 40 s, a kill every 15 s
   python -m bench.chaos --quick --transport nixl --load-format dummy --model DIR   # GPU: KV over NIXL
 """
 
@@ -146,9 +146,9 @@ def _kv_used(url: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI: 60 s of load, a kill every 20 s")
-    ap.add_argument("--seconds", type=float, default=None, help="how long the load runs (default 300; quick 60)")
-    ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills")
+    ap.add_argument("--quick", action="store_true", help="CI: 40 s of load, a kill every 15 s")
+    ap.add_argument("--seconds", type=float, default=None, help="how long the load runs (default 300; quick 40)")
+    ap.add_argument("--kill-every", type=float, default=None, help="seconds between kills (default 20; quick 15)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens an answer (default 64; quick 32)")
     ap.add_argument("--model", default=None, help="default: the demo model")
@@ -156,8 +156,9 @@ def main() -> None:
     ap.add_argument("--transport", default="host", choices=["host", "nixl"], help="the workers' KV transport")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    seconds = a.seconds or (60.0 if a.quick else 300.0)
+    seconds = a.seconds or (40.0 if a.quick else 300.0)
     max_tokens = a.max_tokens or (32 if a.quick else 64)
+    kill_every = a.kill_every or (15.0 if a.quick else 20.0)
     flags = ["--prefill-workers", "2", "--decode-workers", "2", "--admin-token", ADMIN,
              "--local-prefill-tokens", "0"]  # every prompt through a prefill worker: the handshake is in play
     if a.model:
@@ -180,7 +181,7 @@ def main() -> None:
         async def chaos() -> list:
             until = time.monotonic() + seconds
             watchers: list[asyncio.Task] = []
-            killer = asyncio.ensure_future(_killer(url, cluster, a.kill_every, until, random.Random(a.seed), kills,
+            killer = asyncio.ensure_future(_killer(url, cluster, kill_every, until, random.Random(a.seed), kills,
                                                    watchers))
             try:
                 return await _load(url, model, TOPICS, a.concurrency, max_tokens, until)

@@ -14,13 +14,14 @@ from protocol.kv_events import KVEventKind
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 BLOCKS = 12  # the pool: a prompt of 4 blocks and two more like it fill it
+BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4  # the demo model's KV block: 30 layers, k and v, 16 tokens, 3 x 64, float32
 
 
 def _engine(demo_gguf, host_blocks: int) -> LLMEngine:
-    probe = LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=1 << 20))
-    block = probe.kv_layout.block_bytes
-    return LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=BLOCKS * block,
-                                  kv_host_bytes=host_blocks * block))
+    e = LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=BLOCKS * BLOCK_BYTES,
+                               kv_host_bytes=host_blocks * BLOCK_BYTES))
+    assert e.kv_layout.block_bytes == BLOCK_BYTES and e.kv_layout.num_blocks == BLOCKS
+    return e
 
 
 def _prompt(e: LLMEngine, topic: str) -> list[int]:
@@ -109,10 +110,9 @@ def test_a_remote_reservation_counts_host_hits_as_cached(demo_gguf):
 
 
 def _disk_engine(demo_gguf, directory, host_blocks: int = 4, disk_blocks: int = 64) -> LLMEngine:
-    probe = LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=1 << 20))
-    block = probe.kv_layout.block_bytes
-    return LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=BLOCKS * block, kv_host_bytes=host_blocks * block,
-                                  kv_disk_dir=str(directory), kv_disk_bytes=disk_blocks * block))
+    return LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=BLOCKS * BLOCK_BYTES,
+                                  kv_host_bytes=host_blocks * BLOCK_BYTES, kv_disk_dir=str(directory),
+                                  kv_disk_bytes=disk_blocks * BLOCK_BYTES))
 
 
 def _push_out(e: LLMEngine) -> None:
