@@ -39,11 +39,7 @@ class HostTier:
         self.keep: frozenset[int] = frozenset()  # hashes an admission is about to load: not dropped meanwhile
         self.gone: list[int] = []  # hashes no tier holds any more, not yet reported (take_gone)
         self.pending = False  # an offload copy was queued (a GPU pool: it runs when the stream gets there)
-        self.num_offloaded = 0  # blocks copied in
         self.num_loaded = 0  # blocks copied back to the device (hits)
-
-    def __contains__(self, block_hash: int) -> bool:
-        return block_hash in self.slots
 
     def lookup(self, block_hashes: list[int]) -> list[int]:
         """Slots of the longest prefix of this hash chain held here (or, past it, on disk: read back into this
@@ -80,12 +76,16 @@ class HostTier:
 
     def _take_slot(self, keep: frozenset[int] | set[int]) -> int | None:
         """A free slot, dropping the least recently used block not kept (to the disk tier, if any)."""
-        if not self.free_slots:
-            old = next((o for o in self.slots if o not in keep), None)
-            if old is None:
-                return None
-            self._drop(old)
+        if not self.free_slots and not self._drop_oldest(keep):
+            return None
         return self.free_slots.pop()
+
+    def _drop_oldest(self, keep: frozenset[int] | set[int]) -> bool:
+        """Drop the least recently used block not kept; False when every block here is kept."""
+        old = next((o for o in self.slots if o not in keep), None)
+        if old is not None:
+            self._drop(old)
+        return old is not None
 
     def _drop(self, h: int) -> None:
         """Free h's slot, the block going down to the disk tier if there is one (else it is gone)."""
@@ -113,11 +113,8 @@ class HostTier:
                 new[h] = block
         # Room first, then the copies: a block placed by this call is never dropped by it (to disk) before its
         # bytes are in its slot.
-        while len(self.free_slots) < len(new):
-            old = next((o for o in self.slots if o not in self.keep), None)
-            if old is None:
-                break
-            self._drop(old)
+        while len(self.free_slots) < len(new) and self._drop_oldest(self.keep):
+            pass
         pairs: list[tuple[int, int]] = []
         for h, block in new.items():
             if not self.free_slots:  # more than this tier holds: straight to disk, or gone
@@ -129,7 +126,6 @@ class HostTier:
             pairs.append((block, slot))
         for src, dst, n in _runs(pairs):
             self.store[dst : dst + n].copy_(self.pool[src : src + n], non_blocking=True)
-        self.num_offloaded += len(pairs)
         self.pending = self.pending or (bool(pairs) and self.pool.is_cuda)
         return self.take_gone()
 
@@ -147,15 +143,6 @@ class HostTier:
             torch.cuda.current_stream(self.pool.device).synchronize()
             self.pending = False
 
-    def clear(self) -> list[int]:
-        """Forget every block (the weights changed); returns the hashes dropped."""
-        dropped = list(self.slots)
-        self.free_slots += self.slots.values()
-        self.slots.clear()
-        if self.below is not None:
-            dropped += self.below.clear()
-        return dropped
-
 
 _HEADER = struct.Struct("<8sQQQQ")  # magic, the tier's tag, block hash, payload bytes, xxh64 of the payload
 _MAGIC = b"PDSKV001"
@@ -166,8 +153,8 @@ class DiskTier:
     header (this tier's tag: model, weights and layout; the block's hash; the payload's length and checksum)
     and the block's bytes. Writes go to a thread; a read checks the header and the checksum and deletes a
     block that fails (it is then computed, never served). A worker that restarts on the same directory keeps
-    the valid blocks of the same tag (`held()`: announced to the routers as stored) and deletes the rest. A
-    directory that cannot be written (full, read-only) turns the tier off, logged once."""
+    the valid blocks of the same tag (`held()`: announced to the routers as held, in a lower tier) and deletes
+    the rest. A directory that cannot be written (full, read-only) turns the tier off, logged once."""
 
     def __init__(self, directory: str | Path, num_blocks: int, block_bytes: int, tag: int):
         if num_blocks < 1:
@@ -264,13 +251,6 @@ class DiskTier:
         out.view(torch.uint8).view(-1).copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         self.files.move_to_end(h)
         return True
-
-    def clear(self) -> list[int]:
-        dropped = list(self.files)
-        for h in dropped:
-            self._writes.put(("delete", h, None))
-        self.files.clear()
-        return dropped
 
     def flush(self) -> None:
         """Wait until what was queued is on disk (tests, shutdown)."""

@@ -123,10 +123,10 @@ class LLMEngine:
         self.host_tier = self._host_tier()  # blocks evicted from the pool, in host memory, then on disk
         self.block_pool = BlockPool(self.kv_layout.num_blocks, config.enable_prefix_caching,
                                     evict_to=self.host_tier.offload if self.host_tier is not None else None)
-        if self.host_tier is not None and self.host_tier.below is not None and self.host_tier.below.held():
+        held = tuple(self.host_tier.below.held()) if self.host_tier and self.host_tier.below else ()
+        if held:
             # A restart on the same disk tier: what it kept is this worker's too, in a lower tier (the routers
             # learn it now: held, then moved down).
-            held = tuple(self.host_tier.below.held())
             self.block_pool.events += [KVEvent(KVEventKind.STORED, held), KVEvent(KVEventKind.OFFLOADED, held)]
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash, self.host_tier)
         self.scheduler = Scheduler(

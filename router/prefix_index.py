@@ -5,8 +5,8 @@ a worker holding block i's hash holds the whole prefix up to i. A block a worker
 index as held before (its value 0) until the bound drops it: a prompt whose prefix was evicted from every
 worker is one that came back, which the policy places where it will last (router.policy).
 
-Each worker's blocks are a plain dict of ints to ints (1: held in its device pool, 2: held in a lower tier,
-host memory or disk, 0: held before), oldest first. CPython's cycle collector
+Each worker's blocks are a plain dict of ints to ints (IN_DEVICE: held in its device pool, HELD: held in a
+lower tier, host memory or disk, 0: held before), oldest first. CPython's cycle collector
 does not track a dict whose keys and values are all ints, bools and None, so an index of millions of blocks
 adds nothing to its pauses; an OrderedDict is walked entry by entry on every full collection (16 workers x 200k
 blocks: 73.8 ms a full collection on the CI machine, 0.9 ms as dicts), and at full load full collections came
@@ -19,36 +19,26 @@ would walk them on every insertion.
 from itertools import islice
 
 EVICT_BATCH = 16  # over the bound, 1/16 of it is evicted at once
+HELD, IN_DEVICE = 1, 2  # a block's value: held (in some tier of the worker's cache), and in its device pool
 
 
 class PrefixIndex:
     def __init__(self, max_blocks_per_worker: int = 200_000):
         self.max_blocks = max_blocks_per_worker
-        self.by_worker: dict[str, dict[int, bool]] = {}
+        self.by_worker: dict[str, dict[int, int]] = {}
 
-    def match(self, worker: str, hashes: list[int]) -> int:
-        """Number of leading blocks of this chain the worker holds."""
+    def match(self, worker: str, hashes: list[int], level: int = HELD, upto: int | None = None) -> int:
+        """Number of leading blocks of this chain (of its first `upto`) the worker holds; with level IN_DEVICE,
+        in its device pool (a pool evicts a sequence tail first, so what moved down to a lower tier is the
+        chain's tail)."""
         held = self.by_worker.get(worker)
         if not held:
             return 0
         # Binary search: holding block i implies holding every block before it (the chain).
-        lo, hi = 0, len(hashes)
+        lo, hi = 0, len(hashes) if upto is None else upto
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if held.get(hashes[mid - 1]):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def match_device(self, worker: str, hashes: list[int], matched: int) -> int:
-        """Of the `matched` leading blocks it holds, how many lead in its device pool (the rest are in a lower
-        tier: a pool evicts a sequence tail first, so what moved down is the chain's tail)."""
-        held = self.by_worker.get(worker)
-        lo, hi = 0, matched
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if held.get(hashes[mid - 1]) == 1:
+            if held.get(hashes[mid - 1], 0) >= level:
                 lo = mid
             else:
                 hi = mid - 1
@@ -79,7 +69,7 @@ class PrefixIndex:
         pop = held.pop
         for h in reversed(hashes):
             pop(h, None)
-            held[h] = 1
+            held[h] = IN_DEVICE
         if len(held) > self.max_blocks:
             excess = len(held) - self.max_blocks + max(1, self.max_blocks // EVICT_BATCH)
             for h in list(islice(held, excess)):
@@ -91,7 +81,7 @@ class PrefixIndex:
         if held:
             for h in hashes:
                 if held.get(h):
-                    held[h] = 2
+                    held[h] = HELD
 
     def remove(self, worker: str, hashes: list[int]) -> None:
         """The worker evicted these blocks from every tier: held before, where they were in the order."""

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from protocol.kv_events import KVEvent, KVEventKind
-from router.prefix_index import PrefixIndex
+from router.prefix_index import IN_DEVICE, PrefixIndex
 
 RECENT_BUCKET_S = 10  # recent work is counted in 10-second buckets ...
 RECENT_BUCKETS = 3  # ... over the last 30 seconds
@@ -47,7 +47,7 @@ class LocalState:
             matched = index.match(u, hashes)
             views[u] = WorkerView(matched, *self.load.get(u, (0, 0)), sum(b.get(u, 0) for b in buckets),
                                   index.match_seen(u, hashes, matched), sum(b.get(u, 0) for b in new) if new else 0,
-                                  matched - index.match_device(u, hashes, matched) if matched else 0)
+                                  matched - index.match(u, hashes, IN_DEVICE, matched) if matched else 0)
         return views
 
     async def record_route(self, url: str, hashes: list[int], sent_tokens: int = 0, requests: int = 0,
