@@ -143,3 +143,20 @@ def host_pair(model: str, kv_cache_bytes: int = 32 << 20):
         yield prefill, decode, sender
     finally:
         path.unlink(missing_ok=True)
+
+
+def stream_chat(url: str, body: dict, timeout: float = 60, on_event=lambda n: None) -> tuple[str, list[dict]]:
+    """POST a streamed chat completion to the router at url: (the streamed text, every event but [DONE], an
+    error event included); on_event(number of events so far) after each."""
+    import json
+
+    import httpx
+
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=timeout) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                on_event(len(events))
+    return "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", [])), events

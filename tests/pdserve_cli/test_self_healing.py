@@ -4,13 +4,13 @@ entries dropped, the restart on the admin API and dashboard), and answers again,
 before. A stream whose decode worker is killed mid-answer goes on from the other one: the client sees no error
 and the same text as an undisturbed run."""
 
-import json
 import time
 
 import httpx
 import pytest
 
 from bench.cluster import embedded_cluster, worker_processes
+from tests.helpers import stream_chat
 
 ADMIN = "heal-admin-token"
 
@@ -67,17 +67,10 @@ def test_a_killed_decode_worker_comes_back_and_serves(embedded):
 
 
 def _stream(url: str, model: str, on_chunk=lambda n: None) -> tuple[str, list[dict]]:
-    body = {"model": model, "max_tokens": 96, "temperature": 0, "stream": True, "ignore_eos": True,
+    body = {"model": model, "max_tokens": 96, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]}
-    events = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
-                on_chunk(len(events))
-    return "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", [])), events
+    return stream_chat(url, body, timeout=120, on_event=on_chunk)
 
 
 def _migrations(url: str) -> float:

@@ -3,12 +3,12 @@ delivered, to another decode worker, and the client's stream goes on without an 
 and an empty pool end it with a clean error. Fake workers whose tokens are their output positions show what
 each worker was asked for and that the client saw every position once, in order."""
 
-import json
 
 import httpx
 import pytest
 
 from bench.cluster import LocalCluster, wait_http
+from tests.helpers import stream_chat
 from tests.router.fake_workers import start_fake_worker
 
 
@@ -30,17 +30,9 @@ def _router(servers, *flags: str) -> tuple[LocalCluster, str]:
 
 def _stream(router: str, max_tokens: int, *stops: str) -> tuple[str, list[dict]]:
     """The streamed text and every event (an error event included), with usage."""
-    body = {"model": "fake", "messages": [{"role": "user", "content": "count"}], "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-            "stop": ["POSITIONS", *stops]}
-    events = []
-    with httpx.stream("POST", f"{router}/v1/chat/completions", json=body, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
-    text = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
-    return text, events
+    return stream_chat(router, {"model": "fake", "messages": [{"role": "user", "content": "count"}],
+                                "max_tokens": max_tokens, "ignore_eos": True, "stream_options": {"include_usage": True},
+                                "stop": ["POSITIONS", *stops]}, timeout=30)
 
 
 def _metric(router: str, name: str) -> float:
