@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from bench.cluster import embedded_cluster, worker_processes
+from bench.cluster import embedded_cluster, wait_until, worker_processes
 from bench.common import emit
 
 ADMIN = "chaos-admin-token"
@@ -132,14 +132,6 @@ async def _watch_recovery(url: str, kill: dict, timeout_s: float = 180.0) -> Non
         await asyncio.sleep(0.25)
 
 
-def _wait(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def _kv_used(url: str) -> int:
     return sum(w["kv_used"] or 0 for p in _pools(url) for w in p["workers"])
 
@@ -165,7 +157,7 @@ def main() -> None:
         flags += ["--model", a.model]
     flags += ["--load-format", a.load_format, "--transport", a.transport]
     with embedded_cluster(*flags) as (url, cluster):
-        _wait(lambda: all(_whole(p) for p in _pools(url)), 180, "all four workers")
+        wait_until(lambda: all(_whole(p) for p in _pools(url)), 180, "all four workers", 0.5)
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         # The undisturbed run: every prompt once, the same concurrency, no kills.
         reference = asyncio.run(_load(url, model, TOPICS, a.concurrency, max_tokens, None))
@@ -173,7 +165,7 @@ def main() -> None:
         if bad:
             raise SystemExit(f"the undisturbed run failed: {bad[:3]}")
         expected = {topic: text for topic, text, _ in reference}
-        _wait(lambda: _kv_used(url) == 0, 30, "the undisturbed run's blocks to be freed")
+        wait_until(lambda: _kv_used(url) == 0, 30, "the undisturbed run's blocks to be freed", 0.5)
         kv_before = _kv_used(url)
         migrations_before = _metric(url, "pdserve_migrations_total")
         kills: list[dict] = []
@@ -192,7 +184,7 @@ def main() -> None:
         results = asyncio.run(chaos())
         # After the load: the blocks of every request freed.
         with contextlib.suppress(TimeoutError):  # what is still held then is reported
-            _wait(lambda: _kv_used(url) == kv_before, 30, "the blocks to be freed")
+            wait_until(lambda: _kv_used(url) == kv_before, 30, "the blocks to be freed", 0.5)
         kv_after = _kv_used(url)
         migrations = _metric(url, "pdserve_migrations_total") - migrations_before
     errors = [r for r in results if r[2] is not None]

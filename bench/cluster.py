@@ -30,6 +30,15 @@ def wait_http(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None 
     raise TimeoutError(f"{url} did not come up in {timeout_s} s")
 
 
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.02) -> None:
+    """Poll condition() until it holds; TimeoutError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
+
+
 class LocalCluster:
     def __init__(self, model: str, prefill: int = 1, decode: int = 1, kv_cache_bytes: int | None = 64 << 20,
                  worker_args: tuple[str, ...] = (), start_timeout_s: float = 120.0, gpus: list[int] | None = None):

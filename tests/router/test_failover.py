@@ -2,12 +2,11 @@
 dead worker is skipped until a health check passes, and then it serves again."""
 
 import socket
-import time
 
 import httpx
 import pytest
 
-from bench.cluster import LocalCluster, wait_http
+from bench.cluster import LocalCluster, wait_http, wait_until
 from tests.router.fake_workers import start_fake_worker
 
 
@@ -23,14 +22,6 @@ def _retries(router: str) -> float:
         if line.startswith("pdserve_retries_total"):
             return float(line.split()[-1])
     raise AssertionError("no pdserve_retries_total in /metrics")
-
-
-def _wait(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _port_closed(port: int) -> bool:
@@ -59,9 +50,9 @@ def test_a_dead_worker_is_skipped_its_failed_request_retried_and_it_serves_again
         # from a request, not from the poll.
         app = victim.config.app
         polls = app.state.polls
-        _wait(lambda: app.state.polls > polls, 5, "a health poll")
+        wait_until(lambda: app.state.polls > polls, 5, "a health poll")
         victim.should_exit = True
-        _wait(lambda: _port_closed(port), 5, "the victim to stop")
+        wait_until(lambda: _port_closed(port), 5, "the victim to stop")
         # Round-robin sends one of the next two requests to the dead worker: it fails at the connection, is
         # retried on the live worker, and the dead worker leaves the pool. Nothing reaches the client.
         answers = [_served_by(router) for _ in range(6)]
@@ -71,7 +62,7 @@ def test_a_dead_worker_is_skipped_its_failed_request_retried_and_it_serves_again
         revived = start_fake_worker("victim", *fake_spec, port=port)
         try:
             wait_http(f"http://127.0.0.1:{port}/health")
-            _wait(lambda: _served_by(router) == "victim", 10, "the revived worker to serve")
+            wait_until(lambda: _served_by(router) == "victim", 10, "the revived worker to serve")
             assert _retries(router) == 1
         finally:
             revived.should_exit = True
