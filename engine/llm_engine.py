@@ -15,7 +15,7 @@ from engine.attention.torch_backend import TorchAttention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.errors import KVCacheFullError, ModelLoadError, RequestError
+from engine.errors import KVCacheFullError, ModelLoadError, RequestError, UnsupportedModelError
 from engine.guided import GrammarMasks, Grammars
 from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
@@ -218,18 +218,18 @@ class LLMEngine:
         return layout
 
     def _attention_backend(self) -> AttentionBackend:
-        name = self.config.attention_backend
+        name, windows = self.config.attention_backend, self.model_config.attention_windows()
         if name == "flashinfer" or (name == "auto" and self.device.type == "cuda"):
             try:
                 from engine.attention.flashinfer_backend import FlashInferAttention
-            except ImportError as e:
+
+                return FlashInferAttention(self.kv_cache, self.model.heads.num_heads, self.model.heads.num_kv_heads,
+                                           self.model_config.head_dim, windows)
+            except (ImportError, UnsupportedModelError) as e:
                 if name == "flashinfer":
                     raise ModelLoadError(f"FlashInfer backend unavailable: {e}") from e
                 log.warning("FlashInfer unavailable (%s); using the PyTorch attention backend", e)
-            else:
-                return FlashInferAttention(self.kv_cache, self.model.heads.num_heads, self.model.heads.num_kv_heads,
-                                           self.model_config.head_dim)
-        return TorchAttention(self.kv_cache, self.model.heads.num_heads, self.model_config.head_dim)
+        return TorchAttention(self.kv_cache, self.model.heads.num_heads, self.model_config.head_dim, windows)
 
     # --- requests ---
 

@@ -47,6 +47,14 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
     sparse_layers: tuple[int, ...] = ()
+    # Sliding-window attention (0: none): a token of the layers in window_layers sees the last sliding_window
+    # positions (itself included), as transformers masks them (Mistral, Mixtral; Qwen's when enabled).
+    sliding_window: int = 0
+    window_layers: tuple[int, ...] = ()
+
+    def attention_windows(self) -> list[int]:
+        """Each layer's window (0: it sees the whole context)."""
+        return [self.sliding_window if i in self.window_layers else 0 for i in range(self.num_layers)]
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -89,6 +97,7 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
                 **_moe_fields(model_type, cfg),
+                **_window_fields(model_type, cfg),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from e
@@ -154,3 +163,22 @@ def _moe_fields(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 norm_topk_prob=cfg.get("norm_topk_prob", False),
                 shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
                 sparse_layers=tuple(i for i in range(layers) if i not in dense and step > 0 and (i + 1) % step == 0))
+
+
+def _window_fields(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Which layers slide, as transformers decides it for each family (Qwen's only with use_sliding_window)."""
+    window = cfg.get("sliding_window") or 0
+    if model_type == "llama" or (model_type.startswith("qwen") and not cfg.get("use_sliding_window", False)):
+        window = 0
+    if not window:
+        return {}
+    n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if types and model_type in ("qwen2", "qwen3", "qwen2_moe"):
+        layers = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    elif model_type in ("qwen2", "qwen3"):
+        layers = range(cfg.get("max_window_layers", 28), n)
+    elif model_type == "qwen2_moe":
+        layers = [i for i in range(n) if (i + 1) % 2 and i < cfg.get("max_window_layers", 28)]
+    else:  # mistral, mixtral, qwen3_moe: every layer
+        layers = range(n)
+    return dict(sliding_window=window, window_layers=tuple(layers))

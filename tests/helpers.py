@@ -46,6 +46,14 @@ TINY_CONFIGS = {
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
                     num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     vocab_size=301, max_position_embeddings=512, rope_theta=1000000.0, initializer_range=0.2),
+    # Sliding-window attention shorter than the test prompts: every layer (Mistral), the upper two of three
+    # (Qwen2 with use_sliding_window: layers at or above max_window_layers slide).
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
+                    sliding_window=12, initializer_range=0.2),
+    "qwen2_window": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=512,
+                         use_sliding_window=True, sliding_window=10, max_window_layers=1, initializer_range=0.2),
     "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,

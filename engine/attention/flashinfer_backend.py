@@ -7,14 +7,21 @@ Planned once a step; each layer's cache is a strided view of the block-major poo
 import torch
 
 from engine.attention.metadata import BatchMetadata
+from engine.errors import UnsupportedModelError
 from engine.kv_cache import KVCache
 
 WORKSPACE_BYTES = 256 << 20
 
 
 class FlashInferAttention:
-    def __init__(self, kv_cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int):
-        """num_heads, num_kv_heads: this rank's (all of them without tensor parallelism)."""
+    def __init__(self, kv_cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int,
+                 windows: list[int] | None = None):
+        """num_heads, num_kv_heads: this rank's (all of them without tensor parallelism); windows: each layer's
+        sliding window (0: none), one for all layers (a plan serves every layer)."""
+        if windows and len(set(windows)) > 1:
+            raise UnsupportedModelError("layers with different attention windows need the torch attention backend")
+        # FlashInfer's window_left counts the keys left of the query: a window of w positions is w - 1 of them.
+        self.window_left = windows[0] - 1 if windows and windows[0] else -1
         from engine.fused import flashinfer as import_flashinfer
 
         flashinfer = self.flashinfer = import_flashinfer()
@@ -44,12 +51,13 @@ class FlashInferAttention:
             self._wrapper = wrapper or self.decode
             self._wrapper.plan(meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host, *heads,
                                self.kv_cache.block_size, pos_encoding_mode="NONE",
-                               q_data_type=self.dtype, kv_data_type=self.dtype)
+                               window_left=self.window_left, q_data_type=self.dtype, kv_data_type=self.dtype)
         else:
             self._wrapper = self.prefill
             self.prefill.plan(meta.query_start_loc_host, meta.kv_indptr_host, meta.kv_indices,
                               meta.kv_last_page_len_host, *heads, self.kv_cache.block_size, causal=True,
-                              pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
+                              pos_encoding_mode="NONE", window_left=self.window_left, q_data_type=self.dtype,
+                              kv_data_type=self.dtype)
         if self._planned is not None:
             self._planned.record()
         self._meta = meta

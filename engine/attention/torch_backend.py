@@ -14,9 +14,12 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 
 
 class TorchAttention:
-    def __init__(self, kv_cache: KVCache, num_heads: int, head_dim: int):
+    def __init__(self, kv_cache: KVCache, num_heads: int, head_dim: int, windows: list[int] | None = None):
+        """windows: each layer's sliding window (0: none; None: no layer slides)."""
         self.kv_cache = kv_cache
         self.num_heads = num_heads
+        self.windows = windows or [0] * kv_cache.layout.num_layers
+        self.masks: dict[int, torch.Tensor] = {}
         self.scale = head_dim**-0.5
         self._meta: BatchMetadata | None = None
 
@@ -34,9 +37,12 @@ class TorchAttention:
         kv_pos = torch.arange(meta.max_seq_len, device=device)
         self.kv_blocks = meta.block_tables.gather(1, (kv_pos // block_size)[None, :].expand(meta.num_seqs, -1))
         self.kv_offsets = (kv_pos % block_size)[None, :].expand(meta.num_seqs, -1)
-        # [num_seqs, 1, max_q, max_kv]: causal within the request, padding rows see key 0 (result discarded).
+        # [num_seqs, 1, max_q, max_kv]: causal within the request, padding rows see key 0 (result discarded);
+        # a sliding layer's query sees the keys after q_pos - window too (transformers' sliding_window_overlay).
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < meta.seq_lens[:, None, None])
-        self.mask = (mask | ~self.q_valid[:, :, None]).unsqueeze(1)
+        padding = ~self.q_valid[:, :, None]
+        self.masks = {w: ((mask & (kv_pos[None, None, :] > q_pos[:, :, None] - w) if w else mask) | padding)
+                      .unsqueeze(1) for w in set(self.windows)}
         self._meta = meta
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -49,6 +55,6 @@ class TorchAttention:
         vp = v_cache[self.kv_blocks, self.kv_offsets].transpose(1, 2).to(q.dtype)
         # Not cuDNN: it builds a new execution plan (~16 ms of host time, seen on an H200) for every new shape.
         with sdpa_kernel(_BACKENDS):
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask, scale=self.scale,
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.masks[self.windows[layer]], scale=self.scale,
                                                  enable_gqa=kp.shape[1] != qp.shape[1])
         return out.transpose(1, 2)[self.q_valid]  # back to packed [num_tokens, heads, head_dim]
