@@ -27,6 +27,9 @@ class EngineConfig:
     ep_cuda_graphs: bool = True
     async_scheduling: bool = True  # build and queue step N+1 before reading step N's tokens
     fused_kernels: bool = True  # with the FlashInfer backend: its one-kernel norm, rotary and SwiGLU (engine/fused.py)
+    # fp8: the decoder's linears in e4m3 with a scale a row, inputs quantized per token (engine/fp8.py); auto: fp8 for
+    # an FP8 checkpoint on a GPU (on a CPU its weights are dequantized into dtype), else none.
+    quantization: str = "auto"
     load_format: str = "auto"  # auto: read the weights; dummy: random weights of the config's shapes (benchmarks)
     # The engine turns tokens into text and ends requests at stop strings (offline use). A worker's engine core
     # leaves both to its frontend process (worker/engine_core.py), so that its loop does no per-token text work.
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.quantization not in ("auto", "none", "fp8"):
+            raise ValueError(f"unknown quantization {self.quantization!r} (auto, none, fp8)")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:

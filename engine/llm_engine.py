@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import xxhash
 
+from engine import fp8
 from engine.attention.backend import AttentionBackend
 from engine.attention.torch_backend import TorchAttention
 from engine.block_pool import BlockPool
@@ -102,6 +103,10 @@ class LLMEngine:
         else:
             model.load_weights(weights)
         model = model.to(self.dtype)
+        if config.quantization == "fp8" or (config.quantization == "auto" and model_cfg.quantization == "fp8"
+                                            and self.device.type == "cuda"):
+            fp8.check_device(self.device)
+            log.info("FP8 linears: %d (e4m3, a scale a row; inputs quantized per token)", fp8.quantize_linears(model))
         with torch.device(self.device):  # rope tables stay float32 (computed as transformers does)
             model.rotary = type(model.rotary)(model_cfg.head_dim, self.max_model_len, model_cfg.rope_theta,
                                               model_cfg.rope_scaling)

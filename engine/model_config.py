@@ -51,6 +51,8 @@ class ModelConfig:
     # positions (itself included), as transformers masks them (Mistral, Mixtral; Qwen's when enabled).
     sliding_window: int = 0
     window_layers: tuple[int, ...] = ()
+    quantization: str | None = None  # "fp8": an FP8 checkpoint (engine/fp8.py reads it)
+    weight_block_size: tuple[int, ...] = ()  # its scales' block (rows, columns); (): a scale a row or a tensor
 
     def attention_windows(self) -> list[int]:
         """Each layer's window (0: it sees the whole context)."""
@@ -98,6 +100,8 @@ class ModelConfig:
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
                 **_moe_fields(model_type, cfg),
                 **_window_fields(model_type, cfg),
+                quantization=_quantization(cfg),
+                weight_block_size=tuple((cfg.get("quantization_config") or {}).get("weight_block_size") or ()),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from e
@@ -182,3 +186,28 @@ def _window_fields(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
     else:  # mistral, mixtral, qwen3_moe: every layer
         layers = range(n)
     return dict(sliding_window=window, window_layers=tuple(layers))
+
+
+def _quantization(cfg: dict[str, Any]) -> str | None:
+    """'fp8' for an FP8 checkpoint in a layout read here, None for an unquantized one; UnsupportedModelError for
+    any other quantization."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method == "fp8":
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise UnsupportedModelError(f"FP8 format {q.get('fmt')!r} is not supported (only e4m3)")
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = list((q.get("config_groups") or {}).values())
+        weights = [g.get("weights") or {} for g in groups]
+        if (q.get("format") in ("float-quantized", "naive-quantized") and weights
+                and all(w.get("type") == "float" and w.get("num_bits") == 8
+                        and w.get("strategy") in ("channel", "tensor") for w in weights)):
+            return "fp8"
+        raise UnsupportedModelError(
+            "compressed-tensors checkpoints are read only as FP8 float-quantized weights with channel or tensor "
+            f"scales; this one has format {q.get('format')!r} and weights {weights}")
+    raise UnsupportedModelError(f"quantization {method!r} is not supported (FP8 checkpoints are: fp8, "
+                                "compressed-tensors float-quantized)")

@@ -45,7 +45,8 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
 
 
 def open_model(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, Any]]]:
-    """The model's config and an iterator over (Hugging Face tensor name, tensor or lazy slice of one)."""
+    """The model's config and an iterator over (Hugging Face tensor name, tensor or lazy slice of one); an FP8
+    checkpoint's weights come dequantized (engine/fp8.py)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
@@ -55,4 +56,9 @@ def open_model(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, Any]]
         return load_gguf(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
-    return ModelConfig.from_hf_dir(path), _iter_safetensors(_safetensors_files(path))
+    config, weights = ModelConfig.from_hf_dir(path), _iter_safetensors(_safetensors_files(path))
+    if config.quantization == "fp8":
+        from engine.fp8 import dequantized
+
+        weights = dequantized(weights, config.weight_block_size)
+    return config, weights

@@ -79,7 +79,8 @@ def serve(a: argparse.Namespace) -> None:
         name = f"{role}-{next(counter)}"  # a restart keeps it (and its disk tier's folder)
         engine = EngineConfig(model=model, served_model_name=a.served_model_name, device=a.device,
                               block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
-                              load_format=a.load_format, kv_host_bytes=a.kv_host_bytes,
+                              load_format=a.load_format, quantization=a.quantization,
+                              kv_host_bytes=a.kv_host_bytes,
                               kv_disk_dir=a.kv_disk_dir and str(Path(a.kv_disk_dir) / name),
                               kv_disk_bytes=a.kv_disk_bytes)
         cfg = WorkerConfig(role=role, name=name, engine=engine, port=free_port(),
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the model's shapes, the same in every worker (benchmarks)")
+    s.add_argument("--quantization", default="auto", choices=["auto", "none", "fp8"],
+                   help="fp8: the workers' linears in e4m3, a scale a row (GPU: Ada/Hopper); auto: fp8 for an FP8 "
+                        "checkpoint on a GPU, its weights dequantized on a CPU")
     for role in ("prefill", "decode"):
         s.add_argument(f"--{role}-tp-size", type=int, default=1, help=f"tensor-parallel ranks of a {role} worker")
         s.add_argument(f"--{role}-ep-size", type=int, default=1,

@@ -42,6 +42,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
                     help="host: shared memory (CPU) or CUDA IPC (GPU) on one host; nixl: NIXL/UCX (GPU, any host)")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none", "fp8"],
+                    help="fp8: linears in e4m3 (a scale a row); auto: fp8 for an FP8 checkpoint on a GPU")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: 1 on a GPU, else torch's choice)")
     ap.add_argument("--drain-timeout-s", type=float, default=5.0, help="on SIGTERM, let requests finish this long")
@@ -54,7 +56,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
         kv_cache_bytes=a.kv_cache_bytes, kv_host_bytes=a.kv_host_bytes, kv_disk_dir=a.kv_disk_dir,
         kv_disk_bytes=a.kv_disk_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization, load_format=a.load_format,
-        attention_backend=a.attention_backend)
+        quantization=a.quantization, attention_backend=a.attention_backend)
     config = WorkerConfig(
         role=a.role, name=a.name or f"{a.role}-{a.port}", engine=engine, host=a.host, port=a.port,
         transport=a.transport, tp_size=a.tp_size, ep_size=a.ep_size, drain_timeout_s=a.drain_timeout_s,

@@ -97,6 +97,7 @@ env:
   {{- with $root.Values.model.servedModelName }}
   - {name: PDSERVE_SERVED_MODEL_NAME, value: {{ . | quote }}}
   {{- end }}
+  - {name: PDSERVE_QUANTIZATION, value: {{ $root.Values.model.quantization | default "auto" | quote }}}
   - {name: PDSERVE_HOST, value: "0.0.0.0"}
   - {name: PDSERVE_PORT, value: {{ $pool.port | quote }}}
   - {name: PDSERVE_BLOCK_SIZE, value: {{ $root.Values.cluster.blockSize | quote }}}
