@@ -15,10 +15,11 @@ Each role (qkv, o, gate_up, down) is timed at graph capture against the path it 
 or activation, then cuBLAS), over every layer's weights in turn (as a step reads them, not from L2) in a CUDA
 graph, for ten tile shapes; a role takes the Triton kernel only where it won (`tune`). Without tuning, every
 call takes the unfused path. Numerics: float32 inside, the output rounded once. SiLU-and-mul's output is
-rounded to the weight dtype before the product, as FlashInfer's kernel rounds it; RMSNorm's is not: its
+rounded to the activations' dtype before the product, as FlashInfer's kernel rounds it; RMSNorm's is not: its
 1/rms, one number a token, scales the finished sums (sum_k W[n,k] x[k] w[k] / rms), so the kernel reads x
 once, in the same pass that sums its squares (rounding apart, the same value; the new residual stream is
-rounded as FlashInfer's).
+rounded as FlashInfer's). FP8 weights (engine/fp8.py) are read as they are, half the bytes, and their scale a
+row multiplies the sums: the input is not quantized here (unlike the FP8 GEMM of larger batches).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def _build():
         import triton.language as tl
 
         @triton.jit
-        def kernel(w, w_stride, x, res, res_out, norm_w, bias, out, N, K, eps, NORMED: tl.constexpr,
-                   ADD: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        def kernel(w, w_stride, x, res, res_out, norm_w, bias, w_scale, out, N, K, eps, NORMED: tl.constexpr,
+                   ADD: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
+                   EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
             pid = tl.program_id(0)
             rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             cols = tl.arange(0, BLOCK_K)
@@ -74,7 +75,7 @@ def _build():
                 if SILU:  # x is [gate | up], 2K wide
                     g = tl.load(x + ks, mask=km, other=0.0).to(tl.float32)
                     u = tl.load(x + K + ks, mask=km, other=0.0).to(tl.float32)
-                    v = (g / (1.0 + tl.exp(-g)) * u).to(w.dtype.element_ty).to(tl.float32)
+                    v = (g / (1.0 + tl.exp(-g)) * u).to(out.dtype.element_ty).to(tl.float32)
                 else:
                     v = tl.load(x + ks, mask=km, other=0.0).to(tl.float32)
                     if ADD:
@@ -93,6 +94,8 @@ def _build():
             y = tl.sum(acc, axis=1)
             if NORMED:  # rmsnorm's 1/rms is one number a token: applied to the sums, so one pass over x does
                 y = y / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            if SCALED:  # FP8 weights (engine/fp8.py): a float32 scale a row
+                y = y * tl.load(w_scale + rows, mask=rmask, other=0.0)
             if HAS_BIAS:
                 y += tl.load(bias + rows, mask=rmask, other=0.0).to(tl.float32)
             tl.store(out + rows, y.to(out.dtype.element_ty), mask=rmask)
@@ -102,10 +105,11 @@ def _build():
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, tile: Tile, prologue: int = PLAIN, bias: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0
-         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         weight_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """weight [N, K] (rows contiguous) times one token's input x [1, K] ([1, 2K] gate | up for SILU_MUL) after
-    the prologue: (out [1, N], the new residual stream [1, K] for ADD_NORM else None)."""
+    the prologue: (out [1, N], the new residual stream [1, K] for ADD_NORM else None). weight_scale: FP8
+    weights' float32 scale a row (N values), applied to the sums (the input stays in its dtype)."""
     kernel, cdiv = _build()
     n, k = weight.shape
     if weight.stride(1) != 1 or not x.is_contiguous() or x.shape[0] != 1:
@@ -116,9 +120,10 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, tile: Tile, prologue: int = PLAI
     res_out = torch.empty_like(residual) if prologue == ADD_NORM else None
     kernel[(cdiv(n, tile.block_n),)](
         weight, weight.stride(0), x, residual if residual is not None else x, res_out if res_out is not None else x,
-        norm_weight if norm_weight is not None else x, bias if bias is not None else x, out, n, k, eps,
+        norm_weight if norm_weight is not None else x, bias if bias is not None else x,
+        weight_scale if weight_scale is not None else x, out, n, k, eps,
         NORMED=prologue in (NORM, ADD_NORM), ADD=prologue == ADD_NORM, SILU=prologue == SILU_MUL,
-        HAS_BIAS=bias is not None, EVEN=n % tile.block_n == 0 and k % tile.block_k == 0, BLOCK_N=tile.block_n,
+        HAS_BIAS=bias is not None, SCALED=weight_scale is not None, EVEN=n % tile.block_n == 0 and k % tile.block_k == 0, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.warps)
     return out, res_out
 
@@ -140,7 +145,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear: nn
         h, residual = norm(x, residual)
         return linear(h), residual
     out, res_out = gemv(linear.weight, x, tile, NORM if residual is None else ADD_NORM, linear.bias, residual,
-                        norm.weight, norm.eps)
+                        norm.weight, norm.eps, _scale(linear))
     return out, (x if res_out is None else res_out)
 
 
@@ -149,14 +154,20 @@ def act_linear(gate_up: torch.Tensor, linear: nn.Linear, act) -> torch.Tensor:
     tile = _tile(linear, gate_up)
     if tile is None:
         return linear(act(gate_up))
-    return gemv(linear.weight, gate_up, tile, SILU_MUL, linear.bias)[0]
+    return gemv(linear.weight, gate_up, tile, SILU_MUL, linear.bias, weight_scale=_scale(linear))[0]
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     tile = _tile(layer, x)
     if tile is None:
         return layer(x)
-    return gemv(layer.weight, x, tile, PLAIN, layer.bias)[0]
+    return gemv(layer.weight, x, tile, PLAIN, layer.bias, weight_scale=_scale(layer))[0]
+
+
+def _scale(linear: nn.Module) -> torch.Tensor | None:
+    """An FP8 linear's scales as one row (engine/fp8.Fp8Linear), None for a plain one."""
+    scale = getattr(linear, "weight_scale", None)
+    return None if scale is None else scale.view(-1)
 
 
 def _time(fn) -> float:
@@ -175,7 +186,7 @@ def _time(fn) -> float:
 ROLES = ("qkv", "o", "gate_up", "down")
 
 
-def _linears(layer) -> dict[str, nn.Linear]:
+def _linears(layer) -> dict[str, nn.Module]:
     return {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj,
             "down": layer.mlp.down_proj}
 
@@ -205,7 +216,7 @@ def tune(model, sizes: list[int]) -> dict[int, dict[str, dict]]:
 def _tune_size(layers, bs: int) -> dict[str, dict]:
     from engine import fused
 
-    p = layers[0].self_attn.qkv_proj.weight
+    p = layers[0].input_layernorm.weight  # the activations' dtype (an FP8 linear's weight is e4m3)
     dev, dt = p.device, p.dtype
 
     def rand(cols: int) -> torch.Tensor:
@@ -226,7 +237,7 @@ def _tune_size(layers, bs: int) -> dict[str, dict]:
             def run():
                 for layer in layers:
                     lin, norm = _linears(layer)[role], getattr(layer, norm_name)
-                    gemv(lin.weight, x, tile, ADD_NORM, lin.bias, res, norm.weight, norm.eps)
+                    gemv(lin.weight, x, tile, ADD_NORM, lin.bias, res, norm.weight, norm.eps, _scale(lin))
             return run
         return base, triton_
 
@@ -239,7 +250,7 @@ def _tune_size(layers, bs: int) -> dict[str, dict]:
             def run():
                 for layer in layers:
                     lin = _linears(layer)[role]
-                    gemv(lin.weight, inp, tile, prologue, lin.bias)
+                    gemv(lin.weight, inp, tile, prologue, lin.bias, weight_scale=_scale(lin))
             return run
         return base, triton_
 

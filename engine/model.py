@@ -95,8 +95,7 @@ class DecoderLayer(nn.Module):
     @property
     def gemv_path(self) -> bool:
         """Fused kernels, a dense MLP: the one-token path may take engine/gemv.py's kernels (where tuned)."""
-        return (isinstance(self.mlp, MLP) and self.mlp.use_fused
-                and type(self.mlp.gate_up_proj) is nn.Linear)  # not FP8 (engine/fp8.py): no scales in the GEMV
+        return isinstance(self.mlp, MLP) and self.mlp.use_fused
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.helpers import hf_greedy, make_tiny_model
+from tests.helpers import hf_greedy, make_tiny_model, run_in_triton_interpreter
 
 BLOCK = [48, 48]  # not a divisor of the tiny models' 64/128/160 dimensions: ragged edge blocks are read too
 LAYOUTS = {
@@ -139,3 +139,36 @@ def test_fp8_refused_on_a_gpu_without_fp8(monkeypatch):
     with pytest.raises(ModelLoadError, match="A100.*has none"):
         fp8.check_device(torch.device("cuda", 0))
     fp8.check_device(torch.device("cpu"))
+
+
+def check_fused_quantization(device: str) -> None:
+    """The one-kernel input quantization gives the scales of the PyTorch ops exactly and the same e4m3 values
+    (on the GPU all of them; Triton 3.9's interpreter emulates the conversion, drops the carry where rounding
+    reaches the next power of two, 31.9 becoming 16, and rounds some small values a step off: there each value
+    is PyTorch's, half of it at such a carry, or within one e4m3 step of it)."""
+    torch.manual_seed(5)
+    for rows, k in ((1, 4096), (7, 5000), (3, 96)):  # one block, ragged blocks, a short row
+        x = (torch.randn(rows, k, device=device) * torch.logspace(-2, 1, rows, device=device)[:, None]).bfloat16()
+        x[0, 17] = 40.0  # an outlier sets its row's scale
+        want, want_scale = fp8.quantize_rows(x)
+        got, got_scale = fp8.quantize_rows_fused(x)
+        assert got.dtype == fp8.FP8 and got_scale.shape == (rows, 1)
+        assert torch.equal(got_scale, want_scale)
+        differ = got.view(torch.uint8) != want.view(torch.uint8)
+        if device == "cuda":
+            assert not differ.any()
+        else:
+            g, w = got.float()[differ], want.float()[differ]
+            step = torch.maximum(w.abs() / 8, torch.full_like(w, 2.0**-9))
+            assert ((g * 2 == w) | ((g - w).abs() <= step)).all()
+            assert differ.float().mean() < 0.1
+
+
+def test_fused_input_quantization_in_the_triton_interpreter():
+    run_in_triton_interpreter("from tests.engine.test_fp8 import check_fused_quantization\n"
+                              "check_fused_quantization('cpu')")
+
+
+@pytest.mark.gpu
+def test_fused_input_quantization_on_gpu():
+    check_fused_quantization("cuda")

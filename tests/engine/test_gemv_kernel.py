@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import gemv
+from engine import fp8, gemv
 from engine.layers import RMSNorm
 from tests.helpers import run_in_triton_interpreter
 
@@ -55,6 +55,17 @@ def check(device: str) -> None:
         want = gemv.act_linear(gate_up, down, swiglu)
         down.gemv_tiles = {1: tile}
         torch.testing.assert_close(gemv.act_linear(gate_up, down, swiglu), want, **close)
+
+        # FP8 weights (engine/fp8.Fp8Linear): read as e4m3, each row's sum times its scale; the input as it is.
+        q = fp8.Fp8Linear(lin)
+        q.gemv_tiles = {1: tile}
+        dequantized = q.weight.float() * q.weight_scale.view(-1, 1)
+        want = F.linear(x.float(), dequantized, lin.bias.float()).to(bf16)
+        torch.testing.assert_close(gemv.linear(x, q), want, **close)
+        qd = fp8.Fp8Linear(down)
+        qd.gemv_tiles = {1: tile}
+        want = F.linear(swiglu(gate_up.float()).to(bf16).float(), qd.weight.float() * qd.weight_scale.view(-1, 1))
+        torch.testing.assert_close(gemv.act_linear(gate_up, qd, swiglu), want.to(bf16), **close)
 
         # Two tokens (no tile for that size): the unfused path, bit for bit.
         other = torch.randn(2, k, dtype=bf16, device=device)
