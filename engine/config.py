@@ -12,6 +12,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     block_size: int = 16
     kv_cache_bytes: int | None = None  # the KV pool's budget; None: 512 MiB on CPU, a share of free GPU memory
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 (half a bf16 pool's bytes, scale 1.0)
     kv_host_bytes: int = 0  # the host tier: pinned host memory for blocks evicted from the pool; 0: none
     kv_disk_dir: str | None = None  # the disk tier below the host tier (needs it): a directory, one file a block
     kv_disk_bytes: int = 0  # the disk tier's size
@@ -45,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r} (auto, fp8)")
         if self.quantization not in ("auto", "none", "fp8"):
             raise ValueError(f"unknown quantization {self.quantization!r} (auto, none, fp8)")
         if self.load_format not in ("auto", "dummy"):

@@ -204,7 +204,8 @@ class LLMEngine:
         """This rank's pool: its KV heads only; with several ranks, as many blocks as the smallest one holds."""
         cfg, mc = self.config, self.model_config
         kv_heads = self.model.heads.num_kv_heads
-        probe = KVLayout(1, mc.num_layers, cfg.block_size, kv_heads, mc.head_dim, str(self.dtype)[6:])
+        dtype = "float8_e4m3fn" if cfg.kv_cache_dtype == "fp8" else str(self.dtype).removeprefix("torch.")
+        probe = KVLayout(1, mc.num_layers, cfg.block_size, kv_heads, mc.head_dim, dtype)
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
@@ -229,7 +230,7 @@ class LLMEngine:
                 from engine.attention.flashinfer_backend import FlashInferAttention
 
                 return FlashInferAttention(self.kv_cache, self.model.heads.num_heads, self.model.heads.num_kv_heads,
-                                           self.model_config.head_dim, windows)
+                                           self.model_config.head_dim, self.dtype, windows)
             except (ImportError, UnsupportedModelError) as e:
                 if name == "flashinfer":
                     raise ModelLoadError(f"FlashInfer backend unavailable: {e}") from e

@@ -48,7 +48,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, heads, d))
             k = self.k_norm(k.reshape(num_tokens, kv_heads, d))
-        elif self.use_fused and fused.ROPE_AND_STORE:  # rotary + KV write: one kernel, then attention
+        elif self.use_fused and fused.ROPE_AND_STORE and attn.store_rotated:  # rotary + KV write: one kernel
             return gemv.linear(attn.forward_rotating(self.layer, qkv, positions, rotary.cos_sin())
                                .reshape(num_tokens, self.q_size), self.o_proj)
         if self.use_fused:  # in place, one kernel; q and k stay views into qkv (k beside v: one KV write)

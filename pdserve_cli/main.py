@@ -79,6 +79,7 @@ def serve(a: argparse.Namespace) -> None:
         name = f"{role}-{next(counter)}"  # a restart keeps it (and its disk tier's folder)
         engine = EngineConfig(model=model, served_model_name=a.served_model_name, device=a.device,
                               block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
+                              kv_cache_dtype=a.kv_cache_dtype,
                               load_format=a.load_format, quantization=a.quantization,
                               kv_host_bytes=a.kv_host_bytes,
                               kv_disk_dir=a.kv_disk_dir and str(Path(a.kv_disk_dir) / name),
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--kv-cache-bytes", type=int, default=None)
+    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: every worker's KV pool in e4m3 (half the bytes of bf16, moved as is)")
     s.add_argument("--kv-host-bytes", type=int, default=0,
                    help="each worker's host tier: host memory for KV blocks evicted from its pool (0: none)")
     s.add_argument("--kv-disk-dir", default=None, help="the workers' disk tier below the host tier (one folder each)")

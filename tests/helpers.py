@@ -131,16 +131,16 @@ def require(module: str):
 
 
 @contextlib.contextmanager
-def host_pair(model: str, kv_cache_bytes: int = 32 << 20):
+def host_pair(model: str, kv_cache_bytes: int = 32 << 20, **engine):
     """A prefill engine and a decode engine whose pool is in shared memory, with a host transport from the one to
-    the other (agent "decode"): yields (prefill, decode, sender)."""
+    the other (agent "decode"): yields (prefill, decode, sender). engine: more EngineConfig fields for both."""
     import uuid
 
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
 
-    cfg = EngineConfig(model=model, kv_cache_bytes=kv_cache_bytes)
+    cfg = EngineConfig(model=model, kv_cache_bytes=kv_cache_bytes, **engine)
     path = SHM_DIR / f"pdserve-test-{uuid.uuid4().hex}"
     prefill = LLMEngine(cfg)
     decode = LLMEngine(cfg, kv_allocator=lambda shape, dtype: shared_pool(path, shape, dtype))

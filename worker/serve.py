@@ -28,6 +28,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="fp8: the KV pool in e4m3 (half a bf16 pool's bytes; peers must match)")
     ap.add_argument("--kv-host-bytes", type=int, default=0,
                     help="host tier: (pinned) host memory for KV blocks evicted from the pool, reused on a prefix hit")
     ap.add_argument("--kv-disk-dir", default=None, help="disk tier below the host tier: a directory (kept on restart)")
@@ -53,7 +55,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     a = ap.parse_args(argv)
     engine = EngineConfig(
         model=a.model, served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
-        kv_cache_bytes=a.kv_cache_bytes, kv_host_bytes=a.kv_host_bytes, kv_disk_dir=a.kv_disk_dir,
+        kv_cache_bytes=a.kv_cache_bytes, kv_cache_dtype=a.kv_cache_dtype, kv_host_bytes=a.kv_host_bytes, kv_disk_dir=a.kv_disk_dir,
         kv_disk_bytes=a.kv_disk_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization, load_format=a.load_format,
         quantization=a.quantization, attention_backend=a.attention_backend)

@@ -15,9 +15,10 @@ WORKSPACE_BYTES = 256 << 20
 
 class FlashInferAttention:
     def __init__(self, kv_cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int,
-                 windows: list[int] | None = None):
-        """num_heads, num_kv_heads: this rank's (all of them without tensor parallelism); windows: each layer's
-        sliding window (0: none), one for all layers (a plan serves every layer)."""
+                 q_dtype: torch.dtype | None = None, windows: list[int] | None = None):
+        """num_heads, num_kv_heads: this rank's (all of them without tensor parallelism); q_dtype: the queries'
+        (default: the pool's; an FP8 pool's queries are bf16); windows: each layer's sliding window (0: none),
+        one for all layers (a plan serves every layer)."""
         if windows and len(set(windows)) > 1:
             raise UnsupportedModelError("layers with different attention windows need the torch attention backend")
         # FlashInfer's window_left counts the keys left of the query: a window of w positions is w - 1 of them.
@@ -28,6 +29,9 @@ class FlashInferAttention:
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dtype = kv_cache.tensor.dtype
+        self.q_dtype = q_dtype or self.dtype
+        # Rotary and the KV write in one kernel (engine/fused.py) only where the pool holds the queries' dtype.
+        self.store_rotated = self.q_dtype == self.dtype
         device = kv_cache.tensor.device
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
@@ -51,12 +55,12 @@ class FlashInferAttention:
             self._wrapper = wrapper or self.decode
             self._wrapper.plan(meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host, *heads,
                                self.kv_cache.block_size, pos_encoding_mode="NONE",
-                               window_left=self.window_left, q_data_type=self.dtype, kv_data_type=self.dtype)
+                               window_left=self.window_left, q_data_type=self.q_dtype, kv_data_type=self.dtype)
         else:
             self._wrapper = self.prefill
             self.prefill.plan(meta.query_start_loc_host, meta.kv_indptr_host, meta.kv_indices,
                               meta.kv_last_page_len_host, *heads, self.kv_cache.block_size, causal=True,
-                              pos_encoding_mode="NONE", window_left=self.window_left, q_data_type=self.dtype,
+                              pos_encoding_mode="NONE", window_left=self.window_left, q_data_type=self.q_dtype,
                               kv_data_type=self.dtype)
         if self._planned is not None:
             self._planned.record()
@@ -67,10 +71,10 @@ class FlashInferAttention:
         cache = self.kv_cache.tensor[:, layer]  # [num_blocks, 2, block_size, kv_heads, head_dim], strided
         kv = _side_by_side(k, v)
         if kv is not None:  # one write of both (k and v are adjacent views into the qkv projection)
-            cache[meta.slot_blocks, :, meta.slot_offsets] = kv
+            cache[meta.slot_blocks, :, meta.slot_offsets] = kv.to(self.dtype)
         else:
-            cache[meta.slot_blocks, 0, meta.slot_offsets] = k
-            cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+            cache[meta.slot_blocks, 0, meta.slot_offsets] = k.to(self.dtype)
+            cache[meta.slot_blocks, 1, meta.slot_offsets] = v.to(self.dtype)
         return self._wrapper.run(q.contiguous(), cache)  # q may be a view into qkv (one copy if so)
 
     def forward_rotating(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor,

@@ -70,6 +70,8 @@ def test_layout_mismatch_is_refused_at_handshake(tmp_path):
         sender.connect(_desc("d", str(tmp_path / "x"), head_dim=64))
     with pytest.raises(LayoutMismatchError, match="dtype"):
         sender.connect(_desc("d", str(tmp_path / "x"), dtype="bfloat16"))
+    with pytest.raises(LayoutMismatchError, match="dtype"):  # a peer with an FP8 pool (--kv-cache-dtype fp8)
+        sender.connect(_desc("d", str(tmp_path / "x"), dtype="float8_e4m3fn"))
 
 
 def test_dead_peer_and_bad_blocks_give_clean_errors(tmp_path):

@@ -102,6 +102,7 @@ env:
   - {name: PDSERVE_PORT, value: {{ $pool.port | quote }}}
   - {name: PDSERVE_BLOCK_SIZE, value: {{ $root.Values.cluster.blockSize | quote }}}
   - {name: PDSERVE_TRANSPORT, value: {{ $root.Values.cluster.transport | quote }}}
+  - {name: PDSERVE_KV_CACHE_DTYPE, value: {{ $root.Values.cluster.kvCacheDtype | default "auto" | quote }}}
   - {name: PDSERVE_MAX_NUM_SEQS, value: {{ $pool.maxNumSeqs | quote }}}
   - {name: PDSERVE_MAX_NUM_BATCHED_TOKENS, value: {{ $pool.maxNumBatchedTokens | quote }}}
   - {name: PDSERVE_GPU_MEMORY_UTILIZATION, value: {{ $pool.gpuMemoryUtilization | quote }}}
