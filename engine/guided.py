@@ -6,7 +6,8 @@ has the matchers of the step's constrained rows write their masks of allowed tok
 llguidance, which fills them on its own threads, outside the GIL), copies them to the device, and the
 sampler sets every other token's logit to -inf. Unconstrained rows in the same batch are not touched. With
 steps queued ahead of the device, the masks of step N+1 are computed once step N's tokens are read, while the
-device runs step N+1's forward (engine/llm_engine.py); only its sampling waits for them.
+device runs step N+1's forward (engine/llm_engine.py), on a thread of their own while the engine's thread
+turns step N's tokens into outputs; only step N+1's sampling waits for them.
 
 Matchers are built from one tokenizer (llguidance's view of the model's tokenizer.json, built on the first
 constrained request: ~0.2 s for a 49k vocabulary on the CI machine) and, per grammar, a template matcher
@@ -19,6 +20,7 @@ step; and its masks, a little slower a token than xgrammar's, are filled in para
 
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import torch
@@ -44,6 +46,9 @@ class Grammars:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._executor = llguidance.LLExecutor()
+        # Masks are filled on this thread (llguidance lets go of the GIL) while the engine's thread reads the
+        # step's outputs: the two overlap.
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="pdserve-grammar")
         words = (vocab_size + 31) // 32
         # Rows are written by llguidance through a pointer, then copied to the device from pinned memory.
         self._host = torch.full((max_rows, words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -78,13 +83,24 @@ class Grammars:
     def masks(self, matchers: list[tuple[int, llguidance.LLMatcher]]) -> GrammarMasks:
         """(rows, allowed): the sampled rows under a grammar and their [rows, vocab] bool masks, on the
         device. matchers: (row in the step's samples, matcher), at most max_rows of them."""
+        return self.finish_masks(self.start_masks(matchers))
+
+    def start_masks(self, matchers: list[tuple[int, llguidance.LLMatcher]]) -> tuple[list, Future]:
+        """Start filling the masks of these rows on the grammar thread; finish_masks waits and sends them to
+        the device. The matchers must not change until then."""
         n = len(matchers)
         if n > len(self._host):  # remote starts are not capped by max_num_seqs: grow (the last step was read)
             self._host = torch.full((n, self._host.shape[1]), -1, dtype=torch.int32, pin_memory=self._host.is_pinned())
         host = self._host[:n]
-        self._executor.unsafe_compute_mask_ptr([(m, i) for i, (_, m) in enumerate(matchers)], host.data_ptr(),
-                                               host.shape[1] * 4, n)
-        bits = host.to(self.device, non_blocking=True)
+        work = [(m, i) for i, (_, m) in enumerate(matchers)]
+        return matchers, self._filler.submit(self._executor.unsafe_compute_mask_ptr, work, host.data_ptr(),
+                                             host.shape[1] * 4, n)
+
+    def finish_masks(self, started: tuple[list, Future]) -> GrammarMasks:
+        matchers, filled = started
+        filled.result()
+        n = len(matchers)
+        bits = self._host[:n].to(self.device, non_blocking=True)
         allowed = ((bits[:, :, None] >> self._shifts) & 1).view(n, -1)[:, : self.vocab_size].bool()
         rows = to_device([r for r, _ in matchers], self.device, torch.int64)
         return rows, allowed

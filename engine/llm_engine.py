@@ -370,11 +370,21 @@ class LLMEngine:
         def before_sampling(sampled: list[Request]) -> GrammarMasks | None:
             if not guided:
                 return None
+            started = []
+
+            def start() -> None:  # the matchers have taken the previous step's tokens: fill the masks meanwhile
+                rows = [(row, r.matcher) for row, r in enumerate(sampled)
+                        if r.matcher is not None and not r.is_finished and not r.matcher.is_stopped()]
+                if rows:
+                    started.append(self.grammars.start_masks(rows))
+
             if prev is not None:
-                outputs.extend(self._finish(prev, running=launched))
+                outputs.extend(self._finish(prev, running=launched, on_tokens=start))
                 launched.read_prev = True
-            rows = [(row, r.matcher) for row, r in enumerate(sampled) if r.matcher is not None and not r.is_finished]
-            return self.grammars.masks(rows) if rows else None
+            else:
+                start()
+            # (a row that ended with the step just read keeps its mask: its sample is not read)
+            return self.grammars.finish_masks(started[0]) if started else None
 
         sampled, out = self.runner.execute(batch, prev.tokens if prev is not None else None, before_sampling)
         self.stats.num_steps += 1
@@ -391,21 +401,29 @@ class LLMEngine:
             launched.samples = out.copy_to_host()
         return launched
 
-    def _finish(self, step: "_Launched", running: "_Launched | None" = None) -> list[RequestOutput]:
+    def _finish(self, step: "_Launched", running: "_Launched | None" = None, on_tokens=None) -> list[RequestOutput]:
         """Wait for a launched step's tokens; append them, register newly full blocks, end finished requests.
-        running: a step launched after this one and still queued (requests it computes keep their blocks)."""
-        outputs = self._read(step, running)
+        running: a step launched after this one and still queued (requests it computes keep their blocks);
+        on_tokens(): called once the tokens are in their requests and their grammars took them."""
+        outputs = self._read(step, running, on_tokens)
         for req in step.free_after:
             self.kv_manager.free(req)
         return outputs
 
-    def _read(self, step: "_Launched", running: "_Launched | None") -> list[RequestOutput]:
+    def _read(self, step: "_Launched", running: "_Launched | None", on_tokens=None) -> list[RequestOutput]:
         # The step's one host sync (a step that samples nothing, a prefill chunk, has nothing to read).
         empty = ([], None, None, None)
         tokens, logprobs, top_ids, top_lps = step.samples.lists() if step.samples is not None else empty
+        # Each grammar takes its token here, before on_tokens() may start filling masks on another thread; from
+        # then on only matchers that have stopped are touched on this one.
+        grammar = {}  # request id -> (its grammar took the token, the grammar has stopped)
         for req, slot, tok in zip(step.reqs, step.slots, tokens, strict=True):
             if not req.is_finished:
                 req.output_token_ids[slot] = tok
+                if req.matcher is not None:
+                    grammar[req.request_id] = (Grammars.advance(req.matcher, tok), req.matcher.is_stopped())
+        if on_tokens is not None:
+            on_tokens()
         for req in step.batch.requests:  # every token in [0, num_computed_tokens) is known now
             if not req.is_finished:
                 self.kv_manager.commit(req)
@@ -419,7 +437,7 @@ class LLMEngine:
                 k = req.params.logprobs
                 top = tuple(zip(top_ids[row][:k], top_lps[row][:k], strict=True)) if top_ids else ()
                 lps.append(TokenLogprob(tok, logprobs[row], top))
-            reason = self._finish_reason(req, tok, n)
+            reason = self._finish_reason(req, tok, n, grammar.get(req.request_id))
             if reason is not None:
                 del req.output_token_ids[n:]  # a placeholder of a step launched after this one
                 in_flight = running is not None and any(r is req for r in running.batch.requests)
@@ -433,17 +451,20 @@ class LLMEngine:
             step, self._inflight = self._inflight, None
             self._ready += self._finish(step)
 
-    def _finish_reason(self, req: Request, tok: int, n: int) -> FinishReason | None:
-        """Why a request ends at its n-th output token tok, if it does."""
+    def _finish_reason(self, req: Request, tok: int, n: int, grammar: tuple[bool, bool] | None = None
+                       ) -> FinishReason | None:
+        """Why a request ends at its n-th output token tok, if it does. grammar: (its grammar took the token,
+        it has stopped) when that was done already (None: the grammar takes the token here)."""
         p = req.params
         detok = self._detok.get(req.request_id)
         stopped_by_string = detok.add(tok) if detok is not None else False
         if req.matcher is not None:
-            if not Grammars.advance(req.matcher, tok):  # only a token sampled without its mask gets here
+            advanced, stopped = grammar or (Grammars.advance(req.matcher, tok), req.matcher.is_stopped())
+            if not advanced:  # only a token sampled without its mask gets here
                 log.error("request %s: its grammar refused token %d (%s)", req.request_id, tok,
                           req.matcher.get_error())
                 return FinishReason.STOP
-            if req.matcher.is_stopped():  # the grammar is complete: nothing may follow
+            if stopped:  # the grammar is complete: nothing may follow
                 return FinishReason.STOP
         is_stop = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids or stopped_by_string
         if is_stop and n >= p.min_tokens:
