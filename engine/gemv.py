@@ -49,8 +49,10 @@ class Tile:
     warps: int
 
 
+# The last two read 2048 columns an iteration: as many bytes as 1024 of bf16, for FP8 weights (engine/fp8.py).
 TILES = [Tile(n, k, w) for n, k, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4),
-                                      (8, 512, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8), (32, 128, 4))]
+                                      (8, 512, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8), (32, 128, 4),
+                                      (4, 2048, 4), (8, 2048, 8))]
 
 
 def _build():
