@@ -164,13 +164,8 @@ def main() -> None:
         model, engine_args = demo_model(), {"device": "cpu", "kv_cache_bytes": 64 << 20}
         tok_dir = tokenizer_dir(demo_model())
     else:
-        import torch
-
         from bench.disagg import LLAMA_1B, dummy_model
 
-        # As a GPU worker runs its engine (worker/serve.py): one torch CPU thread, so that an intra-op pool does
-        # not spin beside the grammar threads.
-        torch.set_num_threads(1)
         tok_dir = Path(a.tokenizer_dir)
         model, engine_args = str(dummy_model(tok_dir, LLAMA_1B)), {"load_format": "dummy"}
     grammar_costs((Path(tok_dir) / "tokenizer.json").read_text(), 49152)
