@@ -147,13 +147,6 @@ class BlockPool:
         if gone:
             self.events.append(KVEvent(KVEventKind.REMOVED, gone))
 
-    def clear_cache(self) -> None:
-        """Forget every cached hash (e.g. after weights change); referenced blocks stay with their owners."""
-        self.block_hash = [None] * self.num_blocks
-        self.cached.clear()
-        self.reusable[list(self.free)] = True
-        self.events.append(KVEvent(KVEventKind.CLEARED))
-
     def drain_events(self) -> list[KVEvent]:
         events, self.events = self.events, []
         return events
