@@ -107,6 +107,8 @@ class LLMEngine:
                                             and self.device.type == "cuda"):
             fp8.check_device(self.device)
             log.info("FP8 linears: %d (e4m3, a scale a row; inputs quantized per token)", fp8.quantize_linears(model))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 weights' memory back, before the KV pool is sized
         with torch.device(self.device):  # rope tables stay float32 (computed as transformers does)
             model.rotary = type(model.rotary)(model_cfg.head_dim, self.max_model_len, model_cfg.rope_theta,
                                               model_cfg.rope_scaling)
@@ -195,7 +197,7 @@ class LLMEngine:
             files = [weights] if weights.is_file() else sorted(weights.glob("*.safetensors")) + [weights / "config.json"]
             stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
             tag = xxhash.xxh64_intdigest(repr((self.root_hash, str(weights.resolve()), stats, cfg.load_format,
-                                               cfg.seed, lay, self.model.heads.kv_start)).encode())
+                                               cfg.seed, cfg.quantization, lay, self.model.heads.kv_start)).encode())
             disk = DiskTier(Path(cfg.kv_disk_dir) / f"rank{self.parallel.rank}", cfg.kv_disk_bytes // lay.block_bytes,
                             lay.block_bytes, tag)
         return HostTier(max(1, cfg.kv_host_bytes // lay.block_bytes), self.kv_cache.tensor, disk)
@@ -378,11 +380,16 @@ class LLMEngine:
                 if rows:
                     started.append(self.grammars.start_masks(rows))
 
-            if prev is not None:
-                outputs.extend(self._finish(prev, running=launched, on_tokens=start))
-                launched.read_prev = True
-            else:
-                start()
+            try:
+                if prev is not None:
+                    outputs.extend(self._finish(prev, running=launched, on_tokens=start))
+                    launched.read_prev = True
+                else:
+                    start()
+            except BaseException:
+                if started:  # no fill may outlive this step (the next one may replace its buffer)
+                    started[0][1].result()
+                raise
             # (a row that ended with the step just read keeps its mask: its sample is not read)
             return self.grammars.finish_masks(started[0]) if started else None
 
