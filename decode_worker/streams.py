@@ -153,8 +153,8 @@ class DecodeStreams:
             send = asyncio.ensure_future(self._send(req.prefill_url, body.model_dump_json().encode()))
             sent = await asyncio.shield(send)
             st.task = None
-            self.client.start_remote(rid, sent.first_token,
-                                     [(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in sent.logprobs])
+            self.client.start_remote(rid, sent.first_token, _tuples(sent.logprobs),
+                                     None if sent.prompt_logprobs is None else _tuples(sent.prompt_logprobs))
         except asyncio.CancelledError:  # aborted (the router left): the reserved blocks go back once unused
             if send is not None and not send.done():
                 send.add_done_callback(lambda t: self._abort_after_send(t, rid))
@@ -238,9 +238,11 @@ class DecodeStreams:
                     self.client.abort(out.request_id)  # the engine would go on: stop it now
                 reason = "stop"
             lps = [LogprobView(t, lp, top) for t, lp, top in out.logprobs] if out.logprobs else []
+            prompt = None if out.prompt_logprobs is None else [LogprobView(t, lp, top)
+                                                               for t, lp, top in out.prompt_logprobs]
             chunk = ChunkView(out.request_id, out.token_ids, st.detok.take_delta(final=reason is not None),
                               reason is not None, reason, lps, out.num_prompt_tokens, out.num_cached_tokens,
-                              out.num_output_tokens, None, st.detok.stop_hit if stopped else None)
+                              out.num_output_tokens, None, st.detok.stop_hit if stopped else None, prompt)
             self._put(st.channel, chunk, touched)
             if reason is not None:
                 self._end(out.request_id)
@@ -293,6 +295,11 @@ class DecodeStreams:
             channel.flush()
             if channel.solo and not channel.requests:
                 channel.close()
+
+
+def _tuples(lps: list) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """A SendResult's logprobs as the core's messages carry them."""
+    return [(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in lps]
 
 
 def _error(rid: str, message: str, kind: str, code: str) -> ChunkView:

@@ -37,8 +37,14 @@ class KVCacheManager:
         """
         bs = self.block_size
         hashes = self._hashes_upto(req, (req.num_tokens - 1) // bs)
-        hits = self.pool.lookup_prefix(hashes)
-        lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
+        if req.params.prompt_logprobs is not None and not req.output_token_ids:
+            # Its prompt's logprobs come from computing every prompt token: no prefix hit (full blocks are still
+            # registered as they fill)
+            req.prompt_logprobs = []
+            hits, lower = [], []
+        else:
+            hits = self.pool.lookup_prefix(hashes)
+            lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
         num_cached = (len(hits) + len(lower)) * bs
         num_new = min(req.num_tokens - num_cached, token_budget)
         needed = blocks_for(num_cached + num_new, bs) - len(hits)

@@ -305,11 +305,15 @@ class LLMEngine:
             raise KVCacheFullError(f"no room for {len(prompt_token_ids)} prompt tokens in the KV cache now")
         return req
 
-    def start_remote(self, request_id: str, first_token: int, logprobs: list[TokenLogprob]) -> RequestOutput:
-        """The prompt's KV is in the reserved blocks: emit the prefill's first token and start decoding."""
+    def start_remote(self, request_id: str, first_token: int, logprobs: list[TokenLogprob],
+                     prompt_logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        """The prompt's KV is in the reserved blocks: emit the prefill's first token (and the prompt's logprobs
+        it computed, if asked) and start decoding."""
         req = self.scheduler.remote.get(request_id)
         if req is None:
             raise RequestError(f"no reserved request {request_id!r}")
+        if req.params.prompt_logprobs is not None and not req.output_token_ids:
+            req.prompt_logprobs = prompt_logprobs or []
         self.scheduler.start_remote(req)
         req.output_token_ids.append(first_token)
         n = len(req.output_token_ids)
@@ -482,6 +486,9 @@ class LLMEngine:
 
     def _output(self, req: Request, new: list[int], lps: list[TokenLogprob], n: int) -> RequestOutput:
         finished = req.is_finished
+        prompt_lps = None
+        if req.prompt_logprobs is not None and new:  # complete with the first token: reported once
+            prompt_lps, req.prompt_logprobs = req.prompt_logprobs, None
         detok = self._detok.pop(req.request_id, None) if finished else self._detok.get(req.request_id)
         return RequestOutput(
             request_id=req.request_id, new_token_ids=new,
@@ -489,6 +496,7 @@ class LLMEngine:
             finished=finished, finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
             # (a migrated stream's cached outputs are not prompt tokens: usage never counts more cached than prompt)
             num_cached_tokens=min(req.num_cached_tokens, len(req.prompt_token_ids)), num_output_tokens=n, logprobs=lps,
+            prompt_logprobs=prompt_lps,
         )
 
     # --- convenience ---
@@ -515,6 +523,8 @@ class LLMEngine:
                 c.token_ids += o.new_token_ids
                 c.text += o.text_delta
                 c.logprobs += o.logprobs
+                if o.prompt_logprobs is not None:
+                    c.prompt_logprobs = o.prompt_logprobs
                 c.finish_reason = o.finish_reason
                 c.num_prompt_tokens, c.num_cached_tokens = o.num_prompt_tokens, o.num_cached_tokens
         return [results[rid] for rid in ids]

@@ -19,6 +19,7 @@ from engine.attention.metadata import BatchMetadata
 from engine.device import pinned, to_device
 from engine.guided import GrammarMasks, apply_masks
 from engine.model import CausalLM
+from engine.outputs import TokenLogprob
 from engine.parallel import SINGLE, Parallel
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingBatch, sample
@@ -48,6 +49,26 @@ class StepInput:
     fill_at: np.ndarray | None = None
     fill_from: np.ndarray | None = None
     share_samples: bool = False  # rank 0 broadcasts this step's sampled ids to the other ranks after it
+    prompt_logprobs: "PromptLogprobsInput | None" = None  # rows whose prompt's logprobs this step computes
+
+
+@dataclass(slots=True)
+class PromptLogprobsInput:
+    """Where a step computes prompt logprobs: each computed prompt token whose next token is a prompt token too."""
+
+    index: np.ndarray  # [n] int64, the tokens' places in the step's input_ids
+    targets: np.ndarray  # [n] int64, the prompt token after each (whose logprob is taken)
+    counts: list[tuple[int, int]]  # (the request's place in the step, how many of the n are its), in order
+    top: int  # alternatives to report, the most any of the requests asked
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """A step's computed prompt logprobs on the device, in PromptLogprobsInput's order."""
+
+    chosen: torch.Tensor  # [n] float32
+    top_ids: torch.Tensor | None  # [n, top] int64
+    top_logprobs: torch.Tensor | None  # [n, top] float32
 
 
 def step_input(reqs: list[Request], counts: list[int], block_size: int) -> StepInput:
@@ -60,7 +81,28 @@ def step_input(reqs: list[Request], counts: list[int], block_size: int) -> StepI
     block_ids = np.concatenate([r.block_ids[:n] for r, n in zip(reqs, num_blocks, strict=True)]).astype(np.int64)
     # Logits only where a request's last known token is computed this step (not mid-prefill chunks).
     sample_rows = [i for i, r in enumerate(reqs) if seq_lens[i] == r.num_tokens]
-    return StepInput(starts, lens, input_ids, block_ids, sample_rows)
+    step = StepInput(starts, lens, input_ids, block_ids, sample_rows)
+    wanting = [i for i, r in enumerate(reqs) if r.prompt_logprobs is not None]
+    if wanting:
+        step.prompt_logprobs = _prompt_logprobs_input(reqs, wanting, starts, lens)
+    return step
+
+
+def _prompt_logprobs_input(reqs: list[Request], wanting: list[int], starts: np.ndarray, lens: np.ndarray
+                           ) -> PromptLogprobsInput | None:
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    index, targets, counts = [], [], []
+    for i in wanting:
+        r, start = reqs[i], int(starts[i])
+        n = min(int(lens[i]), len(r.prompt_token_ids) - 1 - start)  # positions whose next token is the prompt's
+        if n > 0:
+            index.append(np.arange(n, dtype=np.int64) + offsets[i])
+            targets.append(np.asarray(r.prompt_token_ids[start + 1 : start + 1 + n], dtype=np.int64))
+            counts.append((i, n))
+    if not counts:
+        return None
+    top = max(reqs[i].params.prompt_logprobs for i, _ in counts)
+    return PromptLogprobsInput(np.concatenate(index), np.concatenate(targets), counts, top)
 
 
 def build_metadata(step: StepInput, block_size: int, device: torch.device) -> tuple[np.ndarray, BatchMetadata]:
@@ -124,7 +166,9 @@ class ModelRunner:
         step.share_samples = self.share_samples and bool(step.sample_rows)
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
-        logits = self._forward(step, prev.token_ids if prev is not None else None)
+        logits, prompt = self._forward(step, prev.token_ids if prev is not None else None)
+        if prompt is not None:
+            _report_prompt_logprobs(batch.requests, step.prompt_logprobs, prompt)
         if logits is None:
             return [], None
         reqs = [batch.requests[i] for i in step.sample_rows]
@@ -151,23 +195,43 @@ class ModelRunner:
         step.fill_at = holes
         step.fill_from = np.array([prev.rows[reqs[i].request_id] for i in owners.tolist()], dtype=np.int64)
 
-    def _forward(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Logits of the step's sample rows [len(sample_rows), vocab], or None when no row samples.
-        prev_tokens: the previous step's sampled ids on the device (for placeholder inputs)."""
+    def _forward(self, step: StepInput, prev_tokens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, PromptLogprobs | None]:
+        """Logits of the step's sample rows [len(sample_rows), vocab] (None when no row samples), and the prompt
+        logprobs the step computes (None: none). prev_tokens: the previous step's sampled ids on the device
+        (for placeholder inputs)."""
         positions, meta = build_metadata(step, self.block_size, self.device)
         ids = to_device(step.input_ids, self.device)
         if step.fill_at is not None:
             ids[to_device(step.fill_at, self.device)] = prev_tokens[to_device(step.fill_from, self.device)]
-        if self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs):
+        if (self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs)
+                and step.prompt_logprobs is None):
             logits = self.graphs.run(meta, ids, positions)  # every rank replays, sampling or not
-            return logits if step.sample_rows else None
+            return (logits if step.sample_rows else None), None
         self.attention.plan(meta)
         pos = to_device(positions, self.device)
         hidden = self.model(ids, pos, self.attention)
+        prompt = None if step.prompt_logprobs is None else self._prompt_logprobs(hidden, step.prompt_logprobs)
         if not step.sample_rows:
-            return None
+            return None, prompt
         index = meta.query_start_loc[1:][to_device(step.sample_rows, self.device, torch.int64)] - 1
-        return self.model.compute_logits(hidden[index])
+        return self.model.compute_logits(hidden[index]), prompt
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, where: PromptLogprobsInput, rows: int = 1024
+                         ) -> PromptLogprobs:
+        """Each listed token's log-softmax over the vocabulary, read at the next prompt token (and the top
+        alternatives), a slice of rows at a time: a long prompt's logits never exist whole."""
+        index, targets = to_device(where.index, self.device), to_device(where.targets, self.device)
+        chosen, top_ids, top_lps = [], [], []
+        for s in range(0, len(index), rows):
+            lps = torch.log_softmax(self.model.compute_logits(hidden[index[s : s + rows]]), dim=-1)
+            chosen.append(lps.gather(1, targets[s : s + rows, None]).squeeze(1))
+            if where.top:
+                top = lps.topk(where.top, dim=-1)
+                top_ids.append(top.indices)
+                top_lps.append(top.values)
+        return PromptLogprobs(torch.cat(chosen), torch.cat(top_ids) if top_ids else None,
+                              torch.cat(top_lps) if top_lps else None)
 
     # --- the other ranks of a tensor/expert-parallel worker ---
 
@@ -176,7 +240,7 @@ class ModelRunner:
         """Run the driver's steps until it stops the group (a rank other than 0 lives in this loop)."""
         prev = None
         while (step := self.parallel.broadcast(None)) is not None:
-            self._forward(step, prev)
+            self._forward(step, prev)  # (its collectives meet rank 0's: prompt logprobs' logits included)
             prev = None
             if step.share_samples:  # rank 0's samples of this step: the next step's placeholder inputs
                 prev = torch.empty(len(step.sample_rows), dtype=torch.int64, device=self.device)
@@ -185,3 +249,18 @@ class ModelRunner:
     def stop_followers(self) -> None:
         if self.parallel.world_size > 1 and self.parallel.is_driver:
             self.parallel.broadcast(None)
+
+
+def _report_prompt_logprobs(reqs: list[Request], where: PromptLogprobsInput, got: PromptLogprobs) -> None:
+    """Append a step's prompt logprobs to their requests (a host sync: only in steps that compute some)."""
+    chosen = got.chosen.tolist()
+    top_ids = got.top_ids.tolist() if got.top_ids is not None else None
+    top_lps = got.top_logprobs.tolist() if got.top_logprobs is not None else None
+    at = 0
+    for i, n in where.counts:
+        r = reqs[i]
+        k = r.params.prompt_logprobs
+        for j in range(at, at + n):
+            top = tuple(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if k and top_ids is not None else ()
+            r.prompt_logprobs.append(TokenLogprob(int(where.targets[j]), chosen[j], top))
+        at += n

@@ -23,6 +23,8 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: the prompt's tokens after the first, with the request's first token
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -36,3 +38,4 @@ class Completion:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] | None = None

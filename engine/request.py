@@ -37,6 +37,9 @@ class Request:
     num_preemptions: int = 0
     hold_kv: bool = False  # a prefill worker's request: blocks stay referenced after it ends, until sent
     matcher: Any = None  # its grammar's matcher (engine/guided.py), when its output follows one
+    # params.prompt_logprobs: those of the prompt's tokens after the first, as computed (engine/outputs.py's
+    # TokenLogprob); reported with the first output, then None
+    prompt_logprobs: list | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -23,6 +23,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and k top alternatives
+    # None: none; k: each prompt token's logprob (after the first) and k top alternatives, computed at prefill
+    # without the prefix cache (completions' echo with logprobs)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     min_tokens: int = field(default=0)
@@ -42,6 +45,8 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (len(self.stop) <= 4, "at most 4 stop sequences"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be between 0 and max_tokens"),

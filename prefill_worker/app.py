@@ -140,8 +140,11 @@ def create_app(fe: Frontend) -> FastAPI:
             p.sent.set()
             if not p.prefilling and pending.get(req.request_id) is p:
                 del pending[req.request_id]  # no /prefill came to end it
-        lps = [TokenLogprobWire(token_id=t, logprob=lp, top=list(top)) for t, lp, top in out.logprobs or []]
-        return SendResult(first_token=out.token_ids[0], logprobs=lps,
+        def wire(lps: list) -> list[TokenLogprobWire]:
+            return [TokenLogprobWire(token_id=t, logprob=lp, top=list(top)) for t, lp, top in lps]
+
+        return SendResult(first_token=out.token_ids[0], logprobs=wire(out.logprobs or []),
+                          prompt_logprobs=None if out.prompt_logprobs is None else wire(out.prompt_logprobs),
                           num_blocks_sent=len(req.dst_block_ids) - req.skip_blocks).model_dump()
 
     @app.post("/abort/{request_id}")

@@ -24,6 +24,7 @@ class WireSamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the prompt's (completions' echo with logprobs), computed at prefill
     skip_special_tokens: bool = True
     grammar: tuple[str, str] | None = None  # (kind, source), protocol/grammar.py
     logit_bias: list[tuple[int, float]] = Field(default_factory=list)
@@ -57,6 +58,7 @@ class TokenLogprobWire(BaseModel):
 class SendResult(BaseModel):
     first_token: int
     logprobs: list[TokenLogprobWire] = Field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobWire] | None = None  # when asked: the prompt's tokens after the first
     num_blocks_sent: int
 
 
@@ -89,6 +91,8 @@ class GenerateChunk(BaseModel):
     completion_tokens: int = 0
     error: dict[str, Any] | None = None  # {"message", "type", "code"} when the request failed
     stop_reason: str | None = None  # the stop string that ended it (vLLM's stop_reason), if one did
+    # params.prompt_logprobs: with the first chunk, the prompt's tokens after the first
+    prompt_logprobs: list[TokenLogprobWire] | None = None
 
 
 def struct_of(model: type[BaseModel], name: str, frozen: bool = False, array_like: bool = False,
@@ -112,7 +116,8 @@ def struct_of(model: type[BaseModel], name: str, frozen: bool = False, array_lik
 # How a decode worker writes its chunks and the router reads them (decode_frame raises ValueError on a line that
 # is not a frame: a JSON list of chunks)
 LogprobView = struct_of(TokenLogprobWire, "LogprobView", frozen=True)
-ChunkView = struct_of(GenerateChunk, "ChunkView", logprobs=list[LogprobView])
+ChunkView = struct_of(GenerateChunk, "ChunkView", logprobs=list[LogprobView],
+                      prompt_logprobs=list[LogprobView] | None)
 decode_frame = msgspec.json.Decoder(list[ChunkView]).decode
 _frame_encoder = msgspec.json.Encoder()
 

@@ -46,7 +46,7 @@ from router.errors import OpenAIError, install_error_handlers, validation_error
 from router.frontdoor import FrontDoor, Ticket
 from router.messages_api import MessagesRequest
 from router.metrics import RouterMetrics
-from router.openai_format import Formatter, usage
+from router.openai_format import Formatter, echoed_logprobs, usage
 from router.policy import Router
 from router.responses_api import ResponsesRequest
 from router.schemas import (
@@ -595,6 +595,7 @@ def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, seed=seed, stop=body.stop, ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs(), grammar=out_plan.grammar,
+        prompt_logprobs=body.num_logprobs() if getattr(body, "echo", False) else None,
         logit_bias=[(int(t), b) for t, b in bias.items()] if bias else [],
         skip_special_tokens=not out_plan.keeps_special_tokens,
     )
@@ -661,7 +662,8 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     if not chat and body.echo:
         texts = [p if isinstance(p, str) else state.tokenizer.decode(p, skip_special_tokens=False)
                  for p in body.prompts()]
-        echo = [t for t in texts for _ in range(body.n)]
+        # (text, prompt ids) a choice: its prompt ids head its logprobs when they are asked
+        echo = [(t, ids) for t, ids in zip(texts, prompts, strict=True) for _ in range(body.n)]
     state.metrics.prompt_tokens.inc(prompt_tokens * body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -685,12 +687,14 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     cached = sum(max(r[4] for r in results[i:i + n]) for i in range(0, len(results), n))
     _observe(state, start, completion, cached)
     choices = []
-    for i, (text, reason, lps, _, _, stop) in enumerate(results):
+    for i, (text, reason, lps, _, _, stop, prompt_lps) in enumerate(results):
         message = None
         if readers is not None:
             message = assemble(readers[i].feed(text) + readers[i].finish())
             reason = readers[i].finish_reason(reason)
-        choices.append((echo[i] + text if echo else text, reason, lps, message, stop))
+        if echo:
+            text, lps = echo[i][0] + text, echoed_logprobs(echo[i][1], prompt_lps, lps)
+        choices.append((text, reason, lps, message, stop))
     return Reply(body=fmt.full(choices, usage(prompt_tokens, completion, cached)), completion_tokens=completion)
 
 
@@ -734,18 +738,21 @@ async def _collect_all(streams: list[AsyncIterator[ChunkView]], ticket: Ticket) 
 
 
 async def _collect(stream: AsyncIterator[ChunkView], ticket: Ticket
-                   ) -> tuple[str, str | None, list[LogprobView], int, int, str | None]:
-    """(text, finish reason, logprobs, completion tokens, cached tokens, the stop string that ended it)."""
-    text, lps, reason, completion, cached, stop = [], [], None, 0, 0, None
+                   ) -> tuple[str, str | None, list[LogprobView], int, int, str | None, list[LogprobView] | None]:
+    """(text, finish reason, logprobs, completion tokens, cached tokens, the stop string that ended it, the
+    prompt's logprobs if asked)."""
+    text, lps, reason, completion, cached, stop, prompt = [], [], None, 0, 0, None, None
     async for c in stream:
         if c.error:
             raise _worker_error(c)
         text.append(c.text)
         lps += c.logprobs
+        if c.prompt_logprobs is not None:
+            prompt = c.prompt_logprobs
         ticket.completion_tokens += c.completion_tokens - completion  # billed as it happens (also if cut off)
         ticket.cached_tokens = max(ticket.cached_tokens, c.cached_tokens)
         reason, completion, cached, stop = c.finish_reason, c.completion_tokens, c.cached_tokens, c.stop_reason
-    return "".join(text), reason, lps, completion, cached, stop
+    return "".join(text), reason, lps, completion, cached, stop, prompt
 
 
 def _worker_error(c: ChunkView) -> OpenAIError:
@@ -814,9 +821,13 @@ async def _sse(state: RouterState, fmt: Formatter, streams: list[AsyncIterator[C
                 if readers is not None:
                     for chunk in _read_chunks(fmt, i, item, first, readers[i]):
                         yield encode(chunk)
+                elif echo is not None and first:
+                    text = echo[i][0] + item.text
+                    lps = echoed_logprobs(echo[i][1], item.prompt_logprobs, item.logprobs)
+                    yield encode(fmt.chunk(i, item, first, offsets[i], text, lps))
+                    offsets[i] += len(echo[i][0])
                 else:
-                    text = echo[i] + item.text if echo is not None and first else None
-                    yield encode(fmt.chunk(i, item, first, offsets[i], text))
+                    yield encode(fmt.chunk(i, item, first, offsets[i]))
                 # Measured before the chunk went out, recorded after (off the path of the token to the client).
                 if not first_seen:
                     state.metrics.ttft.observe(now - start)

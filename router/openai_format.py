@@ -12,6 +12,15 @@ def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def echoed_logprobs(prompt_ids: list[int], prompt: list[LogprobView] | None, lps: list[LogprobView]
+                    ) -> list[LogprobView]:
+    """A completion's logprobs with its echoed prompt's first (the first prompt token has none: null, as OpenAI),
+    when the prompt's were asked for (prompt: None when they were not)."""
+    if prompt is None:
+        return lps
+    return [LogprobView(prompt_ids[0], None, []), *prompt, *lps]
+
+
 class Formatter:
     def __init__(self, tokenizer: ChatTokenizer, model: str, request_id: str, chat: bool):
         self.tok = tokenizer
@@ -40,18 +49,19 @@ class Formatter:
             offsets.append(pos)
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
-                "top_logprobs": [{self._token(t): v for t, v in x.top} for x in lps], "text_offset": offsets}
+                "top_logprobs": [None if x.logprob is None else {self._token(t): v for t, v in x.top} for x in lps],
+                "text_offset": offsets}
 
-    def chunk(self, index: int, c: ChunkView, first: bool, text_offset: int, text: str | None = None
-              ) -> dict[str, Any]:
-        """A worker chunk as a stream chunk (text: in place of the chunk's, e.g. the prompt echoed first)."""
+    def chunk(self, index: int, c: ChunkView, first: bool, text_offset: int, text: str | None = None,
+              lps: list[LogprobView] | None = None) -> dict[str, Any]:
+        """A worker chunk as a stream chunk (text, lps: in place of the chunk's, e.g. the prompt echoed first)."""
         text = c.text if text is None else text
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta}
         else:
             choice = {"index": index, "text": text}
-        choice["logprobs"] = self.logprobs(c.logprobs, text_offset)
+        choice["logprobs"] = self.logprobs(c.logprobs if lps is None else lps, text_offset)
         choice["finish_reason"] = c.finish_reason if c.finished else None
         if c.stop_reason is not None:
             choice["stop_reason"] = c.stop_reason  # the stop string that ended it (vLLM's field)

@@ -240,8 +240,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("a prompt in the list is empty")
         if isinstance(self.prompt, list) and len(self.prompt) > 64 and not isinstance(self.prompt[0], int):
             raise ValueError("at most 64 prompts a request")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (the prompt's logprobs are not computed)")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -52,8 +52,10 @@ class EngineClient(asyncio.Protocol):
     def abort(self, request_id: str) -> None:
         self._send(ipc.Abort(request_id))
 
-    def start_remote(self, request_id: str, first_token: int, logprobs: list) -> None:
-        self._send(ipc.StartRemote(request_id, first_token, logprobs))
+    def start_remote(self, request_id: str, first_token: int, logprobs: list, prompt_logprobs: list | None = None
+                     ) -> None:
+        """logprobs, prompt_logprobs: (token, logprob, top) tuples, as in ipc.StartRemote."""
+        self._send(ipc.StartRemote(request_id, first_token, logprobs, prompt_logprobs))
 
     def release(self, request_id: str) -> None:
         self._send(ipc.Release(request_id))

@@ -39,10 +39,19 @@ class _TransferEnded:
     bytes_sent: int
 
 
+def _wire(lps: list[TokenLogprob]) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    return [(lp.token_id, lp.logprob, list(lp.top)) for lp in lps]
+
+
+def _unwire(lps: list[tuple[int, float, list[tuple[int, float]]]]) -> list[TokenLogprob]:
+    return [TokenLogprob(t, lp, tuple(tuple(x) for x in top)) for t, lp, top in lps]
+
+
 def to_out(o: RequestOutput) -> ipc.Out:
-    lps = [(lp.token_id, lp.logprob, list(lp.top)) for lp in o.logprobs] if o.logprobs else None
     return ipc.Out(o.request_id, o.new_token_ids, o.num_output_tokens, o.num_cached_tokens, o.num_prompt_tokens,
-                   o.finish_reason.value if o.finish_reason is not None else None, lps)
+                   o.finish_reason.value if o.finish_reason is not None else None,
+                   _wire(o.logprobs) if o.logprobs else None,
+                   None if o.prompt_logprobs is None else _wire(o.prompt_logprobs))
 
 
 class EngineCore:
@@ -164,8 +173,9 @@ class EngineCore:
         elif isinstance(msg, ipc.Abort):
             engine.abort_request(msg.request_id)
         elif isinstance(msg, ipc.StartRemote):
-            lps = [TokenLogprob(t, lp, tuple(tuple(x) for x in top)) for t, lp, top in msg.logprobs]
-            self._outs.append(to_out(engine.start_remote(msg.request_id, msg.first_token, lps)))
+            prompt = None if msg.prompt_logprobs is None else _unwire(msg.prompt_logprobs)
+            self._outs.append(to_out(engine.start_remote(msg.request_id, msg.first_token, _unwire(msg.logprobs),
+                                                         prompt)))
         elif isinstance(msg, ipc.Release):
             engine.release_held(msg.request_id)
         elif isinstance(msg, ipc.ReserveRemote):

@@ -50,6 +50,7 @@ class StartRemote(_Message):
     request_id: str
     first_token: int
     logprobs: list[tuple[int, float, list[tuple[int, float]]]]
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # computed by the prefill
 
 
 class Release(_Message):
@@ -110,6 +111,7 @@ class Out(_Message):
     num_prompt_tokens: int
     finish_reason: str | None  # set on the request's last output: "stop" (eos, stop token), "length", "abort"
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # [(token, logprob, top)]
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # with the first token, if asked
 
 
 class Refused(_Message):

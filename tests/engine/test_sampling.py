@@ -136,3 +136,41 @@ def test_min_p_drops_unlikely_tokens():
         seeds=torch.arange(n, dtype=torch.int64), steps=torch.zeros(n, dtype=torch.int64), output_counts=None,
         seen_tokens=None, num_logprobs=None, any_sampling=True, any_top_k_p=False, any_min_p=True)
     assert set(sample(logits, batch).token_ids.tolist()) == {0, 1}  # 0.15 and 0.05 are under 0.5 * 0.5
+
+
+def _hf_prompt_logprobs(hf_model, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt])).logits[0].float()
+    return torch.log_softmax(logits[:-1], dim=-1)  # row i: the distribution of prompt[i + 1]
+
+
+def _check_prompt_logprobs(got, prompt: list[int], ref: torch.Tensor, k: int) -> None:
+    assert [lp.token_id for lp in got] == prompt[1:]
+    for i, lp in enumerate(got):
+        assert lp.logprob == pytest.approx(ref[i, prompt[i + 1]].item(), abs=1e-4)
+        top = ref[i].topk(k)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_match_transformers(demo_gguf, demo_hf):
+    """Each prompt token's logprob (after the first) and top alternatives, as transformers computes them: a long
+    prompt prefilled in chunks, the same prompt again once its blocks are cached (computed anew, not read from
+    the cache), and beside requests that ask for none, whose outputs are unchanged."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    hf_model, _ = demo_hf
+    engine = LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=64 << 20, max_num_batched_tokens=48))
+    long_chat = [{"role": "user", "content": "Tell me about lighthouses, " * 12}]
+    prompts = [engine.tokenizer.encode_chat(CHAT), engine.tokenizer.encode_chat(long_chat)]
+    assert len(prompts[1]) > 2 * 48  # three chunks or more
+    plain = SamplingParams(max_tokens=4, temperature=0)
+    asked = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2)
+    alone = engine.generate(prompts, plain)
+    results = engine.generate(prompts + prompts, [asked, asked, plain, plain])
+    for prompt, res in zip(prompts, results[:2], strict=True):
+        _check_prompt_logprobs(res.prompt_logprobs, prompt, _hf_prompt_logprobs(hf_model, prompt), 2)
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone] * 2
+    assert results[2].prompt_logprobs is None and results[2].num_cached_tokens > 0
+    assert results[0].num_cached_tokens == 0  # its prompt was computed, not read from the cache

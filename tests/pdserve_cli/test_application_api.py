@@ -136,6 +136,39 @@ def test_completions_take_prompt_lists_echo_and_logit_bias(server, oai):
     assert banned.choices[0].text != many.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, oai, demo_hf):
+    """The prompt's tokens and logprobs head the completion's (the first with none, as OpenAI), equal to
+    transformers' on the same weights, whether the decode worker prefilled it or a prefill worker did (the
+    long prompt); streamed, the same tokens and numbers."""
+    import torch
+
+    hf_model, _ = demo_hf
+    for prompt in ["The capital of France is", LONG + "The capital of France is"]:
+        ids = httpx.post(f"{server[0]}/tokenize", json={"model": server[1], "prompt": prompt}).json()["tokens"]
+        whole = oai.completions.create(model=server[1], prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=2)
+        plain = oai.completions.create(model=server[1], prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+        choice, lp = whole.choices[0], whole.choices[0].logprobs
+        assert choice.text == prompt + plain.choices[0].text
+        assert lp.tokens[len(ids):] == plain.choices[0].logprobs.tokens
+        # (the plain run read the prompt's KV from the cache: computed in another shape, rounded differently)
+        assert lp.token_logprobs[len(ids):] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        got = lp.token_logprobs[1 : len(ids)]
+        assert got == pytest.approx([ref[i, t].item() for i, t in enumerate(ids[1:])], abs=1e-4)
+        for i, top in enumerate(lp.top_logprobs[1 : len(ids)]):
+            assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(ref[i].max().item(), abs=1e-4)
+        chunks = [c.choices[0] for c in oai.completions.create(
+            model=server[1], prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True)
+            if c.choices]
+        assert "".join(c.text for c in chunks) == choice.text
+        assert sum((c.logprobs.tokens for c in chunks), []) == lp.tokens
+        assert sum((c.logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
+        assert sum((c.logprobs.text_offset for c in chunks), []) == lp.text_offset
+
+
 def test_the_responses_api_streamed_and_whole(server, oai):
     kw = dict(model=server[1], instructions="Answer briefly.", input="What is the capital of France?",
               max_output_tokens=24, temperature=0)

@@ -71,7 +71,7 @@ def test_what_the_structs_do_not_model_goes_to_the_model():
 @pytest.mark.parametrize("body", [
     b'{"model": "m", "messages": []}', b'{"model": "m", "messages": [{"role": "bot", "content": "x"}]}',
     b'{"model": "m", "messages": [{"role": "user"}], "top_logprobs": 2}', b'{"model": "m", "prompt": ""}',
-    b'{"model": "m", "prompt": "x", "echo": true, "logprobs": 1}', b'{"model": "m", "prompt": "x", "stop": ["a", ""]}',
+    b'{"model": "m", "prompt": "x", "echo": true, "logprobs": 6}', b'{"model": "m", "prompt": "x", "stop": ["a", ""]}',
     b'{"model": "m", "prompt": "x", "temperature": 2.5}', b'[1]', b'{"model": "m", "prompt": "x"',
 ])
 def test_invalid_bodies_raise_the_models_error(body):
