@@ -237,12 +237,11 @@ class DecodeStreams:
                 if reason is None:
                     self.client.abort(out.request_id)  # the engine would go on: stop it now
                 reason = "stop"
-            lps = [LogprobView(t, lp, top) for t, lp, top in out.logprobs] if out.logprobs else []
-            prompt = None if out.prompt_logprobs is None else [LogprobView(t, lp, top)
-                                                               for t, lp, top in out.prompt_logprobs]
+            prompt = None if out.prompt_logprobs is None else _views(out.prompt_logprobs)
             chunk = ChunkView(out.request_id, out.token_ids, st.detok.take_delta(final=reason is not None),
-                              reason is not None, reason, lps, out.num_prompt_tokens, out.num_cached_tokens,
-                              out.num_output_tokens, None, st.detok.stop_hit if stopped else None, prompt)
+                              reason is not None, reason, _views(out.logprobs or []), out.num_prompt_tokens,
+                              out.num_cached_tokens, out.num_output_tokens, None,
+                              st.detok.stop_hit if stopped else None, prompt)
             self._put(st.channel, chunk, touched)
             if reason is not None:
                 self._end(out.request_id)
@@ -300,6 +299,11 @@ class DecodeStreams:
 def _tuples(lps: list) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """A SendResult's logprobs as the core's messages carry them."""
     return [(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in lps]
+
+
+def _views(lps: list[tuple[int, float, list[tuple[int, float]]]]) -> list[LogprobView]:
+    """The core's logprob tuples as a chunk carries them."""
+    return [LogprobView(t, lp, top) for t, lp, top in lps]
 
 
 def _error(rid: str, message: str, kind: str, code: str) -> ChunkView:

@@ -312,8 +312,7 @@ class LLMEngine:
         req = self.scheduler.remote.get(request_id)
         if req is None:
             raise RequestError(f"no reserved request {request_id!r}")
-        if req.params.prompt_logprobs is not None and not req.output_token_ids:
-            req.prompt_logprobs = prompt_logprobs or []
+        req.prompt_logprobs = prompt_logprobs  # (the prefill worker's, when asked: reported with this token)
         self.scheduler.start_remote(req)
         req.output_token_ids.append(first_token)
         n = len(req.output_token_ids)

@@ -158,7 +158,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, prev: PrevTokens | None = None,
                 before_sampling: "Callable[[list[Request]], GrammarMasks | None] | None" = None
                 ) -> tuple[list[Request], SamplerOutput | None]:
-        """Queue the step's forward and sampling on the device; nothing here waits for the device.
+        """Queue the step's forward and sampling on the device; nothing here waits for the device, except in a
+        step computing prompt logprobs (read once its sampling is queued).
         before_sampling(the requests sampled, in row order), called once the forward is queued: the host's
         work that must precede the sampling (the engine's), and the grammar masks to apply, if any."""
         step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
@@ -167,10 +168,14 @@ class ModelRunner:
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
         logits, prompt = self._forward(step, prev.token_ids if prev is not None else None)
+        sampled = ([], None) if logits is None else self._sample(batch, step, logits, before_sampling)
         if prompt is not None:
             _report_prompt_logprobs(batch.requests, step.prompt_logprobs, prompt)
-        if logits is None:
-            return [], None
+        return sampled
+
+    def _sample(self, batch: ScheduledBatch, step: StepInput, logits: torch.Tensor,
+                before_sampling: "Callable[[list[Request]], GrammarMasks | None] | None"
+                ) -> tuple[list[Request], SamplerOutput]:
         reqs = [batch.requests[i] for i in step.sample_rows]
         masks = before_sampling(reqs) if before_sampling is not None else None
         if masks is not None:
