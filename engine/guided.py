@@ -7,7 +7,8 @@ llguidance, which fills them on its own threads, outside the GIL), copies them t
 sampler sets every other token's logit to -inf. Unconstrained rows in the same batch are not touched. With
 steps queued ahead of the device, the masks of step N+1 are computed once step N's tokens are read, while the
 device runs step N+1's forward (engine/llm_engine.py), on a thread of their own while the engine's thread
-turns step N's tokens into outputs; only step N+1's sampling waits for them.
+turns step N's tokens into outputs and schedules step N+2; step N+1's sampling is queued after that, just
+before step N+2's forward, so the device is never left without work while the masks are filled.
 
 Matchers are built from one tokenizer (llguidance's view of the model's tokenizer.json, built on the first
 constrained request: ~0.2 s for a 49k vocabulary on the CI machine) and, per grammar, a template matcher
@@ -20,7 +21,7 @@ step; and its masks, a little slower a token than xgrammar's, are filled in para
 
 import logging
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import llguidance
 import torch
@@ -49,6 +50,7 @@ class Grammars:
         # Masks are filled on this thread (llguidance lets go of the GIL) while the engine's thread reads the
         # step's outputs: the two overlap.
         self._filler = ThreadPoolExecutor(1, thread_name_prefix="pdserve-grammar")
+        self._filling: Future | None = None  # the last fill started (its rows are written into self._host)
         words = (vocab_size + 31) // 32
         # Rows are written by llguidance through a pointer, then copied to the device from pinned memory.
         self._host = torch.full((max_rows, words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -89,12 +91,15 @@ class Grammars:
         """Start filling the masks of these rows on the grammar thread; finish_masks waits and sends them to
         the device. The matchers must not change until then."""
         n = len(matchers)
-        if n > len(self._host):  # remote starts are not capped by max_num_seqs: grow (the last step was read)
+        if n > len(self._host):  # remote starts are not capped by max_num_seqs: grow
+            if self._filling is not None:  # (a fill a failed step left behind must not write into freed memory)
+                wait([self._filling])
             self._host = torch.full((n, self._host.shape[1]), -1, dtype=torch.int32, pin_memory=self._host.is_pinned())
         host = self._host[:n]
         work = [(m, i) for i, (_, m) in enumerate(matchers)]
-        return matchers, self._filler.submit(self._executor.unsafe_compute_mask_ptr, work, host.data_ptr(),
-                                             host.shape[1] * 4, n)
+        self._filling = self._filler.submit(self._executor.unsafe_compute_mask_ptr, work, host.data_ptr(),
+                                            host.shape[1] * 4, n)
+        return matchers, self._filling
 
     def finish_masks(self, started: tuple[list, Future]) -> GrammarMasks:
         matchers, filled = started

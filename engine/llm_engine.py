@@ -17,13 +17,13 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.errors import KVCacheFullError, ModelLoadError, RequestError, UnsupportedModelError
-from engine.guided import GrammarMasks, Grammars
+from engine.guided import Grammars
 from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_tiers import DiskTier, HostTier
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
-from engine.model_runner import PLACEHOLDER, ModelRunner, PrevTokens
+from engine.model_runner import PLACEHOLDER, Forward, ModelRunner, PrevTokens
 from engine.outputs import Completion, RequestOutput, TokenLogprob
 from engine.parallel import SINGLE, Parallel
 from engine.request import FinishReason, Request
@@ -52,17 +52,21 @@ class EngineStats:
 @dataclass(slots=True)
 class _Launched:
     """A step queued on the device: its batch, the requests it samples (row order), where each one's
-    placeholder sits in its outputs, and its samples on their way to the host / still on the device."""
+    placeholder sits in its outputs, and its samples on their way to the host / still on the device. A step
+    whose samples follow grammars has its forward queued first and its sampling once their masks are filled
+    (`pending`, `masks`): in the next step() call, so the device runs the forward while the host reads the
+    step before, fills the masks and schedules the step after."""
 
     batch: ScheduledBatch
     reqs: list[Request]
     slots: list[int]
-    samples: HostSamples | None
-    tokens: PrevTokens | None
+    samples: HostSamples | None = None
+    tokens: PrevTokens | None = None
     # Requests that ended while this step was queued and that it computes a token for: their blocks go back
     # to the pool once it is read (no other process's KV transfer may land in a block it still writes).
     free_after: list[Request] = field(default_factory=list)
-    read_prev: bool = False  # the step before it was read while it was launched (a grammar's masks needed it)
+    pending: Forward | None = None  # the forward, while its sampling is not queued
+    masks: tuple | None = None  # its grammar masks being filled (Grammars.start_masks), while pending
 
 
 def resolve_device(name: str) -> torch.device:
@@ -348,12 +352,17 @@ class LLMEngine:
             prev = None
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
-        launched = None if batch.is_empty else self._launch(batch, prev, outputs)
+        if prev is not None:
+            self._sample(prev)  # (step N+1's forward takes its tokens)
+        launched = None if batch.is_empty else self._launch(batch, prev)
         if prev is not None:
             self.stats.num_overlapped_steps += launched is not None
-            if not (launched is not None and launched.read_prev):
-                outputs += self._finish(prev, running=launched)
+            # Once the grammars took step N's tokens, the masks of N+1 are filled while N's outputs are made.
+            start = None if launched is None or launched.pending is None else (lambda: self._start_masks(launched))
+            outputs += self._finish(prev, running=launched, on_tokens=start)
         if launched is not None:
+            if launched.pending is not None and launched.masks is None:
+                self._start_masks(launched)  # (every earlier step is read)
             if self._overlap:
                 self._inflight = launched
             else:
@@ -364,57 +373,45 @@ class LLMEngine:
         # Penalties read a request's earlier outputs on the host when the next step's sampling is built.
         return not any(r.params.uses_penalties for r in prev.reqs)
 
-    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None", outputs: list[RequestOutput]
-                ) -> "_Launched":
-        """Queue the step. When a request it samples follows a grammar, the previous step is read (into
-        outputs) once this step's forward is queued: its tokens advance the matchers this step's masks come
-        from, computed while the device runs the forward."""
-        launched = _Launched(batch, [], [], None, None)
-        guided = self.grammars is not None and any(r.matcher is not None for r in batch.requests)
-
-        def before_sampling(sampled: list[Request]) -> GrammarMasks | None:
-            if not guided:
-                return None
-            started = []
-
-            def start() -> None:  # the matchers have taken the previous step's tokens: fill the masks meanwhile
-                rows = [(row, r.matcher) for row, r in enumerate(sampled)
-                        if r.matcher is not None and not r.is_finished and not r.matcher.is_stopped()]
-                if rows:
-                    started.append(self.grammars.start_masks(rows))
-
-            try:
-                if prev is not None:
-                    outputs.extend(self._finish(prev, running=launched, on_tokens=start))
-                    launched.read_prev = True
-                else:
-                    start()
-            except BaseException:
-                if started:  # no fill may outlive this step (the next one may replace its buffer)
-                    started[0][1].result()
-                raise
-            # (a row that ended with the step just read keeps its mask: its sample is not read)
-            return self.grammars.finish_masks(started[0]) if started else None
-
-        sampled, out = self.runner.execute(batch, prev.tokens if prev is not None else None, before_sampling)
+    def _launch(self, batch: ScheduledBatch, prev: "_Launched | None") -> "_Launched":
+        """Queue the step's forward, and its sampling unless a request it samples follows a grammar."""
+        fwd = self.runner.launch(batch, prev.tokens if prev is not None else None)
         self.stats.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
             req.num_computed_tokens += n
             self.stats.num_tokens_computed += n
-        launched.reqs = sampled
-        for req in sampled:  # the token this step samples: a placeholder until _finish reads it
+        launched = _Launched(batch, fwd.reqs, [], pending=fwd)
+        for req in fwd.reqs:  # the token this step samples: a placeholder until _finish reads it
             launched.slots.append(len(req.output_token_ids))
             if not req.is_finished:  # (ended by the step before, read just now: this token is computed in vain)
                 req.output_token_ids.append(PLACEHOLDER)
-        if out is not None:
-            launched.tokens = PrevTokens(out.token_ids, {r.request_id: row for row, r in enumerate(sampled)})
-            launched.samples = out.copy_to_host()
+        if self.grammars is None or not any(r.matcher is not None for r in fwd.reqs):
+            self._sample(launched)
         return launched
+
+    def _start_masks(self, step: "_Launched") -> None:
+        """Start filling a pending step's grammar masks (its requests' matchers have taken every earlier token)."""
+        rows = [(row, r.matcher) for row, r in enumerate(step.reqs)
+                if r.matcher is not None and not r.is_finished and not r.matcher.is_stopped()]
+        step.masks = self.grammars.start_masks(rows) if rows else None
+
+    def _sample(self, step: "_Launched") -> None:
+        """Queue a launched step's sampling, if it is not queued yet (with its grammar masks, once filled)."""
+        if step.pending is None:
+            return
+        fwd, step.pending = step.pending, None
+        # (a row that ended since its mask was started keeps it: its sample is not read)
+        masks, step.masks = step.masks, None
+        out = self.runner.sample(fwd, self.grammars.finish_masks(masks) if masks is not None else None)
+        if out is not None:
+            step.tokens = PrevTokens(out.token_ids, {r.request_id: row for row, r in enumerate(fwd.reqs)})
+            step.samples = out.copy_to_host()
 
     def _finish(self, step: "_Launched", running: "_Launched | None" = None, on_tokens=None) -> list[RequestOutput]:
         """Wait for a launched step's tokens; append them, register newly full blocks, end finished requests.
         running: a step launched after this one and still queued (requests it computes keep their blocks);
         on_tokens(): called once the tokens are in their requests and their grammars took them."""
+        self._sample(step)
         outputs = self._read(step, running, on_tokens)
         for req in step.free_after:
             self.kv_manager.free(req)

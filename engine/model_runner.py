@@ -8,7 +8,6 @@ With several ranks (tensor/expert parallel), rank 0 broadcasts each step's StepI
 the same forward (its collectives meet the others'); only rank 0 samples.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +68,18 @@ class PromptLogprobs:
     chosen: torch.Tensor  # [n] float32
     top_ids: torch.Tensor | None  # [n, top] int64
     top_logprobs: torch.Tensor | None  # [n, top] float32
+
+
+@dataclass(slots=True)
+class Forward:
+    """A step whose forward is queued on the device and whose sampling may not be yet."""
+
+    batch: ScheduledBatch
+    step: StepInput
+    reqs: list[Request]  # the requests it samples, in row order
+    logits: torch.Tensor | None  # [len(reqs), vocab] (None: it samples nothing)
+    sampling: SamplingBatch | None  # the rows' sampling parameters (None: every row is plain greedy)
+    prompt: "PromptLogprobs | None"
 
 
 def step_input(reqs: list[Request], counts: list[int], block_size: int) -> StepInput:
@@ -155,38 +166,37 @@ class ModelRunner:
         self.share_samples = overlap and parallel.world_size > 1
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, prev: PrevTokens | None = None,
-                before_sampling: "Callable[[list[Request]], GrammarMasks | None] | None" = None
-                ) -> tuple[list[Request], SamplerOutput | None]:
-        """Queue the step's forward and sampling on the device; nothing here waits for the device, except in a
-        step computing prompt logprobs (read once its sampling is queued).
-        before_sampling(the requests sampled, in row order), called once the forward is queued: the host's
-        work that must precede the sampling (the engine's), and the grammar masks to apply, if any."""
+    def launch(self, batch: ScheduledBatch, prev: PrevTokens | None = None) -> Forward:
+        """Queue the step's forward on the device; nothing here waits for the device. Its sampling is queued
+        by sample(), now or, for a step whose samples wait for grammar masks, once they are filled."""
         step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
         self._plan_fill(step, batch.requests, prev)
         step.share_samples = self.share_samples and bool(step.sample_rows)
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
         logits, prompt = self._forward(step, prev.token_ids if prev is not None else None)
-        sampled = ([], None) if logits is None else self._sample(batch, step, logits, before_sampling)
-        if prompt is not None:
-            _report_prompt_logprobs(batch.requests, step.prompt_logprobs, prompt)
-        return sampled
-
-    def _sample(self, batch: ScheduledBatch, step: StepInput, logits: torch.Tensor,
-                before_sampling: "Callable[[list[Request]], GrammarMasks | None] | None"
-                ) -> tuple[list[Request], SamplerOutput]:
         reqs = [batch.requests[i] for i in step.sample_rows]
-        masks = before_sampling(reqs) if before_sampling is not None else None
-        if masks is not None:
-            logits = apply_masks(logits, masks)
-        if all(r.params.plain_greedy for r in reqs):  # no sampling state to build: argmax on the device
-            out = SamplerOutput(logits.argmax(dim=-1), None, None, None)
-        else:
-            out = sample(logits, SamplingBatch.build(reqs, self.vocab_size, self.device))
-        if step.share_samples:
-            self.parallel.broadcast_tensor(out.token_ids)
-        return reqs, out
+        # The sampling state is taken now, from the outputs before this step's (its placeholders come after).
+        plain = logits is None or all(r.params.plain_greedy for r in reqs)
+        sampling = None if plain else SamplingBatch.build(reqs, self.vocab_size, self.device)
+        return Forward(batch, step, reqs, logits, sampling, prompt)
+
+    @torch.inference_mode()
+    def sample(self, fwd: Forward, masks: GrammarMasks | None = None) -> SamplerOutput | None:
+        """Queue a launched step's sampling (None: it samples nothing), the grammar masks applied. A step
+        computing prompt logprobs reads them here, once its sampling is queued (a host sync)."""
+        out = None
+        if fwd.logits is not None:
+            logits = fwd.logits if masks is None else apply_masks(fwd.logits, masks)
+            if fwd.sampling is None:  # every row plain greedy: argmax on the device
+                out = SamplerOutput(logits.argmax(dim=-1), None, None, None)
+            else:
+                out = sample(logits, fwd.sampling)
+            if fwd.step.share_samples:
+                self.parallel.broadcast_tensor(out.token_ids)
+        if fwd.prompt is not None:
+            _report_prompt_logprobs(fwd.batch.requests, fwd.step.prompt_logprobs, fwd.prompt)
+        return out
 
     @staticmethod
     def _plan_fill(step: StepInput, reqs: list[Request], prev: PrevTokens | None) -> None:
