@@ -51,15 +51,17 @@ def step_times(engine, batch: int, prompt_len: int, output_len: int, schemas: li
     return wall / output_len
 
 
-def decode_overhead(model: str, engine_args: dict, batch: int, prompt_len: int, output_len: int) -> None:
+def decode_overhead(model: str, engine_args: dict, batch: int, prompt_len: int, output_len: int,
+                    workloads: list[str]) -> None:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=model, max_num_seqs=batch, **engine_args))
-    for schemas in WORKLOADS.values():  # warm-up: kernels, graphs, the grammars' templates
-        step_times(engine, batch, prompt_len, 4, schemas, salt=1)
+    for name in workloads:  # warm-up: kernels, graphs, the grammars' templates
+        step_times(engine, batch, prompt_len, 4, WORKLOADS[name], salt=1)
     salt = 100
-    for name, schemas in WORKLOADS.items():
+    for name in workloads:
+        schemas = WORKLOADS[name]
         runs = {"none": [], "half": []}
         for _ in range(3):  # interleaved, so drift (clocks, allocator) falls on both sides
             runs["none"].append(step_times(engine, batch, prompt_len, output_len, None, salt=salt))
@@ -166,6 +168,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU, the demo model, a small batch")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--output-len", type=int, default=None)
+    ap.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all", help="the decode-step workloads to run")
     ap.add_argument("--tokenizer-dir", default=".gpu/tokenizer", help="tokenizer files for the random-weight shapes")
     a = ap.parse_args()
     batch, output_len = a.batch or (8 if a.quick else 64), a.output_len or (16 if a.quick else 128)
@@ -180,8 +183,8 @@ def main() -> None:
 
         tok_dir = Path(a.tokenizer_dir)
         model, engine_args = str(dummy_model(tok_dir, LLAMA_1B)), {"load_format": "dummy"}
+    decode_overhead(model, engine_args, batch, 32, output_len, list(WORKLOADS) if a.workload == "all" else [a.workload])
     grammar_costs((Path(tok_dir) / "tokenizer.json").read_text(), 49152)
-    decode_overhead(model, engine_args, batch, 32, output_len)
 
 
 if __name__ == "__main__":
