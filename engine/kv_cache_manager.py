@@ -6,6 +6,8 @@ from engine.kv_tiers import HostTier
 from engine.request import Request
 from protocol.block_hash import hash_blocks
 
+LOADING = 0  # admit(): the request's prefix is being read from a lower tier; it waits, others may go first
+
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
@@ -32,8 +34,9 @@ class KVCacheManager:
     def admit(self, req: Request, token_budget: int) -> int | None:
         """Give a waiting request its cached prefix and blocks for its next chunk.
 
-        Returns the number of new tokens to compute this step, or None when the blocks are not there.
-        At least the last prompt token is always computed, to produce logits.
+        Returns the number of new tokens to compute this step, None when the blocks are not there, or LOADING
+        while blocks of its prefix are read from disk (off the loop). At least the last prompt token is always
+        computed, to produce logits.
         """
         bs = self.block_size
         hashes = self._hashes_upto(req, (req.num_tokens - 1) // bs)
@@ -44,6 +47,8 @@ class KVCacheManager:
             hits, lower = [], []
         else:
             hits = self.pool.lookup_prefix(hashes)
+            if self.tier is not None and self.tier.reading(hashes[len(hits):]):
+                return LOADING
             lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
         num_cached = (len(hits) + len(lower)) * bs
         num_new = min(req.num_tokens - num_cached, token_budget)
@@ -88,7 +93,9 @@ class KVCacheManager:
         bs = self.block_size
         hashes = self._hashes_upto(req, req.num_tokens // bs)
         hits = self.pool.lookup_prefix(hashes)
-        lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
+        lower = []
+        if self.tier is not None:  # (blocks still being read from disk are not waited for: they are sent)
+            lower = self.tier.lookup(hashes[len(hits):], disk=not self.tier.reading(hashes[len(hits):]))
         needed = blocks_for(req.num_tokens, bs) - len(hits)
         if needed + sum(1 for b in hits if self.pool.ref_counts[b] == 0) > self.pool.num_free_blocks:
             return False
@@ -102,6 +109,11 @@ class KVCacheManager:
         self.num_hit_tokens += req.num_cached_tokens
         self.num_tier_hit_tokens += len(lower) * bs
         return True
+
+    def wait_reads(self, timeout: float) -> None:
+        """Block until a lower tier's read finishes, or timeout seconds (nothing else to run meanwhile)."""
+        if self.tier is not None:
+            self.tier.wait_reads(timeout)
 
     def grow(self, req: Request, num_new_tokens: int) -> bool:
         """Blocks for num_new_tokens more tokens of a running request; False when the pool is out."""

@@ -2,7 +2,8 @@
 memory under their chained hash, least recently used dropped first; a prefix that runs on past the device
 pool's hits into this tier is copied back into device blocks and treated as a hit. The disk tier below it
 (optional): what the host tier drops, one file a block, written by a thread off the engine loop; a hit there
-is checked (its hash, length and checksum) and promoted into the host tier, then loaded as a host hit.
+is read by another thread while its request waits (other requests go on: `reading`), checked (its hash,
+length and checksum), then promoted into the host tier and loaded as a host hit.
 
 Copies go one per run of blocks adjacent on both sides. On a GPU they are queued on the engine's stream
 without waiting (pinned memory): an eviction's copy runs before any later kernel can overwrite the block,
@@ -16,6 +17,7 @@ import queue
 import struct
 import threading
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -41,9 +43,24 @@ class HostTier:
         self.pending = False  # an offload copy was queued (a GPU pool: it runs when the stream gets there)
         self.num_loaded = 0  # blocks copied back to the device (hits)
 
-    def lookup(self, block_hashes: list[int]) -> list[int]:
-        """Slots of the longest prefix of this hash chain held here (or, past it, on disk: read back into this
-        tier), made most recently used."""
+    def reading(self, block_hashes: list[int]) -> bool:
+        """Whether blocks of this chain past what is held here are still being read from the disk tier (their
+        reads start now if they have not): an admission waits for them rather than read on the engine's loop."""
+        if self.below is None:
+            return False
+        k = 0
+        while k < len(block_hashes) and block_hashes[k] in self.slots:
+            k += 1
+        return self.below.fetch(block_hashes[k : self.num_blocks], 2 * self.num_blocks)
+
+    def wait_reads(self, timeout: float) -> None:
+        """Block until a disk read finishes (or timeout seconds): an engine with nothing else to run."""
+        if self.below is not None:
+            self.below.wait_reads(timeout)
+
+    def lookup(self, block_hashes: list[int], disk: bool = True) -> list[int]:
+        """Slots of the longest prefix of this hash chain held here (or, past it and with disk, on disk: promoted
+        into this tier), made most recently used."""
         found = []
         for h in block_hashes:
             slot = self.slots.get(h)
@@ -51,7 +68,7 @@ class HostTier:
                 break
             self.slots.move_to_end(h)
             found.append(slot)
-        if self.below is not None and len(found) < len(block_hashes):
+        if disk and self.below is not None and len(found) < len(block_hashes):
             found += self._promote(block_hashes[len(found):], frozenset(block_hashes[: len(found)]))
         return found
 
@@ -151,8 +168,8 @@ _MAGIC = b"PDSKV001"
 class DiskTier:
     """One file a block in a directory (NVMe in production), least recently used deleted first. A file holds a
     header (this tier's tag: model, weights and layout; the block's hash; the payload's length and checksum)
-    and the block's bytes. Writes go to a thread; a read checks the header and the checksum and deletes a
-    block that fails (it is then computed, never served). A worker that restarts on the same directory keeps
+    and the block's bytes. Writes go to a thread, and reads ahead of their use (`fetch`) to another; a read
+    checks the header and the checksum, and a block that fails is deleted (it is then computed, never served). A worker that restarts on the same directory keeps
     the valid blocks of the same tag (`held()`: announced to the routers as held, in a lower tier) and deletes
     the rest. A directory that cannot be written (full, read-only) turns the tier off, logged once."""
 
@@ -167,6 +184,8 @@ class DiskTier:
         self.broken: str | None = None  # why the tier is off (set by either thread, read by the loop)
         self.num_corrupt = 0
         self._writes: queue.Queue = queue.Queue()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-disk-read")
+        self.reads: OrderedDict[int, Future] = OrderedDict()  # blocks read ahead (payload, None: failed), oldest first
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._scan()
@@ -218,6 +237,7 @@ class DiskTier:
         deleted = []
         while len(self.files) >= self.num_blocks:
             old, _ = self.files.popitem(last=False)
+            self.reads.pop(old, None)
             self._writes.put(("delete", old, None))
             deleted.append(old)
         self.files[h] = None
@@ -227,21 +247,51 @@ class DiskTier:
         self._writes.put(("write", h, data))
         return deleted
 
+    def fetch(self, hashes: list[int], keep: int) -> bool:
+        """Start reading the longest run of this chain held here on the reader thread (what is read waits for
+        read(); at most `keep` such blocks, finished ones dropped oldest first); True while any of the run is
+        still being read."""
+        busy = False
+        for h in hashes:
+            if h not in self.files:
+                break
+            f = self.reads.get(h)
+            if f is None:
+                with self._lock:
+                    if h in self.writing:  # its bytes are still in memory: read() takes them at once
+                        continue
+                f = self.reads[h] = self._reader.submit(self._load, h)
+                done = [x for x, g in self.reads.items() if g.done()][: max(0, len(self.reads) - keep)]
+                for x in done:
+                    del self.reads[x]
+            busy = busy or not f.done()
+        return busy
+
+    def wait_reads(self, timeout: float) -> None:
+        wait([f for f in self.reads.values() if not f.done()], timeout, FIRST_COMPLETED)
+
+    def _load(self, h: int) -> memoryview | None:
+        """Block h's payload from its file, checked (None: missing or failed)."""
+        try:
+            with open(self._path(h), "rb") as f:
+                raw = f.read()
+            magic, tag, hh, length, digest = _HEADER.unpack_from(raw)
+            payload = memoryview(raw)[_HEADER.size:]
+            ok = (magic, tag, hh, length) == (_MAGIC, self.tag, h, self.block_bytes) and \
+                len(payload) == length and xxhash.xxh64_intdigest(payload) == digest
+        except (OSError, struct.error):
+            return None
+        return payload if ok else None
+
     def read(self, h: int, out: torch.Tensor) -> bool:
-        """Copy block h into out (a host tier slot) after checking it; False (and the file gone) if it fails."""
+        """Copy block h into out (a host tier slot) after checking it; False (and the file gone) if it fails.
+        A block fetched ahead is taken from its read (waiting for it, if it is still going)."""
+        ahead = self.reads.pop(h, None)
         with self._lock:
             payload = self.writing.get(h)  # not on disk yet: the bytes it was given
         if payload is None:
-            try:
-                with open(self._path(h), "rb") as f:
-                    raw = f.read()
-                magic, tag, hh, length, digest = _HEADER.unpack_from(raw)
-                payload = memoryview(raw)[_HEADER.size:]
-                ok = (magic, tag, hh, length) == (_MAGIC, self.tag, h, self.block_bytes) and \
-                    len(payload) == length and xxhash.xxh64_intdigest(payload) == digest
-            except (OSError, struct.error):
-                ok = False
-            if not ok:
+            payload = ahead.result() if ahead is not None else self._load(h)
+            if payload is None:
                 if self.broken is None:  # a tier that broke lost its unwritten blocks: no news
                     self.num_corrupt += 1
                     log.warning("KV disk tier: block %016x failed its check; deleted (it will be computed)", h)
@@ -259,6 +309,7 @@ class DiskTier:
 
     def close(self) -> None:
         self.flush()
+        self._reader.shutdown(wait=True, cancel_futures=True)
         self._writes.put(None)
         self._writer.join(timeout=10)
 

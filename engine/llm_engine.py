@@ -352,6 +352,8 @@ class LLMEngine:
             prev = None
         batch = self.scheduler.schedule()
         self.stats.num_preemptions += len(batch.preempted)
+        if batch.is_empty and prev is None and self.scheduler.waiting:
+            self.kv_manager.wait_reads(0.01)  # nothing to run but prefixes coming back from disk
         if prev is not None:
             self._sample(prev)  # (step N+1's forward takes its tokens)
         launched = None if batch.is_empty else self._launch(batch, prev)

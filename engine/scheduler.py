@@ -2,13 +2,14 @@
 
 Running requests go first (decodes, then unfinished prefill chunks), within a token budget a step; when
 blocks run out, the most recently admitted request is preempted (its blocks freed, recomputed later).
-Waiting requests are admitted in order while blocks and budget last.
+Waiting requests are admitted in order while blocks and budget last (one whose prefix is being read from
+disk is passed over until it is read).
 """
 
 from collections import deque
 from dataclasses import dataclass
 
-from engine.kv_cache_manager import KVCacheManager, blocks_for
+from engine.kv_cache_manager import LOADING, KVCacheManager, blocks_for
 from engine.request import FinishReason, Request, RequestStatus
 
 
@@ -80,12 +81,16 @@ class Scheduler:
             break
         if batch.preempted:
             return batch
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[i]
             n = self.kv.admit(req, budget)
             if n is None:
                 break
-            self.waiting.popleft()
+            if n == LOADING:  # its prefix is coming back from disk: the next ones may go first
+                i += 1
+                continue
+            del self.waiting[i]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.requests.append(req)

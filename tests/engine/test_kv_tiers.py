@@ -142,6 +142,47 @@ def test_a_prefix_pushed_past_the_host_tier_comes_back_from_disk_and_after_a_res
     assert back.token_ids == cold(target) and back.num_cached_tokens == 64
 
 
+def test_a_request_waits_for_its_disk_reads_while_others_run(demo_gguf, cold, tmp_path, monkeypatch):
+    """Disk reads are off the engine's loop: the request whose prefix is on disk waits for them, the one behind
+    it is admitted and runs meanwhile, and the prefix then comes back as cached."""
+    import threading
+
+    from engine.kv_tiers import DiskTier
+
+    e = _disk_engine(demo_gguf, tmp_path)
+    target = _prompt(e, "lighthouses")
+    _run(e, target)
+    _push_out(e)
+    gate, started = threading.Event(), []
+    load = DiskTier._load
+
+    def slow_load(self, h):
+        started.append(h)
+        gate.wait(30)
+        return load(self, h)
+
+    monkeypatch.setattr(DiskTier, "_load", slow_load)
+    other = _prompt(e, "harbours")
+    e.add_request("target", target, GREEDY)
+    e.add_request("other", other, GREEDY)
+    tokens, cached = {"target": [], "other": []}, {}
+
+    def step() -> None:
+        for o in e.step():
+            tokens[o.request_id] += o.new_token_ids
+            cached[o.request_id] = o.num_cached_tokens
+
+    for _ in range(3):
+        step()
+    assert started and [r.request_id for r in e.scheduler.waiting] == ["target"]
+    assert [r.request_id for r in e.scheduler.running] == ["other"]
+    gate.set()
+    while e.has_unfinished():
+        step()
+    assert tokens["target"] == cold(target) and cached["target"] == 64
+    assert tokens["other"] == cold(other)
+
+
 def test_a_corrupt_disk_block_is_computed_never_served(demo_gguf, cold, tmp_path):
     e = _disk_engine(demo_gguf, tmp_path)
     target = _prompt(e, "lighthouses")
