@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--admin-token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
                    help="enables the admin API (keys, usage); default $PDSERVE_ADMIN_TOKEN")
     s.add_argument("--log-level", default="warning")
+    from pdserve_cli.doctor import add_command as add_doctor
     from pdserve_cli.keys import add_commands
 
     add_commands(sub)
+    add_doctor(sub)
     a = ap.parse_args(argv)
     if a.command != "serve":
         sys.exit(a.run(a))

@@ -3,6 +3,7 @@ transport that moves its pool's blocks. A single-rank worker is one shard; a ten
 worker has one a rank, rank 0's driving the schedule (worker/engine_core.py), the others following."""
 
 import dataclasses
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -16,6 +17,10 @@ from kv_transfer.descriptors import HeadSlice, PoolDescriptor
 from kv_transfer.host_transport import SHM_DIR, HostTransport, shared_pool
 from protocol.tokenizer import ChatTokenizer
 from worker.config import WorkerConfig
+
+# What a worker chose at start (attention backend, KV transport) is logged whatever the log level.
+startup_log = logging.getLogger("pdserve.worker.startup")
+startup_log.setLevel(logging.INFO)
 
 
 class EngineShard:
@@ -51,6 +56,8 @@ class EngineShard:
         else:
             self.transport = HostTransport(agent)
         self.descriptor = self.transport.register_pool(self.engine.kv_cache.tensor, descriptor)
+        startup_log.info("%s: KV transport %s, attention backend %s on %s", agent, type(self.transport).__name__,
+                         type(self.engine.attention).__name__, self.engine.device)
 
     def send(self, targets: list[tuple[PoolDescriptor, HeadSlice | None]], src_block_ids: list[int],
              dst_block_ids: list[int], timeout_s: float) -> int:

@@ -17,7 +17,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "pdserve.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
 {{- define "pdserve.redisUrl" -}}
