@@ -44,7 +44,7 @@ def create_app(fe: Frontend) -> "DecodeApp":
     sender = StreamClient(cfg.transfer_timeout_s + 5, headers=token)
     app.router.on_shutdown += [aborter.aclose, sender.close]
     streams = DecodeStreams(fe.client, ChatTokenizer.from_files(fe.hello.tokenizer_files), fe.info.block_size,
-                            fe.hello.descriptors, sender, aborter)
+                            fe.hello.descriptors, sender, aborter, fe.tracer, cfg.name)
     fe.handler = streams
 
     @app.post("/abort/{request_id}")

@@ -10,7 +10,9 @@ within a step. A router channel that closes aborts its requests and frees their 
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -20,6 +22,7 @@ from engine.sampling_params import SamplingParams
 from protocol.messages import ChunkView, GenerateRequest, LogprobView, SendRequest, SendResult, encode_frame
 from protocol.stream_client import StreamClient, StreamClientError
 from protocol.tokenizer import ChatTokenizer
+from protocol.tracing import Tracer
 from worker.engine_client import EngineClient
 from worker.frontend import to_sampling_params
 from worker.ipc import Step
@@ -79,6 +82,7 @@ class _Stream:
     detok: Detokenizer
     min_tokens: int
     task: asyncio.Task | None = None  # the remote prefill's handshake, until the first token is in
+    span: Any = None  # its trace's span on this worker (when traced)
 
 
 class RemotePrefillError(RuntimeError):
@@ -87,8 +91,9 @@ class RemotePrefillError(RuntimeError):
 
 class DecodeStreams:
     def __init__(self, client: EngineClient, tokenizer: ChatTokenizer, block_size: int, descriptors: list[dict],
-                 sender: StreamClient, aborter: httpx.AsyncClient):
+                 sender: StreamClient, aborter: httpx.AsyncClient, tracer: Tracer | None = None, name: str = ""):
         self.client, self.tokenizer, self.block_size = client, tokenizer, block_size
+        self.tracer, self.name = tracer, name  # tracer None: tracing off
         self.descriptors = descriptors  # this worker's pools, one a rank, rank 0's first
         self.sender = sender  # /send to prefill workers (the data plane's client)
         self.aborter = aborter
@@ -116,6 +121,10 @@ class DecodeStreams:
                             params.include_stop_str_in_output)
         detok.resume(req.output_token_ids)  # a migrated stream: its text so far went out from another worker
         st = self.streams[rid] = _Stream(req, channel, detok, params.min_tokens)
+        if self.tracer is not None and req.traceparent:
+            st.span = self.tracer.start("pdserve.decode", req.traceparent, {
+                "pdserve.worker": self.name, "pdserve.request_id": rid, "pdserve.prompt_tokens": len(req.prompt_token_ids),
+                "pdserve.remote_prefill": bool(req.prefill_url)})
         channel.requests.add(rid)
         if req.prefill_url:
             st.task = asyncio.get_running_loop().create_task(self._remote(st, params))
@@ -147,12 +156,16 @@ class DecodeStreams:
                 return
             body = SendRequest(request_id=rid, dest=self.descriptors[0],
                                dests=self.descriptors if len(self.descriptors) > 1 else [],
-                               dst_block_ids=block_ids, skip_blocks=cached // self.block_size)
+                               dst_block_ids=block_ids, skip_blocks=cached // self.block_size,
+                               traceparent=None if st.span is None else self.tracer.traceparent(st.span))
             # The prefill worker writes into the reserved blocks until /send answers: they are freed only then,
             # even if the request is aborted meanwhile (or another request could get them mid-write).
             send = asyncio.ensure_future(self._send(req.prefill_url, body.model_dump_json().encode()))
             sent = await asyncio.shield(send)
             st.task = None
+            if st.span is not None:  # waiting for the prefill worker's KV (and first token)
+                self.tracer.span("pdserve.decode.wait_kv", st.span, st.span.start_time / 1e9, time.time(),
+                                 **{"pdserve.cached_tokens": cached})
             self.client.start_remote(rid, sent.first_token, _tuples(sent.logprobs),
                                      None if sent.prompt_logprobs is None else _tuples(sent.prompt_logprobs))
         except asyncio.CancelledError:  # aborted (the router left): the reserved blocks go back once unused
@@ -205,6 +218,8 @@ class DecodeStreams:
         st = self.streams.pop(rid, None)
         if st is not None:
             st.channel.requests.discard(rid)
+            if st.span is not None:
+                self.tracer.end(st.span, **{"pdserve.aborted": True})
             if st.task is not None:
                 st.task.cancel()  # its handler aborts in the core
                 return
@@ -225,6 +240,8 @@ class DecodeStreams:
             st = self.streams.get(out.request_id)
             if st is None:  # aborted, or ended here by a stop string: the core's extra token is dropped
                 continue
+            if st.span is not None:
+                self._trace(st, out)
             reason = out.finish_reason
             stopped = False
             tokens = out.token_ids
@@ -250,7 +267,7 @@ class DecodeStreams:
                 kind = "invalid_request_error" if refused.kind == "invalid_request" else "server_error"
                 self._put(self.streams[refused.request_id].channel,
                           _error(refused.request_id, refused.message, kind, refused.kind), touched)
-                self._end(refused.request_id)
+                self._end(refused.request_id, refused.message)
         self._flush(touched)
 
     def fail_all(self, message: str) -> None:
@@ -260,7 +277,7 @@ class DecodeStreams:
             if st.task is not None:
                 st.task.cancel()
             self._put(st.channel, _error(rid, f"engine failed: {message}", "server_error", "engine_failed"), touched)
-            self._end(rid)
+            self._end(rid, f"engine failed: {message}")
         self._flush(touched)
 
     def in_flight(self) -> int:
@@ -275,7 +292,7 @@ class DecodeStreams:
         if st is not None:
             touched: list[Channel] = []
             self._put(st.channel, _error(rid, message, kind, code), touched)
-            self._end(rid)
+            self._end(rid, message)
             self._flush(touched)
 
     @staticmethod
@@ -284,9 +301,24 @@ class DecodeStreams:
             touched.append(channel)
         channel.pending.append(chunk)
 
-    def _end(self, rid: str) -> None:
+    def _trace(self, st: _Stream, out) -> None:
+        """A traced request's output: its queue and prefill here (prefilled locally), its first token."""
+        now = time.time()
+        if out.queued_s is not None and not st.request.prefill_url:
+            start = st.span.start_time / 1e9
+            queued = min(out.queued_s, now - start)
+            self.tracer.span("pdserve.decode.queue", st.span, start, start + queued)
+            self.tracer.span("pdserve.decode.prefill", st.span, start + queued, now,
+                             **{"pdserve.cached_tokens": out.num_cached_tokens})
+        if out.num_output_tokens - len(out.token_ids) <= len(st.request.output_token_ids):  # its first token
+            st.span.add_event("first_token", timestamp=int(now * 1e9))
+        st.span.set_attribute("gen_ai.usage.output_tokens", out.num_output_tokens)
+
+    def _end(self, rid: str, error: str | None = None) -> None:
         st = self.streams.pop(rid)
         st.channel.requests.discard(rid)
+        if st.span is not None:
+            self.tracer.end(st.span, error=error)
 
     @staticmethod
     def _flush(touched: list[Channel]) -> None:

@@ -487,6 +487,9 @@ class LLMEngine:
         prompt_lps = None
         if req.prompt_logprobs is not None and new:  # complete with the first token: reported once
             prompt_lps, req.prompt_logprobs = req.prompt_logprobs, None
+        queued = None
+        if req.queued_s is not None and not req.queue_reported:
+            queued, req.queue_reported = req.queued_s, True
         detok = self._detok.pop(req.request_id, None) if finished else self._detok.get(req.request_id)
         return RequestOutput(
             request_id=req.request_id, new_token_ids=new,
@@ -494,7 +497,7 @@ class LLMEngine:
             finished=finished, finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
             # (a migrated stream's cached outputs are not prompt tokens: usage never counts more cached than prompt)
             num_cached_tokens=min(req.num_cached_tokens, len(req.prompt_token_ids)), num_output_tokens=n, logprobs=lps,
-            prompt_logprobs=prompt_lps,
+            prompt_logprobs=prompt_lps, queued_s=queued,
         )
 
     # --- convenience ---

@@ -25,6 +25,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # SamplingParams.prompt_logprobs: the prompt's tokens after the first, with the request's first token
     prompt_logprobs: list[TokenLogprob] | None = None
+    queued_s: float | None = None  # with its first output after its first step: seconds it waited for it
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
 """A request's state inside the engine: its tokens, blocks and progress."""
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
@@ -40,6 +41,10 @@ class Request:
     # params.prompt_logprobs: those of the prompt's tokens after the first, as computed (engine/outputs.py's
     # TokenLogprob); reported with the first output, then None
     prompt_logprobs: list | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Seconds from its arrival to its first step (set then), reported once with its next output (traces)
+    queued_s: float | None = None
+    queue_reported: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,6 +6,7 @@ Waiting requests are admitted in order while blocks and budget last (one whose p
 disk is passed over until it is read).
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -91,6 +92,8 @@ class Scheduler:
                 i += 1
                 continue
             del self.waiting[i]
+            if req.queued_s is None:
+                req.queued_s = time.monotonic() - req.arrival_time
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.requests.append(req)

@@ -85,7 +85,8 @@ def serve(a: argparse.Namespace) -> None:
                               kv_disk_dir=a.kv_disk_dir and str(Path(a.kv_disk_dir) / name),
                               kv_disk_bytes=a.kv_disk_bytes)
         cfg = WorkerConfig(role=role, name=name, engine=engine, port=free_port(),
-                           transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep, log_level=a.log_level)
+                           transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep, log_level=a.log_level,
+                           otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio)
         per_rank = (1.0 if tp * ep > 1 else gpu_share) if has_gpu else 0.0
         group = WorkerGroup(cfg, gpus_per_rank=per_rank)
         groups.append(group)
@@ -100,7 +101,8 @@ def serve(a: argparse.Namespace) -> None:
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
                               auth=a.auth, admin_token=a.admin_token, tool_call_parser=a.tool_call_parser,
-                              reasoning_parser=a.reasoning_parser, migration_limit=a.migration_limit)
+                              reasoning_parser=a.reasoning_parser, migration_limit=a.migration_limit,
+                              otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio)
         app = create_app(config)
         app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool,
                                      restart=WorkerGroup.restart)
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--auth", action="store_true", help="require API keys (create them with `pdserve keys create`)")
     s.add_argument("--admin-token", default=os.environ.get("PDSERVE_ADMIN_TOKEN"),
                    help="enables the admin API (keys, usage); default $PDSERVE_ADMIN_TOKEN")
+    s.add_argument("--otlp-endpoint", default=None,
+                   help="export OpenTelemetry traces (router, workers, KV transfers) to this OTLP/HTTP collector")
+    s.add_argument("--trace-ratio", type=float, default=1.0, help="the share of requests traced")
     s.add_argument("--log-level", default="warning")
     from pdserve_cli.doctor import add_command as add_doctor
     from pdserve_cli.keys import add_commands

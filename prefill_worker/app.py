@@ -76,6 +76,7 @@ def create_app(fe: Frontend) -> FastAPI:
     pending = requests.pending
     aborted: dict[str, float] = {}  # request id -> when: an /abort can overtake its /prefill
     timeout = fe.config.transfer_timeout_s
+    tr = fe.tracer  # None: tracing off
 
     @app.post("/prefill")
     async def prefill(req: PrefillRequest) -> JSONResponse:
@@ -94,6 +95,11 @@ def create_app(fe: Frontend) -> FastAPI:
         p = pending.setdefault(rid, Pending())
         p.prefilling = True
         output = None
+        span = error = None
+        if tr is not None and req.traceparent:
+            span = tr.start("pdserve.prefill", req.traceparent, {"pdserve.worker": fe.config.name,
+                                                                "pdserve.request_id": rid,
+                                                                "pdserve.prompt_tokens": len(req.prompt_token_ids)})
         try:
             # One token: after a migrated stream's outputs, the next one (its position keys a seeded draw).
             params = to_sampling_params(req.params, max_tokens=len(req.output_token_ids) + 1, stop=(), min_tokens=0)
@@ -102,20 +108,27 @@ def create_app(fe: Frontend) -> FastAPI:
             out = await output
             if not out.token_ids:
                 raise RequestError("the prefill was aborted")
+            if span is not None:
+                _trace_compute(tr, span, out)
             if not p.result.done():
                 p.result.set_result(out)
             await asyncio.wait_for(p.sent.wait(), timeout)
             return JSONResponse({"ok": True})
         except (RequestError, ValueError) as e:
             _fail(p, e)
+            error = e
             return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, 400)
         except EngineDeadError as e:
             _fail(p, e)
+            error = e
             return JSONResponse({"error": {"message": str(e), "type": "server_error"}}, 503)
         except TimeoutError:
             _fail(p, TimeoutError("no decode worker asked for this KV in time"))
+            error = "KV was not collected in time"
             return JSONResponse({"error": {"message": "KV was not collected in time", "type": "timeout"}}, 504)
         finally:
+            if span is not None:
+                tr.end(span, error=error)
             pending.pop(rid, None)
             if output is not None and (output.cancelled() or not output.done()):  # cancelled while it computed
                 requests.end(rid, RequestError("aborted"))
@@ -125,9 +138,18 @@ def create_app(fe: Frontend) -> FastAPI:
     @app.post("/send")
     async def send(req: SendRequest) -> dict:
         p = pending.setdefault(req.request_id, Pending())
+        span = None
         try:
             out = await asyncio.wait_for(asyncio.shield(p.result), timeout)
-            await client.send_kv(req.request_id, req.dests or [req.dest], req.dst_block_ids, req.skip_blocks, timeout)
+            if tr is not None and req.traceparent:
+                span = tr.start("pdserve.kv_transfer", req.traceparent, {
+                    "pdserve.worker": fe.config.name, "pdserve.request_id": req.request_id,
+                    "pdserve.blocks": len(req.dst_block_ids) - req.skip_blocks, "pdserve.transport": fe.config.transport})
+            moved = await client.send_kv(req.request_id, req.dests or [req.dest], req.dst_block_ids, req.skip_blocks,
+                                         timeout)
+            if span is not None:
+                tr.end(span, **{"pdserve.bytes_moved": moved})
+                span = None
         except TimeoutError as e:
             raise HTTPException(504, "the prefill did not finish in time") from e
         except TransferError as e:
@@ -137,6 +159,8 @@ def create_app(fe: Frontend) -> FastAPI:
         except EngineDeadError as e:
             raise HTTPException(503, str(e)) from e
         finally:
+            if span is not None:  # the transfer failed
+                tr.end(span, error="the KV transfer did not complete")
             p.sent.set()
             if not p.prefilling and pending.get(req.request_id) is p:
                 del pending[req.request_id]  # no /prefill came to end it
@@ -163,6 +187,15 @@ def create_app(fe: Frontend) -> FastAPI:
         return {"ok": True}
 
     return app
+
+
+def _trace_compute(tr, span, out: Out) -> None:
+    """The prefill's time in its engine's queue, then computing, under its span (known once its token is)."""
+    now = time.time()
+    start = span.start_time / 1e9
+    queued = min(out.queued_s or 0.0, now - start)
+    tr.span("pdserve.prefill.queue", span, start, start + queued)
+    tr.span("pdserve.prefill.compute", span, start + queued, now, **{"pdserve.cached_tokens": out.num_cached_tokens})
 
 
 def _fail(p: Pending, error: Exception) -> None:

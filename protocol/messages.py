@@ -36,6 +36,7 @@ class PrefillRequest(BaseModel):
     params: WireSamplingParams
     # A migrated stream's tokens already delivered: computed with the prompt; the first token sampled follows them.
     output_token_ids: list[int] = Field(default_factory=list)
+    traceparent: str | None = None  # W3C trace context of the router's span this request's spans go under
 
 
 class SendRequest(BaseModel):
@@ -47,6 +48,7 @@ class SendRequest(BaseModel):
     dests: list[dict[str, Any]] = []
     dst_block_ids: list[int]
     skip_blocks: int  # leading blocks the decode worker already holds
+    traceparent: str | None = None  # the decode worker's span the KV transfer's goes under (when traced)
 
 
 class TokenLogprobWire(BaseModel):
@@ -74,6 +76,7 @@ class GenerateRequest(BaseModel):
     # first outputs (they count toward max_tokens, penalties, seeds' positions, a grammar and the usage); the
     # chunks carry only what follows them.
     output_token_ids: list[int] = Field(default_factory=list)
+    traceparent: str | None = None  # W3C trace context of the router's span this request's spans go under
 
 
 class GenerateChunk(BaseModel):

@@ -35,6 +35,7 @@ from protocol.http_client import TOKEN_HEADER
 from protocol.messages import ChunkView, LogprobView, ParamsOut
 from protocol.stream_client import StreamClient
 from protocol.tokenizer import ChatTemplateError, ChatTokenizer
+from protocol.tracing import maybe_child, tracer
 from router import messages_api, responses_api
 from router.admin import admin_routes, advice, pool_view
 from router.channels import TokenChannels
@@ -93,6 +94,7 @@ class RouterState:
         self.metrics = RouterMetrics()
         self.door = FrontDoor(config, getattr(self.state, "redis", None), self.metrics)
         self.telemetry = Telemetry()
+        self.tracer = tracer("pdserve-router", config.otlp_endpoint, config.trace_ratio)  # None: tracing off
         self.scaler = None  # set by whoever can add and remove workers (pdserve serve: Ray; Kubernetes)
         if config.discovery == "kubernetes" and config.k8s_decode_statefulset:
             from router.scaling import KubernetesScaler
@@ -129,7 +131,8 @@ class RouterState:
                                  self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
                                  balance_weight=self.config.balance_weight, churn_weight=self.config.churn_weight)
             self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.channels,
-                                         self.metrics, self.config.migration_limit, self.config.migration_wait_s)
+                                         self.metrics, self.config.migration_limit, self.config.migration_wait_s,
+                                         self.tracer)
         return self.dispatcher is not None
 
     async def stop(self) -> None:
@@ -139,6 +142,8 @@ class RouterState:
         await self.state.close()
         if self.encoder is not None:
             self.encoder.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()
 
 
 @dataclass(slots=True)
@@ -617,7 +622,42 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
                  admitted: list | None = None, encode: Callable[[dict], Any] = _sse_event,
                  done: Any = b"data: [DONE]\n\n", endpoint: str | None = None) -> Reply:
     """One OpenAI request, validated and authenticated: tokenize, check limits and capacity, admit, route,
-    and answer (JSON) or stream (SSE: each chunk through `encode`, then `done` if it ended well; None: not)."""
+    and answer (JSON) or stream (SSE: each chunk through `encode`, then `done` if it ended well; None: not).
+    With tracing on, the request is a span (ended when its answer or stream is), its steps spans under it."""
+    endpoint = endpoint or ("chat" if chat else "completions")
+    if state.tracer is None:
+        return await _handle(state, chat, body, session_header, key, admitted, encode, done, endpoint, None)
+    span = state.tracer.start("pdserve.request", attributes={"pdserve.endpoint": endpoint, "pdserve.model": body.model,
+                                                             "pdserve.stream": bool(body.stream)})
+    try:
+        reply = await _handle(state, chat, body, session_header, key, admitted, encode, done, endpoint, span)
+    except BaseException as e:
+        state.tracer.end(span, error=e)
+        raise
+    if reply.stream is None:
+        state.tracer.end(span, **{"gen_ai.usage.output_tokens": reply.completion_tokens})
+    else:
+        reply.stream = _traced(state.tracer, span, reply.stream)
+    return reply
+
+
+async def _traced(tracer, span, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A stream that ends its request's span when it ends."""
+    error = None
+    try:
+        async for data in stream:
+            yield data
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+        tracer.end(span, error=error)
+
+
+async def _handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key, admitted: list | None,
+                  encode: Callable[[dict], Any], done: Any, endpoint: str, span) -> Reply:
     _require_ready(state)
     _check_model(state, body.model)
     state.door.check_model(key, body.model)
@@ -625,7 +665,8 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     if body.logit_bias and max(int(t) for t in body.logit_bias) >= state.tokenizer.vocab_size:
         raise OpenAIError(400, f"logit_bias token ids must be in [0, {state.tokenizer.vocab_size})",
                           param="logit_bias")
-    prompts = await _prompts(state, chat, body, out_plan)
+    with maybe_child(state.tracer, span, "pdserve.tokenize"):
+        prompts = await _prompts(state, chat, body, out_plan)
     ref = state.pool.reference
     longest = max(len(ids) for ids in prompts)
     if not min(len(ids) for ids in prompts):
@@ -648,7 +689,12 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
         raise state.door.overloaded(capacity.reason)
     rid = ("chatcmpl-" if chat else "cmpl-") + _request_id()
     prompt_tokens = sum(len(ids) for ids in prompts)
-    ticket = await _admit(state, key, rid, body.model, prompt_tokens, max_tokens * body.n * len(prompts), admitted)
+    if span is not None:
+        span.set_attributes({"pdserve.request_id": rid, "gen_ai.usage.input_tokens": prompt_tokens,
+                             "pdserve.key": getattr(key, "name", None) or ""})
+    with maybe_child(state.tracer, span, "pdserve.admission"):
+        ticket = await _admit(state, key, rid, body.model, prompt_tokens, max_tokens * body.n * len(prompts),
+                              admitted)
     fmt = Formatter(state.tokenizer, ref.model, rid, chat)
     session = session_header or body.user
     streams = []
@@ -656,7 +702,7 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
         hashes = state.dispatcher.hashes(ids)
         for i in range(body.n):
             params = _wire_params(body, max_tokens, None if body.seed is None else body.seed + i, out_plan)
-            streams.append(state.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session))
+            streams.append(state.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session, span))
     readers = [ChoiceReader(out_plan) for _ in streams] if out_plan.reads_text else None
     echo = None
     if not chat and body.echo:
@@ -668,7 +714,7 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Reply(stream=_sse(state, fmt, streams, prompt_tokens, include_usage, ticket, readers, echo, encode,
-                                 done, endpoint or ("chat" if chat else "completions")), ticket=ticket)
+                                 done, endpoint), ticket=ticket)
     start = time.perf_counter()
     outcome = "cancelled"
     try:

@@ -59,6 +59,8 @@ class RouterConfig:
     max_pool_replicas: int = 64  # the scaling API refuses more workers a pool
     tool_call_parser: str | None = None  # the model's tool-call format; None: from its chat template
     reasoning_parser: str | None = None  # split <think> text into reasoning_content; None: off
+    otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/HTTP collector (protocol/tracing.py); None: off
+    trace_ratio: float = 1.0  # the share of requests traced
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):

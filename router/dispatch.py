@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from protocol.block_hash import hash_blocks
 from protocol.messages import ChunkView, GenerateOut, ParamsOut, PrefillOut, encode_out
 from protocol.stream_client import StreamClient, StreamClientError
+from protocol.tracing import Tracer
 from router.channels import TokenChannels
 from router.errors import OpenAIError
 from router.metrics import RouterMetrics
@@ -31,7 +32,8 @@ MIGRATION_WAIT_S = 30.0  # how long a stream to be moved waits for a decode work
 class Dispatcher:
     def __init__(self, pool: WorkerPool, router: Router, state: LocalState | RedisState,
                  client: StreamClient, channels: TokenChannels, metrics: RouterMetrics,
-                 migration_limit: int = MIGRATION_LIMIT, migration_wait_s: float = MIGRATION_WAIT_S):
+                 migration_limit: int = MIGRATION_LIMIT, migration_wait_s: float = MIGRATION_WAIT_S,
+                 tracer: Tracer | None = None):
         self.pool = pool
         self.router = router
         self.state = state
@@ -40,6 +42,7 @@ class Dispatcher:
         self.metrics = metrics
         self.migration_limit = migration_limit
         self.migration_wait_s = migration_wait_s
+        self.tracer = tracer  # None: tracing off
         self.local = isinstance(state, LocalState)  # in memory: bookkeeping never waits, so it needs no task
         self._tasks: set[asyncio.Future] = set()
 
@@ -48,7 +51,8 @@ class Dispatcher:
         return hash_blocks(prompt_ids, ref.block_size, ref.root_hash)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: ParamsOut,
-                       hashes: list[int], session: str | None = None) -> AsyncIterator[ChunkView]:
+                       hashes: list[int], session: str | None = None, span=None) -> AsyncIterator[ChunkView]:
+        """The request's chunks, from the workers it is routed to (span: its trace's, when traced)."""
         bad: dict[str, str | None] = {}  # url -> the instance of the worker there that failed this request
         delivered: list[int] = []  # the tokens handed on so far: a migrated stream continues after them
         keep = self.migration_limit > 0
@@ -78,9 +82,12 @@ class Dispatcher:
             views = await self.state.view([w.url for w in prefill + decode], hashes)
             route = self.router.route(prefill, decode, views, len(prompt_ids) + len(delivered), session)
             route_s = time.perf_counter() - t0
+            trace = None
+            if span is not None:
+                trace = self._trace_route(span, route, route_s, attempt)
             failure = None
             async for chunk in self._run(f"{request_id}-{attempt}" if attempt else request_id, prompt_ids,
-                                         delivered, params, hashes, route, route_s):
+                                         delivered, params, hashes, route, route_s, trace):
                 if chunk.error and chunk.error.get("code") in _RETRYABLE:
                     failure = chunk
                     break
@@ -112,8 +119,17 @@ class Dispatcher:
                 yield failure
                 return
 
+    def _trace_route(self, span, route, route_s: float, attempt: int) -> str | None:
+        """The routing decision as a span under the request's; the traceparent its workers' spans go under."""
+        end = time.time()
+        self.tracer.span("pdserve.route", span, end - route_s, end, **{
+            "pdserve.decode_worker": route.decode.url, "pdserve.attempt": attempt,
+            "pdserve.prefill_worker": route.prefill.url if route.prefill else "",
+            "pdserve.cached_tokens": route.prefill_cached_tokens if route.prefill else route.decode_cached_tokens})
+        return self.tracer.traceparent(span)
+
     async def _run(self, rid: str, prompt_ids: list[int], delivered: list[int], params: ParamsOut,
-                   hashes: list[int], route, route_s: float) -> AsyncIterator[ChunkView]:
+                   hashes: list[int], route, route_s: float, trace: str | None = None) -> AsyncIterator[ChunkView]:
         d, p = route.decode, route.prefill
         num_tokens = len(prompt_ids) + len(delivered)  # what the workers compute: a migrated stream's outputs too
         # The workers will hold these blocks once this runs; the one that prefills computes what it lacks.
@@ -143,7 +159,7 @@ class Dispatcher:
                                               new_tokens=d_new)
             recorded = True
             if p is not None:
-                body = encode_out(PrefillOut(rid, prompt_ids, params, delivered))
+                body = encode_out(PrefillOut(rid, prompt_ids, params, delivered, trace))
                 p.inflight += 1
                 p.inflight_tokens += computed
                 prefill_task = asyncio.create_task(self._post_prefill(p, body))
@@ -154,7 +170,8 @@ class Dispatcher:
             channel = await self.channels.get(d.url)
             inbox = channel.register(rid)
             try:
-                body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id, delivered))
+                body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id, delivered,
+                                              trace))
                 async with self.client.post(f"{d.url}/generate", body, sent=sent) as resp:
                     answer = await resp.read()
                 if resp.status == 409:
@@ -165,7 +182,7 @@ class Dispatcher:
                     channel = await self.channels.get(d.url)
                     inbox = channel.register(rid)
                     body = encode_out(GenerateOut(rid, prompt_ids, params, p.url if p else None, channel.id,
-                                                  delivered))
+                                                  delivered, trace))
                     async with self.client.post(f"{d.url}/generate", body) as resp:
                         answer = await resp.read()
                 if resp.status != 200:

@@ -73,6 +73,8 @@ def main() -> None:
                     help="the model's tool-call format (default: from its chat template)")
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                     help="return <think> text as reasoning_content (default: off)")
+    ap.add_argument("--otlp-endpoint", default=None, help="export OpenTelemetry traces to this OTLP/HTTP collector")
+    ap.add_argument("--trace-ratio", type=float, default=1.0, help="the share of requests traced")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -93,7 +95,8 @@ def main() -> None:
                           request_timeout_s=a.request_timeout_s, health_interval_s=a.health_interval_s,
                           migration_limit=a.migration_limit, migration_wait_s=a.migration_wait_s,
                           tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel],
-                          tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser)
+                          tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
+                          otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio)
     if a.processes > 1 and not config.redis_url:
         ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
     serve(functools.partial(create_app, config), a.host, a.port, processes=a.processes)

@@ -22,6 +22,8 @@ class WorkerConfig:
     log_level: str = "warning"
     # Callers of the internal API must hold it; None: open (tests, one host). Never printed (repr=False).
     internal_token: str | None = field(default=None, repr=False)
+    otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/HTTP collector (protocol/tracing.py)
+    trace_ratio: float = 1.0  # (a worker traces what the router traced: the ratio is the router's decision)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

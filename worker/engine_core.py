@@ -51,7 +51,7 @@ def to_out(o: RequestOutput) -> ipc.Out:
     return ipc.Out(o.request_id, o.new_token_ids, o.num_output_tokens, o.num_cached_tokens, o.num_prompt_tokens,
                    o.finish_reason.value if o.finish_reason is not None else None,
                    _wire(o.logprobs) if o.logprobs else None,
-                   None if o.prompt_logprobs is None else _wire(o.prompt_logprobs))
+                   None if o.prompt_logprobs is None else _wire(o.prompt_logprobs), o.queued_s)
 
 
 class EngineCore:

@@ -21,6 +21,7 @@ import uvicorn
 from engine.sampling_params import SamplingParams
 from protocol.asgi import server_options
 from protocol.messages import WireSamplingParams, WorkerInfo
+from protocol.tracing import Tracer, tracer
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
 from worker.events import EventLog
@@ -63,6 +64,7 @@ class Frontend:
         self.load: Load | None = None  # the engine's counters, as of its last message
         self.error: str | None = None  # why the engine cannot serve (it failed, or its process is gone)
         self.draining = False
+        self.tracer: Tracer | None = None  # None: tracing off
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -76,6 +78,8 @@ class Frontend:
     async def connect(self, sock: socket.socket) -> None:
         self.client = await EngineClient.connect(sock, self._on_step, self._on_dead, self.drain)
         self.hello = self.client.hello.result()
+        cfg = self.hello.config
+        self.tracer = tracer(f"pdserve-{cfg.role}", cfg.otlp_endpoint, cfg.trace_ratio)
 
     def _on_step(self, step: Step) -> None:
         if step.load is not None:
@@ -166,4 +170,8 @@ async def _serve(sock: socket.socket, make_app: Callable[[Frontend], object]) ->
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=cfg.drain_timeout_s,
                                     **server_options(cfg.log_level)), frontend)
     frontend.server = server
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        if frontend.tracer is not None:
+            frontend.tracer.shutdown()  # the spans still buffered go out

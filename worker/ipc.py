@@ -112,6 +112,7 @@ class Out(_Message):
     finish_reason: str | None  # set on the request's last output: "stop" (eos, stop token), "length", "abort"
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # [(token, logprob, top)]
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # with the first token, if asked
+    queued_s: float | None = None  # once: seconds from its arrival in the engine to its first step
 
 
 class Refused(_Message):

@@ -51,6 +51,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     ap.add_argument("--drain-timeout-s", type=float, default=5.0, help="on SIGTERM, let requests finish this long")
     ap.add_argument("--internal-token", default=None,
                     help="answer only callers holding this token (default $PDSERVE_INTERNAL_TOKEN; unset: open)")
+    ap.add_argument("--otlp-endpoint", default=None, help="export OpenTelemetry traces to this OTLP/HTTP collector")
+    ap.add_argument("--trace-ratio", type=float, default=1.0, help="the share of traces sampled (the router's)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args(argv)
     engine = EngineConfig(
@@ -62,7 +64,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     config = WorkerConfig(
         role=a.role, name=a.name or f"{a.role}-{a.port}", engine=engine, host=a.host, port=a.port,
         transport=a.transport, tp_size=a.tp_size, ep_size=a.ep_size, drain_timeout_s=a.drain_timeout_s,
-        log_level=a.log_level, internal_token=a.internal_token)
+        log_level=a.log_level, internal_token=a.internal_token, otlp_endpoint=a.otlp_endpoint,
+        trace_ratio=a.trace_ratio)
     return config, a
 
 

@@ -124,6 +124,25 @@ def test_router_env_matches_the_router_flags_and_carries_the_routing_weights():
         LOAD_WEIGHT, BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT)  # the chart's defaults are the router's
 
 
+def test_tracing_values_reach_the_router_and_every_worker_as_their_flags():
+    from router import main as router_main
+    from worker import serve
+
+    docs = render("--set", "tracing.otlpEndpoint=http://otel:4318", "--set-json", "tracing.ratio=0.25")
+    containers = [("router", _find(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])]
+    containers += [(role, _find(docs, "StatefulSet", f"-{role}")["spec"]["template"]["spec"]["containers"][0])
+                   for role in ("prefill", "decode")]
+    for who, c in containers:
+        env = _env(c)
+        assert env["PDSERVE_OTLP_ENDPOINT"]["value"] == "http://otel:4318", who
+        assert env["PDSERVE_TRACE_RATIO"]["value"] == "0.25", who
+        assert {"otlp_endpoint", "trace_ratio"} <= _flags(router_main if who == "router" else serve)
+    off = render()  # off by default: no tracing variables at all
+    assert not [c for d in off if d["kind"] in ("Deployment", "StatefulSet")
+                for c in d["spec"]["template"]["spec"]["containers"]
+                if any(e["name"] == "PDSERVE_OTLP_ENDPOINT" for e in c.get("env", []))]
+
+
 def test_multinode_workers_become_rayclusters_with_their_ranks():
     docs = render("-f", str(MULTINODE))
     clusters = [d for d in docs if d["kind"] == "RayCluster"]

@@ -118,6 +118,10 @@ env:
   {{- end }}
   - {name: PDSERVE_DRAIN_TIMEOUT_S, value: {{ $pool.drainTimeoutS | quote }}}
   - {name: PDSERVE_LOG_LEVEL, value: {{ $pool.logLevel | quote }}}
+  {{- with $root.Values.tracing.otlpEndpoint }}
+  - {name: PDSERVE_OTLP_ENDPOINT, value: {{ . | quote }}}
+  - {name: PDSERVE_TRACE_RATIO, value: {{ $root.Values.tracing.ratio | toString | quote }}}
+  {{- end }}
   - name: PDSERVE_INTERNAL_TOKEN
     valueFrom: {secretKeyRef: {name: {{ include "pdserve.tokenSecretName" $root }}, key: {{ $root.Values.cluster.internalTokenSecret.key }}}}
   - {name: UCX_TLS, value: {{ $pool.rdma.ucxTls | quote }}}
