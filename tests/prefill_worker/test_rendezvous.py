@@ -38,7 +38,7 @@ class FakeCore:
 @pytest.fixture
 def worker():
     fe = SimpleNamespace(config=SimpleNamespace(name="p", role="prefill", transfer_timeout_s=TIMEOUT_S),
-                         client=FakeCore(), error=None, draining=False, handler=None, load=None)
+                         client=FakeCore(), error=None, draining=False, handler=None, load=None, tracer=None)
     app = create_app(fe)
     return fe, app, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p")
 
