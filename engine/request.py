@@ -45,6 +45,7 @@ class Request:
     # Seconds from its arrival to its first step (set then), reported once with its next output (traces)
     queued_s: float | None = None
     queue_reported: bool = False
+    counted: bool = False  # in the scheduler's per-tenant counts (once requests carry priorities or tenants)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -32,6 +32,10 @@ class SamplingParams:
     # (kind, source): the output follows this grammar (protocol/grammar.py; engine/guided.py)
     grammar: tuple[str, str] | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, in [-100, 100])
+    # Scheduling: waiting requests are admitted lowest priority value first (as vLLM's `priority`); among
+    # equals, the tenant (an API key) served the fewest tokens first (engine/scheduler.py)
+    priority: int = 0
+    tenant: str = ""
 
     def __post_init__(self) -> None:
         checks = [

@@ -3,7 +3,10 @@
 Running requests go first (decodes, then unfinished prefill chunks), within a token budget a step; when
 blocks run out, the most recently admitted request is preempted (its blocks freed, recomputed later).
 Waiting requests are admitted in order while blocks and budget last (one whose prefix is being read from
-disk is passed over until it is read).
+disk is passed over until it is read). The order is arrival's, unless requests carry priorities or tenants:
+then lower priority values first, and among equals the tenant that has been computed the fewest tokens
+(a tenant arriving idle starts level with the least-served active one), then arrival: a flood from one key
+cannot hold back a higher-priority request behind it, and keys of one priority share the worker evenly.
 """
 
 import time
@@ -45,10 +48,32 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished prefills whose blocks wait to be sent
         self.remote: dict[str, Request] = {}  # reserved blocks waiting for a prefill worker's KV
+        self.ordered = False  # a request came with a priority or a tenant: waiting ones are taken in that order
+        self.served: dict[str, int] = {}  # tenant -> tokens computed for its requests
+        self.active: dict[str, int] = {}  # tenant -> its requests here (waiting or running)
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
+        self._join(req)
         self.waiting.append(req)
+
+    def _join(self, req: Request) -> None:
+        p = req.params
+        if p.priority or p.tenant or self.ordered:
+            self.ordered = True
+            if p.tenant not in self.active:  # arriving idle: level with the least-served tenant active now
+                floor = min((self.served.get(t, 0) for t in self.active), default=0)
+                self.served[p.tenant] = max(self.served.get(p.tenant, 0), floor)
+            self.active[p.tenant] = self.active.get(p.tenant, 0) + 1
+        req.counted = self.ordered
+
+    def _leave(self, req: Request) -> None:
+        tenant = req.params.tenant
+        left = self.active.get(tenant, 0) - 1
+        if left > 0:
+            self.active[tenant] = left
+        else:
+            self.active.pop(tenant, None)
 
     def fits_pool(self, num_tokens: int) -> bool:
         return blocks_for(num_tokens, self.kv.block_size) <= self.kv.pool.num_blocks
@@ -80,7 +105,12 @@ class Scheduler:
                 i += 1
                 continue
             break
+        if self.ordered:
+            self._account(batch)
         if batch.preempted:
+            return batch
+        if self.ordered:
+            self._admit_ordered(batch, budget)
             return batch
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -92,14 +122,49 @@ class Scheduler:
                 i += 1
                 continue
             del self.waiting[i]
-            if req.queued_s is None:
-                req.queued_s = time.monotonic() - req.arrival_time
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
+            self._run(req, n, batch)
             budget -= n
         return batch
+
+    def _run(self, req: Request, n: int, batch: ScheduledBatch) -> None:
+        if req.queued_s is None:
+            req.queued_s = time.monotonic() - req.arrival_time
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        batch.requests.append(req)
+        batch.num_new_tokens.append(n)
+
+    def _account(self, batch: ScheduledBatch) -> None:
+        """Each tenant's tokens computed by the running requests of the batch."""
+        served = self.served
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            served[req.params.tenant] = served.get(req.params.tenant, 0) + n
+
+    def _admit_ordered(self, batch: ScheduledBatch, budget: int) -> None:
+        """Admit waiting requests by priority, then their tenant's tokens computed so far (counted as each is
+        admitted), then arrival: each (priority, tenant) queue is taken in its own arrival order."""
+        queues: dict[tuple[int, str], deque[Request]] = {}
+        for req in self.waiting:  # (arrival order, the preempted first)
+            queues.setdefault((req.params.priority, req.params.tenant), deque()).append(req)
+        served, admitted = self.served, set()
+        while queues and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            head = min(queues, key=lambda k: (k[0], served.get(k[1], 0), queues[k][0].arrival_index))
+            queue = queues[head]
+            req = queue[0]
+            n = self.kv.admit(req, budget)
+            if n is None:
+                break
+            queue.popleft()
+            if not queue:
+                del queues[head]
+            if n == LOADING:  # its prefix is coming back from disk: the next ones may go first
+                continue
+            admitted.add(req.request_id)
+            self._run(req, n, batch)
+            served[head[1]] = served.get(head[1], 0) + n
+            budget -= n
+        if admitted:
+            self.waiting = deque(r for r in self.waiting if r.request_id not in admitted)
 
     def _at_limit(self, req: Request) -> bool:
         return len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len
@@ -125,6 +190,8 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
+        if req.counted:
+            self._leave(req)
         if req.hold_kv and reason is not FinishReason.ABORT:
             self.held[req.request_id] = req
         elif free_later is not None:
@@ -141,6 +208,7 @@ class Scheduler:
         """Reserve a whole prompt's blocks for KV arriving from a prefill worker."""
         if not self.kv.reserve(req):
             return False
+        self._join(req)
         self.requests[req.request_id] = req
         self.remote[req.request_id] = req
         return True

@@ -44,9 +44,12 @@ def add_commands(sub) -> None:
     c.add_argument("--rpm", type=int, default=None, help="requests per minute")
     c.add_argument("--tpm", type=int, default=None, help="tokens per minute (prompt + max output)")
     c.add_argument("--max-concurrent", type=int, default=None)
+    c.add_argument("--priority", type=int, default=0,
+                   help="its requests' scheduling priority: lower values go first (a batch key: e.g. 10)")
     _common(c)
     c.set_defaults(run=lambda a: _call(a, "POST", "/admin/keys", json={
-        "name": a.name, "models": a.models.split(","), "rpm": a.rpm, "tpm": a.tpm, "max_concurrent": a.max_concurrent}))
+        "name": a.name, "models": a.models.split(","), "rpm": a.rpm, "tpm": a.tpm, "max_concurrent": a.max_concurrent,
+        "priority": a.priority}))
     ls = ks.add_parser("list", help="every key (never the keys themselves)")
     _common(ls)
     ls.set_defaults(run=lambda a: _call(a, "GET", "/admin/keys"))

@@ -28,6 +28,8 @@ class WireSamplingParams(BaseModel):
     skip_special_tokens: bool = True
     grammar: tuple[str, str] | None = None  # (kind, source), protocol/grammar.py
     logit_bias: list[tuple[int, float]] = Field(default_factory=list)
+    priority: int = 0  # lower first (the router's: its key's, or a request's the key allows)
+    tenant: str = ""  # whose request (an API key's id): equal priorities share the workers fairly by it
 
 
 class PrefillRequest(BaseModel):

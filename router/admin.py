@@ -24,6 +24,7 @@ class KeyUpdate(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
 
 
 class KeyCreate(BaseModel):
@@ -32,6 +33,7 @@ class KeyCreate(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
+    priority: int = Field(default=0, ge=-1000, le=1000)  # lower first
 
 
 def admin_routes(state: "RouterState") -> APIRouter:
@@ -41,7 +43,7 @@ def admin_routes(state: "RouterState") -> APIRouter:
     @r.post("/keys", status_code=201)
     async def create_key(body: KeyCreate, request: Request) -> dict:
         door.check_admin(request.headers.get("authorization"))
-        key, record = new_key(body.name, body.models, body.rpm, body.tpm, body.max_concurrent)
+        key, record = new_key(body.name, body.models, body.rpm, body.tpm, body.max_concurrent, body.priority)
         await door.keys.put(record)
         return {**record.public(), "key": key}  # the only time the key is shown
 

@@ -44,7 +44,7 @@ from router.config import RouterConfig
 from router.discovery import KubernetesDiscovery, StaticDiscovery
 from router.dispatch import Dispatcher
 from router.errors import OpenAIError, install_error_handlers, validation_error
-from router.frontdoor import FrontDoor, Ticket
+from router.frontdoor import ANONYMOUS, FrontDoor, Ticket
 from router.messages_api import MessagesRequest
 from router.metrics import RouterMetrics
 from router.openai_format import Formatter, echoed_logprobs, usage
@@ -593,7 +593,8 @@ async def _completion_ids(state: RouterState, prompt: str | list[int]) -> list[i
     return await state.encoder.encode(prompt) if prompt else []
 
 
-def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out_plan: OutputPlan) -> ParamsOut:
+def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out_plan: OutputPlan,
+                 priority: int = 0, tenant: str = "") -> ParamsOut:
     bias = body.logit_bias
     return ParamsOut(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
@@ -602,8 +603,20 @@ def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out
         logprobs=body.num_logprobs(), grammar=out_plan.grammar,
         prompt_logprobs=body.num_logprobs() if getattr(body, "echo", False) else None,
         logit_bias=[(int(t), b) for t, b in bias.items()] if bias else [],
-        skip_special_tokens=not out_plan.keeps_special_tokens,
+        skip_special_tokens=not out_plan.keeps_special_tokens, priority=priority, tenant=tenant,
     )
+
+
+def _priority(body: Any, key) -> int:
+    """The request's scheduling priority: its own if its key allows it (no lower than the key's; without auth,
+    any), else the key's."""
+    asked = getattr(body, "priority", None)
+    if asked is None:
+        return key.priority
+    if asked < key.priority and key is not ANONYMOUS:
+        raise OpenAIError(400, f"this key's requests may not have a priority below {key.priority} (lower values "
+                               f"go first)", param="priority", code="priority_not_allowed")
+    return asked
 
 
 _ID_PREFIX = os.urandom(8).hex()  # unique per router process: ids stay unique across replicas
@@ -662,6 +675,8 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     _check_model(state, body.model)
     state.door.check_model(key, body.model)
     out_plan = plan(body, chat, state.tool_parser, state.config.reasoning_parser)
+    priority = _priority(body, key)
+    tenant = "" if key is ANONYMOUS else key.id  # (auth off: one tenant, the workers keep arrival order)
     if body.logit_bias and max(int(t) for t in body.logit_bias) >= state.tokenizer.vocab_size:
         raise OpenAIError(400, f"logit_bias token ids must be in [0, {state.tokenizer.vocab_size})",
                           param="logit_bias")
@@ -701,7 +716,8 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     for ids in prompts:  # n choices a prompt, in order
         hashes = state.dispatcher.hashes(ids)
         for i in range(body.n):
-            params = _wire_params(body, max_tokens, None if body.seed is None else body.seed + i, out_plan)
+            params = _wire_params(body, max_tokens, None if body.seed is None else body.seed + i, out_plan, priority,
+                                  tenant)
             streams.append(state.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session, span))
     readers = [ChoiceReader(out_plan) for _ in streams] if out_plan.reads_text else None
     echo = None

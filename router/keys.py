@@ -32,6 +32,7 @@ class ApiKey:
     max_concurrent: int | None = None
     enabled: bool = True
     created: float = 0.0
+    priority: int = 0  # its requests' scheduling priority (lower first); a request may ask for a higher value only
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -44,7 +45,7 @@ class ApiKey:
 
 
 def new_key(name: str, models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None,
-            max_concurrent: int | None = None) -> tuple[str, ApiKey]:
+            max_concurrent: int | None = None, priority: int = 0) -> tuple[str, ApiKey]:
     """(the key in clear, shown once; its record)"""
     if not name or len(name) > 64:
         raise ValueError("a key needs a name of 1 to 64 characters")
@@ -53,7 +54,8 @@ def new_key(name: str, models: list[str] | None = None, rpm: int | None = None, 
             raise ValueError(f"{label} must be at least 1")
     key_id = secrets.token_hex(6)
     key = f"pds-{key_id}-{secrets.token_urlsafe(24)}"
-    return key, ApiKey(key_id, name, hash_key(key), models or ["*"], rpm, tpm, max_concurrent, True, time.time())
+    return key, ApiKey(key_id, name, hash_key(key), models or ["*"], rpm, tpm, max_concurrent, True, time.time(),
+                       priority)
 
 
 class _Cached:

@@ -108,6 +108,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
     structured_outputs: StructuredOutputs | None = None
+    # Scheduling priority (vLLM's: lower first); None: the key's. A key's requests may not go below its own.
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -290,6 +292,7 @@ class _FastSampling(Struct, kw_only=True):
     stream_options: _FastStreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] | None = None
     # What the structs leave to the models (a body setting one goes to them): None here.
     logit_bias: Any = None
     structured_outputs: Any = None
