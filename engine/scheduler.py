@@ -85,6 +85,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
         batch = ScheduledBatch([], [], [])
+        if self.ordered and self.waiting and len(self.running) >= self.config.max_num_seqs:
+            self._make_room(batch)
+        made_room = len(batch.preempted)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -107,7 +110,7 @@ class Scheduler:
             break
         if self.ordered:
             self._account(batch)
-        if batch.preempted:
+        if len(batch.preempted) > made_room:  # the blocks ran out: nothing more is admitted this step
             return batch
         if self.ordered:
             self._admit_ordered(batch, budget)
@@ -125,6 +128,16 @@ class Scheduler:
             self._run(req, n, batch)
             budget -= n
         return batch
+
+    def _make_room(self, batch: ScheduledBatch) -> None:
+        """Every slot taken and a waiting request of a better priority than a running one: the running one of the
+        worst priority (the latest of them) is preempted, so the better one waits one step, not for it to end."""
+        best = min(r.params.priority for r in self.waiting)
+        victim = max(self.running, key=lambda r: (r.params.priority, r.arrival_index))
+        if victim.params.priority > best:
+            self.running.remove(victim)
+            self._preempt(victim)
+            batch.preempted.append(victim)
 
     def _run(self, req: Request, n: int, batch: ScheduledBatch) -> None:
         if req.queued_s is None:
