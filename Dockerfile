@@ -30,12 +30,12 @@ FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS gpu
 ARG PDSERVE_VERSION=0.1.0
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
-# FlashInfer compiles its kernels at first use (nvcc, g++ and ninja); NIXL's UCX needs the verbs libraries
-# for RDMA between hosts.
+# FlashInfer compiles its kernels at first use (nvcc, CUDA and CCCL headers, g++, ninja) and Triton its
+# launchers (Python's headers); NIXL's UCX needs the verbs libraries for RDMA between hosts.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv g++ ninja-build \
-        cuda-nvcc-13-0 cuda-cudart-dev-13-0 libibverbs1 librdmacm1 ibverbs-providers \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev g++ ninja-build \
+        cuda-nvcc-13-0 cuda-cudart-dev-13-0 cuda-cccl-13-0 libibverbs1 librdmacm1 ibverbs-providers \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 COPY --from=wheel /wheels /wheels

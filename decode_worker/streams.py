@@ -83,6 +83,7 @@ class _Stream:
     min_tokens: int
     task: asyncio.Task | None = None  # the remote prefill's handshake, until the first token is in
     span: Any = None  # its trace's span on this worker (when traced)
+    local: bool = True  # prefilled here (no prefill_url, or no room to receive its KV)
 
 
 class RemotePrefillError(RuntimeError):
@@ -120,7 +121,7 @@ class DecodeStreams:
         detok = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop, params.skip_special_tokens,
                             params.include_stop_str_in_output)
         detok.resume(req.output_token_ids)  # a migrated stream: its text so far went out from another worker
-        st = self.streams[rid] = _Stream(req, channel, detok, params.min_tokens)
+        st = self.streams[rid] = _Stream(req, channel, detok, params.min_tokens, local=not req.prefill_url)
         if self.tracer is not None and req.traceparent:
             st.span = self.tracer.start("pdserve.decode", req.traceparent, {
                 "pdserve.worker": self.name, "pdserve.request_id": rid, "pdserve.prompt_tokens": len(req.prompt_token_ids),
@@ -151,6 +152,7 @@ class DecodeStreams:
                 # drops its copy now instead of holding it until its timeout.
                 log.info("request %s: no room to receive its KV now; prefilling it here", rid)
                 st.task = None  # an abort from now on goes to the core
+                st.local = True
                 self.client.add(rid, req.prompt_token_ids, params, resumed=req.output_token_ids)
                 self._background(self._drop_prefill(req.prefill_url, rid))
                 return
@@ -304,7 +306,7 @@ class DecodeStreams:
     def _trace(self, st: _Stream, out) -> None:
         """A traced request's output: its queue and prefill here (prefilled locally), its first token."""
         now = time.time()
-        if out.queued_s is not None and not st.request.prefill_url:
+        if out.queued_s is not None and st.local:
             start = st.span.start_time / 1e9
             queued = min(out.queued_s, now - start)
             self.tracer.span("pdserve.decode.queue", st.span, start, start + queued)

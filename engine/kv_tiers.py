@@ -51,7 +51,7 @@ class HostTier:
         k = 0
         while k < len(block_hashes) and block_hashes[k] in self.slots:
             k += 1
-        return self.below.fetch(block_hashes[k : self.num_blocks], 2 * self.num_blocks)
+        return self.below.fetch(block_hashes[k : self.num_blocks], self.num_blocks)
 
     def wait_reads(self, timeout: float) -> None:
         """Block until a disk read finishes (or timeout seconds): an engine with nothing else to run."""
@@ -248,22 +248,26 @@ class DiskTier:
         return deleted
 
     def fetch(self, hashes: list[int], keep: int) -> bool:
-        """Start reading the longest run of this chain held here on the reader thread (what is read waits for
-        read(); at most `keep` such blocks, finished ones dropped oldest first); True while any of the run is
-        still being read."""
+        """Start reading the longest run of this chain held here on the reader thread (made most recently
+        used: no write drops it meanwhile); True while any of it is still being read. What is read waits for
+        read(): at most `keep` blocks are read or being read at once (the read ones not taken yet dropped
+        first, oldest first); past that, the rest of the run waits for a later call."""
         busy = False
         for h in hashes:
             if h not in self.files:
                 break
+            self.files.move_to_end(h)
             f = self.reads.get(h)
             if f is None:
                 with self._lock:
                     if h in self.writing:  # its bytes are still in memory: read() takes them at once
                         continue
+                if len(self.reads) >= keep:
+                    for x in [x for x, g in self.reads.items() if g.done()][: len(self.reads) - keep + 1]:
+                        del self.reads[x]
+                if len(self.reads) >= keep:  # every slot is a read in flight: the rest waits for them
+                    return True
                 f = self.reads[h] = self._reader.submit(self._load, h)
-                done = [x for x, g in self.reads.items() if g.done()][: max(0, len(self.reads) - keep)]
-                for x in done:
-                    del self.reads[x]
             busy = busy or not f.done()
         return busy
 

@@ -164,7 +164,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs, parallel,
                                   self._overlap)
         self._inflight: _Launched | None = None  # a step queued on the device whose tokens are not read yet
-        self._ready: list[RequestOutput] = []  # outputs read early (by _drain), returned by the next step
+        self._ready: list[RequestOutput] = []  # outputs read early (by drain), returned by the next step
         self.stats = EngineStats()
         self._detok: dict[str, Detokenizer] = {}
         self._arrivals = itertools.count()
@@ -292,7 +292,7 @@ class LLMEngine:
         return req
 
     def release_held(self, request_id: str) -> None:
-        self._drain()
+        self.drain()
         self.scheduler.release_held(request_id)
 
     def held_blocks(self, request_id: str) -> list[int] | None:
@@ -326,7 +326,7 @@ class LLMEngine:
         return self._output(req, [first_token], logprobs if req.params.logprobs is not None else [], n)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        self._drain()
+        self.drain()
         self.scheduler.release_held(request_id)
         req = self.scheduler.requests.get(request_id)
         if req is None:
@@ -454,7 +454,7 @@ class LLMEngine:
             outputs.append(self._output(req, [tok], lps, n))
         return outputs
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Read the launched step's results now (before a request's state changes from outside a step)."""
         if self._inflight is not None:
             step, self._inflight = self._inflight, None

@@ -154,6 +154,7 @@ class Reply:
     stream: AsyncIterator[Any] | None = None
     ticket: Ticket | None = None  # a stream settles it when it ends; if it never starts, RouterApp does
     completion_tokens: int = 0  # a body's
+    on_close: Callable[[], None] | None = None  # once a stream's answer is over, however it ended (traces)
 
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -256,6 +257,8 @@ class RouterApp:
         ticket = reply.ticket
 
         async def unstarted() -> None:  # the client left before the stream began: what `_sse` would have done
+            if reply.on_close is not None:
+                reply.on_close()
             if not ticket.closed:
                 count(name, "499")
                 await ticket.close("cancelled")
@@ -651,22 +654,26 @@ async def handle(state: RouterState, chat: bool, body: Any, session_header: str 
         state.tracer.end(span, **{"gen_ai.usage.output_tokens": reply.completion_tokens})
     else:
         reply.stream = _traced(state.tracer, span, reply.stream)
+        reply.on_close = lambda: span.is_recording() and state.tracer.end(span, **{"pdserve.client_left": True})
     return reply
 
 
 async def _traced(tracer, span, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """A stream that ends its request's span when it ends."""
-    error = None
+    """A stream that ends its request's span when it ends (a client that leaves is not an error of it)."""
+    error, left = None, False
     try:
         async for data in stream:
             yield data
+    except (GeneratorExit, asyncio.CancelledError):
+        left = True
+        raise
     except BaseException as e:
         error = e
         raise
     finally:
         with contextlib.suppress(Exception):
             await stream.aclose()
-        tracer.end(span, error=error)
+        tracer.end(span, error=error, **{"pdserve.client_left": left or None})
 
 
 async def _handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key, admitted: list | None,

@@ -93,6 +93,7 @@ class WorkerHost:
                 self.proc.wait()
         self.core.stop()
         if self.core.error is None:
+            self.shard.engine.drain()  # a step whose sampling waits (a grammar's) finishes its collectives first
             self.shard.engine.runner.stop_followers()
         self.shard.close()
         self.core.conn.close()

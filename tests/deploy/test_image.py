@@ -3,6 +3,7 @@ Dockerfile is linted (hadolint) and held to what the package and the chart need:
 same, the chart's default image the one it builds, the commands the chart runs inside the wheel it installs, a
 non-root user the chart's pods run as. The `[gpu]` extra resolves against the index."""
 
+import fnmatch
 import json
 import os
 import re
@@ -81,7 +82,10 @@ def test_what_the_image_installs_runs_what_the_chart_and_its_cmds_ask(tmp_path):
         assert user == [(str(pod["runAsUser"]), str(pod["runAsGroup"]))], stage
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".gpu"} <= ignored
-    assert not ignored & set(PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
+    packages = [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert packages and all((ROOT / p).is_dir() for p in packages)
+    for p in [*packages, "pyproject.toml", "README.md", f"{packages[0]}/__init__.py"]:
+        assert not [pat for pat in ignored if fnmatch.fnmatch(p, pat.rstrip("/"))], f"{p} is left out of the build context"
 
 
 def test_the_gpu_extra_resolves_against_the_index(tmp_path):

@@ -234,6 +234,35 @@ def test_disk_tier_checks_its_size_its_files_and_its_directory(tmp_path, caplog)
     assert sum("turned off" in r.message for r in caplog.records) == 1
 
 
+def test_disk_reads_ahead_are_bounded_and_keep_their_blocks(tmp_path, monkeypatch):
+    """At most `keep` blocks are read or held for their requests at once; a block being fetched is made most
+    recently used, so the writes of other blocks meanwhile do not drop it."""
+    import threading
+
+    from engine.kv_tiers import DiskTier
+
+    blocks = torch.arange(8 * 4, dtype=torch.float32).view(8, 4)
+    disk = DiskTier(tmp_path, 8, blocks[0].numel() * 4, tag=3)
+    for h in range(8):
+        disk.write(h, blocks[h])
+    disk.flush()
+    gate = threading.Event()
+    load = DiskTier._load
+    monkeypatch.setattr(DiskTier, "_load", lambda self, h: gate.wait(30) and load(self, h))
+    assert disk.fetch(list(range(8)), keep=3) is True
+    assert sorted(disk.reads) == [0, 1, 2]  # the rest waits for these
+    disk.write(100, blocks[0])  # room for a new block: the LRU one goes, not one being fetched
+    assert all(h in disk for h in (0, 1, 2, 3)) and 4 not in disk  # (3: the next of the chain, wanted too)
+    gate.set()
+    while disk.fetch([0, 1, 2], keep=3):
+        pass
+    out = torch.empty(4)
+    assert disk.read(1, out) and torch.equal(out, blocks[1]) and 1 not in disk.reads
+    disk.fetch([5, 6, 7], keep=3)
+    assert len(disk.reads) <= 3
+    disk.close()
+
+
 def test_an_eviction_bigger_than_the_host_tier_lands_on_disk_byte_for_byte(tmp_path):
     from engine.kv_tiers import DiskTier
 
