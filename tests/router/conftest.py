@@ -43,6 +43,25 @@ def fake_urls(fake_spec):
 
 
 @pytest.fixture
+def own_fake(fake_spec):
+    """own_fake(name) -> a fake worker of the test's own, serving (its app records what it was sent); all
+    stopped after the test."""
+    from tests.router.fake_workers import start_fake_worker
+
+    servers = []
+
+    def start(name: str):
+        server = start_fake_worker(name, *fake_spec)
+        wait_http(f"http://127.0.0.1:{server.config.port}/health")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.should_exit = True
+
+
+@pytest.fixture
 def routers(fake_urls):
     """start(*flags) -> a router URL in front of the fake workers; all stopped after the test."""
     cluster = LocalCluster.in_front_of(fake_urls)

@@ -30,11 +30,8 @@ def _port_closed(port: int) -> bool:
 
 
 @pytest.fixture
-def victim(fake_spec):
-    server = start_fake_worker("victim", *fake_spec)
-    wait_http(f"http://127.0.0.1:{server.config.port}/health")
-    yield server
-    server.should_exit = True
+def victim(own_fake):
+    return own_fake("victim")
 
 
 def test_a_dead_worker_is_skipped_its_failed_request_retried_and_it_serves_again_once_healthy(

@@ -5,19 +5,15 @@ scheduling itself: tests/engine/test_priorities.py); a request asking to go ahea
 import httpx
 import pytest
 
-from bench.cluster import LocalCluster, wait_http
-from tests.router.fake_workers import start_fake_worker
+from bench.cluster import LocalCluster
 
 ADMIN = "priorities-admin"
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
 
 @pytest.fixture
-def fake(fake_spec):
-    server = start_fake_worker("prio", *fake_spec)
-    wait_http(f"http://127.0.0.1:{server.config.port}/health")
-    yield server
-    server.should_exit = True
+def fake(own_fake):
+    return own_fake("prio")
 
 
 def test_key_and_request_priorities_reach_the_workers(fake, tmp_path):
