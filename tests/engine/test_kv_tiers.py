@@ -3,11 +3,13 @@ from host memory with exactly the tokens of a cold run, computing only what no t
 honoured (a block moving down is reported offloaded, and removed only once no tier holds it); blocks an admission
 is loading are never dropped under it; a remote reservation counts host hits as cached."""
 
+import threading
+
 import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_tiers import HostTier
+from engine.kv_tiers import DiskTier, HostTier
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from protocol.kv_events import KVEventKind
@@ -121,7 +123,8 @@ def _push_out(e: LLMEngine) -> None:
     e.host_tier.below.flush()
 
 
-def test_a_prefix_pushed_past_the_host_tier_comes_back_from_disk_and_after_a_restart(demo_gguf, cold, tmp_path):
+def test_a_prefix_pushed_past_the_host_tier_comes_back_from_disk_and_after_a_restart(demo_gguf, cold, tmp_path,
+                                                                                    monkeypatch):
     e = _disk_engine(demo_gguf, tmp_path)
     target = _prompt(e, "lighthouses")
     first, _ = _run(e, target)
@@ -138,21 +141,8 @@ def test_a_prefix_pushed_past_the_host_tier_comes_back_from_disk_and_after_a_res
     assert set(restarted.host_tier.below.held()) == held
     stored = [ev for ev in restarted.block_pool.drain_events() if ev.kind is KVEventKind.STORED]
     assert set(stored[0].block_hashes) == held
-    back, computed = _run(restarted, target)
-    assert back.token_ids == cold(target) and back.num_cached_tokens == 64
-
-
-def test_a_request_waits_for_its_disk_reads_while_others_run(demo_gguf, cold, tmp_path, monkeypatch):
-    """Disk reads are off the engine's loop: the request whose prefix is on disk waits for them, the one behind
-    it is admitted and runs meanwhile, and the prefix then comes back as cached."""
-    import threading
-
-    from engine.kv_tiers import DiskTier
-
-    e = _disk_engine(demo_gguf, tmp_path)
-    target = _prompt(e, "lighthouses")
-    _run(e, target)
-    _push_out(e)
+    # Its disk reads are off the engine's loop: it waits for them in the queue while the request behind it is
+    # admitted and runs (reads held back here until that is seen).
     gate, started = threading.Event(), []
     load = DiskTier._load
 
@@ -162,22 +152,22 @@ def test_a_request_waits_for_its_disk_reads_while_others_run(demo_gguf, cold, tm
         return load(self, h)
 
     monkeypatch.setattr(DiskTier, "_load", slow_load)
-    other = _prompt(e, "harbours")
-    e.add_request("target", target, GREEDY)
-    e.add_request("other", other, GREEDY)
+    other = _prompt(restarted, "harbours")
+    restarted.add_request("target", target, GREEDY)
+    restarted.add_request("other", other, GREEDY)
     tokens, cached = {"target": [], "other": []}, {}
 
     def step() -> None:
-        for o in e.step():
+        for o in restarted.step():
             tokens[o.request_id] += o.new_token_ids
             cached[o.request_id] = o.num_cached_tokens
 
     for _ in range(3):
         step()
-    assert started and [r.request_id for r in e.scheduler.waiting] == ["target"]
-    assert [r.request_id for r in e.scheduler.running] == ["other"]
+    assert started and [r.request_id for r in restarted.scheduler.waiting] == ["target"]
+    assert [r.request_id for r in restarted.scheduler.running] == ["other"]
     gate.set()
-    while e.has_unfinished():
+    while restarted.has_unfinished():
         step()
     assert tokens["target"] == cold(target) and cached["target"] == 64
     assert tokens["other"] == cold(other)
@@ -211,8 +201,6 @@ def _req(prompt: list[int]):
 
 
 def test_disk_tier_checks_its_size_its_files_and_its_directory(tmp_path, caplog):
-    from engine.kv_tiers import DiskTier
-
     blocks = torch.randn(6, 2, 2, 4, 1, 8)
     nbytes = blocks[0].numel() * 4
     disk = DiskTier(tmp_path / "d", 3, nbytes, tag=7)
@@ -237,10 +225,6 @@ def test_disk_tier_checks_its_size_its_files_and_its_directory(tmp_path, caplog)
 def test_disk_reads_ahead_are_bounded_and_keep_their_blocks(tmp_path, monkeypatch):
     """At most `keep` blocks are read or held for their requests at once; a block being fetched is made most
     recently used, so the writes of other blocks meanwhile do not drop it."""
-    import threading
-
-    from engine.kv_tiers import DiskTier
-
     blocks = torch.arange(8 * 4, dtype=torch.float32).view(8, 4)
     disk = DiskTier(tmp_path, 8, blocks[0].numel() * 4, tag=3)
     for h in range(8):
@@ -264,8 +248,6 @@ def test_disk_reads_ahead_are_bounded_and_keep_their_blocks(tmp_path, monkeypatc
 
 
 def test_an_eviction_bigger_than_the_host_tier_lands_on_disk_byte_for_byte(tmp_path):
-    from engine.kv_tiers import DiskTier
-
     pool = torch.randn(9, 2, 2, 4, 1, 8)
     disk = DiskTier(tmp_path, 16, pool[0].numel() * 4, tag=1)
     tier = HostTier(2, pool, disk)
