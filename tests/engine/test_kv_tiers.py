@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from bench.cluster import wait_until
 from engine.config import EngineConfig
 from engine.kv_tiers import DiskTier, HostTier
 from engine.llm_engine import LLMEngine
@@ -164,7 +165,8 @@ def test_a_prefix_pushed_past_the_host_tier_comes_back_from_disk_and_after_a_res
 
     for _ in range(3):
         step()
-    assert started and [r.request_id for r in restarted.scheduler.waiting] == ["target"]
+    wait_until(lambda: started, 10, "the disk reads to start")
+    assert [r.request_id for r in restarted.scheduler.waiting] == ["target"]
     assert [r.request_id for r in restarted.scheduler.running] == ["other"]
     gate.set()
     while restarted.has_unfinished():
