@@ -110,6 +110,14 @@ class KVCacheManager:
         self.num_tier_hit_tokens += len(lower) * bs
         return True
 
+    def loading(self, req: Request) -> bool:
+        """Whether blocks of a waiting request's prefix are being read from disk (their reads start now if they
+        have not): it cannot run yet."""
+        if self.tier is None:
+            return False
+        hashes = self._hashes_upto(req, (req.num_tokens - 1) // self.block_size)
+        return self.tier.reading(hashes[len(self.pool.lookup_prefix(hashes)):])
+
     def wait_reads(self, timeout: float) -> None:
         """Block until a lower tier's read finishes, or timeout seconds (nothing else to run meanwhile)."""
         if self.tier is not None:

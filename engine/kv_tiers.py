@@ -16,6 +16,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import xxhash
 
 log = logging.getLogger("pdserve.engine")
+STALE_READ_S = 2.0  # a block read ahead that no admission has asked for this long is dropped (disk tier)
 
 
 class HostTier:
@@ -185,7 +187,8 @@ class DiskTier:
         self.num_corrupt = 0
         self._writes: queue.Queue = queue.Queue()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-disk-read")
-        self.reads: OrderedDict[int, Future] = OrderedDict()  # blocks read ahead (payload, None: failed), oldest first
+        # Blocks read ahead of their use (their payload, None: it failed) -> the read and when it was last wanted
+        self.reads: dict[int, tuple[Future, float]] = {}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._scan()
@@ -249,30 +252,41 @@ class DiskTier:
 
     def fetch(self, hashes: list[int], keep: int) -> bool:
         """Start reading the longest run of this chain held here on the reader thread (made most recently
-        used: no write drops it meanwhile); True while any of it is still being read. What is read waits for
-        read(): at most `keep` blocks are read or being read at once (the read ones not taken yet dropped
-        first, oldest first); past that, the rest of the run waits for a later call."""
-        busy = False
+        used: no write drops it meanwhile); True while any of it is still being read, or waits to be. What is
+        read waits for read(). At most `keep` blocks are read or being read at once, and a run starts whole or
+        not at all (two runs never hold each other's room): one that does not fit waits until read blocks are
+        taken, or dropped once no call has wanted them for STALE_READ_S (their request went away)."""
+        run = []
         for h in hashes:
             if h not in self.files:
                 break
             self.files.move_to_end(h)
-            f = self.reads.get(h)
-            if f is None:
-                with self._lock:
-                    if h in self.writing:  # its bytes are still in memory: read() takes them at once
-                        continue
-                if len(self.reads) >= keep:
-                    for x in [x for x, g in self.reads.items() if g.done()][: len(self.reads) - keep + 1]:
-                        del self.reads[x]
-                if len(self.reads) >= keep:  # every slot is a read in flight: the rest waits for them
-                    return True
-                f = self.reads[h] = self._reader.submit(self._load, h)
-            busy = busy or not f.done()
-        return busy
+            run.append(h)
+        now = time.monotonic()
+        busy, missing = False, []
+        for h in run:
+            got = self.reads.get(h)
+            if got is not None:
+                self.reads[h] = (got[0], now)
+                busy = busy or not got[0].done()
+                continue
+            with self._lock:
+                if h in self.writing:  # its bytes are still in memory: read() takes them at once
+                    continue
+            missing.append(h)
+        if not missing:
+            return busy
+        if len(self.reads) + len(missing) > keep:
+            for x in [x for x, (f, t) in self.reads.items() if f.done() and now - t > STALE_READ_S]:
+                del self.reads[x]
+            if len(self.reads) + len(missing) > keep:
+                return True
+        for h in missing:
+            self.reads[h] = (self._reader.submit(self._load, h), now)
+        return True
 
     def wait_reads(self, timeout: float) -> None:
-        wait([f for f in self.reads.values() if not f.done()], timeout, FIRST_COMPLETED)
+        wait([f for f, _ in self.reads.values() if not f.done()], timeout, FIRST_COMPLETED)
 
     def _load(self, h: int) -> memoryview | None:
         """Block h's payload from its file, checked (None: missing or failed)."""
@@ -294,7 +308,7 @@ class DiskTier:
         with self._lock:
             payload = self.writing.get(h)  # not on disk yet: the bytes it was given
         if payload is None:
-            payload = ahead.result() if ahead is not None else self._load(h)
+            payload = ahead[0].result() if ahead is not None else self._load(h)
             if payload is None:
                 if self.broken is None:  # a tier that broke lost its unwritten blocks: no news
                     self.num_corrupt += 1

@@ -85,8 +85,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
         batch = ScheduledBatch([], [], [])
-        if self.ordered and self.waiting and len(self.running) >= self.config.max_num_seqs:
-            self._make_room(batch)
+        if self.ordered:
+            # Worst priority last (then latest): what runs out of blocks preempts from the end, as _make_room.
+            self.running.sort(key=lambda r: (r.params.priority, r.arrival_index))
+            if self.waiting and len(self.running) == self.config.max_num_seqs:
+                self._make_room(batch)
         made_room = len(batch.preempted)
         i = 0
         while i < len(self.running) and budget > 0:
@@ -132,10 +135,11 @@ class Scheduler:
     def _make_room(self, batch: ScheduledBatch) -> None:
         """Every slot taken and a waiting request of a better priority than a running one: the running one of the
         worst priority (the latest of them) is preempted, so the better one waits one step, not for it to end."""
-        best = min(r.params.priority for r in self.waiting)
-        victim = max(self.running, key=lambda r: (r.params.priority, r.arrival_index))
-        if victim.params.priority > best:
-            self.running.remove(victim)
+        victim = self.running[-1]
+        better = sorted((r for r in self.waiting if r.params.priority < victim.params.priority),
+                        key=lambda r: (r.params.priority, r.arrival_index))
+        if any(not self.kv.loading(r) for r in better[:8]):  # (one whose prefix is still on disk cannot run yet)
+            self.running.pop()
             self._preempt(victim)
             batch.preempted.append(victim)
 
@@ -156,9 +160,13 @@ class Scheduler:
     def _admit_ordered(self, batch: ScheduledBatch, budget: int) -> None:
         """Admit waiting requests by priority, then their tenant's tokens computed so far (counted as each is
         admitted), then arrival: each (priority, tenant) queue is taken in its own arrival order."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return
         queues: dict[tuple[int, str], deque[Request]] = {}
+        preempted = {r.request_id for r in batch.preempted}  # (made room: not taken back at once)
         for req in self.waiting:  # (arrival order, the preempted first)
-            queues.setdefault((req.params.priority, req.params.tenant), deque()).append(req)
+            if req.request_id not in preempted:
+                queues.setdefault((req.params.priority, req.params.tenant), deque()).append(req)
         served, admitted = self.served, set()
         while queues and budget > 0 and len(self.running) < self.config.max_num_seqs:
             head = min(queues, key=lambda k: (k[0], served.get(k[1], 0), queues[k][0].arrival_index))

@@ -24,7 +24,7 @@ class KeyUpdate(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
-    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    priority: int = Field(default=0, ge=-1000, le=1000)  # (applied only when given; null is refused)
 
 
 class KeyCreate(BaseModel):

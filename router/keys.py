@@ -37,6 +37,11 @@ class ApiKey:
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
 
+    @classmethod
+    def load(cls, record: dict) -> "ApiKey":
+        """A stored record; fields this version does not know (a newer router's) are ignored."""
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
     def public(self) -> dict:
         """What the admin API shows: everything but the hash."""
         d = asdict(self)
@@ -92,13 +97,13 @@ class RedisKeyStore(_Cached):
 
     async def _get(self, key_hash: str) -> ApiKey | None:
         raw = await self.redis.hget(self.key, key_hash)
-        return ApiKey(**json.loads(raw)) if raw else None
+        return ApiKey.load(json.loads(raw)) if raw else None
 
     async def put(self, record: ApiKey) -> None:
         await self.redis.hset(self.key, record.key_hash, json.dumps(asdict(record)))
 
     async def all(self) -> list[ApiKey]:
-        return [ApiKey(**json.loads(v)) for v in (await self.redis.hgetall(self.key)).values()]
+        return [ApiKey.load(json.loads(v)) for v in (await self.redis.hgetall(self.key)).values()]
 
     async def remove(self, key_id: str) -> bool:
         record = await self.by_id(key_id)
@@ -128,7 +133,7 @@ class FileKeyStore(_Cached):
 
     async def _get(self, key_hash: str) -> ApiKey | None:
         raw = self._read().get(key_hash)
-        return ApiKey(**raw) if raw else None
+        return ApiKey.load(raw) if raw else None
 
     async def put(self, record: ApiKey) -> None:
         async with self._lock:
@@ -137,7 +142,7 @@ class FileKeyStore(_Cached):
             self._write(records)
 
     async def all(self) -> list[ApiKey]:
-        return [ApiKey(**v) for v in self._read().values()]
+        return [ApiKey.load(v) for v in self._read().values()]
 
     async def remove(self, key_id: str) -> bool:
         async with self._lock:

@@ -97,6 +97,11 @@ class EngineCore:
         self._loop.join(timeout_s)
         return not self._loop.is_alive()
 
+    @property
+    def running(self) -> bool:
+        """Its loop thread is alive (stop() waits for it, for a while)."""
+        return self._loop.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._messages.put(None)

@@ -93,7 +93,8 @@ class WorkerHost:
                 self.proc.wait()
         self.core.stop()
         if self.core.error is None:
-            self.shard.engine.drain()  # a step whose sampling waits (a grammar's) finishes its collectives first
+            if self.shard.engine.parallel.world_size > 1 and not self.core.running:
+                self.shard.engine.drain()  # a step whose sampling waits (a grammar's) broadcasts its samples first
             self.shard.engine.runner.stop_followers()
         self.shard.close()
         self.core.conn.close()

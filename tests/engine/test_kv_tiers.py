@@ -225,8 +225,11 @@ def test_disk_tier_checks_its_size_its_files_and_its_directory(tmp_path, caplog)
 
 
 def test_disk_reads_ahead_are_bounded_and_keep_their_blocks(tmp_path, monkeypatch):
-    """At most `keep` blocks are read or held for their requests at once; a block being fetched is made most
-    recently used, so the writes of other blocks meanwhile do not drop it."""
+    """At most `keep` blocks are read or held for their requests at once, a run started whole or not at all
+    (two runs never hold each other's room); a block being fetched is made most recently used, so writes of
+    other blocks meanwhile do not drop it; read blocks nobody asks for any more are dropped."""
+    import engine.kv_tiers as kv_tiers
+
     blocks = torch.arange(8 * 4, dtype=torch.float32).view(8, 4)
     disk = DiskTier(tmp_path, 8, blocks[0].numel() * 4, tag=3)
     for h in range(8):
@@ -235,17 +238,21 @@ def test_disk_reads_ahead_are_bounded_and_keep_their_blocks(tmp_path, monkeypatc
     gate = threading.Event()
     load = DiskTier._load
     monkeypatch.setattr(DiskTier, "_load", lambda self, h: gate.wait(30) and load(self, h))
-    assert disk.fetch(list(range(8)), keep=3) is True
-    assert sorted(disk.reads) == [0, 1, 2]  # the rest waits for these
-    disk.write(100, blocks[0])  # room for a new block: the LRU one goes, not one being fetched
-    assert all(h in disk for h in (0, 1, 2, 3)) and 4 not in disk  # (3: the next of the chain, wanted too)
+    assert disk.fetch([0, 1, 2], keep=4) is True and sorted(disk.reads) == [0, 1, 2]
+    assert disk.fetch([3, 4], keep=4) is True and sorted(disk.reads) == [0, 1, 2]  # no room for the whole run
+    disk.write(100, blocks[0])  # room for a new block: the least recently used goes, not one being fetched
+    assert all(h in disk for h in (0, 1, 2, 3, 4)) and 5 not in disk
     gate.set()
-    while disk.fetch([0, 1, 2], keep=3):
+    while disk.fetch([0, 1, 2], keep=4):
         pass
     out = torch.empty(4)
-    assert disk.read(1, out) and torch.equal(out, blocks[1]) and 1 not in disk.reads
-    disk.fetch([5, 6, 7], keep=3)
-    assert len(disk.reads) <= 3
+    for h in (0, 1, 2):  # the first run's request takes its blocks
+        assert disk.read(h, out) and torch.equal(out, blocks[h])
+    assert disk.fetch([3, 4], keep=4) is True and sorted(disk.reads) == [3, 4]  # now the second starts
+    while disk.fetch([3, 4], keep=4):
+        pass
+    monkeypatch.setattr(kv_tiers, "STALE_READ_S", 0.0)  # the second run's request went away
+    assert disk.fetch([6, 7, 100], keep=4) is True and sorted(disk.reads) == [6, 7, 100]
     disk.close()
 
 

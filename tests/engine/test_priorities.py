@@ -7,15 +7,25 @@ starts level with the others instead of taking the worker until it has caught up
 import pytest
 
 from engine.config import EngineConfig
+from engine.kv_cache_manager import LOADING
 from engine.llm_engine import LLMEngine
+from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
 
 SEQS = 4
 
 
 @pytest.fixture(scope="module")
-def engine(demo_gguf):
+def shared_engine(demo_gguf):
     return LLMEngine(EngineConfig(model=str(demo_gguf), kv_cache_bytes=64 << 20, max_num_seqs=SEQS))
+
+
+@pytest.fixture
+def engine(shared_engine):
+    """The module's engine, idle again after each test however it ended."""
+    yield shared_engine
+    _clear(shared_engine)
 
 
 def _params(max_tokens: int, priority: int = 0, tenant: str = "") -> SamplingParams:
@@ -62,12 +72,12 @@ def test_a_higher_priority_request_preempts_a_long_running_worse_one(engine, dem
     for _ in range(2):
         step()
     engine.add_request("high", _prompt(engine, 99), _params(6, priority=0, tenant="chat"))
-    waited = 0
+    waited, preempted = 0, engine.stats.num_preemptions
     while not tokens["high"]:
         step()
         waited += 1
     assert waited <= 3, waited  # a step to make room, one to prefill (and one more for the overlapped read)
-    assert engine.stats.num_preemptions >= 1
+    assert engine.stats.num_preemptions == preempted + 1
     while engine.has_unfinished():
         step()
     # The preempted request was recomputed: every answer is what it is alone.
@@ -92,7 +102,6 @@ def test_two_tenants_flooding_share_the_worker_evenly(engine):
     tokens = _shares(engine, 50)  # both floods still queued throughout
     assert engine.scheduler.waiting, "the floods ran out: the window measured no contention"
     assert abs(tokens["a"] - tokens["b"]) <= 0.1 * max(tokens.values()), tokens
-    _clear(engine)
 
 
 def test_a_tenant_arriving_late_starts_level_with_the_others(engine):
@@ -105,4 +114,79 @@ def test_a_tenant_arriving_late_starts_level_with_the_others(engine):
     tokens = _shares(engine, 60)
     assert engine.scheduler.waiting
     assert abs(tokens["a"] - tokens["c"]) <= 0.1 * max(tokens.values()), tokens  # c does not take the worker
-    _clear(engine)
+
+
+# --- the scheduler alone, on a stand-in for its KV manager ---
+
+
+class _Kv:
+    """Blocks as the scheduler sees them: one a request, `free` of them at first; prefixes in `loading` are being read
+    from disk; `short` makes the next growth fail once (the pool ran out)."""
+
+    block_size = 16
+
+    def __init__(self, free: int, loading: set[str] = frozenset()):
+        self.blocks, self.loading_ids, self.short = free, set(loading), False
+
+    def admit(self, req, budget):
+        if req.request_id in self.loading_ids:
+            return LOADING
+        if self.blocks < 1:
+            return None
+        self.blocks -= 1
+        return min(req.num_tokens - req.num_computed_tokens, budget)
+
+    def loading(self, req):
+        return req.request_id in self.loading_ids
+
+    def grow(self, req, n):
+        if self.short:
+            self.short = False
+            return False
+        return True
+
+    def free(self, req):  # (the scheduler frees a request's blocks through kv.free)
+        self.blocks += 1
+
+
+def _scheduler(kv: _Kv, seqs: int) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=seqs), kv)
+
+
+def _req(rid: str, priority: int, arrival: int) -> Request:
+    return Request(rid, list(range(8)), _params(16, priority=priority), 0, arrival)
+
+
+def _running(s: Scheduler, kv: _Kv, *reqs: Request) -> None:
+    for r in reqs:
+        s.add(r)
+    batch = s.schedule()
+    assert {r.request_id for r in reqs} <= {r.request_id for r in batch.requests}
+    for r in reqs:  # their prompts computed: each decodes a token a step from now on
+        r.num_computed_tokens = r.num_tokens
+        r.output_token_ids.append(1)
+
+
+def test_a_better_request_whose_prefix_is_loading_preempts_nobody_until_it_can_run():
+    kv = _Kv(free=8, loading={"high"})
+    s = _scheduler(kv, seqs=2)
+    _running(s, kv, _req("low-a", 5, 0), _req("low-b", 5, 1))
+    s.add(_req("high", 0, 2))
+    for _ in range(4):
+        batch = s.schedule()
+        assert not batch.preempted and {r.request_id for r in batch.requests} == {"low-a", "low-b"}
+    kv.loading_ids.clear()  # its blocks are read: now a worse one makes room for it, and is not taken back at once
+    batch = s.schedule()
+    assert [r.request_id for r in batch.preempted] == ["low-b"]
+    assert {r.request_id for r in batch.requests} == {"low-a", "high"}
+
+
+def test_out_of_blocks_the_worst_priority_is_preempted_not_the_latest():
+    kv = _Kv(free=8)
+    s = _scheduler(kv, seqs=4)
+    _running(s, kv, _req("low", 5, 0))
+    _running(s, kv, _req("high", 0, 1))  # admitted last, as a better request is
+    kv.short = True  # the pool runs out as the step grows its requests
+    batch = s.schedule()
+    assert [r.request_id for r in batch.preempted] == ["low"]
+    assert [r.request_id for r in batch.requests] == ["high"]
