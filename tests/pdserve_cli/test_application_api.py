@@ -1,14 +1,24 @@
 """What applications send, through the official `openai` and `anthropic` clients against a real `pdserve serve`
 (the demo model, one prefill and one decode worker): structured outputs on 22 JSON Schemas, forced tool calls,
-completions with prompt lists, echo and logit_bias, the Responses and Messages APIs, streamed and whole."""
+completions with prompt lists, echo and logit_bias, the Responses and Messages APIs, streamed and whole. Traces
+are on (issue 39): a request prefilled remotely is one trace over the three processes, its W3C context carried
+in the internal API's messages, each process's spans exported to an OTLP/HTTP collector this module runs."""
 
 import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anthropic
 import httpx
 import jsonschema
 import openai
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 from bench.cluster import embedded_cluster
 from bench.json_schemas import SCHEMAS
@@ -27,10 +37,43 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "additionalProperties": False}}}
 
 
+class _Collector(BaseHTTPRequestHandler):
+    spans: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["content-length"]))
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(body)
+        for rs in req.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    attrs = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in s.attributes}
+                    _Collector.spans.append({
+                        "service": service, "name": s.name, "trace": s.trace_id.hex(), "id": s.span_id.hex(),
+                        "parent": s.parent_span_id.hex() or None, "attrs": attrs,
+                        "events": [e.name for e in s.events], "start": s.start_time_unix_nano,
+                        "end": s.end_time_unix_nano, "error": s.status.code == 2})
+        out = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    with embedded_cluster("--tool-call-parser", "hermes") as (url, _):
+    """The cluster, with traces on: its processes export them to an OTLP/HTTP collector run here."""
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    with embedded_cluster("--tool-call-parser", "hermes", "--otlp-endpoint", endpoint) as (url, _):
         yield url, demo_gguf.stem
+    collector.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +261,72 @@ def test_the_messages_api_through_anthropics_client(server):
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model=server[1], max_tokens=0, messages=[{"role": "user", "content": "x"}])
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+
+
+# --- traces (issue 39): one trace across the router, prefill and decode processes ---
+
+
+def _uncached(text: str) -> str:
+    """A prompt no worker has seen, longer than the local-prefill threshold: prefilled on the prefill worker."""
+    return f"{text} ({uuid.uuid4().hex}) " + " ".join(f"item{i}" for i in range(60))
+
+
+def _trace_of(rid_prefix: str, timeout_s: float = 30.0) -> list[dict]:
+    """The spans of the trace whose router span names this request, once every process's have come."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        roots = [s for s in _Collector.spans if s["name"] == "pdserve.request"
+                 and str(s["attrs"].get("pdserve.request_id", "")).startswith(rid_prefix)]
+        if roots:
+            spans = [s for s in _Collector.spans if s["trace"] == roots[0]["trace"]]
+            if {"pdserve.kv_transfer", "pdserve.decode", "pdserve.prefill"} <= {s["name"] for s in spans}:
+                return spans
+        time.sleep(0.2)
+    raise AssertionError(f"no whole trace for {rid_prefix}: {[(s['service'], s['name']) for s in _Collector.spans]}")
+
+
+def test_a_request_is_one_trace_across_router_prefill_and_decode(server):
+    url, model = server
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": model, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": _uncached("Trace this request through every process.")}]})
+    assert r.status_code == 200, r.text
+    spans = _trace_of(r.json()["id"])
+    by_name = {s["name"]: s for s in spans}
+    assert {s["service"] for s in spans} == {"pdserve-router", "pdserve-prefill", "pdserve-decode"}
+    root = by_name["pdserve.request"]
+    assert root["parent"] is None and root["service"] == "pdserve-router" and not root["error"]
+    assert root["attrs"]["gen_ai.usage.output_tokens"] == r.json()["usage"]["completion_tokens"]
+    for name in ("pdserve.tokenize", "pdserve.admission", "pdserve.route", "pdserve.prefill", "pdserve.decode"):
+        assert by_name[name]["parent"] == root["id"], name
+    route = by_name["pdserve.route"]["attrs"]
+    prefill, decode = by_name["pdserve.prefill"], by_name["pdserve.decode"]
+    assert prefill["service"] == "pdserve-prefill" and decode["service"] == "pdserve-decode"
+    assert route["pdserve.prefill_worker"] and route["pdserve.decode_worker"]
+    assert prefill["attrs"]["pdserve.worker"].startswith("prefill-") and decode["attrs"]["pdserve.worker"].startswith("decode-")
+    for name in ("pdserve.prefill.queue", "pdserve.prefill.compute"):
+        assert by_name[name]["parent"] == prefill["id"] and by_name[name]["service"] == "pdserve-prefill"
+    assert by_name["pdserve.prefill.queue"]["end"] <= by_name["pdserve.prefill.compute"]["start"] + 1
+    assert "pdserve.cached_tokens" in by_name["pdserve.prefill.compute"]["attrs"]
+    # The KV transfer: run by the prefill worker, under the decode worker's span that asked for it.
+    transfer = by_name["pdserve.kv_transfer"]
+    assert transfer["service"] == "pdserve-prefill" and transfer["parent"] == decode["id"]
+    assert transfer["attrs"]["pdserve.bytes_moved"] > 0 and transfer["attrs"]["pdserve.blocks"] > 0
+    assert by_name["pdserve.decode.wait_kv"]["parent"] == decode["id"]
+    assert "first_token" in decode["events"]
+    assert decode["attrs"]["gen_ai.usage.output_tokens"] == r.json()["usage"]["completion_tokens"]
+    assert root["start"] <= prefill["start"] and decode["end"] <= root["end"]
+
+
+def test_a_streamed_request_is_traced_to_its_end(server):
+    url, model = server
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 6, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": _uncached("Stream a short answer about traces.")}]}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    rid = lines[0].split('"id":"', 1)[1].split('"', 1)[0]
+    spans = _trace_of(rid)
+    root = next(s for s in spans if s["name"] == "pdserve.request")
+    assert root["attrs"]["pdserve.stream"] is True and not root["error"]
+    decode = next(s for s in spans if s["name"] == "pdserve.decode")
+    assert decode["parent"] == root["id"] and decode["end"] <= root["end"]
