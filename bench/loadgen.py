@@ -33,6 +33,13 @@ class RequestResult:
     error: str | None = None
     text: str = ""
     done_at: float = 0.0  # wall clock (time.time), to order the requests of several processes
+    started: float = 0.0  # time.perf_counter() when it was sent
+
+    def token_times(self) -> list[float]:
+        """perf_counter() times each streamed chunk (a token) arrived."""
+        if self.ttft_s is None:
+            return []
+        return (self.started + self.ttft_s + np.cumsum([0.0, *self.itls_s])).tolist()
 
 
 def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
@@ -49,12 +56,15 @@ def arrivals(n: int, rate: float | None, kind: str, seed: int) -> list[float]:
     return out
 
 
-async def _one(conns: ConnectionPool, path: str, body: dict[str, Any], timeout_s: float) -> RequestResult:
-    r = RequestResult()
+async def stream_one(conns: ConnectionPool, path: str, body: dict[str, Any], timeout_s: float,
+                     r: RequestResult | None = None) -> RequestResult:
+    """One streamed request (body's "stream" set by the caller), timed into r (a new one if None: pass one to
+    keep what a request that is cancelled had got)."""
+    r = r if r is not None else RequestResult()
     last = None
     try:
         async with conns.connection() as conn, asyncio.timeout(timeout_s):
-            start = time.perf_counter()
+            start = r.started = time.perf_counter()
             async for status, data in conn.post_sse(path, body):
                 r.status = status
                 if status != 200:
@@ -148,7 +158,7 @@ async def _replay(base_url: str, model: str, concurrency: int, duration_s: float
             if deadline is not None and time.perf_counter() > deadline:
                 return
             body, chat = _body(model, session, turn, history)
-            r = await _one(conns, f"{prefix}/v1/{'chat/completions' if chat else 'completions'}",
+            r = await stream_one(conns, f"{prefix}/v1/{'chat/completions' if chat else 'completions'}",
                            {**body, "stream": True, "stream_options": {"include_usage": True}}, timeout_s)
             results.append(r)
             if r.error is not None or not chat:

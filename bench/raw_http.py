@@ -26,8 +26,10 @@ class Timed:
 
 
 class RawConnection:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None):
+        """headers: sent with every request (an API key's Authorization)."""
         self.host, self.port = host, port
+        self.extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -37,8 +39,9 @@ class RawConnection:
 
     async def _send(self, path: str, body: bytes) -> tuple[int, dict[str, str]]:
         """Write the request; the answer's status and headers (lower-case names)."""
-        self.writer.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+        self.writer.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n%s"
+                          b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), self.extra, len(body),
+                                                          body))
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
@@ -123,8 +126,8 @@ class ConnectionPool:
     """`size` keep-alive connections (made on first use): at most `size` requests in flight. The connection
     used last is used next (as an HTTP client's pool does), so a light load keeps reusing a few."""
 
-    def __init__(self, host: str, port: int, size: int):
-        self.conns = [RawConnection(host, port) for _ in range(size)]
+    def __init__(self, host: str, port: int, size: int, headers: dict[str, str] | None = None):
+        self.conns = [RawConnection(host, port, headers) for _ in range(size)]
         self.idle: asyncio.Queue[RawConnection] = asyncio.LifoQueue()
         for conn in self.conns:
             self.idle.put_nowait(conn)

@@ -705,7 +705,7 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
         raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
     state.door.check_request(longest, max_tokens, chat)
     queued = sum(w.inflight_tokens for w in state.pool.prefill_pool())
-    capacity = state.door.capacity(state.pool, queued)
+    capacity = state.door.capacity(state.pool, queued, priority)
     if not capacity.ok:
         state.metrics.refused.labels(capacity.reason.split(" (")[0][:40]).inc()
         raise state.door.overloaded(capacity.reason)
@@ -716,7 +716,7 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
                              "pdserve.key": getattr(key, "name", None) or ""})
     with maybe_child(state.tracer, span, "pdserve.admission"):
         ticket = await _admit(state, key, rid, body.model, prompt_tokens, max_tokens * body.n * len(prompts),
-                              admitted)
+                              admitted, priority, capacity.in_place_of)
     fmt = Formatter(state.tokenizer, ref.model, rid, chat)
     session = session_header or body.user
     streams = []
@@ -774,12 +774,13 @@ async def _prompts(state: RouterState, chat: bool, body: Any, out_plan: OutputPl
 
 
 async def _admit(state: RouterState, key, rid: str, model: str, prompt_tokens: int, max_tokens: int,
-                 admitted: list | None) -> Ticket:
+                 admitted: list | None, priority: int, in_place_of: int | None) -> Ticket:
     """A reservation once taken is always settled, even if the client leaves while it is being taken."""
+    admission = state.door.admit(key, rid, model, prompt_tokens, max_tokens, priority, in_place_of)
     if state.door.local:  # in memory: admit never suspends, so it cannot be cancelled half-way (no task)
-        ticket = await state.door.admit(key, rid, model, prompt_tokens, max_tokens)
+        ticket = await admission
     else:
-        admission = asyncio.ensure_future(state.door.admit(key, rid, model, prompt_tokens, max_tokens))
+        admission = asyncio.ensure_future(admission)
         try:
             ticket = await asyncio.shield(admission)
         except asyncio.CancelledError:

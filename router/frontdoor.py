@@ -2,12 +2,15 @@
 cluster can take more now (admission control), and what each request cost (usage, counted once).
 
 Order for each request: authenticate (401) -> model allowed (403) -> request limits (400) -> cluster
-capacity (503) -> the key's limits (429 with Retry-After) -> a `Ticket`, closed exactly once when the
-request ends, however it ends: it gives back the unused part of the reservation and records usage.
+capacity (503, unless the request takes the place of a worse-priority one: `InFlight`) -> the key's limits
+(429 with Retry-After) -> a `Ticket`, closed exactly once when the request ends, however it ends: it gives
+back the unused part of the reservation and records usage.
 """
 
 import hmac
 import logging
+from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from router.config import RouterConfig
@@ -34,12 +37,43 @@ def parse_static_keys(spec: str | None) -> dict[str, ApiKey]:
     return keys
 
 
+class InFlight:
+    """This router's admitted requests by priority (lower values first). When the cluster is at capacity, a
+    request is still admitted in place of an in-flight request of a worse priority that was admitted within
+    capacity (the workers' schedulers run it first, preempting that one if they must): in place of the worst
+    such request whose place no one took yet, so saturation refuses the worst priorities first and at most
+    doubles what the cluster holds. Counted per router replica."""
+
+    def __init__(self):
+        self.plain: Counter[int] = Counter()  # priority -> requests in flight admitted within capacity
+        self.taken: Counter[int] = Counter()  # priority -> of those, whose places requests past capacity took
+
+    def place_of(self, priority: int) -> int | None:
+        """The priority of the in-flight request whose place one of this priority takes past capacity; None: no
+        worse request with its place free."""
+        return max((p for p, n in self.plain.items() if p > priority and n > self.taken[p]), default=None)
+
+    def enter(self, priority: int, in_place_of: int | None) -> None:
+        if in_place_of is None:
+            self.plain[priority] += 1
+        else:
+            self.taken[in_place_of] += 1
+
+    def leave(self, priority: int, in_place_of: int | None) -> None:
+        counts, key = (self.plain, priority) if in_place_of is None else (self.taken, in_place_of)
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
+
+
 class Ticket:
     """One admitted request's reservation; `close` settles it once."""
 
-    def __init__(self, door: "FrontDoor", key: ApiKey, rid: str, model: str, reserved: int, prompt_tokens: int):
+    def __init__(self, door: "FrontDoor", key: ApiKey, rid: str, model: str, reserved: int, prompt_tokens: int,
+                 priority: int = 0, in_place_of: int | None = None):
         self.door, self.key, self.rid, self.model = door, key, rid, model
         self.reserved, self.prompt_tokens = reserved, prompt_tokens
+        self.priority, self.in_place_of = priority, in_place_of
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.closed = False
@@ -49,6 +83,7 @@ class Ticket:
         if self.closed:
             return
         self.closed = True
+        self.door.inflight.leave(self.priority, self.in_place_of)
         used = self.prompt_tokens + self.completion_tokens
         try:
             await self.door.limiter.finish(self.key, self.rid, self.reserved - used)
@@ -67,7 +102,8 @@ class Ticket:
 @dataclass(frozen=True, slots=True)
 class Capacity:
     ok: bool
-    reason: str = ""
+    reason: str = ""  # why the cluster is full (also when a request is admitted in place of a worse one)
+    in_place_of: int | None = None  # past capacity: the priority of the request it takes the place of (InFlight)
 
 
 class FrontDoor:
@@ -81,6 +117,7 @@ class FrontDoor:
         else:
             self.keys, self.limiter, self.usage = FileKeyStore(config.keys_file), LocalLimiter(), LocalUsage()
         self.static_keys = parse_static_keys(config.api_keys)
+        self.inflight = InFlight()
 
     # --- who ---
 
@@ -129,29 +166,50 @@ class FrontDoor:
             raise OpenAIError(400, f"max_tokens {max_tokens} is over this endpoint's limit of {c.max_output_tokens}",
                               param="max_tokens", code="max_tokens_too_large")
 
-    def capacity(self, pool: WorkerPool, inflight_prefill_tokens: int) -> Capacity:
-        """Refuse new work early when the pools are saturated; in-flight requests are never touched."""
+    def capacity(self, pool: WorkerPool, inflight_prefill_tokens: int, priority: int = 0) -> Capacity:
+        """Refuse new work early when the pools are saturated, unless it takes the place of in-flight work of
+        a worse priority (InFlight); in-flight requests are never touched."""
+        full = self._saturation(pool, inflight_prefill_tokens)
+        if full is None:
+            return Capacity(True)
+        victim = self.inflight.place_of(priority)
+        return Capacity(victim is not None, full, victim)
+
+    def _saturation(self, pool: WorkerPool, inflight_prefill_tokens: int) -> str | None:
+        """Why the cluster can take no more now; None: it can."""
         c = self.config
         decode = pool.pool("decode")
         loads = [w.load for w in decode if w.load is not None]
         if loads and c.max_waiting_per_worker and all(ld.waiting >= c.max_waiting_per_worker for ld in loads):
-            return Capacity(False, "every decode worker has a full queue")
+            return "every decode worker has a full queue"
         if loads and c.min_free_kv_ratio and all(ld.free_blocks < c.min_free_kv_ratio * ld.total_blocks
                                                  for ld in loads):
-            return Capacity(False, "every decode worker is out of KV cache")
+            return "every decode worker is out of KV cache"
         if c.max_queued_prefill_tokens and inflight_prefill_tokens > c.max_queued_prefill_tokens:
-            return Capacity(False, f"{inflight_prefill_tokens} prompt tokens are waiting to be prefilled")
+            return f"{inflight_prefill_tokens} prompt tokens are waiting to be prefilled"
         if c.ttft_slo_s:
             predicted = pool.predicted_ttft_s(inflight_prefill_tokens)
             if predicted is not None and predicted > c.ttft_slo_s:
-                return Capacity(False, f"the predicted time to first token is {predicted:.1f} s "
-                                       f"(SLO {c.ttft_slo_s:g} s)")
-        return Capacity(True)
+                return f"the predicted time to first token is {predicted:.1f} s (SLO {c.ttft_slo_s:g} s)"
+        return None
 
-    async def admit(self, key: ApiKey, rid: str, model: str, prompt_tokens: int, max_tokens: int) -> Ticket:
+    def admit(self, key: ApiKey, rid: str, model: str, prompt_tokens: int, max_tokens: int, priority: int = 0,
+              in_place_of: int | None = None) -> Awaitable[Ticket]:
+        """The request's Ticket, or 429 past the key's limits. It counts as in flight from this call on (not
+        from the first await: another request's capacity check may come between), so await what it returns."""
+        self.inflight.enter(priority, in_place_of)
+        return self._admit(key, rid, model, prompt_tokens, max_tokens, priority, in_place_of)
+
+    async def _admit(self, key: ApiKey, rid: str, model: str, prompt_tokens: int, max_tokens: int, priority: int,
+                     in_place_of: int | None) -> Ticket:
         cost = prompt_tokens + max_tokens
-        refusal = await self.limiter.admit(key, rid, cost)
+        try:
+            refusal = await self.limiter.admit(key, rid, cost)
+        except BaseException:
+            self.inflight.leave(priority, in_place_of)
+            raise
         if refusal is not None:
+            self.inflight.leave(priority, in_place_of)
             self.metrics.key_requests.labels(key.name, model, f"limited_{refusal.reason}").inc()
             what = {"rpm": f"{key.rpm} requests a minute", "tpm": f"{key.tpm} tokens a minute",
                     "concurrent": f"{key.max_concurrent} concurrent requests"}[refusal.reason]
@@ -162,7 +220,7 @@ class FrontDoor:
             raise OpenAIError(429, f"rate limit reached for this key: {what}; retry in {retry} s",
                               code="rate_limit_exceeded", kind="rate_limit_exceeded",
                               headers={"Retry-After": str(retry)})
-        return Ticket(self, key, rid, model, cost, prompt_tokens)
+        return Ticket(self, key, rid, model, cost, prompt_tokens, priority, in_place_of)
 
     @staticmethod
     def overloaded(reason: str) -> OpenAIError:
