@@ -21,29 +21,46 @@ async function api(method, path, body) {
   return data;
 }
 
-function drawChart(canvas, t, lines) {
+const num = (v) => Math.abs(v) >= 100 ? String(Math.round(v)) : Number(v.toPrecision(3)).toString();
+
+// One chart: each line's samples over the window (null: none in that bucket), joined where they are adjacent; a
+// sample with no neighbour is a dot, so that a light load still shows. The canvas's aria-label says in words
+// what it shows (each line's latest and highest value, or that there is no data yet).
+function drawChart(canvas, t, lines, unit) {
   const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
   canvas.width = w * dpr; canvas.height = h * dpr;
   const g = canvas.getContext("2d"); g.scale(dpr, dpr); g.clearRect(0, 0, w, h);
   const values = lines.flatMap((l) => l.data.filter((v) => v !== null));
-  const max = Math.max(1e-9, ...values) * 1.15, left = 40, bottom = h - 16;
+  const left = 40, bottom = h - 16;
   g.strokeStyle = "#e5e7eb"; g.fillStyle = "#6b7280"; g.font = "10px system-ui";
+  if (!values.length) {
+    g.beginPath(); g.moveTo(left, bottom); g.lineTo(w, bottom); g.stroke();
+    g.fillText("no data yet", left + 8, bottom / 2);
+    canvas.setAttribute("aria-label", "no data yet");
+    return;
+  }
+  const top = Math.max(...values), max = (top > 0 ? top : 1) * 1.15;
   for (const f of [0, 0.5, 1]) {
     const y = bottom - f * (bottom - 6);
     g.beginPath(); g.moveTo(left, y); g.lineTo(w, y); g.stroke();
-    g.fillText((max * f).toPrecision(3), 2, y + 3);
+    g.fillText(num(max * f), 2, y + 3);
   }
   if (t.length) g.fillText(`${Math.round((t[t.length - 1] - t[0]) / 60)} min`, left, h - 2);
+  const said = [];
   for (const line of lines) {
-    g.strokeStyle = line.color; g.lineWidth = 1.5; g.beginPath();
-    let started = false;
-    line.data.forEach((v, i) => {
-      if (v === null) { started = false; return; }
-      const x = left + (i / Math.max(1, line.data.length - 1)) * (w - left), y = bottom - (v / max) * (bottom - 6);
-      if (started) g.lineTo(x, y); else { g.moveTo(x, y); started = true; }
+    const d = line.data, at = (i) => [left + (i / Math.max(1, d.length - 1)) * (w - left), bottom - (d[i] / max) * (bottom - 6)];
+    g.strokeStyle = g.fillStyle = line.color; g.lineWidth = 1.5; g.beginPath();
+    d.forEach((v, i) => {
+      if (v === null) return;
+      const [x, y] = at(i);
+      if (i > 0 && d[i - 1] !== null) g.lineTo(x, y); else g.moveTo(x, y);
+      if ((i === 0 || d[i - 1] === null) && (i === d.length - 1 || d[i + 1] === null)) g.fillRect(x - 2, y - 2, 4, 4);
     });
     g.stroke();
+    const seen = d.filter((v) => v !== null);
+    if (seen.length) said.push(`${line.label}: latest ${num(seen[seen.length - 1])}, highest ${num(Math.max(...seen))}`);
   }
+  canvas.setAttribute("aria-label", `${said.join("; ")} (${unit})`);
 }
 
 const fmt = {
@@ -126,10 +143,13 @@ async function refresh() {
     $("#model").textContent = s.model ? `model: ${s.model}` : "";
     $("#updated").textContent = `updated ${new Date(s.time * 1000).toLocaleTimeString()}`;
     const x = s.series;
-    drawChart($("#chart-rps"), x.t, [{data: x.rps, color: "#2563eb"}, {data: x.errors, color: "#b91c1c"}]);
-    drawChart($("#chart-ttft"), x.t, [{data: x.ttft_p50_ms, color: "#2563eb"}, {data: x.ttft_p99_ms, color: "#f59e0b"}]);
-    drawChart($("#chart-itl"), x.t, [{data: x.itl_p50_ms, color: "#2563eb"}, {data: x.itl_p99_ms, color: "#f59e0b"}]);
-    drawChart($("#chart-tokens"), x.t, [{data: x.tokens_per_s, color: "#15803d"}]);
+    drawChart($("#chart-rps"), x.t, [{label: "requests", data: x.rps, color: "#2563eb"},
+                                     {label: "errors", data: x.errors, color: "#b91c1c"}], "per s");
+    drawChart($("#chart-ttft"), x.t, [{label: "p50", data: x.ttft_p50_ms, color: "#2563eb"},
+                                      {label: "p99", data: x.ttft_p99_ms, color: "#f59e0b"}], "ms");
+    drawChart($("#chart-itl"), x.t, [{label: "p50", data: x.itl_p50_ms, color: "#2563eb"},
+                                     {label: "p99", data: x.itl_p99_ms, color: "#f59e0b"}], "ms");
+    drawChart($("#chart-tokens"), x.t, [{label: "tokens", data: x.tokens_per_s, color: "#15803d"}], "per s");
     for (const p of ["prefill", "decode"]) renderPool(s.pools[p], s.advice);
     const tbody = $("#errors tbody");
     tbody.innerHTML = "";
