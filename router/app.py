@@ -106,6 +106,7 @@ class RouterState:
         self.encoder: BatchEncoder | None = None
         self.router: Router | None = None
         self.dispatcher: Dispatcher | None = None
+        self.planner = None  # the SLA planner's loop (router/planner_loop.py), made at start (the scaler is set then)
 
     def count(self, endpoint: str, status: str, completion_tokens: int = 0, error: OpenAIError | None = None) -> None:
         """One finished request: Prometheus and the dashboard's telemetry."""
@@ -119,6 +120,9 @@ class RouterState:
         self.ready()  # tokenizer and routing built now, not on the first request (~0.1 s it would wait)
         if self.scaler is not None:
             self.scaler.start()
+        if self.config.planner != "off":
+            self.planner = _planner_loop(self)
+            self.planner.start()
         gc.freeze()  # what start-up built lives forever: keep it out of the collector's full passes
 
     def ready(self) -> bool:
@@ -136,6 +140,8 @@ class RouterState:
         return self.dispatcher is not None
 
     async def stop(self) -> None:
+        if self.planner is not None:
+            await self.planner.stop()
         await self.pool.stop()
         await self.channels.close()
         await self.stream_client.close()
@@ -144,6 +150,34 @@ class RouterState:
             self.encoder.close()
         if self.tracer is not None:
             self.tracer.shutdown()
+
+
+def _planner_view(state: RouterState) -> dict | None:
+    """What the dashboard shows of the planner: its mode, whether this router leads, its profile and its
+    recent decisions with their reasons (None: off)."""
+    p = state.planner
+    if p is None:
+        return None
+    prof = p.planner.profile
+    return {"mode": state.config.planner if not p.dry_run or state.config.planner == "dry-run" else "report only",
+            "leading": p.leading, "interval_s": p.interval_s,
+            "targets": {"ttft_s": p.planner.config.ttft_slo_s, "itl_s": p.planner.config.itl_slo_s},
+            "profile": {"model": prof.model, "worker": prof.worker, "prefill": prof.prefill, "decode": prof.decode},
+            "decisions": list(p.decisions)[-20:]}
+
+
+def _planner_loop(state: RouterState):
+    from router.planner import Planner, PlannerConfig, Profile
+    from router.planner_loop import PlannerLoop
+
+    c = state.config
+    config = PlannerConfig(ttft_slo_s=c.planner_ttft_slo_s, itl_slo_s=c.itl_slo_s, interval_s=c.planner_interval_s,
+                           min_replicas=dict(zip(("prefill", "decode"), c.planner_min_replicas, strict=True)),
+                           max_replicas=dict(zip(("prefill", "decode"), c.planner_max_replicas, strict=True)))
+    if state.scaler is None and c.planner == "on":
+        log.warning("planner: no scaler (Kubernetes StatefulSets or pdserve serve): it only reports")
+    return PlannerLoop(Planner(Profile.load(c.planner_profile), config), state.state, state.telemetry, state.pool,
+                       state.metrics, state.scaler, dry_run=c.planner == "dry-run")
 
 
 @dataclass(slots=True)
@@ -457,7 +491,7 @@ def _api(state: RouterState) -> FastAPI:
         return {"time": time.time(), "model": state.pool.reference.model if state.pool.reference else None,
                 "pools": {p: await pool_view(state, p) for p in ("prefill", "decode")},
                 "series": state.telemetry.series(300.0), "errors": list(state.telemetry.errors),
-                "advice": advice(state)}
+                "advice": advice(state), "planner": _planner_view(state)}
 
     return app
 
@@ -704,6 +738,7 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     if not state.pool.pool("decode"):
         raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
     state.door.check_request(longest, max_tokens, chat)
+    state.telemetry.arrived(sum(len(ids) for ids in prompts) * body.n)  # (demand, whether admitted or not)
     queued = sum(w.inflight_tokens for w in state.pool.prefill_pool())
     capacity = state.door.capacity(state.pool, queued, priority)
     if not capacity.ok:
@@ -832,6 +867,7 @@ def _worker_error(c: ChunkView) -> OpenAIError:
 
 
 def _observe(state: RouterState, start: float, completion: int, cached: int) -> None:
+    state.telemetry.served(completion, cached)
     state.metrics.e2e.observe(time.perf_counter() - start)
     state.metrics.completion_tokens.inc(completion)
     state.metrics.cached_tokens.inc(cached)

@@ -57,6 +57,13 @@ class RouterConfig:
     ttft_slo_s: float | None = None  # refuse when the predicted time to first token is over this
     itl_slo_s: float = 0.1  # scaling advice: the inter-token latency decode workers should keep
     max_pool_replicas: int = 64  # the scaling API refuses more workers a pool
+    # The SLA planner (router/planner_loop.py): off, dry-run (decides and reports) or on (resizes the pools).
+    planner: str = "off"
+    planner_profile: str | None = None  # a worker's profile (`pdserve profile`); needed unless off
+    planner_interval_s: float = 30.0
+    planner_ttft_slo_s: float = 2.0  # the targets it sizes the pools for (ITL: itl_slo_s)
+    planner_min_replicas: tuple[int, int] = (1, 1)  # (prefill, decode)
+    planner_max_replicas: tuple[int, int] = (16, 16)
     tool_call_parser: str | None = None  # the model's tool-call format; None: from its chat template
     reasoning_parser: str | None = None  # split <think> text into reasoning_content; None: off
     otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/HTTP collector (protocol/tracing.py); None: off
@@ -70,6 +77,13 @@ class RouterConfig:
         object.__setattr__(self, "keys_file", str(Path(self.keys_file).expanduser()))
         if min(self.local_prefill_tokens, self.load_weight, self.balance_weight, self.churn_weight) < 0:
             raise ValueError("local_prefill_tokens, load_weight, balance_weight and churn_weight must be >= 0")
+        if self.planner not in ("off", "dry-run", "on"):
+            raise ValueError(f"unknown planner mode {self.planner!r}: off, dry-run or on")
+        if self.planner != "off" and not self.planner_profile:
+            raise ValueError("the planner needs a worker profile (--planner-profile, from `pdserve profile`)")
+        if self.planner_interval_s <= 0 or not all(0 <= lo <= hi for lo, hi in zip(
+                self.planner_min_replicas, self.planner_max_replicas, strict=True)):
+            raise ValueError("the planner needs an interval > 0 and 0 <= min <= max workers a pool")
         from router.reasoning import REASONING_PARSERS
         from router.tool_parsers import PARSERS
 

@@ -39,6 +39,11 @@ class RouterMetrics:
                                registry=r)
         self.recommended_workers = Gauge("pdserve_recommended_workers", "Workers each pool needs for the last "
                                          "minute's load (scaling advice)", ["pool"], registry=r)
+        self.planner_replicas = Gauge("pdserve_planner_replicas", "Workers the SLA planner wants in each pool",
+                                      ["pool"], registry=r)
+        self.planner_decisions = Counter("pdserve_planner_decisions", "SLA planner resizes, by pool and direction",
+                                         ["pool", "direction"], registry=r)
+        self.planner_leader = Gauge("pdserve_planner_leader", "1 on the router whose SLA planner acts", registry=r)
         self.retries = Counter("pdserve_retries", "Requests retried on another worker before their first token",
                                registry=r)
         self.migrations = Counter("pdserve_migrations", "Streams moved to another decode worker after theirs failed",

@@ -96,6 +96,12 @@ class LocalState:
     async def owns_events(self, url: str) -> bool:
         return True
 
+    async def lease(self, name: str, seconds: float | None = None) -> bool:
+        return True  # one router: it leads
+
+    async def share(self, name: str, values: dict[str, int], ttl_s: float) -> dict[str, int]:
+        return dict(values)  # one router: its own are everyone's
+
     async def close(self) -> None:
         pass
 
@@ -255,14 +261,36 @@ class RedisState:
 
     async def owns_events(self, url: str) -> bool:
         """Take or renew the lease on this worker's event stream; False: another router ingests it."""
-        key = f"{self.ns}:events-owner:{url}"
-        if await self.redis.set(key, self.router_id, nx=True, px=self.lease_ms):
+        return await self.lease(f"events-owner:{url}")
+
+    async def lease(self, name: str, seconds: float | None = None) -> bool:
+        """Take or renew this router's lease on `name` (default length: the state's); False: another router
+        holds it. Held until this router stops renewing it and it runs out."""
+        key, ms = f"{self.ns}:{name}", self.lease_ms if seconds is None else int(seconds * 1000)
+        if await self.redis.set(key, self.router_id, nx=True, px=ms):
             return True
         owner = await self.redis.get(key)
         if owner is not None and owner.decode() == self.router_id:
-            await self.redis.pexpire(key, self.lease_ms)
+            await self.redis.pexpire(key, ms)
             return True
         return False
+
+    async def share(self, name: str, values: dict[str, int], ttl_s: float) -> dict[str, int]:
+        """Publish this router's counters under `name` (kept ttl_s); the sums over every router's published."""
+        mine = f"{self.ns}:{name}:{self.router_id}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(mine, mapping=values)
+        pipe.pexpire(mine, int(ttl_s * 1000))
+        await pipe.execute()
+        keys = [k async for k in self.redis.scan_iter(match=f"{self.ns}:{name}:*", count=1000)]
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.hgetall(k)
+        total = dict.fromkeys(values, 0)
+        for got in await pipe.execute():
+            for k, v in got.items():
+                total[k.decode()] = total.get(k.decode(), 0) + int(v)
+        return total
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -28,10 +28,32 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+@dataclass
+class Demand:
+    """Running totals of what came and what was served, for the planner (router/planner_loop.py), which reads
+    the difference over each interval."""
+
+    arrivals: int = 0  # requests tokenized, refused ones included
+    prompt_tokens: int = 0
+    finished: int = 0  # requests served to their end
+    output_tokens: int = 0
+    cached_tokens: int = 0  # of the finished requests' prompts
+
+
 class Telemetry:
     def __init__(self) -> None:
         self.buckets: deque[Bucket] = deque(maxlen=int(KEEP_S / BUCKET_S))
         self.errors: deque[dict] = deque(maxlen=50)
+        self.demand = Demand()
+
+    def arrived(self, prompt_tokens: int) -> None:
+        self.demand.arrivals += 1
+        self.demand.prompt_tokens += prompt_tokens
+
+    def served(self, output_tokens: int, cached_tokens: int) -> None:
+        self.demand.finished += 1
+        self.demand.output_tokens += output_tokens
+        self.demand.cached_tokens += cached_tokens
 
     def _now(self) -> Bucket:
         start = time.time() // BUCKET_S * BUCKET_S

@@ -123,6 +123,29 @@ function renderPool(p, advice) {
   }
 }
 
+// The SLA planner: its mode, targets and profile, and its recent decisions (newest first) with their reasons.
+function renderPlanner(p) {
+  const el = $("#planner");
+  el.hidden = !p;
+  if (!p) return;
+  $(".planner-mode", el).textContent = `(${p.mode}${p.leading ? ", leading" : ", another router leads"})`;
+  const prof = p.profile;
+  $(".planner-summary", el).textContent = `targets: TTFT ${p.targets.ttft_s} s, ITL ${Math.round(p.targets.itl_s * 1000)} ms; ` +
+    `every ${p.interval_s} s; profile: ${prof.model || "?"} on ${prof.worker || "?"} (prefill ` +
+    prof.prefill.map(([n, r]) => `${n} tok: ${Math.round(r)} tok/s`).join(", ") + "; decode " +
+    prof.decode.map(([b, s]) => `batch ${b}: ${num(s * 1000)} ms`).join(", ") + ")";
+  const tbody = $("tbody", el);
+  tbody.innerHTML = "";
+  for (const d of [...p.decisions].reverse()) {
+    const tr = document.createElement("tr");
+    const moved = (pool) => d.before[pool] === d.replicas[pool] ? `${d.replicas[pool]}` : `${d.before[pool]} → ${d.replicas[pool]}`;
+    const cells = [new Date(d.time * 1000).toLocaleTimeString() + (d.acted ? "" : " (not acted on)"), moved("prefill"),
+                   moved("decode"), `prefill: ${d.reasons.prefill}. decode: ${d.reasons.decode}.`];
+    for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+    tbody.appendChild(tr);
+  }
+}
+
 async function scale(pool, delta) {
   const el = document.getElementById(`pool-${pool}`);
   const target = Math.max(0, Number(el.dataset.replicas) + delta);
@@ -151,6 +174,7 @@ async function refresh() {
                                      {label: "p99", data: x.itl_p99_ms, color: "#f59e0b"}], "ms");
     drawChart($("#chart-tokens"), x.t, [{label: "tokens", data: x.tokens_per_s, color: "#15803d"}], "per s");
     for (const p of ["prefill", "decode"]) renderPool(s.pools[p], s.advice);
+    renderPlanner(s.planner);
     const tbody = $("#errors tbody");
     tbody.innerHTML = "";
     for (const e of s.errors.slice(0, 20)) {

@@ -2,8 +2,11 @@
 prefill and decode speeds follow a profile, a spawn delay, the router's planner fed what a router sees, on a
 ramp, a burst, a diurnal cycle and a shift from short to long prompts (issue 38's bars where it states them)."""
 
+import asyncio
 import math
+import time
 
+import httpx
 import pytest
 
 from bench.planner import ILLUSTRATIVE, peak_sizes, simulate, traces
@@ -81,3 +84,79 @@ def test_a_shift_to_long_prompts_moves_capacity_from_decode_to_prefill():
     after = r["decisions"][-1].replicas
     assert after["prefill"] > before[-1]["prefill"] and after["decode"] < before[-1]["decode"], (before[-1], after)
     assert r["attainment"] >= 0.95, r["attainment"]
+
+
+class _NoPools:
+    """A worker pool with nothing in it (the loop reads queues and sizes from it)."""
+
+    def prefill_pool(self):
+        return []
+
+    def pool(self, role):
+        return []
+
+
+async def test_one_router_plans_from_every_routers_demand_and_another_takes_over_when_it_stops(redis_namespace):
+    from router.metrics import RouterMetrics
+    from router.planner_loop import PlannerLoop
+    from router.state import RedisState
+    from router.telemetry import Telemetry
+    from tests.router.conftest import REDIS_URL
+
+    config = PlannerConfig(ttft_slo_s=2.0, itl_slo_s=0.05, interval_s=0.2)
+    loops, states = [], []
+    for rid in ("a", "b"):
+        state = RedisState(REDIS_URL, redis_namespace, 1000, rid)
+        states.append(state)
+        loops.append(PlannerLoop(Planner(ILLUSTRATIVE, config), state, Telemetry(), _NoPools(), RouterMetrics()))
+    a, b = loops
+    try:
+        assert await a.tick(0.0) is None and a.leading  # the first look: the lease, nothing to compare yet
+        assert await b.tick(0.0) is None and not b.leading
+        for _ in range(30):
+            a.telemetry.arrived(100)
+        for _ in range(10):
+            b.telemetry.arrived(100)
+        await b.tick(0.2)
+        shown = await a.tick(0.2)
+        assert a.leading and not b.leading
+        assert shown["observed"]["arrivals"] == 40  # both routers' demand
+        assert not shown["acted"] and shown["replicas"]["prefill"] >= 1  # no scaler: it reports only
+        await asyncio.sleep(0.6)  # a stops renewing: its lease (2.5 intervals) runs out
+        for _ in range(5):
+            b.telemetry.arrived(100)
+        shown = await b.tick(0.8)
+        assert b.leading and shown["observed"]["arrivals"] == 5, shown
+        assert await a.tick(0.8) is None and not a.leading  # back, it follows
+    finally:
+        for state in states:
+            await state.close()
+
+
+def test_the_router_reports_its_plan_on_the_dashboard_and_in_metrics(routers, tmp_path):
+    ILLUSTRATIVE.dump(tmp_path / "profile.json")
+    router = routers("--admin-token", "planner-admin", "--planner", "on", "--planner-profile",
+                     str(tmp_path / "profile.json"), "--planner-interval-s", "0.3", "--planner-min", "1,2")
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    assert httpx.post(f"{router}/v1/chat/completions", json=chat, timeout=30).status_code == 200
+    auth = {"authorization": "Bearer planner-admin"}
+    deadline = time.monotonic() + 10
+    while not (view := httpx.get(f"{router}/dashboard/api/state", headers=auth, timeout=10).json()["planner"])[
+            "decisions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert view["leading"] and view["mode"] == "report only", view  # no scaler in front of fake workers
+    first = view["decisions"][0]
+    assert first["before"] == {"prefill": 0, "decode": 4} and first["replicas"]["prefill"] == 1, first
+    assert not first["acted"] and "req/s" in first["reasons"]["prefill"]
+    metrics = httpx.get(f"{router}/metrics", timeout=10).text
+    assert 'pdserve_planner_replicas{pool="prefill"} 1.0' in metrics and "pdserve_planner_leader 1.0" in metrics
+
+
+def test_a_planner_without_a_profile_is_refused():
+    from router.config import RouterConfig
+
+    with pytest.raises(ValueError, match="profile"):
+        RouterConfig(decode_urls=["http://d"], planner="on")
+    with pytest.raises(ValueError, match="min <= max"):
+        RouterConfig(decode_urls=["http://d"], planner="dry-run", planner_profile="p.json",
+                     planner_min_replicas=(3, 1), planner_max_replicas=(2, 4))
