@@ -14,6 +14,12 @@ CHURN_WEIGHT = 0.02  # a returning prompt: a worker's share of the pool's recent
 LOWER_TIER_COST = 0.2
 
 
+def worker_pair(value: str) -> tuple[int, int]:
+    """'prefill,decode' worker counts (a flag's value)."""
+    prefill, decode = (int(x) for x in value.split(","))
+    return prefill, decode
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     prefill_urls: list[str] = field(default_factory=list)

@@ -5,13 +5,12 @@ connections); their prefix index and load live in Redis (`--redis-url`, required
 The server is router/server.py (the generation endpoints straight from the socket, the rest through ASGI).
 """
 
-import argparse
 import functools
 import logging
 
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
-from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT, RouterConfig
+from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT, RouterConfig, worker_pair
 from router.reasoning import REASONING_PARSERS
 from router.server import serve
 from router.tool_parsers import PARSERS
@@ -82,8 +81,10 @@ def main() -> None:
     ap.add_argument("--planner-interval-s", type=float, default=30.0)
     ap.add_argument("--planner-ttft-slo-s", type=float, default=2.0)
     ap.add_argument("--itl-slo-s", type=float, default=0.1, help="the ITL target of scaling advice and the planner")
-    ap.add_argument("--planner-min", default="1,1", help="prefill,decode: the fewest workers the planner keeps")
-    ap.add_argument("--planner-max", default="16,16", help="prefill,decode: the most workers the planner starts")
+    ap.add_argument("--planner-min", type=worker_pair, default=(1, 1),
+                    help="prefill,decode: the fewest workers the planner keeps")
+    ap.add_argument("--planner-max", type=worker_pair, default=(16, 16),
+                    help="prefill,decode: the most workers the planner starts")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -108,18 +109,10 @@ def main() -> None:
                           otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, itl_slo_s=a.itl_slo_s,
                           planner=a.planner, planner_profile=a.planner_profile,
                           planner_interval_s=a.planner_interval_s, planner_ttft_slo_s=a.planner_ttft_slo_s,
-                          planner_min_replicas=_pair(ap, a.planner_min), planner_max_replicas=_pair(ap, a.planner_max))
+                          planner_min_replicas=a.planner_min, planner_max_replicas=a.planner_max)
     if a.processes > 1 and not config.redis_url:
         ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
     serve(functools.partial(create_app, config), a.host, a.port, processes=a.processes)
-
-
-def _pair(ap: argparse.ArgumentParser, value: str) -> tuple[int, int]:
-    try:
-        prefill, decode = (int(x) for x in value.split(","))
-    except ValueError:
-        ap.error(f"expected prefill,decode worker counts, got {value!r}")
-    return prefill, decode
 
 
 def _flag(value: str | bool) -> bool:

@@ -209,3 +209,36 @@ def _router_routes() -> set[str]:
 
     app = create_app(RouterConfig(decode_urls=["http://x"])).api
     return set(app.openapi()["paths"]) | {r.path for r in app.routes if hasattr(r, "path")}
+
+
+def _dumped(profile, path: Path) -> dict:
+    profile.dump(path)
+    return yaml.safe_load(path.read_text())
+
+
+def test_the_sla_planner_gets_its_mode_targets_and_profile(tmp_path):
+    from router.planner import Profile
+
+    profile = Profile(prefill=[(128, 9000), (2048, 15000)], decode=[(1, 0.008), (64, 0.012)], model="m", worker="H100")
+    values = tmp_path / "planner.yaml"
+    values.write_text(yaml.safe_dump({"router": {"planner": {
+        "mode": "on", "profile": _dumped(profile, tmp_path / "p.json"),
+        "minReplicas": {"prefill": 2, "decode": 1}, "maxReplicas": {"prefill": 12, "decode": 6}}}}))
+    docs = render("-f", str(values))
+    router = _find(docs, "Deployment", "-router")["spec"]["template"]["spec"]
+    env = {k: v.get("value") for k, v in _env(router["containers"][0]).items()}
+    assert env["PDSERVE_PLANNER"] == "on" and env["PDSERVE_PLANNER_MIN"] == "2,1"
+    assert env["PDSERVE_PLANNER_MAX"] == "12,6" and env["PDSERVE_ITL_SLO_S"] == "0.1"
+    mount = router["containers"][0]["volumeMounts"][0]
+    assert env["PDSERVE_PLANNER_PROFILE"] == f"{mount['mountPath']}/profile.json"
+    config = _find(docs, "ConfigMap", "-planner-profile")
+    assert router["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
+    written = tmp_path / "mounted.json"
+    written.write_text(config["data"]["profile.json"])
+    assert Profile.load(written) == profile  # what the router reads is the profile given
+    off = render()
+    assert not any(d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-planner-profile") for d in off)
+    assert "PDSERVE_PLANNER" not in _env(_find(off, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
+    failed = subprocess.run([_helm(), "template", "rel", str(CHART), "--set", "router.planner.mode=dry-run"],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "router.planner.profile is needed" in failed.stderr
