@@ -11,6 +11,7 @@ which declares the generation endpoints too, for the schema.
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -163,7 +164,7 @@ def _planner_view(state: RouterState) -> dict | None:
             "leading": p.leading, "interval_s": p.interval_s,
             "targets": {"ttft_s": p.planner.config.ttft_slo_s, "itl_s": p.planner.config.itl_slo_s},
             "profile": {"model": prof.model, "worker": prof.worker, "prefill": prof.prefill, "decode": prof.decode},
-            "decisions": list(p.decisions)[-20:]}
+            "demand": dataclasses.asdict(state.telemetry.demand), "decisions": list(p.decisions)[-20:]}
 
 
 def _planner_loop(state: RouterState):

@@ -3,6 +3,7 @@ prefill and decode speeds follow a profile, a spawn delay, the router's planner 
 ramp, a burst, a diurnal cycle and a shift from short to long prompts (issue 38's bars where it states them)."""
 
 import asyncio
+import concurrent.futures
 import math
 import time
 
@@ -136,20 +137,57 @@ async def test_one_router_plans_from_every_routers_demand_and_another_takes_over
 def test_the_router_reports_its_plan_on_the_dashboard_and_in_metrics(routers, tmp_path):
     ILLUSTRATIVE.dump(tmp_path / "profile.json")
     router = routers("--admin-token", "planner-admin", "--planner", "on", "--planner-profile",
-                     str(tmp_path / "profile.json"), "--planner-interval-s", "0.3", "--planner-min", "1,2")
+                     str(tmp_path / "profile.json"), "--planner-interval-s", "0.3", "--planner-min", "1,2",
+                     "--max-queued-prefill-tokens", "20")
     chat = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
-    assert httpx.post(f"{router}/v1/chat/completions", json=chat, timeout=30).status_code == 200
+    url = f"{router}/v1/chat/completions"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # one request in flight fills the cluster ...
+        slow = pool.submit(httpx.post, url, json={**chat, "stop": ["SLOW_PREFILL"]}, timeout=30)
+        time.sleep(0.4)
+        assert httpx.post(url, json=chat, timeout=30).status_code == 503  # ... so this one is refused
+        assert slow.result().status_code == 200
     auth = {"authorization": "Bearer planner-admin"}
     deadline = time.monotonic() + 10
     while not (view := httpx.get(f"{router}/dashboard/api/state", headers=auth, timeout=10).json()["planner"])[
             "decisions"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert view["leading"] and view["mode"] == "report only", view  # no scaler in front of fake workers
+    assert view["demand"]["arrivals"] == 2 and view["demand"]["finished"] == 1  # the refused one is demand too
     first = view["decisions"][0]
     assert first["before"] == {"prefill": 0, "decode": 4} and first["replicas"]["prefill"] == 1, first
     assert not first["acted"] and "req/s" in first["reasons"]["prefill"]
     metrics = httpx.get(f"{router}/metrics", timeout=10).text
     assert 'pdserve_planner_replicas{pool="prefill"} 1.0' in metrics and "pdserve_planner_leader 1.0" in metrics
+
+
+class _Scaler:
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes, self.calls = dict(sizes), []
+
+    async def replicas(self, pool: str) -> int:
+        return self.sizes[pool]
+
+    async def scale(self, pool: str, replicas: int) -> None:
+        self.calls.append((pool, replicas))
+        self.sizes[pool] = replicas
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_the_leader_resizes_through_the_scaler_unless_dry_run(dry_run):
+    from router.metrics import RouterMetrics
+    from router.planner_loop import PlannerLoop
+    from router.state import LocalState
+    from router.telemetry import Telemetry
+
+    scaler = _Scaler({"prefill": 1, "decode": 1})
+    loop = PlannerLoop(Planner(ILLUSTRATIVE, CONFIG), LocalState(100), Telemetry(), _NoPools(), RouterMetrics(),
+                       scaler, dry_run=dry_run)
+    await loop.tick(0.0)
+    for _ in range(600):  # 60 requests/s of 2,000-token prompts for the 10 s interval
+        loop.telemetry.arrived(2000)
+    shown = await loop.tick(10.0)
+    assert shown["replicas"]["prefill"] >= 8 and shown["acted"] is not dry_run
+    assert scaler.calls == ([] if dry_run else [("prefill", shown["replicas"]["prefill"])])
 
 
 def test_a_planner_without_a_profile_is_refused():
