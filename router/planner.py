@@ -11,7 +11,8 @@ Pure and clocked by its caller (`Planner.decide(observed, now)`), so the same co
 - Prefill: a worker computes `profile.prefill_rate(prompt)` tokens/s; its queue is taken as M/D/1, so its
   load may rise only as far as keeps the mean TTFT at `ttft_margin` of the target; a backlog of queued
   prompt tokens adds what clears it within `queue_clear_intervals`.
-- Decode: a worker holds the largest batch whose ITL (the profile's) is within `itl_margin` of the target;
+- Decode: a worker holds the largest batch whose ITL (the profile's, at the mean context: prompt and half the
+  output) is within `itl_margin` of the target;
   Little's law gives the streams in flight (rate x output tokens x that ITL); requests waiting for a slot
   add theirs.
 - Never flapping: a pool grows as soon as it needs to; it shrinks only once it has not grown for
@@ -38,38 +39,42 @@ def _interp(points: list[tuple[float, float]], x: float) -> float:
 
 @dataclass
 class Profile:
-    """A worker's measured speeds (`pdserve profile`): prefill tokens/s by prompt length, decode ITL by batch."""
+    """A worker's measured speeds (`pdserve profile`): prefill tokens/s by prompt length, and the decode step by
+    batch size and context (the tokens each sequence attends to)."""
 
     prefill: list[tuple[int, float]]  # (prompt tokens, prompt tokens computed a second)
-    decode: list[tuple[int, float]]  # (batch size, seconds a decode step)
+    decode: list  # (batch size, context tokens, seconds a decode step); a (batch, seconds) pair holds at any context
     model: str = ""
     worker: str = ""  # the worker's shape (device, tp), as measured
     gpus_per_worker: int = 1
 
     def __post_init__(self):
         self.prefill = sorted((int(n), float(r)) for n, r in self.prefill)
-        self.decode = sorted((int(b), float(s)) for b, s in self.decode)
+        self.decode = sorted((int(e[0]), int(e[1]) if len(e) == 3 else 0, float(e[-1])) for e in self.decode)
         if not self.prefill or not self.decode:
             raise ValueError("a profile needs prefill and decode measurements")
+        self._curves: dict[int, list[tuple[int, float]]] = {}  # context -> (batch, step) points
+        for b, c, s in self.decode:
+            self._curves.setdefault(c, []).append((b, s))
 
     def prefill_rate(self, prompt_tokens: float) -> float:
         return _interp(self.prefill, prompt_tokens)
 
-    def itl(self, batch: float) -> float:
-        return _interp(self.decode, batch)
+    def itl(self, batch: float, context: float = 0.0) -> float:
+        """The decode step at this batch size, each sequence at this context (interpolated in both)."""
+        return _interp(sorted((c, _interp(curve, batch)) for c, curve in self._curves.items()), context)
 
-    def max_batch(self, itl_s: float) -> int:
-        """The largest batch (up to the largest measured) whose step takes at most itl_s; at least 1."""
-        best = 1
-        for (b0, s0), (b1, s1) in zip(self.decode, self.decode[1:], strict=False):
-            if s1 <= itl_s:
-                best = b1
-            elif s0 <= itl_s:  # the limit falls between two measured sizes
-                best = max(best, int(b0 + (b1 - b0) * (itl_s - s0) / (s1 - s0)))
-                break
+    def max_batch(self, itl_s: float, context: float = 0.0) -> int:
+        """The largest batch (up to the largest measured) whose step takes at most itl_s; at least 1. (The step
+        grows with the batch.)"""
+        lo, hi = 1, max(b for b, _, _ in self.decode)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.itl(mid, context) <= itl_s:
+                lo = mid
             else:
-                break
-        return max(1, best)
+                hi = mid - 1
+        return lo
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
@@ -166,8 +171,9 @@ class Planner:
                                                                2 * (target - service) / (2 * target - service))
         rho = max(rho, 0.05)
         tokens = rate * prompt * (1 - self.hit)
-        batch = p.max_batch(c.itl_margin * c.itl_slo_s)
-        streams = rate * self.mean_output * p.itl(batch)  # Little's law at the planned ITL
+        context = prompt + self.mean_output / 2  # what a decoding sequence attends to, on average
+        batch = p.max_batch(c.itl_margin * c.itl_slo_s, context)
+        streams = rate * self.mean_output * p.itl(batch, context)  # Little's law at the planned ITL
         steady = {"prefill": tokens / (speed * rho), "decode": streams / batch}
         # A queue is demand the rate already counted: what is added clears it over a few intervals, not one.
         clear_s = c.queue_clear_intervals * c.interval_s

@@ -133,7 +133,7 @@ function renderPlanner(p) {
   $(".planner-summary", el).textContent = `targets: TTFT ${p.targets.ttft_s} s, ITL ${Math.round(p.targets.itl_s * 1000)} ms; ` +
     `every ${p.interval_s} s; profile: ${prof.model || "?"} on ${prof.worker || "?"} (prefill ` +
     prof.prefill.map(([n, r]) => `${n} tok: ${Math.round(r)} tok/s`).join(", ") + "; decode " +
-    prof.decode.map(([b, s]) => `batch ${b}: ${num(s * 1000)} ms`).join(", ") + ")";
+    prof.decode.map(([b, c, s]) => `batch ${b}` + (c ? ` at ${c} tokens` : "") + `: ${num(s * 1000)} ms`).join(", ") + ")";
   const tbody = $("tbody", el);
   tbody.innerHTML = "";
   for (const d of [...p.decisions].reverse()) {

@@ -13,12 +13,13 @@ def test_profile_writes_what_the_planner_reads(tmp_path):
 
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, "-m", "pdserve_cli.main", "profile", "--quick", "--device", "cpu",
-                           "--context", "32", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           "--contexts", "16,48", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     profile = Profile.load(out)
-    assert [n for n, _ in profile.prefill] == [16, 64] and [b for b, _ in profile.decode] == [1, 4]
-    assert all(r > 0 for _, r in profile.prefill) and all(0 < s < 60 for _, s in profile.decode)
+    assert [n for n, _ in profile.prefill] == [16, 64]
+    assert [(b, c) for b, c, _ in profile.decode] == [(1, 16), (1, 48), (4, 16), (4, 48)]
+    assert all(r > 0 for _, r in profile.prefill) and all(0 < s < 60 for _, _, s in profile.decode)
     assert printed["out"] == str(out) and "cpu" in profile.worker and profile.model.endswith(".gguf")
-    assert profile.max_batch(max(s for _, s in profile.decode)) == 4
+    assert profile.max_batch(max(s for _, _, s in profile.decode), context=30) == 4

@@ -31,10 +31,14 @@ def _reversals(result: dict, pool: str) -> int:
 def test_a_profile_interpolates_and_finds_the_largest_batch_within_an_itl(tmp_path):
     p = Profile(prefill=[(512, 10000), (128, 6000)], decode=[(1, 0.01), (64, 0.02), (256, 0.05)])
     assert p.prefill_rate(64) == 6000 and p.prefill_rate(320) == 8000 and p.prefill_rate(4096) == 10000
-    assert p.itl(32.5) == pytest.approx(0.015) and p.max_batch(0.02) == 64 and p.max_batch(0.035) == 160
-    assert p.max_batch(0.001) == 1 and p.max_batch(1.0) == 256
+    assert p.itl(32.5) == pytest.approx(0.015) and p.max_batch(0.02) == 64 and p.max_batch(0.0351) == 160
+    assert p.max_batch(0.001) == 1 and p.max_batch(1.0) == 256 and p.itl(64, context=10_000) == 0.02
     p.dump(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == p
+    # Measured at two contexts: the step is interpolated between them, and flat past them.
+    q = Profile(prefill=[(128, 6000)], decode=[(1, 1000, 0.01), (64, 1000, 0.02), (1, 3000, 0.02), (64, 3000, 0.06)])
+    assert q.itl(64, 2000) == pytest.approx(0.04) and q.itl(64, 100) == 0.02 and q.itl(64, 9000) == 0.06
+    assert q.max_batch(0.02, 1000) == 64 and q.max_batch(0.02, 3000) == 1 and q.max_batch(0.03, 2000) == 38
     with pytest.raises(ValueError):
         Profile(prefill=[], decode=[(1, 0.01)])
 
