@@ -127,8 +127,8 @@ class SimCluster:
         waiting = sum(r.prompt for r in self.waiting_prefill)
         return waiting + sum(r.prompt for _, _, r in self.prefilling if r.first > now)
 
-    def tick(self, now: float, dt: float, hit: float) -> None:
-        """Advance the cluster from now to now + dt."""
+    def tick(self, now: float, dt: float, hit: float, context: float = 0.0) -> None:
+        """Advance the cluster from now to now + dt (decoding sequences attending to `context` tokens)."""
         while self.waiting_prefill and self._prefill(self.waiting_prefill[0], now, hit):
             self.waiting_prefill.pop(0)
         end = now + dt
@@ -145,7 +145,7 @@ class SimCluster:
         for w in self.workers["decode"]:
             if not w.streams:
                 continue
-            step = self.profile.itl(len(w.streams))
+            step = self.profile.itl(len(w.streams), context)
             w.progress += dt / step  # (a stream that came in this tick counts it whole: at most dt late)
             while w.streams and w.streams[0][0] <= w.progress:
                 at, _, r = heapq.heappop(w.streams)
@@ -176,7 +176,7 @@ def simulate(trace: Trace, profile: Profile, config: PlannerConfig, static: dict
             reqs.append(r)
             cluster.arrive(r, r.arrival, trace.hit)
             seen["prompt"] += r.prompt
-        cluster.tick(t, dt, trace.hit)
+        cluster.tick(t, dt, trace.hit, prompt + output / 2)
         t += dt
         if planner is not None and t >= next_plan:
             ended = cluster.ended
