@@ -12,7 +12,7 @@ The planner is the router's own code, fed what a router sees each interval (arri
 tokens, queues).
 
   python -m bench.planner            # the four traces, two simulated hours of diurnal cycle
-  python -m bench.planner --quick    # the same traces, shorter (CPU, about a minute)
+  python -m bench.planner --quick    # the same traces, 5 minutes each (the day: 20; a dry run, no bars)
 
 The profile is illustrative (Llama-3-8B-like speeds on one H100, not measured); pass `--profile` a file from
 `pdserve profile` to plan with a measured one.
@@ -220,7 +220,7 @@ def peak_sizes(trace: Trace, profile: Profile, config: PlannerConfig) -> dict[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter traces (CPU, about a minute)")
+    ap.add_argument("--quick", action="store_true", help="5-minute traces: a dry run (CPU, seconds), no bars")
     ap.add_argument("--profile", default=None, help="a profile from `pdserve profile` (default: illustrative)")
     ap.add_argument("--ttft-slo-s", type=float, default=2.0)
     ap.add_argument("--itl-slo-s", type=float, default=0.05)
@@ -228,8 +228,8 @@ def main() -> None:
     profile = Profile.load(a.profile) if a.profile else ILLUSTRATIVE
     config = PlannerConfig(ttft_slo_s=a.ttft_slo_s, itl_slo_s=a.itl_slo_s, interval_s=10.0,
                            max_replicas={"prefill": 64, "decode": 64})
-    bars = {"diurnal": (0.95, 0.70), "burst": (0.90, None)}
-    for name, trace in traces(scale=3.0, minutes=10.0 if a.quick else 30.0).items():
+    bars = {} if a.quick else {"diurnal": (0.95, 0.70), "burst": (0.90, None)}  # (--quick: too short for them)
+    for name, trace in traces(scale=3.0, minutes=5.0 if a.quick else 30.0).items():
         static = peak_sizes(trace, profile, config)
         base = simulate(trace, profile, config, static=static)
         planned = simulate(trace, profile, config)

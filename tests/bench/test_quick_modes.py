@@ -32,7 +32,7 @@ def _modules() -> list[Path]:
     return sorted(p for p in (ROOT / "bench").glob("*.py") if p.stem not in NOT_BENCHES)
 
 
-# Benches whose --quick a test of its own runs, holding its lines to the bars as well.
+# Benches whose --quick a test of its own runs (and checks further).
 RUN_ELSEWHERE = {"priorities": "tests/router/test_priorities.py"}
 QUICK = [p.stem for p in _modules() if _takes_quick(p) and p.stem not in RUN_ELSEWHERE]
 

@@ -15,7 +15,7 @@ from tests.router.conftest import REDIS_URL, require_redis
 
 pytestmark = pytest.mark.slow
 ADMIN = "soak-admin"
-REQUESTS = int(os.environ.get("PDSERVE_SOAK_REQUESTS", "3000"))
+REQUESTS = int(os.environ.get("PDSERVE_SOAK_REQUESTS", "2000"))
 
 
 def _settled(cluster, baseline: dict[str, int]) -> bool:
