@@ -14,7 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from router.config import worker_pair
+from router.config import add_planner_args, planner_config
 
 log = logging.getLogger("pdserve")
 DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,10 +104,7 @@ def serve(a: argparse.Namespace) -> None:
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
                               auth=a.auth, admin_token=a.admin_token, tool_call_parser=a.tool_call_parser,
                               reasoning_parser=a.reasoning_parser, migration_limit=a.migration_limit,
-                              otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, itl_slo_s=a.itl_slo_s,
-                              planner=a.planner, planner_profile=a.planner_profile,
-                              planner_interval_s=a.planner_interval_s, planner_ttft_slo_s=a.planner_ttft_slo_s,
-                              planner_min_replicas=a.planner_min, planner_max_replicas=a.planner_max)
+                              otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, **planner_config(a))
         app = create_app(config)
         app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool,
                                      restart=WorkerGroup.restart)
@@ -169,14 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--otlp-endpoint", default=None,
                    help="export OpenTelemetry traces (router, workers, KV transfers) to this OTLP/HTTP collector")
     s.add_argument("--trace-ratio", type=float, default=1.0, help="the share of requests traced")
-    s.add_argument("--planner", choices=["off", "dry-run", "on"], default="off",
-                   help="the SLA planner: starts and stops workers to meet the TTFT and ITL targets (dry-run: reports)")
-    s.add_argument("--planner-profile", default=None, help="the workers' profile, from `pdserve profile`")
-    s.add_argument("--planner-interval-s", type=float, default=30.0)
-    s.add_argument("--planner-ttft-slo-s", type=float, default=2.0)
-    s.add_argument("--itl-slo-s", type=float, default=0.1, help="the ITL target of scaling advice and the planner")
-    s.add_argument("--planner-min", type=worker_pair, default=(1, 1), help="prefill,decode: the fewest workers kept")
-    s.add_argument("--planner-max", type=worker_pair, default=(8, 8), help="prefill,decode: the most workers started")
+    add_planner_args(s, max_workers=(8, 8))
     s.add_argument("--log-level", default="warning")
     from pdserve_cli.doctor import add_command as add_doctor
     from pdserve_cli.keys import add_commands

@@ -20,6 +20,27 @@ def worker_pair(value: str) -> tuple[int, int]:
     return prefill, decode
 
 
+def add_planner_args(ap, max_workers: tuple[int, int]) -> None:
+    """The SLA planner's flags (the router's and `pdserve serve`'s)."""
+    ap.add_argument("--planner", choices=["off", "dry-run", "on"], default="off",
+                    help="the SLA planner: sizes the pools to the TTFT and ITL targets (dry-run: only reports)")
+    ap.add_argument("--planner-profile", default=None, help="the workers' profile, from `pdserve profile`")
+    ap.add_argument("--planner-interval-s", type=float, default=30.0)
+    ap.add_argument("--planner-ttft-slo-s", type=float, default=2.0)
+    ap.add_argument("--itl-slo-s", type=float, default=0.1, help="the ITL target of scaling advice and the planner")
+    ap.add_argument("--planner-min", type=worker_pair, default=(1, 1),
+                    help="prefill,decode: the fewest workers the planner keeps")
+    ap.add_argument("--planner-max", type=worker_pair, default=max_workers,
+                    help="prefill,decode: the most workers the planner starts")
+
+
+def planner_config(a) -> dict:
+    """RouterConfig's planner fields from the flags of add_planner_args."""
+    return {"itl_slo_s": a.itl_slo_s, "planner": a.planner, "planner_profile": a.planner_profile,
+            "planner_interval_s": a.planner_interval_s, "planner_ttft_slo_s": a.planner_ttft_slo_s,
+            "planner_min_replicas": a.planner_min, "planner_max_replicas": a.planner_max}
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     prefill_urls: list[str] = field(default_factory=list)

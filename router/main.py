@@ -10,7 +10,15 @@ import logging
 
 from protocol.env_args import EnvDefaultsParser, env_list
 from router.app import create_app
-from router.config import BALANCE_RATIO, BALANCE_WEIGHT, CHURN_WEIGHT, LOAD_WEIGHT, RouterConfig, worker_pair
+from router.config import (
+    BALANCE_RATIO,
+    BALANCE_WEIGHT,
+    CHURN_WEIGHT,
+    LOAD_WEIGHT,
+    RouterConfig,
+    add_planner_args,
+    planner_config,
+)
 from router.reasoning import REASONING_PARSERS
 from router.server import serve
 from router.tool_parsers import PARSERS
@@ -75,16 +83,7 @@ def main() -> None:
                     help="return <think> text as reasoning_content (default: off)")
     ap.add_argument("--otlp-endpoint", default=None, help="export OpenTelemetry traces to this OTLP/HTTP collector")
     ap.add_argument("--trace-ratio", type=float, default=1.0, help="the share of requests traced")
-    ap.add_argument("--planner", choices=["off", "dry-run", "on"], default="off",
-                    help="the SLA planner: sizes the pools to the TTFT and ITL targets (dry-run: only reports)")
-    ap.add_argument("--planner-profile", default=None, help="the workers' profile, from `pdserve profile`")
-    ap.add_argument("--planner-interval-s", type=float, default=30.0)
-    ap.add_argument("--planner-ttft-slo-s", type=float, default=2.0)
-    ap.add_argument("--itl-slo-s", type=float, default=0.1, help="the ITL target of scaling advice and the planner")
-    ap.add_argument("--planner-min", type=worker_pair, default=(1, 1),
-                    help="prefill,decode: the fewest workers the planner keeps")
-    ap.add_argument("--planner-max", type=worker_pair, default=(16, 16),
-                    help="prefill,decode: the most workers the planner starts")
+    add_planner_args(ap, max_workers=(16, 16))
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -106,10 +105,7 @@ def main() -> None:
                           migration_limit=a.migration_limit, migration_wait_s=a.migration_wait_s,
                           tokenize_parallel={"auto": None, "on": True, "off": False}[a.tokenize_parallel],
                           tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
-                          otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, itl_slo_s=a.itl_slo_s,
-                          planner=a.planner, planner_profile=a.planner_profile,
-                          planner_interval_s=a.planner_interval_s, planner_ttft_slo_s=a.planner_ttft_slo_s,
-                          planner_min_replicas=a.planner_min, planner_max_replicas=a.planner_max)
+                          otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, **planner_config(a))
     if a.processes > 1 and not config.redis_url:
         ap.error("--processes > 1 needs --redis-url: the processes share routing state through Redis")
     serve(functools.partial(create_app, config), a.host, a.port, processes=a.processes)
