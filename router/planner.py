@@ -160,7 +160,7 @@ class Planner:
 
     def needs(self, rate: float, o: Observed) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
         """The fractional workers each pool needs for `rate` requests/s, the more it needs to clear the queues of
-        o within an interval, and why."""
+        o over `queue_clear_intervals`, and why."""
         c, p = self.config, self.profile
         prompt = max(1.0, self.mean_prompt)
         speed = p.prefill_rate(prompt)
