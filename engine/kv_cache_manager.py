@@ -39,14 +39,11 @@ class KVCacheManager:
         computed, to produce logits.
         """
         bs = self.block_size
-        hashes = self._hashes_upto(req, (req.num_tokens - 1) // bs)
-        if req.params.prompt_logprobs is not None and not req.output_token_ids:
-            # Its prompt's logprobs come from computing every prompt token: no prefix hit (full blocks are still
-            # registered as they fill)
+        hashes, hits = self._cached_prefix(req)
+        if hits is None:  # (full blocks are still registered as they fill)
             req.prompt_logprobs = []
             hits, lower = [], []
         else:
-            hits = self.pool.lookup_prefix(hashes)
             if self.tier is not None and self.tier.reading(hashes[len(hits):]):
                 return LOADING
             lower = self.tier.lookup(hashes[len(hits):]) if self.tier is not None else []
@@ -112,11 +109,20 @@ class KVCacheManager:
 
     def loading(self, req: Request) -> bool:
         """Whether blocks of a waiting request's prefix are being read from disk (their reads start now if they
-        have not): it cannot run yet."""
+        have not): admit() would answer LOADING, it cannot run yet."""
         if self.tier is None:
             return False
+        hashes, hits = self._cached_prefix(req)
+        return hits is not None and self.tier.reading(hashes[len(hits):])
+
+    def _cached_prefix(self, req: Request) -> tuple[list[int], list[int] | None]:
+        """A waiting request's block hashes (every full block before its last token's) and the pool's cached
+        prefix of them; None for a prompt whose logprobs are wanted: they come from computing every prompt
+        token, so nothing is taken from a cache."""
         hashes = self._hashes_upto(req, (req.num_tokens - 1) // self.block_size)
-        return self.tier.reading(hashes[len(self.pool.lookup_prefix(hashes)):])
+        if req.params.prompt_logprobs is not None and not req.output_token_ids:
+            return hashes, None
+        return hashes, self.pool.lookup_prefix(hashes)
 
     def wait_reads(self, timeout: float) -> None:
         """Block until a lower tier's read finishes, or timeout seconds (nothing else to run meanwhile)."""

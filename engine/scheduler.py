@@ -9,6 +9,7 @@ then lower priority values first, and among equals the tenant that has been comp
 cannot hold back a higher-priority request behind it, and keys of one priority share the worker evenly.
 """
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -136,9 +137,9 @@ class Scheduler:
         """Every slot taken and a waiting request of a better priority than a running one: the running one of the
         worst priority (the latest of them) is preempted, so the better one waits one step, not for it to end."""
         victim = self.running[-1]
-        better = sorted((r for r in self.waiting if r.params.priority < victim.params.priority),
-                        key=lambda r: (r.params.priority, r.arrival_index))
-        if any(not self.kv.loading(r) for r in better[:8]):  # (one whose prefix is still on disk cannot run yet)
+        better = heapq.nsmallest(8, (r for r in self.waiting if r.params.priority < victim.params.priority),
+                                 key=lambda r: (r.params.priority, r.arrival_index))
+        if any(not self.kv.loading(r) for r in better):  # (one whose prefix is still on disk cannot run yet)
             self.running.pop()
             self._preempt(victim)
             batch.preempted.append(victim)
