@@ -21,6 +21,7 @@ The profile is illustrative (Llama-3-8B-like speeds on one H100, not measured); 
 import argparse
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,8 +40,8 @@ class Trace:
 
     name: str
     seconds: float
-    rate: "callable"  # t -> requests/s
-    shape: "callable" = lambda t: (1500, 300)  # t -> (mean prompt tokens, mean output tokens)
+    rate: Callable[[float], float]  # t -> requests/s
+    shape: Callable[[float], tuple[int, int]] = lambda t: (1500, 300)  # t -> (mean prompt, mean output tokens)
     hit: float = 0.2  # share of prompt tokens found cached
 
 

@@ -160,7 +160,8 @@ def _planner_view(state: RouterState) -> dict | None:
     if p is None:
         return None
     prof = p.planner.profile
-    return {"mode": state.config.planner if not p.dry_run or state.config.planner == "dry-run" else "report only",
+    mode = "report only" if p.dry_run and state.config.planner == "on" else state.config.planner  # (no scaler)
+    return {"mode": mode,
             "leading": p.leading, "interval_s": p.interval_s,
             "targets": {"ttft_s": p.planner.config.ttft_slo_s, "itl_s": p.planner.config.itl_slo_s},
             "profile": {"model": prof.model, "worker": prof.worker, "prefill": prof.prefill, "decode": prof.decode},
