@@ -9,7 +9,7 @@ kills runs first, and the share of its outputs equal to the undisturbed run (les
 when it is 100%) is the bar instead of 100%: a GPU's bf16 matmuls may round a row differently in batches of
 other sizes, so greedy near-ties can flip with no kill at all. Issue 33's bars, checked at the end (exit 1 if
 one is missed): 0 client-visible errors, 100% token-exact outputs, KV blocks in use back to what
-they were before the load, and a killed worker back in its pool within 30 s.
+they were before the load, and a killed worker back in its pool within 30 s (60 s with --quick, on CI's CPU).
 
   python -m bench.chaos                         # 5 minutes, a kill every 20 s
   python -m bench.chaos --quick                 # CI: 40 s, a kill every 15 s
@@ -31,7 +31,11 @@ from bench.cluster import embedded_cluster, wait_until, worker_processes
 from bench.common import emit
 
 ADMIN = "chaos-admin-token"
-RECOVERY_BAR_S = 30.0
+RECOVERY_BAR_S = 30.0  # issue 33's bar
+# --quick runs in CI on a 2-core machine shared with the rest of the suite (./dev test runs two workers): six
+# processes restarting there is slower than on a GPU node, so the quick bar is looser; a worker that never
+# comes back still fails it.
+QUICK_RECOVERY_BAR_S = 60.0
 TOPICS = ["a lighthouse", "the moon", "bread", "a river", "chess", "a violin", "winter", "bees", "a library",
           "volcanoes", "the ocean", "a clock", "trains", "gardens", "a desert", "owls"]
 
@@ -166,6 +170,7 @@ def main() -> None:
     seconds = a.seconds or (40.0 if a.quick else 300.0)
     max_tokens = a.max_tokens or (32 if a.quick else 64)
     kill_every = a.kill_every or (15.0 if a.quick else 20.0)
+    recovery_bar = QUICK_RECOVERY_BAR_S if a.quick else RECOVERY_BAR_S
     flags = ["--prefill-workers", "2", "--decode-workers", "2", "--admin-token", ADMIN,
              "--local-prefill-tokens", "0"]  # every prompt through a prefill worker: the handshake is in play
     if a.model:
@@ -221,7 +226,7 @@ def main() -> None:
          kills=[{k: v for k, v in kill.items() if k != "at"} for kill in kills])
     emit("chaos", "kv_blocks_in_use_after", kv_after, "blocks", baseline="before the load",
          baseline_value=kv_before or None)
-    emit("chaos", "worst_recovery_s", worst, "s", baseline="issue 33's bar", baseline_value=RECOVERY_BAR_S,
+    emit("chaos", "worst_recovery_s", worst, "s", baseline="the recovery bar", baseline_value=recovery_bar,
          recoveries_s=[k["recovered_s"] and round(k["recovered_s"], 2) for k in kills])
     missed = []
     if errors:
@@ -232,8 +237,8 @@ def main() -> None:
         missed.append(f"{len(results) - exact} outputs not token-exact: {diffs}")
     if kv_after != kv_before:
         missed.append(f"{kv_after} KV blocks in use after the load, {kv_before} before")
-    if worst > RECOVERY_BAR_S:
-        missed.append(f"a worker took {worst:.1f} s to come back (bar: {RECOVERY_BAR_S:g} s)")
+    if worst > recovery_bar:
+        missed.append(f"a worker took {worst:.1f} s to come back (bar: {recovery_bar:g} s)")
     if not kills:
         missed.append("no worker was killed (the pools were never whole)")
     if missed:

@@ -6,6 +6,7 @@ from tests.helpers import demo_model_path
 
 
 def pytest_collection_modifyitems(config, items):
+    _group_for_xdist(items)
     try:
         import torch
 
@@ -18,6 +19,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Benches' --quick runs are independent subprocesses: under xdist each may run on any worker.
+_ANY_WORKER = ("tests/bench/test_quick_modes.py::",)
+
+
+def _group_for_xdist(items) -> None:
+    """Under `pytest -n N --dist loadgroup` (./dev test), a file's tests share one worker, so its module
+    fixtures (clusters, routers) start once; tests that share nothing run wherever a worker is free."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = item.nodeid if item.nodeid.startswith(_ANY_WORKER) else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
