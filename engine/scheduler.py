@@ -4,9 +4,11 @@ Running requests go first (decodes, then unfinished prefill chunks), within a to
 blocks run out, the most recently admitted request is preempted (its blocks freed, recomputed later).
 Waiting requests are admitted in order while blocks and budget last (one whose prefix is being read from
 disk is passed over until it is read). The order is arrival's, unless requests carry priorities or tenants:
-then lower priority values first, and among equals the tenant that has been computed the fewest tokens
-(a tenant arriving idle starts level with the least-served active one), then arrival: a flood from one key
-cannot hold back a higher-priority request behind it, and keys of one priority share the worker evenly.
+then lower priority values first; among equals the tenant with the fewest requests running (the slots are
+shared out one at a time, so tenants decode at even rates whatever their requests' lengths), then the one that
+has been computed the fewest tokens (a tenant arriving idle starts level with the least-served active one),
+then arrival: a flood from one key cannot hold back a higher-priority request behind it, and keys of one
+priority share the worker evenly.
 """
 
 import heapq
@@ -159,8 +161,9 @@ class Scheduler:
             served[req.params.tenant] = served.get(req.params.tenant, 0) + n
 
     def _admit_ordered(self, batch: ScheduledBatch, budget: int) -> None:
-        """Admit waiting requests by priority, then their tenant's tokens computed so far (counted as each is
-        admitted), then arrival: each (priority, tenant) queue is taken in its own arrival order."""
+        """Admit waiting requests by priority, then their tenant's requests running, then its tokens computed
+        so far (both counted as each is admitted), then arrival: each (priority, tenant) queue is taken in its
+        own arrival order."""
         if len(self.running) >= self.config.max_num_seqs:
             return
         queues: dict[tuple[int, str], deque[Request]] = {}
@@ -168,9 +171,13 @@ class Scheduler:
         for req in self.waiting:  # (arrival order, the preempted first)
             if req.request_id not in preempted:
                 queues.setdefault((req.params.priority, req.params.tenant), deque()).append(req)
+        running: dict[str, int] = {}
+        for req in self.running:
+            running[req.params.tenant] = running.get(req.params.tenant, 0) + 1
         served, admitted = self.served, set()
         while queues and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            head = min(queues, key=lambda k: (k[0], served.get(k[1], 0), queues[k][0].arrival_index))
+            head = min(queues, key=lambda k: (k[0], running.get(k[1], 0), served.get(k[1], 0),
+                                              queues[k][0].arrival_index))
             queue = queues[head]
             req = queue[0]
             n = self.kv.admit(req, budget)
@@ -183,6 +190,7 @@ class Scheduler:
                 continue
             admitted.add(req.request_id)
             self._run(req, n, batch)
+            running[head[1]] = running.get(head[1], 0) + 1
             served[head[1]] = served.get(head[1], 0) + n
             budget -= n
         if admitted:

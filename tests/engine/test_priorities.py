@@ -104,6 +104,22 @@ def test_two_tenants_flooding_share_the_worker_evenly(engine):
     assert abs(tokens["a"] - tokens["b"]) <= 0.1 * max(tokens.values()), tokens
 
 
+def test_tenants_share_the_slots_at_every_moment_not_only_on_average(engine):
+    """The slots are shared out one at a time: with both tenants queued, each holds half of them, so in any
+    short window both decode at the same rate, even when one's prompts are four times longer (ordered by tokens
+    computed alone, the short prompts' tenant took the slots, and tenants took all of them in turns)."""
+    for i in range(6 * SEQS):
+        engine.add_request(f"a-{i}", _prompt(engine, i) * 4, _params(12, tenant="a"))
+    for i in range(2 * SEQS):
+        engine.add_request(f"b-{i}", _prompt(engine, 300 + i), _params(12, tenant="b"))
+    _shares(engine, 2)  # the first prompts computed
+    for _ in range(4):
+        running = [r.params.tenant for r in engine.scheduler.running]
+        assert running.count("a") == running.count("b") == SEQS // 2, running
+        window = _shares(engine, 6)
+        assert window["a"] == window["b"], window
+
+
 def test_a_tenant_arriving_late_starts_level_with_the_others(engine):
     for i in range(10 * SEQS):
         engine.add_request(f"a-{i}", _prompt(engine, i), _params(8, tenant="a"))

@@ -91,17 +91,16 @@ def test_past_capacity_a_request_takes_the_worst_free_place():
 
 
 @pytest.mark.slow
-def test_under_a_flood_a_high_priority_key_is_not_held_back_by_the_backlog():
-    """Through a real router and worker (bench.priorities --quick): while a priority-10 key floods the worker, a
-    priority-0 key's requests do not wait behind the flood's backlog (its TTFT p99 is a small fraction of what
-    the flood's own requests wait), and two keys of one priority flooding both get served. Issue 39's bars
-    (TTFT p99 within 2x of idle, shares within 10%) are what the bench reports; on this 2-core CPU they are
-    not held here: a step is ~150 ms, so the p99 of a request that waits for the step in flight is near 2x by
-    itself, and a 6 s window holds too few requests for token shares to settle within 10%."""
+def test_under_a_flood_a_high_priority_key_keeps_its_ttft_and_equal_keys_share_evenly():
+    """Issue 39's bars through a real router and worker (bench.priorities --quick: 2 slots, a 6-stream flood):
+    while a priority-10 key floods the worker, a priority-0 key's TTFT p99 stays within 2x of its p99 on the idle
+    worker (the flood's own requests wait far longer: the flood is real); two keys of one priority flooding with
+    6 and 2 streams get output-token shares within 10% of each other."""
     from tests.bench.test_quick_modes import run_quick
 
     rows = {r["metric"]: r for r in run_quick("priorities")}
     ttft = rows["ttft_p99_high_priority_under_flood"]
-    assert ttft["value"] * 4 < ttft["flooding_key_ttft_ms"], ttft  # without priorities they would wait alike
+    assert ttft["ratio"] <= 2.0, ttft
+    assert ttft["flooding_key_ttft_ms"] > 4 * ttft["baseline_value"], ttft  # without priorities: that long
     shares = rows["token_share_equal_keys"]
-    assert min(shares["tokens"]) > 0, shares
+    assert shares["ratio"] >= 0.9 and min(shares["tokens"]) > 0, shares
