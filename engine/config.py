@@ -36,6 +36,11 @@ class EngineConfig:
     # leaves both to its frontend process (worker/engine_core.py), so that its loop does no per-token text work.
     detokenize: bool = True
     seed: int = 0  # for dummy weights
+    # LoRA adapters (engine/lora.py): how many may run in one batch (device slots; 0: none), their largest rank,
+    # and how many are kept read in host memory (at least max_loras)
+    max_loras: int = 0
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 8
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -56,6 +61,8 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be positive")
         if self.kv_host_bytes < 0 or self.kv_disk_bytes < 0:
             raise ValueError("kv_host_bytes and kv_disk_bytes must be >= 0")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
         if self.kv_disk_bytes and not (self.kv_disk_dir and self.kv_host_bytes):
             raise ValueError("a disk KV tier needs kv_disk_dir and a host tier (kv_host_bytes) above it")
 

@@ -22,11 +22,15 @@ class KVCacheManager:
         self.num_hit_tokens = 0  # prompt tokens found in the prefix cache (any tier), over all requests
         self.num_tier_hit_tokens = 0  # of which the host tier held
 
+    def _root(self, req: Request) -> int:
+        """The root of the request's block hash chain: the model's, or its adapter's (never shared)."""
+        return self.root_hash if req.root_hash is None else req.root_hash
+
     def _hashes_upto(self, req: Request, num_blocks: int) -> list[int]:
         """req.block_hashes extended to cover its first num_blocks full blocks."""
         have = len(req.block_hashes)
         if have < num_blocks:
-            parent = req.block_hashes[-1] if have else self.root_hash
+            parent = req.block_hashes[-1] if have else self._root(req)
             tokens = req.token_slice(have * self.block_size, num_blocks * self.block_size)
             req.block_hashes.extend(hash_blocks(tokens, self.block_size, parent))
         return req.block_hashes[:num_blocks]
@@ -54,7 +58,7 @@ class KVCacheManager:
         if needed + hits_on_free_list > self.pool.num_free_blocks:
             return None
         self.pool.take(hits)
-        req.block_ids = hits + self._allocate(hashes, len(hits), lower, needed)
+        req.block_ids = hits + self._allocate(req, hashes, len(hits), lower, needed)
         req.num_computed_tokens = num_cached
         req.num_committed_blocks = len(hits) + len(lower)
         if req.num_preemptions == 0:
@@ -63,7 +67,7 @@ class KVCacheManager:
             self.num_tier_hit_tokens += len(lower) * bs
         return num_new
 
-    def _allocate(self, hashes: list[int], num_hits: int, lower: list[int], needed: int,
+    def _allocate(self, req: Request, hashes: list[int], num_hits: int, lower: list[int], needed: int,
                   run: bool = False) -> list[int]:
         """needed new blocks, the first len(lower) filled from the host tier's slots `lower` (which hold
         hashes[num_hits:]) and registered in the pool's cache as any computed block."""
@@ -78,7 +82,7 @@ class KVCacheManager:
         finally:
             self.tier.keep = frozenset()
         self.tier.load(lower, blocks[: len(lower)])
-        self.pool.cache_blocks(blocks[: len(lower)], loaded, hashes[num_hits - 1] if num_hits else self.root_hash)
+        self.pool.cache_blocks(blocks[: len(lower)], loaded, hashes[num_hits - 1] if num_hits else self._root(req))
         return blocks
 
     def reserve(self, req: Request) -> bool:
@@ -98,7 +102,7 @@ class KVCacheManager:
             return False
         self.pool.take(hits)
         # Adjacent blocks where possible: the prefill worker then writes them as one run.
-        req.block_ids = hits + self._allocate(hashes, len(hits), lower, needed, run=True)
+        req.block_ids = hits + self._allocate(req, hashes, len(hits), lower, needed, run=True)
         if self.tier is not None:
             self.tier.settle()  # what this evicted is copied out before the prefill worker writes there
         req.num_cached_tokens = (len(hits) + len(lower)) * bs
@@ -146,7 +150,7 @@ class KVCacheManager:
         if full <= start:
             return
         hashes = self._hashes_upto(req, full)
-        parent = hashes[start - 1] if start else self.root_hash
+        parent = hashes[start - 1] if start else self._root(req)
         self.pool.cache_blocks(req.block_ids[start:full], hashes[start:full], parent)
         req.num_committed_blocks = full
 

@@ -45,13 +45,19 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, hidden, bias=False)
         self.use_fused = False
+        self.lora: Any = None  # engine/lora.py's LayerLora, when the engine serves adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.lora is not None:
+            gate_up = self.lora.add_first(x, gate_up)
         if self.use_fused:
-            return self.down_proj(fused.silu_and_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            h = fused.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            h = F.silu(gate) * up
+        y = self.down_proj(h)
+        return y if self.lora is None else self.lora.add_second(h, y)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

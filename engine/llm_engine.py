@@ -21,6 +21,7 @@ from engine.guided import Grammars
 from engine.kv_cache import KVAllocator, KVCache, KVLayout
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_tiers import DiskTier, HostTier
+from engine.lora import Adapters
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 from engine.model_runner import PLACEHOLDER, Forward, ModelRunner, PrevTokens
@@ -140,9 +141,10 @@ class LLMEngine:
             # learn it now: held, then moved down).
             self.block_pool.events += [KVEvent(KVEventKind.STORED, held), KVEvent(KVEventKind.OFFLOADED, held)]
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash, self.host_tier)
+        self.adapters = self._adapters()
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager
-        )
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager,
+            self.adapters)
         self.attention = self._attention_backend()
         if warm is not None and hasattr(self.attention, "decode"):
             error = warm.wait()
@@ -162,7 +164,7 @@ class LLMEngine:
                                       -(-self.max_model_len // config.block_size))
         self._overlap = config.async_scheduling
         self.runner = ModelRunner(self.model, self.attention, config.block_size, self.device, graphs, parallel,
-                                  self._overlap)
+                                  self._overlap, self.adapters.slots if self.adapters is not None else None)
         self._inflight: _Launched | None = None  # a step queued on the device whose tokens are not read yet
         self._ready: list[RequestOutput] = []  # outputs read early (by drain), returned by the next step
         self.stats = EngineStats()
@@ -205,6 +207,14 @@ class LLMEngine:
             disk = DiskTier(Path(cfg.kv_disk_dir) / f"rank{self.parallel.rank}", cfg.kv_disk_bytes // lay.block_bytes,
                             lay.block_bytes, tag)
         return HostTier(max(1, cfg.kv_host_bytes // lay.block_bytes), self.kv_cache.tensor, disk)
+
+    def _adapters(self) -> Adapters | None:
+        cfg = self.config
+        if not cfg.max_loras:
+            return None
+        if self.parallel.world_size > 1:
+            raise ModelLoadError("LoRA adapters (--max-loras) are served by single-rank workers only, for now")
+        return Adapters(self.model, cfg.model_name, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)
 
     def _kv_layout(self) -> KVLayout:
         """This rank's pool: its KV heads only; with several ranks, as many blocks as the smallest one holds."""
@@ -281,15 +291,38 @@ class LLMEngine:
             matcher = self.grammars.matcher(params.grammar)
             if not all(Grammars.advance(matcher, t) for t in resumed):
                 raise RequestError("the tokens already generated do not follow the request's grammar")
+        adapter = None
+        if params.adapter is not None:
+            if self.adapters is None:
+                raise RequestError("this worker serves no LoRA adapters (--max-loras 0)")
+            adapter = self.adapters.get(params.adapter)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), params, seed, next(self._arrivals),
-                      output_token_ids=list(resumed), matcher=matcher)
+                      output_token_ids=list(resumed), matcher=matcher, adapter=adapter,
+                      root_hash=adapter.root if adapter is not None else None)
         self.stats.num_prompt_tokens += len(prompt_token_ids)
         if self.tokenizer is not None and self.config.detokenize:
             detok = self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                           params.skip_special_tokens, params.include_stop_str_in_output)
             detok.resume(resumed)
         return req
+
+    # --- LoRA adapters ---
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve a PEFT LoRA adapter folder as `name` (requests name it in SamplingParams.adapter)."""
+        if self.adapters is None:
+            raise RequestError("this worker serves no LoRA adapters (--max-loras 0)")
+        self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests may no longer name it; those queued or running finish with it."""
+        if self.adapters is None:
+            raise RequestError(f"no adapter {name!r}")
+        self.adapters.unload(name)
+
+    def adapter_names(self) -> list[str]:
+        return self.adapters.names() if self.adapters is not None else []
 
     def release_held(self, request_id: str) -> None:
         self.drain()

@@ -34,10 +34,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.use_fused = False
+        self.lora: Any = None  # engine/lora.py's LayerLora, when the engine serves adapters
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend) -> torch.Tensor:
-        return self.attend(self.qkv_proj(x), positions, rotary, attn)
+        qkv = self.qkv_proj(x)
+        if self.lora is not None:
+            qkv = self.lora.add_first(x, qkv)
+        return self.attend(qkv, positions, rotary, attn)
+
+    def _out(self, out: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [num_tokens, q_size] (with the step's adapters)."""
+        y = gemv.linear(out, self.o_proj)
+        return y if self.lora is None else self.lora.add_second(out, y)
 
     def attend(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                attn: AttentionBackend) -> torch.Tensor:
@@ -49,8 +58,8 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(num_tokens, heads, d))
             k = self.k_norm(k.reshape(num_tokens, kv_heads, d))
         elif self.use_fused and fused.ROPE_AND_STORE and attn.store_rotated:  # rotary + KV write: one kernel
-            return gemv.linear(attn.forward_rotating(self.layer, qkv, positions, rotary.cos_sin())
-                               .reshape(num_tokens, self.q_size), self.o_proj)
+            return self._out(attn.forward_rotating(self.layer, qkv, positions, rotary.cos_sin())
+                             .reshape(num_tokens, self.q_size))
         if self.use_fused:  # in place, one kernel; q and k stay views into qkv (k beside v: one KV write)
             fused.rotate_(positions, q, k, d, rotary.cos_sin())
             q, k = q.view(num_tokens, heads, d), k.view(num_tokens, kv_heads, d)
@@ -62,7 +71,7 @@ class Attention(nn.Module):
             cos_sin = rotary.lookup(positions, qkv.dtype)
             q, k = rotary.rotate(q, cos_sin), rotary.rotate(k, cos_sin)
         out = attn.forward(self.layer, q, k, v)  # [num_tokens, heads, head_dim]
-        return gemv.linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        return self._out(out.reshape(num_tokens, self.q_size))
 
 
 class DecoderLayer(nn.Module):
@@ -79,7 +88,9 @@ class DecoderLayer(nn.Module):
                 rotary: RotaryEmbedding, attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """(the layer's output, the residual stream before it): the residual add is left to the next norm,
         so that add and norm are one kernel on the fused path."""
-        if self.gemv_path and x.shape[0] <= gemv.MAX_TOKENS:  # norms and SiLU inside the GEMVs (engine/gemv.py)
+        # Norms and SiLU inside the GEMVs (engine/gemv.py), unless the step's adapters need the normed inputs.
+        lora = self.self_attn.lora
+        if self.gemv_path and x.shape[0] <= gemv.MAX_TOKENS and not (lora is not None and lora.active):
             qkv, residual = gemv.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
             x = self.par.tp_all_reduce(self.self_attn.attend(qkv, positions, rotary, attn))
             h, residual = gemv.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)

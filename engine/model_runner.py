@@ -17,6 +17,7 @@ from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import BatchMetadata
 from engine.device import pinned, to_device
 from engine.guided import GrammarMasks, apply_masks
+from engine.lora import LoraSlots
 from engine.model import CausalLM
 from engine.outputs import TokenLogprob
 from engine.parallel import SINGLE, Parallel
@@ -49,6 +50,7 @@ class StepInput:
     fill_from: np.ndarray | None = None
     share_samples: bool = False  # rank 0 broadcasts this step's sampled ids to the other ranks after it
     prompt_logprobs: "PromptLogprobsInput | None" = None  # rows whose prompt's logprobs this step computes
+    lora_slots: np.ndarray | None = None  # [num_seqs] int64, each request's adapter slot (-1: none); None: no adapter
 
 
 @dataclass(slots=True)
@@ -153,9 +155,11 @@ def build_metadata(step: StepInput, block_size: int, device: torch.device) -> tu
 
 class ModelRunner:
     def __init__(self, model: CausalLM, attention: AttentionBackend, block_size: int, device: torch.device,
-                 graphs: "object | None" = None, parallel: Parallel = SINGLE, overlap: bool = False):
+                 graphs: "object | None" = None, parallel: Parallel = SINGLE, overlap: bool = False,
+                 lora: LoraSlots | None = None):
         """overlap: steps may be launched before the previous step's tokens are read (placeholders); with
-        several ranks, rank 0 then broadcasts each step's sampled ids for the others' next inputs."""
+        several ranks, rank 0 then broadcasts each step's sampled ids for the others' next inputs. lora: the
+        adapters' device slots, when the engine serves adapters."""
         self.model = model
         self.attention = attention
         self.block_size = block_size
@@ -164,6 +168,7 @@ class ModelRunner:
         self.graphs = graphs  # a CudaGraphDecoder when decode steps replay captured graphs
         self.parallel = parallel
         self.share_samples = overlap and parallel.world_size > 1
+        self.lora = lora
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: PrevTokens | None = None) -> Forward:
@@ -171,6 +176,9 @@ class ModelRunner:
         by sample(), now or, for a step whose samples wait for grammar masks, once they are filled."""
         step = step_input(batch.requests, batch.num_new_tokens, self.block_size)
         self._plan_fill(step, batch.requests, prev)
+        if self.lora is not None:
+            slots = np.array([r.lora_slot for r in batch.requests], dtype=np.int64)
+            step.lora_slots = slots if (slots >= 0).any() else None
         step.share_samples = self.share_samples and bool(step.sample_rows)
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
@@ -219,8 +227,10 @@ class ModelRunner:
         ids = to_device(step.input_ids, self.device)
         if step.fill_at is not None:
             ids[to_device(step.fill_at, self.device)] = prev_tokens[to_device(step.fill_from, self.device)]
+        if self.lora is not None:
+            self.lora.set_step(step.lora_slots, step.lens)
         if (self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs)
-                and step.prompt_logprobs is None):
+                and step.prompt_logprobs is None and step.lora_slots is None):  # (adapters' steps run eagerly)
             logits = self.graphs.run(meta, ids, positions)  # every rank replays, sampling or not
             return (logits if step.sample_rows else None), None
         self.attention.plan(meta)

@@ -46,6 +46,9 @@ class Request:
     queued_s: float | None = None
     queue_reported: bool = False
     counted: bool = False  # in the scheduler's per-tenant counts (once requests carry priorities or tenants)
+    adapter: Any = None  # its LoRA adapter (engine/lora.py's Adapter), if it names one
+    lora_slot: int = -1  # the device slot holding its adapter, while it is admitted
+    root_hash: int | None = None  # its block hash chain's root, if not the engine's (an adapter's)
 
     @property
     def all_token_ids(self) -> list[int]:

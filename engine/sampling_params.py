@@ -36,6 +36,7 @@ class SamplingParams:
     # equals, the tenant (an API key) served the fewest tokens first (engine/scheduler.py)
     priority: int = 0
     tenant: str = ""
+    adapter: str | None = None  # the LoRA adapter's name (engine/lora.py); None: the base model
 
     def __post_init__(self) -> None:
         checks = [

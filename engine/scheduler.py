@@ -3,7 +3,7 @@
 Running requests go first (decodes, then unfinished prefill chunks), within a token budget a step; when
 blocks run out, the most recently admitted request is preempted (its blocks freed, recomputed later).
 Waiting requests are admitted in order while blocks and budget last (one whose prefix is being read from
-disk is passed over until it is read). The order is arrival's, unless requests carry priorities or tenants:
+disk, or whose LoRA adapter waits for a device slot, is passed over until it can run). The order is arrival's, unless requests carry priorities or tenants:
 then lower priority values first; among equals the tenant with the fewest requests running (the slots are
 shared out one at a time, so tenants decode at even rates whatever their requests' lengths), then the one that
 has been computed the fewest tokens (a tenant arriving idle starts level with the least-served active one),
@@ -15,9 +15,13 @@ import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.kv_cache_manager import LOADING, KVCacheManager, blocks_for
 from engine.request import FinishReason, Request, RequestStatus
+
+if TYPE_CHECKING:
+    from engine.lora import Adapters
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +47,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, adapters: "Adapters | None" = None):
         self.config = config
         self.kv = kv
+        self.adapters = adapters  # LoRA adapters' device slots, taken at admission and given back at the end
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -124,10 +129,15 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
+            if not self._slot_for(req):  # every adapter slot is held: the next ones may go first
+                i += 1
+                continue
             n = self.kv.admit(req, budget)
             if n is None:
+                self._drop_slot(req)
                 break
             if n == LOADING:  # its prefix is coming back from disk: the next ones may go first
+                self._drop_slot(req)
                 i += 1
                 continue
             del self.waiting[i]
@@ -180,13 +190,15 @@ class Scheduler:
                                               queues[k][0].arrival_index))
             queue = queues[head]
             req = queue[0]
-            n = self.kv.admit(req, budget)
+            n = self.kv.admit(req, budget) if self._slot_for(req) else LOADING
             if n is None:
+                self._drop_slot(req)
                 break
             queue.popleft()
             if not queue:
                 del queues[head]
-            if n == LOADING:  # its prefix is coming back from disk: the next ones may go first
+            if n == LOADING:  # its prefix is coming back from disk, or no adapter slot: the next ones may go first
+                self._drop_slot(req)
                 continue
             admitted.add(req.request_id)
             self._run(req, n, batch)
@@ -196,11 +208,28 @@ class Scheduler:
         if admitted:
             self.waiting = deque(r for r in self.waiting if r.request_id not in admitted)
 
+    def _slot_for(self, req: Request) -> bool:
+        """Its adapter is in a device slot (taken now if it was not), or it has none; False while every slot
+        is held by other adapters' admitted requests."""
+        if req.adapter is None or req.lora_slot >= 0:
+            return True
+        slot = self.adapters.acquire(req.adapter)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def _drop_slot(self, req: Request) -> None:
+        if req.lora_slot >= 0:
+            self.adapters.release(req.lora_slot)
+            req.lora_slot = -1
+
     def _at_limit(self, req: Request) -> bool:
         return len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._drop_slot(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -219,6 +248,7 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        self._drop_slot(req)
         del self.requests[req.request_id]
         if req.counted:
             self._leave(req)
@@ -235,8 +265,11 @@ class Scheduler:
             self.kv.free(req)
 
     def add_remote(self, req: Request) -> bool:
-        """Reserve a whole prompt's blocks for KV arriving from a prefill worker."""
+        """Reserve a whole prompt's blocks (and its adapter's slot) for KV arriving from a prefill worker."""
+        if not self._slot_for(req):
+            return False
         if not self.kv.reserve(req):
+            self._drop_slot(req)
             return False
         self._join(req)
         self.requests[req.request_id] = req
