@@ -324,6 +324,10 @@ class LLMEngine:
     def adapter_names(self) -> list[str]:
         return self.adapters.names() if self.adapters is not None else []
 
+    def adapter_roots(self) -> dict[str, int]:
+        """Each adapter served: the root its requests' block hashes chain from."""
+        return dict(self.adapters.roots) if self.adapters is not None else {}
+
     def release_held(self, request_id: str) -> None:
         self.drain()
         self.scheduler.release_held(request_id)

@@ -202,6 +202,7 @@ class Adapters:
         self.model_name, self.max_rank, self.max_cpu_loras = model_name, max_rank, max(max_cpu_loras, max_loras)
         self.num_layers = len(model.layers)
         self.paths: dict[str, Path] = {}
+        self.roots: dict[str, int] = {}  # each registered adapter's block hash root (routers hash with it)
         self.host: OrderedDict[str, Adapter] = OrderedDict()
         self.resident: list[Adapter | None] = [None] * max_loras  # what each slot holds
         self.refs = [0] * max_loras  # admitted requests using each slot
@@ -214,7 +215,7 @@ class Adapters:
             raise RequestError(f"adapter name {name!r} must be non-empty, without ':'")
         adapter = read_adapter(path, name, self.model_name, self.num_layers, self.max_rank)
         self.slots.check(adapter)
-        self.paths[name] = Path(path)
+        self.paths[name], self.roots[name] = Path(path), adapter.root
         self._cache(adapter)
         return adapter
 
@@ -222,6 +223,7 @@ class Adapters:
         """New requests may no longer name it; requests already queued or running finish with it."""
         if self.paths.pop(name, None) is None:
             raise RequestError(f"no adapter {name!r}")
+        del self.roots[name]
         self.host.pop(name, None)
 
     def names(self) -> list[str]:

@@ -85,10 +85,10 @@ def serve(a: argparse.Namespace) -> None:
                               load_format=a.load_format, quantization=a.quantization,
                               kv_host_bytes=a.kv_host_bytes,
                               kv_disk_dir=a.kv_disk_dir and str(Path(a.kv_disk_dir) / name),
-                              kv_disk_bytes=a.kv_disk_bytes)
+                              kv_disk_bytes=a.kv_disk_bytes, max_loras=a.max_loras, max_lora_rank=a.max_lora_rank)
         cfg = WorkerConfig(role=role, name=name, engine=engine, port=free_port(),
                            transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep, log_level=a.log_level,
-                           otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio)
+                           otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, loras=a.loras)
         per_rank = (1.0 if tp * ep > 1 else gpu_share) if has_gpu else 0.0
         group = WorkerGroup(cfg, gpus_per_rank=per_rank)
         groups.append(group)
@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--quantization", default="auto", choices=["auto", "none", "fp8"],
                    help="fp8: the workers' linears in e4m3, a scale a row (GPU: Ada/Hopper); auto: fp8 for an FP8 "
                         "checkpoint on a GPU, its weights dequantized on a CPU")
+    s.add_argument("--max-loras", type=int, default=0,
+                   help="LoRA adapters that may run in one batch on a worker (0: serve no adapters)")
+    s.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA adapter rank served")
+    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this PEFT LoRA adapter folder as model NAME (repeatable; needs --max-loras; more "
+                        "can be loaded at run time through POST /admin/adapters)")
     for role in ("prefill", "decode"):
         s.add_argument(f"--{role}-tp-size", type=int, default=1, help=f"tensor-parallel ranks of a {role} worker")
         s.add_argument(f"--{role}-ep-size", type=int, default=1,
@@ -180,6 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(a.run(a))
     if a.kv_disk_bytes and not (a.kv_disk_dir and a.kv_host_bytes):
         s.error("--kv-disk-bytes needs --kv-disk-dir and a host tier above it (--kv-host-bytes)")
+    a.loras = tuple(tuple(x.split("=", 1)) for x in a.lora)
+    if any(len(x) != 2 or not x[0] or not x[1] for x in a.loras):
+        s.error("--lora takes NAME=PATH")
+    if a.loras and not a.max_loras:
+        s.error("--lora needs --max-loras (how many adapters may run in one batch)")
     if a.migration_limit < 0:
         s.error("--migration-limit must be >= 0 (0 turns migration off)")
     if a.planner != "off" and not a.planner_profile:

@@ -30,6 +30,7 @@ class WireSamplingParams(BaseModel):
     logit_bias: list[tuple[int, float]] = Field(default_factory=list)
     priority: int = 0  # lower first (the router's: its key's, or a request's the key allows)
     tenant: str = ""  # whose request (an API key's id): equal priorities share the workers fairly by it
+    adapter: str | None = None  # the LoRA adapter it runs with (a name the worker serves); None: the base model
 
 
 class PrefillRequest(BaseModel):
@@ -161,3 +162,4 @@ class WorkerLoad(BaseModel):
     host_blocks: int = 0  # the host KV tier: blocks it holds, of host_blocks_total (0: no tier)
     host_blocks_total: int = 0
     host_hit_tokens: int = 0  # prompt tokens loaded back from it (of prompt_tokens_cached)
+    adapters: dict[str, int] = {}  # LoRA adapters it serves: name -> the root of their block hash chains

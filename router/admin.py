@@ -1,11 +1,14 @@
 """The admin API (behind the admin token): API keys and usage. `pdserve keys ...` is its CLI."""
 
+import asyncio
+import json
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from protocol.stream_client import StatusError, StreamClientError
 from router.errors import OpenAIError
 from router.keys import new_key
 from router.scaling import POOLS, advise
@@ -34,6 +37,23 @@ class KeyCreate(BaseModel):
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
     priority: int = Field(default=0, ge=-1000, le=1000)  # lower first
+
+
+class AdapterLoad(BaseModel):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[^:/\s]+$",
+                      description="the model name requests use (also as `base:name`)")
+    path: str = Field(min_length=1, description="a PEFT LoRA adapter folder, as the workers see their volume")
+
+
+def _reason(error: BaseException) -> str:
+    """A worker's refusal as it worded it (its JSON `detail`), else the error."""
+    if isinstance(error, StatusError):
+        text = str(error).split(": ", 1)[-1]
+        try:
+            return json.loads(text)["detail"]
+        except (ValueError, KeyError, TypeError):
+            return text
+    return f"{type(error).__name__}: {error}"
 
 
 def admin_routes(state: "RouterState") -> APIRouter:
@@ -104,6 +124,53 @@ def admin_routes(state: "RouterState") -> APIRouter:
                               code="invalid_replicas")
         await state.scaler.scale(pool, body.replicas)
         return JSONResponse(await pool_view(state, pool), status_code=202)
+
+    @r.get("/adapters")
+    async def list_adapters(request: Request) -> dict:
+        """The LoRA adapters served, and which workers serve each."""
+        door.check_admin(request.headers.get("authorization"))
+        pool = state.pool
+        return {"data": [{"name": name, "path": pool.adapter_paths.get(name),
+                          "workers": [w.url for w in pool.workers
+                                      if w.healthy and w.load is not None and name in w.load.adapters]}
+                         for name in sorted(pool.adapters())]}
+
+    @r.post("/adapters", status_code=201)
+    async def load_adapter(body: AdapterLoad, request: Request) -> dict:
+        """Every worker serves the adapter (and workers that join later): all or none (400 with a worker's
+        reason, and the ones that loaded it unload it)."""
+        door.check_admin(request.headers.get("authorization"))
+        pool = state.pool
+        if body.name == (pool.reference.model if pool.reference else None):
+            raise OpenAIError(400, "an adapter cannot take the base model's name", param="name")
+        workers = [w for w in pool.workers if w.healthy]
+        if not workers:
+            raise OpenAIError(503, "no healthy worker to load the adapter", code="no_healthy_worker")
+        results = await asyncio.gather(*(pool.load_adapter(w, body.name, body.path) for w in workers),
+                                       return_exceptions=True)
+        failed = [(w, e) for w, e in zip(workers, results, strict=True) if isinstance(e, BaseException)]
+        if failed:
+            await asyncio.gather(*(pool.load_adapter(w, body.name, None)
+                                   for w, e in zip(workers, results, strict=True) if e is None), return_exceptions=True)
+            w, e = failed[0]
+            raise OpenAIError(400, f"adapter {body.name!r} not loaded: {w.url}: {_reason(e)}", param="path",
+                              code="adapter_load_failed")
+        pool.adapter_paths[body.name] = body.path
+        return {"name": body.name, "path": body.path, "workers": [w.url for w in workers]}
+
+    @r.delete("/adapters/{name}")
+    async def unload_adapter(name: str, request: Request) -> dict:
+        """No new request may name it; those in flight finish with it."""
+        door.check_admin(request.headers.get("authorization"))
+        pool = state.pool
+        pool.adapter_paths.pop(name, None)
+        serving = [w for w in pool.workers if w.load is not None and name in w.load.adapters]
+        if not serving:
+            raise OpenAIError(404, f"no adapter {name!r} is served", param="name", code="adapter_not_found")
+        results = await asyncio.gather(*(pool.load_adapter(w, name, None) for w in serving), return_exceptions=True)
+        errors = [f"{w.url}: {_reason(e)}" for w, e in zip(serving, results, strict=True)
+                  if isinstance(e, StreamClientError | TimeoutError)]
+        return {"name": name, "workers": [w.url for w in serving], "errors": errors}
 
     @r.get("/advice")
     async def get_advice(request: Request) -> dict:

@@ -422,31 +422,32 @@ def _api(state: RouterState) -> FastAPI:
                 m.worker_tier_hits.labels(w.url, w.role, "host").set(ld.host_hit_tokens)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict:
+    def model_card(adapter: str | None = None) -> dict:
+        """The base model's card, or a LoRA adapter's (`parent`: the base model it runs on)."""
         ref = state.pool.reference
-        return {"id": ref.model, "object": "model", "created": 0, "owned_by": "pdserve",
+        card = {"id": adapter or ref.model, "object": "model", "created": 0, "owned_by": "pdserve",
                 "max_model_len": ref.max_model_len}
+        return card if adapter is None else {**card, "parent": ref.model}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         await _authenticate(state, request)
         _require_ready(state)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(a) for a in [None, *sorted(state.pool.adapters())]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict:
         """One model (the OpenAI 404 for one this endpoint does not serve)."""
         await _authenticate(state, request)
         _require_ready(state)
-        _check_model(state, model_id)
-        return model_card()
+        return model_card(_adapter_of(state, model_id))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         """The token ids the router would send for this prompt or chat (the chat template applied)."""
         await _authenticate(state, request)
         _require_ready(state)
-        _check_model(state, body.model)
+        _adapter_of(state, body.model)
         ids = await _prompt_ids(state, body.messages is not None, body)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.pool.reference.max_model_len}
 
@@ -454,7 +455,7 @@ def _api(state: RouterState) -> FastAPI:
     async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
         await _authenticate(state, request)
         _require_ready(state)
-        _check_model(state, body.model)
+        _adapter_of(state, body.model)
         vocab = state.tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in body.tokens):
             raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="tokens")
@@ -602,10 +603,19 @@ def _require_ready(state: RouterState) -> None:
         raise OpenAIError(503, "no worker has registered yet", code="no_healthy_worker")
 
 
-def _check_model(state: RouterState, model: str) -> None:
-    if model != state.pool.reference.model:
-        raise OpenAIError(404, f"the model {model!r} does not exist; this endpoint serves "
-                               f"{state.pool.reference.model!r}", param="model", code="model_not_found")
+def _adapter_of(state: RouterState, model: str) -> str | None:
+    """The LoRA adapter a request's `model` names, by its own name or as `base:adapter` (None: the base model);
+    the OpenAI 404 for a model this endpoint does not serve."""
+    base = state.pool.reference.model
+    if model == base:
+        return None
+    name = model.removeprefix(f"{base}:")
+    adapters = state.pool.adapters()
+    if name in adapters:
+        return name
+    served = ", ".join(repr(m) for m in [base, *sorted(adapters)])
+    raise OpenAIError(404, f"the model {model!r} does not exist; this endpoint serves {served}", param="model",
+                      code="model_not_found")
 
 
 async def _prompt_ids(state: RouterState, chat: bool, body: Any, tools: list | None = None) -> list[int]:
@@ -633,7 +643,7 @@ async def _completion_ids(state: RouterState, prompt: str | list[int]) -> list[i
 
 
 def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out_plan: OutputPlan,
-                 priority: int = 0, tenant: str = "") -> ParamsOut:
+                 priority: int = 0, tenant: str = "", adapter: str | None = None) -> ParamsOut:
     bias = body.logit_bias
     return ParamsOut(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
@@ -642,7 +652,7 @@ def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out
         logprobs=body.num_logprobs(), grammar=out_plan.grammar,
         prompt_logprobs=body.num_logprobs() if getattr(body, "echo", False) else None,
         logit_bias=[(int(t), b) for t, b in bias.items()] if bias else [],
-        skip_special_tokens=not out_plan.keeps_special_tokens, priority=priority, tenant=tenant,
+        skip_special_tokens=not out_plan.keeps_special_tokens, priority=priority, tenant=tenant, adapter=adapter,
     )
 
 
@@ -715,7 +725,7 @@ async def _traced(tracer, span, stream: AsyncIterator[Any]) -> AsyncIterator[Any
 async def _handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key, admitted: list | None,
                   encode: Callable[[dict], Any], done: Any, endpoint: str, span) -> Reply:
     _require_ready(state)
-    _check_model(state, body.model)
+    adapter = _adapter_of(state, body.model)
     state.door.check_model(key, body.model)
     out_plan = plan(body, chat, state.tool_parser, state.config.reasoning_parser)
     priority = _priority(body, key)
@@ -754,14 +764,14 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     with maybe_child(state.tracer, span, "pdserve.admission"):
         ticket = await _admit(state, key, rid, body.model, prompt_tokens, max_tokens * body.n * len(prompts),
                               admitted, priority, capacity.in_place_of)
-    fmt = Formatter(state.tokenizer, ref.model, rid, chat)
+    fmt = Formatter(state.tokenizer, body.model if adapter else ref.model, rid, chat)
     session = session_header or body.user
     streams = []
     for ids in prompts:  # n choices a prompt, in order
-        hashes = state.dispatcher.hashes(ids)
+        hashes = state.dispatcher.hashes(ids, adapter)
         for i in range(body.n):
             params = _wire_params(body, max_tokens, None if body.seed is None else body.seed + i, out_plan, priority,
-                                  tenant)
+                                  tenant, adapter)
             streams.append(state.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session, span))
     readers = [ChoiceReader(out_plan) for _ in streams] if out_plan.reads_text else None
     echo = None

@@ -46,9 +46,11 @@ class Dispatcher:
         self.local = isinstance(state, LocalState)  # in memory: bookkeeping never waits, so it needs no task
         self._tasks: set[asyncio.Future] = set()
 
-    def hashes(self, prompt_ids: list[int]) -> list[int]:
+    def hashes(self, prompt_ids: list[int], adapter: str | None = None) -> list[int]:
+        """The prompt's block hashes, chained from the model's root (or its LoRA adapter's, as workers do)."""
         ref = self.pool.reference
-        return hash_blocks(prompt_ids, ref.block_size, ref.root_hash)
+        root = ref.root_hash if adapter is None else self.pool.adapters().get(adapter, ref.root_hash)
+        return hash_blocks(prompt_ids, ref.block_size, root)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: ParamsOut,
                        hashes: list[int], session: str | None = None, span=None) -> AsyncIterator[ChunkView]:
@@ -59,7 +61,11 @@ class Dispatcher:
         started = False  # a chunk went out: from now on a failure is migrated (or ends the stream), never retried
         retried = migrations = 0
         attempt = 0
+        adapter = params.adapter
+
         def usable(w: Worker) -> bool:  # not the worker that failed it, unless that one has restarted since
+            if adapter is not None and (w.load is None or adapter not in w.load.adapters):
+                return False  # (one that does not serve the request's LoRA adapter)
             return w.url not in bad or (w.instance is not None and w.instance != bad[w.url])
 
         while True:
@@ -78,7 +84,7 @@ class Dispatcher:
             t0 = time.perf_counter()
             prefill = [w for w in self.pool.pool("prefill") if usable(w)]
             if delivered:
-                hashes = self.hashes(prompt_ids + delivered)
+                hashes = self.hashes(prompt_ids + delivered, adapter)
             views = await self.state.view([w.url for w in prefill + decode], hashes)
             route = self.router.route(prefill, decode, views, len(prompt_ids) + len(delivered), session)
             route_s = time.perf_counter() - t0

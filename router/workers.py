@@ -1,6 +1,7 @@
 """The workers the router knows: their identity, health, load, and the KV events they report."""
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ class WorkerPool:
         self.health_interval_s = health_interval_s
         self.reference: WorkerInfo | None = None
         self.tokenizer_files: dict[str, str] | None = None
+        # LoRA adapters loaded through the admin API: name -> folder, loaded on workers that join later too
+        self.adapter_paths: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     def pool(self, role: str) -> list[Worker]:
@@ -120,6 +123,11 @@ class WorkerPool:
                 raise RegistrationError(f"{w.url}: {name} {getattr(info, name)!r} differs from the pool's "
                                         f"{getattr(ref, name)!r}")
         w.info = info
+        for name, path in self.adapter_paths.items():  # (a new or restarted worker: the admin API's adapters)
+            try:
+                await self.load_adapter(w, name, path)
+            except (StreamClientError, TimeoutError) as e:
+                log.error("worker %s could not load LoRA adapter %s from %s: %s", w.url, name, path, e)
 
     async def _refresh(self, w: Worker) -> None:
         try:
@@ -174,6 +182,27 @@ class WorkerPool:
                 rate = done / dt
                 w.prefill_rate = rate if w.prefill_rate is None else 0.8 * w.prefill_rate + 0.2 * rate
         w._last_load = (now, ld.tokens_computed, ld.kv_bytes_sent)
+
+    async def load_adapter(self, w: Worker, name: str, path: str | None) -> None:
+        """Have a worker serve a LoRA adapter folder (path None: stop serving it); StatusError with its reason
+        if it will not."""
+        url = f"{w.url}/adapters" if path is not None else f"{w.url}/adapters/{name}/unload"
+        body = json.dumps({"name": name, "path": path} if path is not None else {}).encode()
+        async with self.client.post(url, body, REGISTER_TIMEOUT_S) as resp:
+            answer = await resp.read()
+        if resp.status != 200:
+            raise StatusError(url, resp.status, answer)
+        served = json.loads(answer)["adapters"]
+        if w.load is not None:
+            w.load = w.load.model_copy(update={"adapters": served})
+
+    def adapters(self) -> dict[str, int]:
+        """The LoRA adapters healthy workers serve (as of their last /load): name -> their block hash root."""
+        served: dict[str, int] = {}
+        for w in self.workers:
+            if w.healthy and w.load is not None and w.load.adapters:
+                served.update(w.load.adapters)
+        return served
 
     def prefill_pool(self) -> list["Worker"]:
         """The workers that compute prompts: the prefill pool, or the decode pool when there is none."""

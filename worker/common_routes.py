@@ -1,11 +1,18 @@
-"""Routes every worker serves to routers: health, info, tokenizer files, load and KV events."""
+"""Routes every worker serves to routers: health, info, tokenizer files, load, KV events and LoRA adapters."""
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from pydantic import BaseModel
 
+from engine.errors import EngineDeadError, RequestError
 from protocol.messages import WorkerLoad
 from worker.frontend import Frontend
+
+
+class AdapterLoad(BaseModel):
+    name: str
+    path: str  # a PEFT LoRA adapter folder on the worker's filesystem (its volume)
 
 
 def common_routes(fe: Frontend) -> APIRouter:
@@ -22,7 +29,7 @@ def common_routes(fe: Frontend) -> APIRouter:
         """As of the engine's last message: answered at once, whatever step the engine is in."""
         if fe.load is None:
             raise HTTPException(503, "the engine has not reported yet")
-        return WorkerLoad(**msgspec.structs.asdict(fe.load))
+        return WorkerLoad(**{**msgspec.structs.asdict(fe.load), "adapters": fe.adapters})
 
     @r.get("/health")
     async def health() -> dict:
@@ -48,6 +55,30 @@ def common_routes(fe: Frontend) -> APIRouter:
     @r.get("/load")
     async def get_load() -> dict:
         return load().model_dump()
+
+    async def _adapter(name: str, path: str | None) -> dict:
+        try:
+            fe.adapters = await fe.client.adapter(name, path)
+        except RequestError as e:
+            raise HTTPException(404 if path is None else 400, str(e)) from e
+        except EngineDeadError as e:
+            raise HTTPException(503, str(e)) from e
+        return {"adapters": fe.adapters}
+
+    @r.get("/adapters")
+    async def adapters() -> dict:
+        """The LoRA adapters served: name -> the root of their requests' block hash chains."""
+        return {"adapters": fe.adapters}
+
+    @r.post("/adapters")
+    async def load_adapter(body: AdapterLoad) -> dict:
+        """Serve a PEFT LoRA adapter folder (read and checked now: 400 with the reason if it cannot be)."""
+        return await _adapter(body.name, body.path)
+
+    @r.post("/adapters/{name}/unload")
+    async def unload_adapter(name: str) -> dict:
+        """New requests may no longer name it; those queued or running finish with it."""
+        return await _adapter(name, None)
 
     @r.get("/metrics")
     async def metrics() -> Response:

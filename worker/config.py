@@ -24,6 +24,7 @@ class WorkerConfig:
     internal_token: str | None = field(default=None, repr=False)
     otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/HTTP collector (protocol/tracing.py)
     trace_ratio: float = 1.0  # (a worker traces what the router traced: the ratio is the router's decision)
+    loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters served from the start: (name, folder)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

@@ -77,6 +77,11 @@ class EngineClient(asyncio.Protocol):
         EngineDeadError."""
         return await self._call(lambda i: ipc.SendKV(i, request_id, dests, dst_block_ids, skip_blocks, timeout_s))
 
+    async def adapter(self, name: str, path: str | None) -> dict[str, int]:
+        """Serve a LoRA adapter folder as `name` (path None: unload it); every adapter served, name -> root.
+        Raises RequestError (a bad adapter, an unknown name) or EngineDeadError."""
+        return await self._call(lambda i: ipc.AdapterCall(i, name, path))
+
     async def _call(self, message: Callable[[int], ipc.Call]) -> Any:
         """Send the message made with a new call id; what its Reply holds, or the error the core raised."""
         if self.error is not None:

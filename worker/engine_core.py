@@ -165,7 +165,7 @@ class EngineCore:
         except Exception as e:
             if not isinstance(e, _REPLY_ERRORS):
                 log.exception("request %s: %s failed", rid, type(msg).__name__)
-            if isinstance(msg, ipc.ReserveRemote | ipc.SendKV):
+            if isinstance(msg, ipc.Call):
                 self._send(ipc.Reply(msg.call_id, None, (type(e).__name__, str(e))))
             elif rid is not None:
                 kind = "invalid_request" if isinstance(e, RequestError) else "engine_error"
@@ -188,6 +188,12 @@ class EngineCore:
             self._send(ipc.Reply(msg.call_id, [req.block_ids, req.num_cached_tokens]))
         elif isinstance(msg, ipc.SendKV):
             self._start_send(msg)
+        elif isinstance(msg, ipc.AdapterCall):
+            if msg.path is None:
+                engine.unload_adapter(msg.name)
+            else:
+                engine.load_adapter(msg.name, msg.path)
+            self._send(ipc.Reply(msg.call_id, engine.adapter_roots()))
         elif isinstance(msg, _TransferEnded):
             self.kv_bytes_sent += msg.bytes_sent
             for deferred in self._sending.pop(msg.request_id, []):

@@ -62,6 +62,7 @@ class Frontend:
         self.hello: Hello | None = None
         self.server: uvicorn.Server | None = None
         self.load: Load | None = None  # the engine's counters, as of its last message
+        self.adapters: dict[str, int] = {}
         self.error: str | None = None  # why the engine cannot serve (it failed, or its process is gone)
         self.draining = False
         self.tracer: Tracer | None = None  # None: tracing off
@@ -78,6 +79,7 @@ class Frontend:
     async def connect(self, sock: socket.socket) -> None:
         self.client = await EngineClient.connect(sock, self._on_step, self._on_dead, self.drain)
         self.hello = self.client.hello.result()
+        self.adapters = dict(self.hello.adapters)  # LoRA adapters served: name -> block hash root
         cfg = self.hello.config
         self.tracer = tracer(f"pdserve-{cfg.role}", cfg.otlp_endpoint, cfg.trace_ratio)
 

@@ -59,7 +59,7 @@ class WorkerHost:
                                      pass_fds=[fd], env=env)
         self._theirs.close()
         self.core.start(Hello(self.config, self.info.model_dump(), self.tokenizer_files,
-                              [d.to_dict() for d in self.core.descriptors]))
+                              [d.to_dict() for d in self.core.descriptors], self.shard.engine.adapter_roots()))
         deadline = time.monotonic() + timeout_s
         while not self.core.ready.wait(0.05):
             if self.proc.poll() is not None or self.core.error is not None or time.monotonic() > deadline:

@@ -82,12 +82,21 @@ class SendKV(_Message):
     timeout_s: float
 
 
+class AdapterCall(_Message):
+    """Serve the LoRA adapter folder at `path` as `name`, or (path None) stop taking new requests for it.
+    Reply: every adapter served, name -> its block hash root."""
+
+    call_id: int
+    name: str
+    path: str | None
+
+
 class Ready(_Message):
     """The frontend serves on the worker's port."""
 
 
-Call = ReserveRemote | SendKV  # the messages answered by a Reply with their call_id
-ToCore = Add | Abort | StartRemote | Release | ReserveRemote | SendKV | Ready
+Call = ReserveRemote | SendKV | AdapterCall  # the messages answered by a Reply with their call_id
+ToCore = Add | Abort | StartRemote | Release | ReserveRemote | SendKV | AdapterCall | Ready
 
 
 # --- core -> frontend ---
@@ -99,6 +108,7 @@ class Hello(_Message):
     info: dict[str, Any]  # protocol.messages.WorkerInfo's fields
     tokenizer_files: dict[str, str]
     descriptors: list[dict[str, Any]]  # every rank's KV pool (kv_transfer PoolDescriptor dicts), rank 0's first
+    adapters: dict[str, int] = {}  # LoRA adapters served from the start: name -> block hash root
 
 
 class Out(_Message):

@@ -53,19 +53,31 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
                     help="answer only callers holding this token (default $PDSERVE_INTERNAL_TOKEN; unset: open)")
     ap.add_argument("--otlp-endpoint", default=None, help="export OpenTelemetry traces to this OTLP/HTTP collector")
     ap.add_argument("--trace-ratio", type=float, default=1.0, help="the share of traces sampled (the router's)")
+    ap.add_argument("--max-loras", type=int, default=0,
+                    help="LoRA adapters that may run in one batch (device slots); 0: serve no adapters")
+    ap.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank served")
+    ap.add_argument("--max-cpu-loras", type=int, default=8, help="adapters kept read in host memory")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                    help="serve this PEFT LoRA adapter folder as NAME from the start (repeatable)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args(argv)
+    loras = tuple(tuple(x.split("=", 1)) for x in a.lora)
+    if any(len(x) != 2 or not x[0] or not x[1] for x in loras):
+        ap.error("--lora takes NAME=PATH")
+    if loras and not a.max_loras:
+        ap.error("--lora needs --max-loras (how many adapters may run in one batch)")
     engine = EngineConfig(
         model=a.model, served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
         kv_cache_bytes=a.kv_cache_bytes, kv_cache_dtype=a.kv_cache_dtype, kv_host_bytes=a.kv_host_bytes, kv_disk_dir=a.kv_disk_dir,
         kv_disk_bytes=a.kv_disk_bytes, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization, load_format=a.load_format,
-        quantization=a.quantization, attention_backend=a.attention_backend)
+        quantization=a.quantization, attention_backend=a.attention_backend, max_loras=a.max_loras,
+        max_lora_rank=a.max_lora_rank, max_cpu_loras=a.max_cpu_loras)
     config = WorkerConfig(
         role=a.role, name=a.name or f"{a.role}-{a.port}", engine=engine, host=a.host, port=a.port,
         transport=a.transport, tp_size=a.tp_size, ep_size=a.ep_size, drain_timeout_s=a.drain_timeout_s,
         log_level=a.log_level, internal_token=a.internal_token, otlp_endpoint=a.otlp_endpoint,
-        trace_ratio=a.trace_ratio)
+        trace_ratio=a.trace_ratio, loras=loras)
     return config, a
 
 

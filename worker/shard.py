@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.block_pool import BlockPool
+from engine.errors import ModelLoadError, RequestError
 from engine.llm_engine import LLMEngine, resolve_device
 from engine.parallel import SINGLE, Parallel
 from kv_transfer.descriptors import HeadSlice, PoolDescriptor
@@ -36,6 +37,11 @@ class EngineShard:
         # Text and stop strings are the frontend process's work (worker/frontend.py), never the engine loop's.
         self.engine = LLMEngine(dataclasses.replace(config.engine, detokenize=False), tokenizer=tokenizer,
                                 kv_allocator=allocator, parallel=parallel)
+        for name, path in config.loras:
+            try:
+                self.engine.load_adapter(name, path)
+            except RequestError as e:
+                raise ModelLoadError(f"--lora {name}={path}: {e}") from e
         lay, heads = self.engine.kv_layout, self.engine.model.heads
         agent = config.name if parallel.world_size == 1 else f"{config.name}.rank{parallel.rank}"
         descriptor = PoolDescriptor(agent, config.transport, str(self.shm_path or ""), lay.num_blocks, lay.num_layers,
