@@ -35,8 +35,10 @@ def _pool(url: str, pool: str) -> dict:
     return httpx.get(f"{url}/admin/pools/{pool}", headers={"authorization": f"Bearer {ADMIN}"}, timeout=10).json()
 
 
-async def _load(url: str, model: str, seconds: float, concurrency: int = 8) -> list[str]:
-    """Streamed chat requests for `seconds`; each outcome: 'ok' (200 and [DONE]) or what went wrong."""
+async def _load(url: str, model: str, seconds: float, concurrency: int = 8,
+                spans: list[tuple[float, float]] | None = None) -> list[str]:
+    """Streamed chat requests for `seconds`; each outcome: 'ok' (200 and [DONE]) or what went wrong (and each
+    request's (start, end) monotonic times into `spans`, if given)."""
     outcomes: list[str] = []
     deadline = time.monotonic() + seconds
 
@@ -46,10 +48,13 @@ async def _load(url: str, model: str, seconds: float, concurrency: int = 8) -> l
             while time.monotonic() < deadline:
                 body = {"model": model, "stream": True, "max_tokens": 12, "temperature": 0.8, "seed": k * 1000 + i,
                         "messages": [{"role": "user", "content": f"Tell me about pools, part {k}-{i}."}]}
+                start = time.monotonic()
                 async with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                     text = (await r.aread()).decode()
                     outcomes.append("ok" if r.status_code == 200 and "[DONE]" in text and '"error"' not in text
                                     else f"{r.status_code}: {text[-200:]}")
+                if spans is not None:
+                    spans.append((start, time.monotonic()))
                 i += 1
 
     await asyncio.gather(*(client(k) for k in range(concurrency)))
@@ -102,16 +107,23 @@ def test_draining_a_decode_worker_under_load_loses_no_request(embedded):
         while _pool(url, "decode")["healthy"] < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
 
+    spans: list[tuple[float, float]] = []
+    drained: list[float] = []
+
     async def scenario() -> list[str]:
-        load = asyncio.create_task(_load(url, model, 10.0))
+        load = asyncio.create_task(_load(url, model, 10.0, spans=spans))
         await asyncio.sleep(3)
         async with httpx.AsyncClient() as c:
+            drained.append(time.monotonic())
             r = await c.put(f"{url}/admin/pools/decode", json={"replicas": 1}, headers=auth, timeout=10)
             assert r.status_code == 202
         return await load
 
     outcomes = asyncio.run(scenario())
-    assert len(outcomes) > 20 and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
+    # Requests were in flight as the drain began (8 streams: whichever worker was drained held some), and more
+    # came after it.
+    assert sum(s < drained[0] < e for s, e in spans) >= 4 and sum(s > drained[0] for s, _ in spans) >= 4, spans
     deadline = time.monotonic() + 60
     while len(_pool(url, "decode")["workers"]) != 1 and time.monotonic() < deadline:
         time.sleep(0.5)
