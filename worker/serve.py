@@ -11,7 +11,7 @@ import sys
 
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
-from protocol.env_args import EnvDefaultsParser
+from protocol.env_args import EnvDefaultsParser, env_list
 from worker.config import WorkerConfig
 
 
@@ -61,7 +61,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
                     help="serve this PEFT LoRA adapter folder as NAME from the start (repeatable)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args(argv)
-    loras = tuple(tuple(x.split("=", 1)) for x in a.lora)
+    # (--lora is repeatable; from the environment, PDSERVE_LORA holds NAME=PATH entries separated by commas)
+    loras = tuple(tuple(x.split("=", 1)) for x in a.lora or env_list("lora"))
     if any(len(x) != 2 or not x[0] or not x[1] for x in loras):
         ap.error("--lora takes NAME=PATH")
     if loras and not a.max_loras:

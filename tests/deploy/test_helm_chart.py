@@ -143,6 +143,26 @@ def test_tracing_values_reach_the_router_and_every_worker_as_their_flags():
                 if any(e["name"] == "PDSERVE_OTLP_ENDPOINT" for e in c.get("env", []))]
 
 
+def test_lora_values_reach_every_worker_as_the_flags_that_parse_them(monkeypatch):
+    from worker import serve
+
+    docs = render("--set-json", 'lora={"maxLoras": 4, "maxRank": 32, "maxCpuLoras": 6, "adapters": ['
+                  '{"name": "bot", "path": "/models/adapters/bot"}, {"name": "sql", "path": "/models/sql"}]}')
+    for role in ("prefill", "decode"):
+        env = _env(_find(docs, "StatefulSet", f"-{role}")["spec"]["template"]["spec"]["containers"][0])
+        for name in ("PDSERVE_MAX_LORAS", "PDSERVE_MAX_LORA_RANK", "PDSERVE_MAX_CPU_LORAS", "PDSERVE_LORA"):
+            monkeypatch.setenv(name, env[name]["value"])
+        config, _ = serve.parse_config(["--role", role, "--model", "/models/m", "--port", "8100"])
+        assert (config.engine.max_loras, config.engine.max_lora_rank, config.engine.max_cpu_loras) == (4, 32, 6)
+        assert config.loras == (("bot", "/models/adapters/bot"), ("sql", "/models/sql"))
+    off = _env(_find(render(), "StatefulSet", "-decode")["spec"]["template"]["spec"]["containers"][0])
+    assert "PDSERVE_MAX_LORAS" not in off and "PDSERVE_LORA" not in off
+    bad = subprocess.run([_helm(), "template", "rel", str(CHART), "--set-json",
+                          'lora={"maxLoras": 0, "adapters": [{"name": "bot", "path": "/a"}]}'],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "lora.adapters needs lora.maxLoras" in bad.stderr
+
+
 def test_multinode_workers_become_rayclusters_with_their_ranks():
     docs = render("-f", str(MULTINODE))
     clusters = [d for d in docs if d["kind"] == "RayCluster"]

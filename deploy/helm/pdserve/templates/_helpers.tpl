@@ -111,6 +111,21 @@ env:
   - {name: PDSERVE_KV_DISK_BYTES, value: {{ $pool.kvDiskBytes | int64 | quote }}}
   - {name: PDSERVE_KV_DISK_DIR, value: "/home/pdserve/.cache/pdserve-kv/$(PDSERVE_NAME)"}  # a restart reuses it
   {{- end }}
+  {{- with $root.Values.lora }}
+  {{- if and .adapters (not .maxLoras) }}
+  {{- fail "lora.adapters needs lora.maxLoras > 0 (how many adapters may run in one batch)" }}
+  {{- end }}
+  {{- if .maxLoras }}
+  - {name: PDSERVE_MAX_LORAS, value: {{ .maxLoras | quote }}}
+  - {name: PDSERVE_MAX_LORA_RANK, value: {{ .maxRank | quote }}}
+  - {name: PDSERVE_MAX_CPU_LORAS, value: {{ .maxCpuLoras | quote }}}
+  {{- $adapters := list }}
+  {{- range .adapters }}{{ $adapters = append $adapters (printf "%s=%s" .name .path) }}{{ end }}
+  {{- with $adapters }}
+  - {name: PDSERVE_LORA, value: {{ join "," . | quote }}}  # NAME=PATH, comma-separated (--lora)
+  {{- end }}
+  {{- end }}
+  {{- end }}
   - {name: PDSERVE_TP_SIZE, value: {{ $pool.tpSize | quote }}}
   - {name: PDSERVE_EP_SIZE, value: {{ $pool.epSize | quote }}}
   {{- if gt $gpus 1 }}
