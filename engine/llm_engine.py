@@ -212,9 +212,8 @@ class LLMEngine:
         cfg = self.config
         if not cfg.max_loras:
             return None
-        if self.parallel.world_size > 1:
-            raise ModelLoadError("LoRA adapters (--max-loras) are served by single-rank workers only, for now")
-        return Adapters(self.model, cfg.model_name, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)
+        return Adapters(self.model, cfg.model_name, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras,
+                        share=self.parallel.world_size > 1 and self.parallel.is_driver)
 
     def _kv_layout(self) -> KVLayout:
         """This rank's pool: its KV heads only; with several ranks, as many blocks as the smallest one holds."""

@@ -7,7 +7,8 @@ fused as qkv, gate/up as gate_up, o, down) the slots are one A [slots * k*R, in]
 (R = max_lora_rank, smaller ranks zero-padded; the fused groups' B block-diagonal, so one pair of matmuls
 serves the whole group). Each rank holds the slice of B (column-parallel groups: qkv, gate_up) or of A
 (row-parallel: o, down) that matches its slice of the base weight, so the delta joins the base output before
-the layer's all-reduce.
+the layer's all-reduce. Rank 0 decides which adapter each slot holds; the slots it refills go to the other
+ranks with the step's input (`StepInput.lora_places`: slot, name, folder), and each reads its own slices there.
 
 In a step, every token goes through every slot's A at once (x @ A.T: [tokens, slots * k*R]), a mask keeps the
 columns of its own slot (a one-hot over slots, zero for a token without an adapter), and one matmul with B adds
@@ -20,6 +21,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class Adapter:
     """A LoRA adapter in host memory: for each (layer, module), A [r, in] and B [out, r] with the scale in B."""
 
     name: str
+    path: str  # its folder (the other ranks of a parallel worker read their slices there)
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     root: int  # the root of its requests' block hash chain
@@ -90,15 +93,21 @@ def read_adapter(path: str | Path, name: str, model_name: str, num_layers: int, 
             raise RequestError(f"adapter {name!r}: layer {layer} {module} needs lora_A [{r}, in] and lora_B [out, {r}]")
         weights[layer, module] = (ab["A"], ab["B"] * scale)
     digest = xxhash.xxh64_hexdigest(file.read_bytes() + json.dumps(config, sort_keys=True).encode())
-    return Adapter(name, r, weights, root_hash(model_name, f"{name}\x00{digest}"))
+    return Adapter(name, str(folder), r, weights, root_hash(model_name, f"{name}\x00{digest}"))
 
 
 class LoraSlots:
     """The device slots: stacked A and B per layer and group, and the step's token groups (set_step)."""
 
-    def __init__(self, model: torch.nn.Module, num_slots: int, max_rank: int):
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_rank: int,
+                 read: Callable[[str, str], Adapter], share: bool = False):
+        """read(name, folder): an adapter read for this rank; share: the slots refilled are recorded for the
+        other ranks (take_placed)."""
         self.model = model
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.read, self.share = read, share
+        self.placed: list[tuple[int, str, str]] = []  # (slot, name, folder) refilled since the last step
+        self.held: dict[int, Adapter] = {}  # a following rank's: what each slot holds
         param = next(model.parameters())
         self.a: dict[tuple[int, str], torch.Tensor] = {}  # [slots, k*R, in]
         self.b: dict[tuple[int, str], torch.Tensor] = {}  # [out, slots, k*R]
@@ -155,6 +164,22 @@ class LoraSlots:
         for layer, group, rows, a, dst, b in self._parts(adapter):
             self.a[layer, group][slot, rows].copy_(a)
             self.b[layer, group][dst, slot, rows].copy_(b)
+        if self.share:
+            self.placed.append((slot, adapter.name, adapter.path))
+
+    def take_placed(self) -> list[tuple[int, str, str]] | None:
+        """The slots refilled since the last step (rank 0 of a parallel worker: sent with the step's input)."""
+        placed, self.placed = self.placed, []
+        return placed or None
+
+    def follow(self, placed: list[tuple[int, str, str]]) -> None:
+        """A following rank refills its slots as rank 0 did (reading its slices of each adapter)."""
+        for slot, name, path in placed:
+            held = self.held.get(slot)
+            if held is None or (held.name, held.path) != (name, path):
+                held = next((a for a in self.held.values() if (a.name, a.path) == (name, path)), None)
+                self.held[slot] = held or self.read(name, path)
+            self.place(self.held[slot], slot)
 
     def set_step(self, slots: np.ndarray | None, lens: np.ndarray) -> None:
         """The step's requests' slots (-1: none) and token counts: the mask of each token's own slot."""
@@ -200,10 +225,12 @@ class Adapters:
     """The adapters a worker serves: registered by name (a folder), their host copies (an LRU of
     `max_cpu_loras`), and the device slots, each held while admitted requests use it."""
 
-    def __init__(self, model: torch.nn.Module, model_name: str, max_loras: int, max_rank: int, max_cpu_loras: int):
-        self.slots = LoraSlots(model, max_loras, max_rank)
+    def __init__(self, model: torch.nn.Module, model_name: str, max_loras: int, max_rank: int, max_cpu_loras: int,
+                 share: bool = False):
+        """share: a parallel worker's rank 0 (the slots it refills go to the other ranks)."""
         self.model_name, self.max_rank, self.max_cpu_loras = model_name, max_rank, max(max_cpu_loras, max_loras)
         self.num_layers = len(model.layers)
+        self.slots = LoraSlots(model, max_loras, max_rank, self._read, share)
         self.paths: dict[str, Path] = {}
         self.roots: dict[str, int] = {}  # each registered adapter's block hash root (routers hash with it)
         self.host: OrderedDict[str, Adapter] = OrderedDict()
@@ -216,7 +243,7 @@ class Adapters:
         """Register an adapter (read now, so a bad one is refused at once); a name already served is replaced."""
         if not name or ":" in name:
             raise RequestError(f"adapter name {name!r} must be non-empty, without ':'")
-        adapter = read_adapter(path, name, self.model_name, self.num_layers, self.max_rank)
+        adapter = self._read(name, path)
         self.slots.check(adapter)
         self.paths[name], self.roots[name] = Path(path), adapter.root
         self._cache(adapter)
@@ -240,9 +267,12 @@ class Adapters:
             return adapter
         if name not in self.paths:
             raise RequestError(f"no adapter {name!r} on this worker (loaded: {', '.join(self.names()) or 'none'})")
-        adapter = read_adapter(self.paths[name], name, self.model_name, self.num_layers, self.max_rank)
+        adapter = self._read(name, self.paths[name])
         self._cache(adapter)
         return adapter
+
+    def _read(self, name: str, path: str | Path) -> Adapter:
+        return read_adapter(path, name, self.model_name, self.num_layers, self.max_rank)
 
     def _cache(self, adapter: Adapter) -> None:
         self.host[adapter.name] = adapter

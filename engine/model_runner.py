@@ -51,6 +51,7 @@ class StepInput:
     share_samples: bool = False  # rank 0 broadcasts this step's sampled ids to the other ranks after it
     prompt_logprobs: "PromptLogprobsInput | None" = None  # rows whose prompt's logprobs this step computes
     lora_slots: np.ndarray | None = None  # [num_seqs] int64, each request's adapter slot (-1: none); None: no adapter
+    lora_places: list[tuple[int, str, str]] | None = None  # slots rank 0 refilled: (slot, name, folder), for the others
 
 
 @dataclass(slots=True)
@@ -179,6 +180,7 @@ class ModelRunner:
         if self.lora is not None:
             slots = np.array([r.lora_slot for r in batch.requests], dtype=np.int64)
             step.lora_slots = slots if (slots >= 0).any() else None
+            step.lora_places = self.lora.take_placed()
         step.share_samples = self.share_samples and bool(step.sample_rows)
         if self.parallel.world_size > 1:
             self.parallel.broadcast(step)
@@ -265,6 +267,8 @@ class ModelRunner:
         """Run the driver's steps until it stops the group (a rank other than 0 lives in this loop)."""
         prev = None
         while (step := self.parallel.broadcast(None)) is not None:
+            if step.lora_places:
+                self.lora.follow(step.lora_places)
             self._forward(step, prev)  # (its collectives meet rank 0's: prompt logprobs' logits included)
             prev = None
             if step.share_samples:  # rank 0's samples of this step: the next step's placeholder inputs

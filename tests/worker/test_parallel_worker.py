@@ -2,6 +2,7 @@
 rank and of transformers (fp32, greedy), also with a prefill worker of another tp_size; a dead rank takes the
 worker to unhealthy, fails what it was running, and a restart brings it back."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -47,11 +48,11 @@ def _config(folder, role: str, name: str, tp: int = 1, ep: int = 1, **over) -> W
     return WorkerConfig(role=role, name=name, engine=engine, port=free_port(), tp_size=tp, ep_size=ep, **over)
 
 
-def _generate(url: str, prompt: list[int], rid: str, max_tokens: int = MAX_TOKENS, prefill_url: str | None = None
-              ) -> tuple[list[int], list[dict]]:
+def _generate(url: str, prompt: list[int], rid: str, max_tokens: int = MAX_TOKENS, prefill_url: str | None = None,
+              adapter: str | None = None) -> tuple[list[int], list[dict]]:
     """A request as the router sends it: /generate to the decode worker and, when disaggregated, /prefill
     to the prefill worker at the same time."""
-    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "adapter": adapter}
     prefill = None
     if prefill_url:
         body = {"request_id": rid, "prompt_token_ids": prompt, "params": params}
@@ -89,6 +90,27 @@ def test_parallel_worker_greedy_matches_one_rank_and_transformers(ray_local, mod
     expected = [hf_greedy(hf_model, p, MAX_TOKENS) for p in PROMPTS]
     assert got == expected
     assert got == _single_rank(folder)
+
+
+def test_lora_adapters_on_two_tp_ranks_match_peft(ray_local, models, tmp_path):
+    """Each rank holds its slices of the adapters; rank 0 refills its one slot as requests alternate between an
+    adapter given at start and one loaded at run time, and the other rank follows: peft's greedy tokens."""
+    from tests.engine.test_lora import ALL, _write_adapter
+
+    folder, hf_model = models["llama"]
+    refs = {None: hf_model, "a": _write_adapter(hf_model, tmp_path / "a", 8, seed=1, targets=ALL),
+            "b": _write_adapter(hf_model, tmp_path / "b", 4, seed=2, targets=["q_proj", "o_proj", "down_proj"])}
+    cfg = _config(folder, "decode", "lora-tp2", 2, loras=(("a", str(tmp_path / "a")),))
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, max_loras=1, max_lora_rank=8))
+    group = WorkerGroup(cfg)
+    try:
+        loaded = httpx.post(f"{group.url}/adapters", json={"name": "b", "path": str(tmp_path / "b")}, timeout=60)
+        assert loaded.status_code == 200 and set(loaded.json()["adapters"]) == {"a", "b"}
+        order = ["a", "b", None, "a", "b"]
+        got = [_generate(group.url, PROMPTS[i % 3], f"l{i}", adapter=name)[0] for i, name in enumerate(order)]
+    finally:
+        group.stop()
+    assert got == [hf_greedy(refs[name], PROMPTS[i % 3], MAX_TOKENS) for i, name in enumerate(order)]
 
 
 def test_sizes_that_do_not_split_fail_the_start_clearly_and_leave_no_actor(ray_local, models):
