@@ -47,11 +47,18 @@ def serve(a: argparse.Namespace) -> None:
     from worker.ray_group import WorkerGroup
 
     try:
-        model = a.model or demo_model()
+        models = a.model or [demo_model()]
     except FileNotFoundError as e:
         sys.exit(str(e))
-    if not Path(model).exists():
-        sys.exit(f"--model {model}: no such file or folder")
+    for model in models:
+        if not Path(model).exists():
+            sys.exit(f"--model {model}: no such file or folder")
+    names = a.served_model_name or [None] * len(models)
+    if len(names) != len(models):
+        sys.exit("--served-model-name: one a --model, in the same order")
+    # Workers of each model, each pool: one number for every model, or a comma-separated number a model.
+    sizes_of = {role: _per_model(getattr(a, f"{role}_workers"), len(models), f"--{role}-workers")
+                for role in ("prefill", "decode")}
     has_gpu = False
     try:
         import torch
@@ -60,7 +67,7 @@ def serve(a: argparse.Namespace) -> None:
     except ImportError:
         pass
     num_gpus = torch.cuda.device_count() if has_gpu else 0
-    ray.init(num_cpus=max(2, a.prefill_workers + a.decode_workers), num_gpus=num_gpus,
+    ray.init(num_cpus=max(2, sum(sizes_of["prefill"]) + sum(sizes_of["decode"])), num_gpus=num_gpus,
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ray installs its own; ours stops cleanly
     groups: list = []  # every worker group ever started, stopped at exit (stopping twice is harmless)
@@ -68,7 +75,7 @@ def serve(a: argparse.Namespace) -> None:
     # Single-rank workers share the GPUs; a tensor/expert-parallel worker's ranks hold one GPU each.
     counter = itertools.count()
     sizes = {"prefill": (a.prefill_tp_size, a.prefill_ep_size), "decode": (a.decode_tp_size, a.decode_ep_size)}
-    counts = {"prefill": a.prefill_workers, "decode": a.decode_workers}
+    counts = {role: sum(n) for role, n in sizes_of.items()}
     whole = sum(counts[r] * tp * ep for r, (tp, ep) in sizes.items() if tp * ep > 1)  # GPUs held by parallel ranks
     single = sum(counts[r] for r, (tp, ep) in sizes.items() if tp * ep == 1)
     if has_gpu and (whole > num_gpus or (single and whole == num_gpus)):
@@ -76,10 +83,10 @@ def serve(a: argparse.Namespace) -> None:
                  f"this machine has {num_gpus}")
     gpu_share = min(1.0, (num_gpus - whole) / single) if has_gpu and single else 0.0
 
-    def start(role: str) -> tuple[str, object]:  # also the scaling API's: one more worker, once it serves
+    def start(role: str, m: int = 0) -> tuple[str, object]:  # also the scaling API's (the first model's pools)
         tp, ep = sizes[role]
         name = f"{role}-{next(counter)}"  # a restart keeps it (and its disk tier's folder)
-        engine = EngineConfig(model=model, served_model_name=a.served_model_name, device=a.device,
+        engine = EngineConfig(model=models[m], served_model_name=names[m], device=a.device,
                               block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, max_num_seqs=a.max_num_seqs,
                               kv_cache_dtype=a.kv_cache_dtype,
                               load_format=a.load_format, quantization=a.quantization,
@@ -88,18 +95,22 @@ def serve(a: argparse.Namespace) -> None:
                               kv_disk_bytes=a.kv_disk_bytes, max_loras=a.max_loras, max_lora_rank=a.max_lora_rank)
         cfg = WorkerConfig(role=role, name=name, engine=engine, port=free_port(),
                            transport=a.transport, internal_token=token, tp_size=tp, ep_size=ep, log_level=a.log_level,
-                           otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, loras=a.loras)
+                           otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, loras=a.loras if m == 0 else ())
         per_rank = (1.0 if tp * ep > 1 else gpu_share) if has_gpu else 0.0
         group = WorkerGroup(cfg, gpus_per_rank=per_rank)
         groups.append(group)
         return group.url, group
 
     try:
-        members: dict[str, list] = {}
-        for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
-            with ThreadPoolExecutor(max(1, count)) as pool:  # workers load their models side by side
-                members[role] = list(pool.map(lambda _, r=role: start(r), range(count)))
-        urls = {role: [u for u, _ in m] for role, m in members.items()}
+        members: dict[str, list] = {}  # the first model's workers, by role (the scaling API's pools)
+        others: list = []  # (role, url, group) of the other models' workers
+        for role, per_model in sizes_of.items():
+            with ThreadPoolExecutor(max(1, sum(per_model))) as pool:  # workers load their models side by side
+                started = list(pool.map(lambda m, r=role: (m, *start(r, m)),
+                                        [m for m, n in enumerate(per_model) for _ in range(n)]))
+            members[role] = [(u, g) for m, u, g in started if m == 0]
+            others += [(role, u, g) for m, u, g in started if m > 0]
+        urls = {role: [u for u, _ in members[role]] + [u for r, u, _ in others if r == role] for role in members}
         config = RouterConfig(prefill_urls=urls["prefill"], decode_urls=urls["decode"], host=a.host, port=a.port,
                               policy=a.policy, local_prefill_tokens=a.local_prefill_tokens, internal_token=token,
                               auth=a.auth, admin_token=a.admin_token, tool_call_parser=a.tool_call_parser,
@@ -107,8 +118,8 @@ def serve(a: argparse.Namespace) -> None:
                               otlp_endpoint=a.otlp_endpoint, trace_ratio=a.trace_ratio, **planner_config(a))
         app = create_app(config)
         app.state.scaler = RayScaler(start, WorkerGroup.stop, members, app.state.pool.discovery, app.state.pool,
-                                     restart=WorkerGroup.restart)
-        print(f"pdserve: serving {Path(model).name} at http://{a.host}:{a.port}/v1 "
+                                     restart=WorkerGroup.restart, fixed=others)
+        print(f"pdserve: serving {', '.join(Path(m).name for m in models)} at http://{a.host}:{a.port}/v1 "
               f"(prefill {urls['prefill']}, decode {urls['decode']}); Ctrl-C stops", flush=True)
         if a.admin_token:
             print(f"pdserve: dashboard at http://{a.host}:{a.port}/dashboard (admin token required)", flush=True)
@@ -120,16 +131,33 @@ def serve(a: argparse.Namespace) -> None:
         print("pdserve: stopped", flush=True)
 
 
+def _per_model(value: str, models: int, flag: str) -> list[int]:
+    """A pool size for each model: one number for all, or one a model."""
+    try:
+        sizes = [int(v) for v in value.split(",")]
+    except ValueError:
+        sys.exit(f"{flag} {value!r}: a number, or one a --model separated by commas")
+    if len(sizes) == 1:
+        sizes *= models
+    if len(sizes) != models or min(sizes) < 0:
+        sys.exit(f"{flag} {value!r}: {models} sizes (one a --model), each >= 0")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run a whole cluster on this machine")
-    s.add_argument("--model", default=None, help="a GGUF file or a Hugging Face folder (default: the demo model)")
-    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--model", action="append", default=[],
+                   help="a GGUF file or a Hugging Face folder (default: the demo model); repeat it to serve several "
+                        "models, each with its own pools, behind one endpoint")
+    s.add_argument("--served-model-name", action="append", default=[],
+                   help="the name clients use (one a --model; default: the file or folder name)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--prefill-workers", type=int, default=1)
-    s.add_argument("--decode-workers", type=int, default=1)
+    s.add_argument("--prefill-workers", default="1",
+                   help="prefill workers of each model (N, or N,M,... one a --model)")
+    s.add_argument("--decode-workers", default="1", help="decode workers of each model (N, or N,M,... one a --model)")
     s.add_argument("--device", default="auto")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--kv-cache-bytes", type=int, default=None)

@@ -30,10 +30,12 @@ class RayScaler:
                  members: dict[str, list[tuple[str, Any]]], discovery: StaticDiscovery, pool,
                  drain_timeout_s: float = 120.0, restart: Callable[[Any], str] | None = None,
                  dead_after_s: float = 5.0, stable_s: float = 60.0, max_backoff_s: float = 60.0,
-                 backoff_base_s: float = 1.0):
+                 backoff_base_s: float = 1.0, fixed: list[tuple[str, str, Any]] = ()):
+        """fixed: (role, url, group) of workers restarted when they die but never scaled (another model's)."""
         self.start_worker, self.stop = start, stop  # blocking: run in threads
         self.restart = restart  # group -> its URL once it serves again (blocking); None: no restarts
         self.members = members  # role -> [(url, actor)], oldest first
+        self.fixed = list(fixed)
         self.discovery, self.pool = discovery, pool
         self.drain_timeout_s = drain_timeout_s
         self.dead_after_s, self.stable_s, self.max_backoff_s = dead_after_s, stable_s, max_backoff_s
@@ -53,18 +55,18 @@ class RayScaler:
         while True:
             await asyncio.sleep(interval_s)
             now = time.monotonic()
-            for role in POOLS:
-                for url, group in list(self.members[role]):
-                    w = self.pool.find(url)
-                    if url in self._restarting:
-                        continue
-                    if w is None or w.draining or w.healthy:
-                        self._down_since.pop(url, None)
-                        continue
-                    down = now - self._down_since.setdefault(url, now)
-                    if down >= self.dead_after_s:
-                        task = self._restarting[url] = asyncio.create_task(self._restart(role, url, group, down))
-                        task.add_done_callback(lambda _, u=url: self._restarting.pop(u, None))
+            watched = [(role, url, group) for role in POOLS for url, group in self.members[role]] + self.fixed
+            for role, url, group in watched:
+                w = self.pool.find(url)
+                if url in self._restarting:
+                    continue
+                if w is None or w.draining or w.healthy:
+                    self._down_since.pop(url, None)
+                    continue
+                down = now - self._down_since.setdefault(url, now)
+                if down >= self.dead_after_s:
+                    task = self._restarting[url] = asyncio.create_task(self._restart(role, url, group, down))
+                    task.add_done_callback(lambda _, u=url: self._restarting.pop(u, None))
 
     def backoff_s(self, quick: int) -> float:
         """The wait before the restart of a worker that died `quick` times in a row within stable_s."""

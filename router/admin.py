@@ -41,8 +41,9 @@ class KeyCreate(BaseModel):
 
 class AdapterLoad(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[^:/\s]+$",
-                      description="the model name requests use (also as `base:name`)")
+                      description="the model name requests use (also as `model:name`)")
     path: str = Field(min_length=1, description="a PEFT LoRA adapter folder, as the workers see their volume")
+    model: str | None = Field(default=None, description="the base model it was trained on (default: the first)")
 
 
 def _reason(error: BaseException) -> str:
@@ -130,10 +131,10 @@ def admin_routes(state: "RouterState") -> APIRouter:
         """The LoRA adapters served, and which workers serve each."""
         door.check_admin(request.headers.get("authorization"))
         pool = state.pool
-        return {"data": [{"name": name, "path": pool.adapter_paths.get(name),
-                          "workers": [w.url for w in pool.workers
-                                      if w.healthy and w.load is not None and name in w.load.adapters]}
-                         for name in sorted(pool.adapters())]}
+        return {"data": [{"name": name, "model": model, "path": pool.adapter_paths.get(name, (None, None))[1],
+                          "workers": [w.url for w in pool.workers if w.healthy and w.load is not None
+                                      and w.info is not None and w.info.model == model and name in w.load.adapters]}
+                         for model in pool.references for name in sorted(pool.adapters(model))]}
 
     @r.post("/adapters", status_code=201)
     async def load_adapter(body: AdapterLoad, request: Request) -> dict:
@@ -141,11 +142,14 @@ def admin_routes(state: "RouterState") -> APIRouter:
         reason, and the ones that loaded it unload it)."""
         door.check_admin(request.headers.get("authorization"))
         pool = state.pool
-        if body.name == (pool.reference.model if pool.reference else None):
-            raise OpenAIError(400, "an adapter cannot take the base model's name", param="name")
-        workers = [w for w in pool.workers if w.healthy]
+        model = body.model or (pool.reference.model if pool.reference else None)
+        if model not in pool.references:
+            raise OpenAIError(404, f"no model {model!r} is served", param="model", code="model_not_found")
+        if body.name in pool.references or any(body.name in pool.adapters(m) for m in pool.references if m != model):
+            raise OpenAIError(400, f"{body.name!r} already names a model or another model's adapter", param="name")
+        workers = [w for w in pool.workers if w.healthy and w.info is not None and w.info.model == model]
         if not workers:
-            raise OpenAIError(503, "no healthy worker to load the adapter", code="no_healthy_worker")
+            raise OpenAIError(503, f"no healthy worker of {model} to load the adapter", code="no_healthy_worker")
         results = await asyncio.gather(*(pool.load_adapter(w, body.name, body.path) for w in workers),
                                        return_exceptions=True)
         failed = [(w, e) for w, e in zip(workers, results, strict=True) if isinstance(e, BaseException)]
@@ -155,8 +159,8 @@ def admin_routes(state: "RouterState") -> APIRouter:
             w, e = failed[0]
             raise OpenAIError(400, f"adapter {body.name!r} not loaded: {w.url}: {_reason(e)}", param="path",
                               code="adapter_load_failed")
-        pool.adapter_paths[body.name] = body.path
-        return {"name": body.name, "path": body.path, "workers": [w.url for w in workers]}
+        pool.adapter_paths[body.name] = (model, body.path)
+        return {"name": body.name, "model": model, "path": body.path, "workers": [w.url for w in workers]}
 
     @r.delete("/adapters/{name}")
     async def unload_adapter(name: str, request: Request) -> dict:

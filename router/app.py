@@ -66,11 +66,33 @@ from router.structured import OutputPlan, plan
 from router.telemetry import Telemetry
 from router.tokenize import BatchEncoder
 from router.tool_parsers import parser_for_template
-from router.workers import WorkerPool
+from router.workers import ModelView, WorkerPool
 
 log = logging.getLogger("pdserve.router")
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"  # static files, shipped in the package
 _encode = msgspec.json.Encoder().encode
+
+
+class ModelServing:
+    """What the router serves one model with: its workers (a view of the pool), its tokenizer and batch
+    encoder, its tool-call format, and a dispatcher routing among its workers only."""
+
+    def __init__(self, state: "RouterState", model: str):
+        config = state.config
+        self.model = model
+        self.view = ModelView(state.pool, model)
+        self.tokenizer = ChatTokenizer.from_files(self.view.tokenizer_files)
+        self.tool_parser = config.tool_call_parser or parser_for_template(self.tokenizer.chat_template_source)
+        self.encoder = BatchEncoder(self.tokenizer, parallel=config.tokenize_parallel)
+        self.router = Router(config.policy, self.view.reference.block_size, config.load_weight,
+                             config.local_prefill_tokens, balance_ratio=config.balance_ratio,
+                             balance_weight=config.balance_weight, churn_weight=config.churn_weight)
+        self.dispatcher = Dispatcher(self.view, self.router, state.state, state.stream_client, state.channels,
+                                     state.metrics, config.migration_limit, config.migration_wait_s, state.tracer)
+
+    @property
+    def reference(self):
+        return self.view.reference
 
 
 class RouterState:
@@ -102,10 +124,13 @@ class RouterState:
 
             self.scaler = KubernetesScaler(config.k8s_namespace, {"prefill": config.k8s_prefill_statefulset,
                                                                   "decode": config.k8s_decode_statefulset})
+        # Each model served (its workers registered with its name), the first one's also as `default`: its
+        # tokenizer, encoder, tool-call format and dispatcher are the state's own (the default model's).
+        self.models: dict[str, ModelServing] = {}
+        self.default: ModelServing | None = None
         self.tokenizer: ChatTokenizer | None = None
         self.tool_parser: str | None = None  # the tool-call format of the model's outputs (router/tool_parsers.py)
         self.encoder: BatchEncoder | None = None
-        self.router: Router | None = None
         self.dispatcher: Dispatcher | None = None
         self.planner = None  # the SLA planner's loop (router/planner_loop.py), made at start (the scaler is set then)
 
@@ -127,18 +152,16 @@ class RouterState:
         gc.freeze()  # what start-up built lives forever: keep it out of the collector's full passes
 
     def ready(self) -> bool:
-        """The tokenizer and routing come from the first registered worker (which may come later)."""
-        if self.dispatcher is None and self.pool.reference is not None:
-            self.tokenizer = ChatTokenizer.from_files(self.pool.tokenizer_files)
-            self.tool_parser = self.config.tool_call_parser or parser_for_template(self.tokenizer.chat_template_source)
-            self.encoder = BatchEncoder(self.tokenizer, parallel=self.config.tokenize_parallel)
-            self.router = Router(self.config.policy, self.pool.reference.block_size, self.config.load_weight,
-                                 self.config.local_prefill_tokens, balance_ratio=self.config.balance_ratio,
-                                 balance_weight=self.config.balance_weight, churn_weight=self.config.churn_weight)
-            self.dispatcher = Dispatcher(self.pool, self.router, self.state, self.stream_client, self.channels,
-                                         self.metrics, self.config.migration_limit, self.config.migration_wait_s,
-                                         self.tracer)
-        return self.dispatcher is not None
+        """A model's tokenizer and routing come from its first registered worker (which may come later)."""
+        if len(self.models) < len(self.pool.references):
+            for model in self.pool.references:
+                if model not in self.models:
+                    self.models[model] = ModelServing(self, model)
+            if self.default is None:
+                d = self.default = self.models[self.pool.reference.model]
+                self.tokenizer, self.tool_parser, self.encoder, self.dispatcher = (d.tokenizer, d.tool_parser,
+                                                                                  d.encoder, d.dispatcher)
+        return self.default is not None
 
     async def stop(self) -> None:
         if self.planner is not None:
@@ -147,8 +170,8 @@ class RouterState:
         await self.channels.close()
         await self.stream_client.close()
         await self.state.close()
-        if self.encoder is not None:
-            self.encoder.close()
+        for m in self.models.values():
+            m.encoder.close()
         if self.tracer is not None:
             self.tracer.shutdown()
 
@@ -422,44 +445,47 @@ def _api(state: RouterState) -> FastAPI:
                 m.worker_tier_hits.labels(w.url, w.role, "host").set(ld.host_hit_tokens)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card(adapter: str | None = None) -> dict:
-        """The base model's card, or a LoRA adapter's (`parent`: the base model it runs on)."""
-        ref = state.pool.reference
+    def model_card(m: ModelServing, adapter: str | None = None) -> dict:
+        """A model's card, or a LoRA adapter's (`parent`: the model it runs on)."""
+        ref = m.reference
         card = {"id": adapter or ref.model, "object": "model", "created": 0, "owned_by": "pdserve",
                 "max_model_len": ref.max_model_len}
         return card if adapter is None else {**card, "parent": ref.model}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
+        """Every model served (the default one first), each followed by its LoRA adapters."""
         await _authenticate(state, request)
         _require_ready(state)
-        return {"object": "list", "data": [model_card(a) for a in [None, *sorted(state.pool.adapters())]]}
+        served = [state.default, *(m for m in state.models.values() if m is not state.default)]
+        return {"object": "list", "data": [model_card(m, a) for m in served
+                                           for a in [None, *sorted(m.view.adapters())]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict:
         """One model (the OpenAI 404 for one this endpoint does not serve)."""
         await _authenticate(state, request)
         _require_ready(state)
-        return model_card(_adapter_of(state, model_id))
+        return model_card(*_model_of(state, model_id))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         """The token ids the router would send for this prompt or chat (the chat template applied)."""
         await _authenticate(state, request)
         _require_ready(state)
-        _adapter_of(state, body.model)
-        ids = await _prompt_ids(state, body.messages is not None, body)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.pool.reference.max_model_len}
+        m, _ = _model_of(state, body.model)
+        ids = await _prompt_ids(m, body.messages is not None, body)
+        return {"tokens": ids, "count": len(ids), "max_model_len": m.reference.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
         await _authenticate(state, request)
         _require_ready(state)
-        _adapter_of(state, body.model)
-        vocab = state.tokenizer.vocab_size
+        m, _ = _model_of(state, body.model)
+        vocab = m.tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in body.tokens):
             raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": m.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     # The generation endpoints, declared for the schema: RouterApp.answer serves them before FastAPI would.
     @app.post("/v1/chat/completions")
@@ -603,43 +629,46 @@ def _require_ready(state: RouterState) -> None:
         raise OpenAIError(503, "no worker has registered yet", code="no_healthy_worker")
 
 
-def _adapter_of(state: RouterState, model: str) -> str | None:
-    """The LoRA adapter a request's `model` names, by its own name or as `base:adapter` (None: the base model);
-    the OpenAI 404 for a model this endpoint does not serve."""
-    base = state.pool.reference.model
-    if model == base:
-        return None
-    name = model.removeprefix(f"{base}:")
-    adapters = state.pool.adapters()
-    if name in adapters:
-        return name
-    served = ", ".join(repr(m) for m in [base, *sorted(adapters)])
+def _model_of(state: RouterState, model: str) -> tuple[ModelServing, str | None]:
+    """The model a request's `model` names, and the LoRA adapter it runs with (its own name, or
+    `model:adapter`; None: the model alone); the OpenAI 404 for a name this endpoint does not serve."""
+    m = state.models.get(model)
+    if m is not None:
+        return m, None
+    base, _, name = model.rpartition(":")
+    m = state.models.get(base)
+    if m is not None and name in m.view.adapters():
+        return m, name
+    for m in state.models.values():
+        if model in m.view.adapters():
+            return m, model
+    served = ", ".join(repr(n) for m in state.models.values() for n in [m.model, *sorted(m.view.adapters())])
     raise OpenAIError(404, f"the model {model!r} does not exist; this endpoint serves {served}", param="model",
                       code="model_not_found")
 
 
-async def _prompt_ids(state: RouterState, chat: bool, body: Any, tools: list | None = None) -> list[int]:
+async def _prompt_ids(m: ModelServing, chat: bool, body: Any, tools: list | None = None) -> list[int]:
     if not chat:
-        return await _completion_ids(state, body.prompt)
+        return await _completion_ids(m, body.prompt)
     try:
         messages = [m.as_template_dict() for m in body.messages]
         # the common case: no text rendered and cut
-        parts = state.tokenizer.render_chat_parts(messages) if tools is None else None
-        text = "" if parts is not None else state.tokenizer.render_chat(messages, tools=tools)
+        parts = m.tokenizer.render_chat_parts(messages) if tools is None else None
+        text = "" if parts is not None else m.tokenizer.render_chat(messages, tools=tools)
     except ChatTemplateError as e:
         raise OpenAIError(400, str(e), param="messages") from e
     except ValueError as e:
         raise OpenAIError(400, str(e), param="messages") from e
-    return await (state.encoder.encode_parts(parts) if parts is not None else state.encoder.encode(text))
+    return await (m.encoder.encode_parts(parts) if parts is not None else m.encoder.encode(text))
 
 
-async def _completion_ids(state: RouterState, prompt: str | list[int]) -> list[int]:
+async def _completion_ids(m: ModelServing, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, list):
-        vocab = state.tokenizer.vocab_size
+        vocab = m.tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in prompt):
             raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return prompt
-    return await state.encoder.encode(prompt) if prompt else []
+    return await m.encoder.encode(prompt) if prompt else []
 
 
 def _wire_params(body: GenerationRequest, max_tokens: int, seed: int | None, out_plan: OutputPlan,
@@ -725,17 +754,17 @@ async def _traced(tracer, span, stream: AsyncIterator[Any]) -> AsyncIterator[Any
 async def _handle(state: RouterState, chat: bool, body: Any, session_header: str | None, key, admitted: list | None,
                   encode: Callable[[dict], Any], done: Any, endpoint: str, span) -> Reply:
     _require_ready(state)
-    adapter = _adapter_of(state, body.model)
+    m, adapter = _model_of(state, body.model)
     state.door.check_model(key, body.model)
-    out_plan = plan(body, chat, state.tool_parser, state.config.reasoning_parser)
+    out_plan = plan(body, chat, m.tool_parser, state.config.reasoning_parser)
     priority = _priority(body, key)
     tenant = "" if key is ANONYMOUS else key.id  # (auth off: one tenant, the workers keep arrival order)
-    if body.logit_bias and max(int(t) for t in body.logit_bias) >= state.tokenizer.vocab_size:
-        raise OpenAIError(400, f"logit_bias token ids must be in [0, {state.tokenizer.vocab_size})",
+    if body.logit_bias and max(int(t) for t in body.logit_bias) >= m.tokenizer.vocab_size:
+        raise OpenAIError(400, f"logit_bias token ids must be in [0, {m.tokenizer.vocab_size})",
                           param="logit_bias")
     with maybe_child(state.tracer, span, "pdserve.tokenize"):
-        prompts = await _prompts(state, chat, body, out_plan)
-    ref = state.pool.reference
+        prompts = await _prompts(m, chat, body, out_plan)
+    ref = m.reference
     longest = max(len(ids) for ids in prompts)
     if not min(len(ids) for ids in prompts):
         raise OpenAIError(400, "the prompt is empty", param="prompt")
@@ -747,12 +776,12 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     if max_tokens > room:
         raise OpenAIError(400, f"max_tokens {max_tokens} plus the prompt's {longest} tokens exceed the "
                                f"context of {ref.max_model_len}", param="max_tokens", code="context_length_exceeded")
-    if not state.pool.pool("decode"):
-        raise OpenAIError(503, "no healthy decode worker", code="no_healthy_worker")
+    if not m.view.pool("decode"):
+        raise OpenAIError(503, f"no healthy decode worker for {ref.model}", code="no_healthy_worker")
     state.door.check_request(longest, max_tokens, chat)
     state.telemetry.arrived(sum(len(ids) for ids in prompts) * body.n)  # (demand, whether admitted or not)
-    queued = sum(w.inflight_tokens for w in state.pool.prefill_pool())
-    capacity = state.door.capacity(state.pool, queued, priority)
+    queued = sum(w.inflight_tokens for w in m.view.prefill_pool())
+    capacity = state.door.capacity(m.view, queued, priority)
     if not capacity.ok:
         state.metrics.refused.labels(capacity.reason.split(" (")[0][:40]).inc()
         raise state.door.overloaded(capacity.reason)
@@ -764,19 +793,19 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     with maybe_child(state.tracer, span, "pdserve.admission"):
         ticket = await _admit(state, key, rid, body.model, prompt_tokens, max_tokens * body.n * len(prompts),
                               admitted, priority, capacity.in_place_of)
-    fmt = Formatter(state.tokenizer, body.model if adapter else ref.model, rid, chat)
+    fmt = Formatter(m.tokenizer, body.model if adapter else ref.model, rid, chat)
     session = session_header or body.user
     streams = []
     for ids in prompts:  # n choices a prompt, in order
-        hashes = state.dispatcher.hashes(ids, adapter)
+        hashes = m.dispatcher.hashes(ids, adapter)
         for i in range(body.n):
             params = _wire_params(body, max_tokens, None if body.seed is None else body.seed + i, out_plan, priority,
                                   tenant, adapter)
-            streams.append(state.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session, span))
+            streams.append(m.dispatcher.generate(f"{rid}-{len(streams)}", ids, params, hashes, session, span))
     readers = [ChoiceReader(out_plan) for _ in streams] if out_plan.reads_text else None
     echo = None
     if not chat and body.echo:
-        texts = [p if isinstance(p, str) else state.tokenizer.decode(p, skip_special_tokens=False)
+        texts = [p if isinstance(p, str) else m.tokenizer.decode(p, skip_special_tokens=False)
                  for p in body.prompts()]
         # (text, prompt ids) a choice: its prompt ids head its logprobs when they are asked
         echo = [(t, ids) for t, ids in zip(texts, prompts, strict=True) for _ in range(body.n)]
@@ -814,10 +843,10 @@ async def _handle(state: RouterState, chat: bool, body: Any, session_header: str
     return Reply(body=fmt.full(choices, usage(prompt_tokens, completion, cached)), completion_tokens=completion)
 
 
-async def _prompts(state: RouterState, chat: bool, body: Any, out_plan: OutputPlan) -> list[list[int]]:
+async def _prompts(m: ModelServing, chat: bool, body: Any, out_plan: OutputPlan) -> list[list[int]]:
     if chat:
-        return [await _prompt_ids(state, True, body, out_plan.tools)]
-    return [await _completion_ids(state, p) for p in body.prompts()]
+        return [await _prompt_ids(m, True, body, out_plan.tools)]
+    return [await _completion_ids(m, p) for p in body.prompts()]
 
 
 async def _admit(state: RouterState, key, rid: str, model: str, prompt_tokens: int, max_tokens: int,

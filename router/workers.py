@@ -52,15 +52,21 @@ class WorkerPool:
         self.client = client
         self.state = state
         self.health_interval_s = health_interval_s
+        # Each model served, by name: its first registered worker's info (what later ones must match) and
+        # tokenizer files. reference / tokenizer_files: the first model's (the default one).
+        self.references: dict[str, WorkerInfo] = {}
+        self.tokenizers: dict[str, dict[str, str]] = {}
         self.reference: WorkerInfo | None = None
         self.tokenizer_files: dict[str, str] | None = None
-        # LoRA adapters loaded through the admin API: name -> folder, loaded on workers that join later too
-        self.adapter_paths: dict[str, str] = {}
+        # LoRA adapters loaded through the admin API: name -> (its model, its folder), loaded on that model's
+        # workers that join later too
+        self.adapter_paths: dict[str, tuple[str, str]] = {}
         self._task: asyncio.Task | None = None
 
-    def pool(self, role: str) -> list[Worker]:
-        """The workers new requests may go to."""
-        return [w for w in self.workers if w.role == role and w.healthy and not w.draining]
+    def pool(self, role: str, model: str | None = None) -> list[Worker]:
+        """The workers new requests (for `model`, if given) may go to."""
+        return [w for w in self.workers if w.role == role and w.healthy and not w.draining
+                and (model is None or (w.info is not None and w.info.model == model))]
 
     def find(self, url: str) -> "Worker | None":
         return next((w for w in self.workers if w.url == url.rstrip("/")), None)
@@ -114,16 +120,20 @@ class WorkerPool:
             raise
         if info.role != w.role:
             raise RegistrationError(f"{w.url} is a {info.role} worker, configured as {w.role}")
-        if self.reference is None:
-            self.reference = info
-            self.tokenizer_files = await self.client.get_json(f"{w.url}/tokenizer", REGISTER_TIMEOUT_S)
-        ref = self.reference
-        for name in ("model", "block_size", "root_hash", "tokenizer_hash"):
+        if info.model not in self.references:  # the first worker of a model: the others must match it
+            self.tokenizers[info.model] = await self.client.get_json(f"{w.url}/tokenizer", REGISTER_TIMEOUT_S)
+            self.references[info.model] = info
+            if self.reference is None:
+                self.reference, self.tokenizer_files = info, self.tokenizers[info.model]
+        ref = self.references[info.model]
+        for name in ("block_size", "root_hash", "tokenizer_hash"):
             if getattr(info, name) != getattr(ref, name):
                 raise RegistrationError(f"{w.url}: {name} {getattr(info, name)!r} differs from the pool's "
                                         f"{getattr(ref, name)!r}")
         w.info = info
-        for name, path in self.adapter_paths.items():  # (a new or restarted worker: the admin API's adapters)
+        for name, (model, path) in self.adapter_paths.items():  # (a new or restarted worker: the admin API's)
+            if model != info.model:
+                continue
             try:
                 await self.load_adapter(w, name, path)
             except (StreamClientError, TimeoutError) as e:
@@ -196,23 +206,56 @@ class WorkerPool:
         if w.load is not None:
             w.load = w.load.model_copy(update={"adapters": served})
 
-    def adapters(self) -> dict[str, int]:
-        """The LoRA adapters healthy workers serve (as of their last /load): name -> their block hash root."""
+    def adapters(self, model: str | None = None) -> dict[str, int]:
+        """The LoRA adapters healthy workers (of `model`) serve, as of their last /load: name -> their block hash
+        root."""
         served: dict[str, int] = {}
         for w in self.workers:
-            if w.healthy and w.load is not None and w.load.adapters:
+            if (w.healthy and w.load is not None and w.load.adapters
+                    and (model is None or (w.info is not None and w.info.model == model))):
                 served.update(w.load.adapters)
         return served
 
-    def prefill_pool(self) -> list["Worker"]:
+    def prefill_pool(self, model: str | None = None) -> list["Worker"]:
         """The workers that compute prompts: the prefill pool, or the decode pool when there is none."""
-        return self.pool("prefill") or self.pool("decode")
+        return self.pool("prefill", model) or self.pool("decode", model)
 
-    def predicted_ttft_s(self, queued_tokens: int) -> float | None:
+    def predicted_ttft_s(self, queued_tokens: int, model: str | None = None) -> float | None:
         """Seconds until a new prompt's prefill could start, if the pool's measured rate holds; None: unknown."""
-        rates = [w.prefill_rate for w in self.prefill_pool() if w.prefill_rate]
+        rates = [w.prefill_rate for w in self.prefill_pool(model) if w.prefill_rate]
         return queued_tokens / sum(rates) if rates else None
 
     def mark_failed(self, w: Worker) -> None:
         """A request to this worker failed at the connection: take it out until a health check passes."""
         w.healthy = False
+
+
+class ModelView:
+    """One model's workers: the pool's interface, each call limited to the workers that serve `model` (what the
+    dispatcher and the front door of a request for it look at)."""
+
+    def __init__(self, pool: WorkerPool, model: str):
+        self.whole, self.model = pool, model
+
+    @property
+    def reference(self) -> WorkerInfo:
+        return self.whole.references[self.model]
+
+    @property
+    def tokenizer_files(self) -> dict[str, str]:
+        return self.whole.tokenizers[self.model]
+
+    def pool(self, role: str) -> list[Worker]:
+        return self.whole.pool(role, self.model)
+
+    def prefill_pool(self) -> list[Worker]:
+        return self.whole.prefill_pool(self.model)
+
+    def predicted_ttft_s(self, queued_tokens: int) -> float | None:
+        return self.whole.predicted_ttft_s(queued_tokens, self.model)
+
+    def adapters(self) -> dict[str, int]:
+        return self.whole.adapters(self.model)
+
+    def mark_failed(self, w: Worker) -> None:
+        self.whole.mark_failed(w)
