@@ -194,7 +194,8 @@ def advice(state: "RouterState") -> dict:
 
 def worker_view(w) -> dict:
     ld = w.load
-    return {"url": w.url, "name": w.info.name if w.info else None, "role": w.role, "healthy": w.healthy,
+    return {"url": w.url, "name": w.info.name if w.info else None, "model": w.info.model if w.info else None,
+            "role": w.role, "healthy": w.healthy,
             "draining": w.draining, "restarts": w.restarts, "inflight": w.inflight,
             "running": ld.running if ld else None, "waiting": ld.waiting if ld else None,
             "kv_used": (ld.total_blocks - ld.free_blocks) if ld else None, "kv_total": ld.total_blocks if ld else None,

@@ -107,12 +107,12 @@ function renderPool(p, advice) {
     tr.className = "worker-row";
     tr.dataset.url = w.url;
     const [health, cls] = fmt.healthy(w);
-    const cells = [w.name || "(registering)", health, w.running ?? "–", w.waiting ?? "–", fmt.kv_used(w),
+    const cells = [w.name || "(registering)", w.model || "–", health, w.running ?? "–", w.waiting ?? "–", fmt.kv_used(w),
                    fmt.kv_host(w), fmt.hit_ratio(w), w.tokens_per_s, w.kv_gb_per_s, w.url];
     cells.forEach((c, i) => {
       const td = document.createElement("td");
       td.innerHTML = String(c);
-      if (i === 1) {
+      if (i === 2) {
         td.className = cls;
         td.dataset.health = health;
         if (w.restarts) td.innerHTML += ` <span class="restarts">(restarted ${w.restarts}×)</span>`;

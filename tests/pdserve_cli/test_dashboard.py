@@ -86,7 +86,7 @@ def test_dashboard_shows_pools_and_scales_decode_with_its_button(embedded):
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             busy: list[str] = []  # what the running column showed, sampled while the load lasts
             while not loading.done():
-                busy += page.locator('#pool-decode tr.worker-row td:nth-child(3)').all_inner_texts()
+                busy += page.locator('#pool-decode tr.worker-row td:nth-child(4)').all_inner_texts()
                 page.wait_for_timeout(250)
             outcomes = loading.result()
         assert outcomes and set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
