@@ -64,14 +64,28 @@ async def test_kv_events_update_the_index_and_resync_replaces_it():
     assert state.index.match(a.url, [10]) == 0 and state.index.match(a.url, [20]) == 1
 
 
-@pytest.mark.parametrize("field", ["model", "root_hash", "tokenizer_hash"])
-async def test_worker_with_another_model_or_tokenizer_is_refused(field):
+@pytest.mark.parametrize("field", ["root_hash", "tokenizer_hash", "block_size"])
+async def test_worker_of_a_model_with_another_hash_root_tokenizer_or_block_size_is_refused(field):
     events = {"seq": 0, "resync": False, "events": []}
-    other = {**INFO, field: "x" if field != "root_hash" else 2}
+    other = {**INFO, field: "x" if field == "tokenizer_hash" else 2}
     pool, _ = await _pool({"a": _worker(INFO, events), "b": _worker(other, events)})
     for w in pool.workers:
         await pool._refresh(w)
-    assert not pool.workers[1].healthy
+    assert pool.workers[0].healthy and not pool.workers[1].healthy
+
+
+async def test_a_worker_of_another_model_registers_as_that_model():
+    """Several models behind one router: each model's first worker is its reference; pools are per model."""
+    events = {"seq": 0, "resync": False, "events": []}
+    other = {**INFO, "model": "other", "root_hash": 2, "tokenizer_hash": "x"}
+    pool, _ = await _pool({"a": _worker(INFO, events), "b": _worker(other, events)})
+    for w in pool.workers:
+        await pool._refresh(w)
+    a, b = pool.workers
+    assert a.healthy and b.healthy
+    assert sorted(pool.references) == sorted([INFO["model"], "other"]) and pool.reference.model == INFO["model"]
+    assert pool.pool("decode", "other") == [b] and pool.pool("decode", INFO["model"]) == [a]
+    assert pool.pool("decode") == [a, b]
 
 
 async def test_a_worker_whose_load_poll_fails_leaves_the_pool_until_it_answers_again():
