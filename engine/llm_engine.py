@@ -129,6 +129,7 @@ class LLMEngine:
             self.grammars = Grammars(self.tokenizer.tokenizer.to_str(), model_cfg.vocab_size,
                                      sorted(self.eos_token_ids), config.max_num_seqs, self.device)
 
+        self.adapters = self._adapters()  # (their device slots before the KV pool takes the free memory)
         self.kv_layout = self._kv_layout()
         self.kv_cache = KVCache(self.kv_layout, self.device, kv_allocator)
         self.root_hash = root_hash(config.model_name)
@@ -141,7 +142,6 @@ class LLMEngine:
             # learn it now: held, then moved down).
             self.block_pool.events += [KVEvent(KVEventKind.STORED, held), KVEvent(KVEventKind.OFFLOADED, held)]
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size, self.root_hash, self.host_tier)
-        self.adapters = self._adapters()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_manager,
             self.adapters)

@@ -97,7 +97,7 @@ def read_adapter(path: str | Path, name: str, model_name: str, num_layers: int, 
 
 
 class LoraSlots:
-    """The device slots: stacked A and B per layer and group, and the step's token groups (set_step)."""
+    """The device slots: stacked A and B per layer and group, and the step's mask of each token's slot (set_step)."""
 
     def __init__(self, model: torch.nn.Module, num_slots: int, max_rank: int,
                  read: Callable[[str, str], Adapter], share: bool = False):
@@ -268,6 +268,7 @@ class Adapters:
         if name not in self.paths:
             raise RequestError(f"no adapter {name!r} on this worker (loaded: {', '.join(self.names()) or 'none'})")
         adapter = self._read(name, self.paths[name])
+        self.slots.check(adapter)  # (its folder may have changed since it was loaded)
         self._cache(adapter)
         return adapter
 
