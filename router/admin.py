@@ -1,4 +1,5 @@
-"""The admin API (behind the admin token): API keys and usage. `pdserve keys ...` is its CLI."""
+"""The admin API (behind the admin token): API keys and usage (`pdserve keys ...` is their CLI), the pools'
+sizes and advice, and LoRA adapters."""
 
 import asyncio
 import json
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from protocol.stream_client import StatusError, StreamClientError
+from protocol.stream_client import StatusError
 from router.errors import OpenAIError
 from router.keys import new_key
 from router.scaling import POOLS, advise
@@ -173,7 +174,7 @@ def admin_routes(state: "RouterState") -> APIRouter:
             raise OpenAIError(404, f"no adapter {name!r} is served", param="name", code="adapter_not_found")
         results = await asyncio.gather(*(pool.load_adapter(w, name, None) for w in serving), return_exceptions=True)
         errors = [f"{w.url}: {_reason(e)}" for w, e in zip(serving, results, strict=True)
-                  if isinstance(e, StreamClientError | TimeoutError)]
+                  if isinstance(e, Exception)]
         return {"name": name, "workers": [w.url for w in serving], "errors": errors}
 
     @r.get("/advice")
