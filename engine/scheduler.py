@@ -3,8 +3,8 @@
 Running requests go first (decodes, then unfinished prefill chunks), within a token budget a step; when
 blocks run out, the most recently admitted request is preempted (its blocks freed, recomputed later).
 Waiting requests are admitted in order while blocks and budget last (one whose prefix is being read from
-disk, or whose LoRA adapter waits for a device slot, is passed over until it can run). The order is arrival's, unless requests carry priorities or tenants:
-then lower priority values first; among equals the tenant with the fewest requests running (the slots are
+disk, or whose LoRA adapter waits for a device slot, is passed over until it can run). The order is
+arrival's, unless requests carry priorities or tenants: then lower priority values first; among equals the tenant with the fewest requests running (the slots are
 shared out one at a time, so tenants decode at even rates whatever their requests' lengths), then the one that
 has been computed the fewest tokens (a tenant arriving idle starts level with the least-served active one),
 then arrival: a flood from one key cannot hold back a higher-priority request behind it, and keys of one
