@@ -39,7 +39,13 @@ def _env(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container["env"]}
 
 
-@pytest.mark.parametrize("values", [[], ["-f", str(MULTINODE)]], ids=["default", "multinode-tp-ep"])
+EXTRA_MODELS = ["--set-json", 'extraModels=[{"key": "coder", "path": "/models/coder", "servedModelName": "coder", '
+                '"prefillReplicas": 1, "decodeReplicas": 2}, {"key": "small", "path": "/models/small.gguf", '
+                '"decodeReplicas": 1}]']
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(MULTINODE)], EXTRA_MODELS],
+                         ids=["default", "multinode-tp-ep", "extra-models"])
 def test_chart_lints_and_renders_valid_kubernetes_objects(values):
     subprocess.run([_helm(), "lint", str(CHART), *values], check=True, capture_output=True)
     import kubernetes_validate
@@ -161,6 +167,32 @@ def test_lora_values_reach_every_worker_as_the_flags_that_parse_them(monkeypatch
                           'lora={"maxLoras": 0, "adapters": [{"name": "bot", "path": "/a"}]}'],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "lora.adapters needs lora.maxLoras" in bad.stderr
+
+
+def test_extra_models_get_their_own_pools_that_the_routers_discover():
+    docs = render(*EXTRA_MODELS)
+    router = _env(_find(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0])
+    sets = {d["metadata"]["name"]: d for d in docs
+            if d["kind"] == "StatefulSet" and not d["metadata"]["name"].endswith("-redis")}
+    expected = {"rel-pdserve-prefill": ("/models/model.gguf", None, 1),
+                "rel-pdserve-decode": ("/models/model.gguf", None, 1),
+                "rel-pdserve-coder-prefill": ("/models/coder", "coder", 1),
+                "rel-pdserve-coder-decode": ("/models/coder", "coder", 2),
+                "rel-pdserve-small-decode": ("/models/small.gguf", None, 1)}  # (no prefill replicas: none)
+    assert set(sets) == set(expected)
+    for name, (path, served, replicas) in expected.items():
+        spec = sets[name]["spec"]
+        env = _env(spec["template"]["spec"]["containers"][0])
+        assert env["PDSERVE_MODEL"]["value"] == path and spec["replicas"] == replicas, name
+        assert env.get("PDSERVE_SERVED_MODEL_NAME", {}).get("value") == served, name
+        # the routers find every model's workers of a role with one selector
+        role = env["PDSERVE_ROLE"]["value"]
+        wanted = dict(kv.split("=") for kv in router[f"PDSERVE_K8S_{role.upper()}_SELECTOR"]["value"].split(","))
+        assert wanted.items() <= spec["template"]["metadata"]["labels"].items(), name
+        assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    bad = subprocess.run([_helm(), "template", "rel", str(CHART), "--set-json",
+                          'extraModels=[{"key": "Bad Key", "path": "/m"}]'], capture_output=True, text=True)
+    assert bad.returncode != 0 and "key" in bad.stderr
 
 
 def test_multinode_workers_become_rayclusters_with_their_ranks():

@@ -75,6 +75,7 @@ capabilities:
 {{- define "pdserve.workerContainer" -}}
 {{- $root := .root -}}
 {{- $pool := .pool -}}
+{{- $model := .model | default $root.Values.model -}}
 {{- $gpus := include "pdserve.gpusPerWorker" . | int -}}
 {{- $local := ternary $gpus (int $pool.gpusPerNode) (le $gpus (int $pool.gpusPerNode)) -}}
 {{- /* Under KubeRay the operator starts Ray in the head pod; a StatefulSet pod starts its own head. */ -}}
@@ -93,11 +94,11 @@ env:
   - {name: PDSERVE_ROLE, value: {{ .component | quote }}}
   - name: PDSERVE_NAME
     valueFrom: {fieldRef: {fieldPath: metadata.name}}
-  - {name: PDSERVE_MODEL, value: {{ $root.Values.model.path | quote }}}
-  {{- with $root.Values.model.servedModelName }}
+  - {name: PDSERVE_MODEL, value: {{ $model.path | quote }}}
+  {{- with $model.servedModelName }}
   - {name: PDSERVE_SERVED_MODEL_NAME, value: {{ . | quote }}}
   {{- end }}
-  - {name: PDSERVE_QUANTIZATION, value: {{ $root.Values.model.quantization | default "auto" | quote }}}
+  - {name: PDSERVE_QUANTIZATION, value: {{ $model.quantization | default "auto" | quote }}}
   - {name: PDSERVE_HOST, value: "0.0.0.0"}
   - {name: PDSERVE_PORT, value: {{ $pool.port | quote }}}
   - {name: PDSERVE_BLOCK_SIZE, value: {{ $root.Values.cluster.blockSize | quote }}}
@@ -111,7 +112,7 @@ env:
   - {name: PDSERVE_KV_DISK_BYTES, value: {{ $pool.kvDiskBytes | int64 | quote }}}
   - {name: PDSERVE_KV_DISK_DIR, value: "/home/pdserve/.cache/pdserve-kv/$(PDSERVE_NAME)"}  # a restart reuses it
   {{- end }}
-  {{- with $root.Values.lora }}
+  {{- with (and (not .model) $root.Values.lora) }}{{/* (the first model's adapters) */}}
   {{- if and .adapters (not .maxLoras) }}
   {{- fail "lora.adapters needs lora.maxLoras > 0 (how many adapters may run in one batch)" }}
   {{- end }}
