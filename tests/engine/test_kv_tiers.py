@@ -251,6 +251,7 @@ def test_disk_reads_ahead_are_bounded_and_keep_their_blocks(tmp_path, monkeypatc
     assert disk.fetch([3, 4], keep=4) is True and sorted(disk.reads) == [3, 4]  # now the second starts
     while disk.fetch([3, 4], keep=4):
         pass
+    disk.flush()  # block 100 on disk (its bytes still in memory are taken without a read)
     monkeypatch.setattr(kv_tiers, "STALE_READ_S", 0.0)  # the second run's request went away
     assert disk.fetch([6, 7, 100], keep=4) is True and sorted(disk.reads) == [6, 7, 100]
     disk.close()
