@@ -59,6 +59,8 @@ def serve(a: argparse.Namespace) -> None:
     # Workers of each model, each pool: one number for every model, or a comma-separated number a model.
     sizes_of = {role: _per_model(getattr(a, f"{role}_workers"), len(models), f"--{role}-workers")
                 for role in ("prefill", "decode")}
+    if min(sizes_of["decode"]) < 1:
+        sys.exit(f"--decode-workers {a.decode_workers}: every model needs a decode worker")
     has_gpu = False
     try:
         import torch
@@ -177,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="LoRA adapters that may run in one batch on a worker (0: serve no adapters)")
     s.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA adapter rank served")
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                   help="serve this PEFT LoRA adapter folder as model NAME (repeatable; needs --max-loras; more "
-                        "can be loaded at run time through POST /admin/adapters)")
+                   help="serve this PEFT LoRA adapter folder (of the first --model) as model NAME (repeatable; needs "
+                        "--max-loras; more can be loaded at run time through POST /admin/adapters)")
     for role in ("prefill", "decode"):
         s.add_argument(f"--{role}-tp-size", type=int, default=1, help=f"tensor-parallel ranks of a {role} worker")
         s.add_argument(f"--{role}-ep-size", type=int, default=1,
