@@ -142,7 +142,7 @@ def _per_model(value: str, models: int, flag: str) -> list[int]:
     if len(sizes) == 1:
         sizes *= models
     if len(sizes) != models or min(sizes) < 0:
-        sys.exit(f"{flag} {value!r}: {models} sizes (one a --model), each >= 0")
+        sys.exit(f"{flag} {value!r}: one number for every model, or {models} (one a --model), each >= 0")
     return sizes
 
 
