@@ -127,7 +127,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             load_ms.append((time.perf_counter() - start) * 1e3)
             adapters.release(slot)
-            adapters.resident[slot] = None  # (not resident: the next acquire copies it again)
+            adapters.forget(slot)  # (the next acquire copies it again)
             start = time.perf_counter()
             target.copy_(host)
             if gpu:

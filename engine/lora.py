@@ -299,3 +299,9 @@ class Adapters:
 
     def release(self, slot: int) -> None:
         self.refs[slot] -= 1
+
+    def forget(self, slot: int) -> None:
+        """The slot holds nothing any more (an unused one: the next acquire refills it; bench.lora's loads)."""
+        if self.refs[slot]:
+            raise ValueError(f"slot {slot} is held by {self.refs[slot]} admitted requests")
+        self.resident[slot] = None
