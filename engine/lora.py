@@ -13,8 +13,9 @@ ranks with the step's input (`StepInput.lora_places`: slot, name, folder), and e
 In a step, every token goes through every slot's A at once (x @ A.T: [tokens, slots * k*R]), a mask keeps the
 columns of its own slot (a one-hot over slots, zero for a token without an adapter), and one matmul with B adds
 the delta: three kernels a group whatever the adapters in the batch, and fixed shapes. The extra bytes read
-are the slots' A and B (8 slots of rank 16 on Llama-3-8B's shapes: ~10% of the base weights). A request's KV blocks hash from a root of the model, the adapter's name and a digest of its
-weights (`Adapter.root`), so two adapters, or an adapter and its base, never share a cached block.
+are the slots' A and B (8 slots of rank 16 on Llama-3-8B's shapes: ~10% of the base weights). A request's KV
+blocks hash from a root of the model, the adapter's name and a digest of its weights (`Adapter.root`), so two
+adapters, or an adapter and its base, never share a cached block.
 """
 
 import json
@@ -55,7 +56,7 @@ class Adapter:
 def read_adapter(path: str | Path, name: str, model_name: str, num_layers: int, max_rank: int) -> Adapter:
     """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), checked against what the
     engine serves: rank <= max_rank, attention and dense-MLP projections only, no bias, DoRA or saved modules."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     folder = Path(path)
     try:
@@ -79,7 +80,8 @@ def read_adapter(path: str | Path, name: str, model_name: str, num_layers: int, 
     file = folder / "adapter_model.safetensors"
     if not file.is_file():
         raise RequestError(f"adapter {name!r}: no adapter_model.safetensors in {folder} (save it with safetensors)")
-    tensors = load_file(str(file))
+    data = file.read_bytes()  # (read once: the tensors and the digest of the root both come from it)
+    tensors = load(data)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.search(key)
@@ -92,7 +94,7 @@ def read_adapter(path: str | Path, name: str, model_name: str, num_layers: int, 
         if set(ab) != {"A", "B"} or ab["A"].shape[0] != r or ab["B"].shape[1] != r:
             raise RequestError(f"adapter {name!r}: layer {layer} {module} needs lora_A [{r}, in] and lora_B [out, {r}]")
         weights[layer, module] = (ab["A"], ab["B"] * scale)
-    digest = xxhash.xxh64_hexdigest(file.read_bytes() + json.dumps(config, sort_keys=True).encode())
+    digest = xxhash.xxh64_hexdigest(data + json.dumps(config, sort_keys=True).encode())
     return Adapter(name, str(folder), r, weights, root_hash(model_name, f"{name}\x00{digest}"))
 
 
