@@ -216,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(a.run(a))
     if a.kv_disk_bytes and not (a.kv_disk_dir and a.kv_host_bytes):
         s.error("--kv-disk-bytes needs --kv-disk-dir and a host tier above it (--kv-host-bytes)")
-    a.loras = tuple(tuple(x.split("=", 1)) for x in a.lora)
-    if any(len(x) != 2 or not x[0] or not x[1] for x in a.loras):
-        s.error("--lora takes NAME=PATH")
-    if a.loras and not a.max_loras:
-        s.error("--lora needs --max-loras (how many adapters may run in one batch)")
+    from worker.config import parse_loras
+
+    try:
+        a.loras = parse_loras(a.lora, a.max_loras)
+    except ValueError as e:
+        s.error(str(e))
     if a.migration_limit < 0:
         s.error("--migration-limit must be >= 0 (0 turns migration off)")
     if a.planner != "off" and not a.planner_profile:

@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 
 
+def parse_loras(entries: list[str], max_loras: int) -> tuple[tuple[str, str], ...]:
+    """--lora NAME=PATH entries as (name, folder) pairs; ValueError saying what is wrong with them."""
+    loras = tuple(tuple(x.split("=", 1)) for x in entries)
+    if any(len(x) != 2 or not x[0] or not x[1] for x in loras):
+        raise ValueError("--lora takes NAME=PATH")
+    if loras and not max_loras:
+        raise ValueError("--lora needs --max-loras (how many adapters may run in one batch)")
+    return loras
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     role: str  # "prefill" | "decode"

@@ -12,7 +12,7 @@ import sys
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from protocol.env_args import EnvDefaultsParser, env_list
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, parse_loras
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
@@ -62,11 +62,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[WorkerConfig, object]:
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args(argv)
     # (--lora is repeatable; from the environment, PDSERVE_LORA holds NAME=PATH entries separated by commas)
-    loras = tuple(tuple(x.split("=", 1)) for x in a.lora or env_list("lora"))
-    if any(len(x) != 2 or not x[0] or not x[1] for x in loras):
-        ap.error("--lora takes NAME=PATH")
-    if loras and not a.max_loras:
-        ap.error("--lora needs --max-loras (how many adapters may run in one batch)")
+    try:
+        loras = parse_loras(a.lora or env_list("lora"), a.max_loras)
+    except ValueError as e:
+        ap.error(str(e))
     engine = EngineConfig(
         model=a.model, served_model_name=a.served_model_name, device=a.device, dtype=a.dtype, block_size=a.block_size,
         kv_cache_bytes=a.kv_cache_bytes, kv_cache_dtype=a.kv_cache_dtype, kv_host_bytes=a.kv_host_bytes, kv_disk_dir=a.kv_disk_dir,
