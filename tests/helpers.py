@@ -76,6 +76,24 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, shard: bool = False)
     return model
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_lora_adapter(base_hf, folder: Path, r: int, seed: int, targets: list[str], rslora: bool = False):
+    """A random LoRA adapter (A and B both random: not the identity) saved by peft; returns the peft model."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, lora_dropout=0.0,
+                        use_rslora=rslora)
+    model = get_peft_model(copy.deepcopy(base_hf), config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     import torch
 

@@ -10,8 +10,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.engine.test_lora import ALL, _write_adapter
-from tests.helpers import hf_greedy, make_tiny_model, write_tiny_tokenizer
+from tests.helpers import LORA_TARGETS, hf_greedy, make_tiny_model, write_lora_adapter, write_tiny_tokenizer
 
 ADMIN = "lora-admin"
 PROMPT = [(7 * i + 3) % 290 + 5 for i in range(40)]  # 2 full blocks and a partial one: prefilled remotely
@@ -27,8 +26,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-serving")
     base = make_tiny_model("llama", root / "base", seed=3)
     write_tiny_tokenizer(root / "base")
-    models = {None: base, "a": _write_adapter(base, root / "a", 8, seed=1, targets=ALL),
-              "b": _write_adapter(base, root / "b", 4, seed=2, targets=["q_proj", "v_proj", "down_proj"])}
+    models = {None: base, "a": write_lora_adapter(base, root / "a", 8, seed=1, targets=LORA_TARGETS),
+              "b": write_lora_adapter(base, root / "b", 4, seed=2, targets=["q_proj", "v_proj", "down_proj"])}
     cluster = LocalCluster(str(root / "base"), prefill=1, decode=1, kv_cache_bytes=16 << 20, worker_args=(
         "--device", "cpu", "--max-loras", "2", "--max-lora-rank", "8", "--lora", f"a={root / 'a'}"))
     try:

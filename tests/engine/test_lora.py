@@ -3,7 +3,6 @@ equal transformers + peft's (the adapter applied, fp32) with both adapters and t
 more adapters than device slots take turns; prefixes are not shared across adapters; an unloaded adapter's
 running request finishes with it; bad adapters are refused with the reason."""
 
-import copy
 import json
 
 import pytest
@@ -12,24 +11,10 @@ from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.helpers import hf_greedy, make_tiny_model
+from tests.helpers import LORA_TARGETS, hf_greedy, make_tiny_model, write_lora_adapter
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [[(7 * i + 3 * j) % 290 + 1 for j in range(n)] for i, n in enumerate([5, 37, 70, 20])]
 TOKENS = 16
-
-
-def _write_adapter(base_hf, folder, r: int, seed: int, targets: list[str], rslora: bool = False):
-    """A random LoRA adapter (A and B both random: not the identity) saved by peft; returns the peft model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, lora_dropout=0.0,
-                        use_rslora=rslora)
-    model = get_peft_model(copy.deepcopy(base_hf), config).eval()
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +22,8 @@ def tiny(tmp_path_factory):
     """The base model and two adapters: rank 8 on every projection, rank 4 (rsLoRA) on attention only."""
     root = tmp_path_factory.mktemp("lora")
     base = make_tiny_model("llama", root / "base", seed=3)
-    a = _write_adapter(base, root / "a", 8, seed=1, targets=ALL)
-    b = _write_adapter(base, root / "b", 4, seed=2, targets=["q_proj", "v_proj", "o_proj"], rslora=True)
+    a = write_lora_adapter(base, root / "a", 8, seed=1, targets=LORA_TARGETS)
+    b = write_lora_adapter(base, root / "b", 4, seed=2, targets=["q_proj", "v_proj", "o_proj"], rslora=True)
     return root, {None: base, "a": a, "b": b}
 
 

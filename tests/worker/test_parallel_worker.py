@@ -95,11 +95,11 @@ def test_parallel_worker_greedy_matches_one_rank_and_transformers(ray_local, mod
 def test_lora_adapters_on_two_tp_ranks_match_peft(ray_local, models, tmp_path):
     """Each rank holds its slices of the adapters; rank 0 refills its one slot as requests alternate between an
     adapter given at start and one loaded at run time, and the other rank follows: peft's greedy tokens."""
-    from tests.engine.test_lora import ALL, _write_adapter
+    from tests.helpers import LORA_TARGETS, write_lora_adapter
 
     folder, hf_model = models["llama"]
-    refs = {None: hf_model, "a": _write_adapter(hf_model, tmp_path / "a", 8, seed=1, targets=ALL),
-            "b": _write_adapter(hf_model, tmp_path / "b", 4, seed=2, targets=["q_proj", "o_proj", "down_proj"])}
+    refs = {None: hf_model, "a": write_lora_adapter(hf_model, tmp_path / "a", 8, seed=1, targets=LORA_TARGETS),
+            "b": write_lora_adapter(hf_model, tmp_path / "b", 4, seed=2, targets=["q_proj", "o_proj", "down_proj"])}
     cfg = _config(folder, "decode", "lora-tp2", 2, loras=(("a", str(tmp_path / "a")),))
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, max_loras=1, max_lora_rank=8))
     group = WorkerGroup(cfg)
